@@ -1,0 +1,23 @@
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: install demo test test-all lint bench
+install: $(STAMP)
+
+$(STAMP): pyproject.toml requirements/base.txt requirements/nodeps.txt tools/install_torch_cpu.sh
+	test -x $(PY) || python3 -m venv $(VENV)
+	tools/install_torch_cpu.sh $(PY)
+	$(PY) -m pip install -q -r requirements/base.txt
+	$(PY) -m pip install -q --no-deps -r requirements/nodeps.txt
+	$(PY) -m pip install -q --no-deps -e .
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/fastmix-data demo
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check fastmix_data tests tools benchmarks

@@ -1,0 +1,25 @@
+"""Exceptions raised by fastmix_data. Every message names the offending file, source or value."""
+
+
+class FastMixDataError(Exception):
+    """Base class of all errors raised by this package."""
+
+
+class SourceError(FastMixDataError):
+    """A source or one of its shards cannot be read (missing, corrupt, empty, schema mismatch)."""
+
+
+class WeightsError(FastMixDataError, ValueError):
+    """Mixture weights are invalid (NaN, negative, all zero, unknown or missing source)."""
+
+
+class StateError(FastMixDataError):
+    """A saved stream state cannot be loaded (wrong version, fingerprint mismatch)."""
+
+
+class ManifestError(FastMixDataError):
+    """A manifest is invalid (wrong version, missing fields, changed shards, path escapes)."""
+
+
+class UnsafeInputError(FastMixDataError):
+    """Input would need pickle, a `pipe:` URL or code execution; opting in is explicit."""
