@@ -1,0 +1,142 @@
+"""The weight channel: how `set_weights` in the training process reaches every DataLoader worker.
+
+A small directory holds ``history.json`` (the weight history, replaced atomically) and ``claims``
+(a 24-byte header: history version, highest batch index any worker has started, pending flag).
+Every access holds an exclusive ``fcntl.flock`` on ``lock``.
+
+Protocol. A worker, before producing global batch g, *claims* it: under the lock it waits while a
+change is pending, raises the claimed high-water mark to g, and reads the history if its version
+changed. `publish` (the training process) first marks a change pending and reads the local
+high-water mark H, then (across ranks) agrees on E = max_r H_r + 1, then appends the change at batch
+E and clears the flag. Every batch claimed before the change has index <= H < E, every batch claimed
+after sees the new history; a batch's content is a pure function of the history entries at or
+before it, so all workers and ranks serve the same sequence whatever their timing.
+"""
+
+from __future__ import annotations
+
+import atexit
+import fcntl
+import json
+import os
+import shutil
+import struct
+import tempfile
+import time
+from contextlib import contextmanager
+
+_HEADER = struct.Struct("<qqq")  # history version, max claimed batch, pending flag
+
+
+class WeightChannel:
+    """File-based broadcast of the weight history to worker processes on one machine.
+
+    Args:
+        history: the initial history (JSON-serialisable list).
+        first_batch: the first batch that will be served (claims start below it).
+    """
+
+    def __init__(self, history: list, first_batch: int = 0):
+        self.dir = tempfile.mkdtemp(prefix="fastmix-channel-")
+        self.owner_pid = os.getpid()
+        self._local_version = -1
+        self._write_history(history, version=0)
+        with open(self._path("claims"), "wb") as f:
+            f.write(_HEADER.pack(0, first_batch - 1, 0))
+        open(self._path("lock"), "wb").close()
+        atexit.register(self.close)
+
+    def _path(self, name: str) -> str:
+        return os.path.join(self.dir, name)
+
+    @contextmanager
+    def _locked(self):
+        with open(self._path("lock"), "rb") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
+
+    def _read_header(self) -> tuple[int, int, int]:
+        with open(self._path("claims"), "rb") as f:
+            return _HEADER.unpack(f.read(_HEADER.size))
+
+    def _write_header(self, version: int, claimed: int, pending: int) -> None:
+        with open(self._path("claims"), "r+b") as f:
+            f.write(_HEADER.pack(version, claimed, pending))
+
+    def _write_history(self, history: list, version: int) -> None:
+        tmp = self._path(f"history.json.tmp{os.getpid()}")
+        with open(tmp, "w") as f:
+            json.dump({"version": version, "history": history}, f)
+        os.replace(tmp, self._path("history.json"))
+
+    def _read_history(self) -> tuple[int, list]:
+        with open(self._path("history.json")) as f:
+            doc = json.load(f)
+        return doc["version"], doc["history"]
+
+    # ------------------------------------------------------------------------------- workers
+    def claim(self, batch: int) -> list | None:
+        """Claim ``batch`` before producing it; return the history if it changed since last call."""
+        while True:
+            with self._locked():
+                version, claimed, pending = self._read_header()
+                if not pending:
+                    if batch > claimed:
+                        self._write_header(version, batch, 0)
+                    if version != self._local_version:
+                        v, history = self._read_history()
+                        self._local_version = v
+                        return history
+                    return None
+            time.sleep(0.0005)
+
+    # ------------------------------------------------------------------------------- trainer
+    def begin_change(self) -> int:
+        """Mark a change pending (workers pause before their next claim); return max claimed batch."""
+        with self._locked():
+            version, claimed, _ = self._read_header()
+            self._write_header(version, claimed, 1)
+            return claimed
+
+    def finish_change(self, history: list) -> int:
+        """Publish ``history`` and clear the pending flag; return the new version."""
+        with self._locked():
+            version, claimed, _ = self._read_header()
+            self._write_history(history, version + 1)
+            self._write_header(version + 1, claimed, 0)
+            return version + 1
+
+    def reset(self, history: list, first_batch: int) -> None:
+        """Replace history and claims (after load_state_dict, before iterating)."""
+        with self._locked():
+            version, _, _ = self._read_header()
+            self._write_history(history, version + 1)
+            self._write_header(version + 1, first_batch - 1, 0)
+
+    def adopt(self, history: list) -> None:
+        """Install a restored history if the channel's is older (a worker restoring its state)."""
+        with self._locked():
+            version, claimed, pending = self._read_header()
+            _, current = self._read_history()
+            if current != history and (len(current) < len(history) or current == history[: len(current)]):
+                self._write_history(history, version + 1)
+                self._write_header(version + 1, claimed, pending)
+
+    def max_claimed(self) -> int:
+        with self._locked():
+            return self._read_header()[1]
+
+    def close(self) -> None:
+        if os.getpid() == self.owner_pid and os.path.isdir(self.dir):
+            shutil.rmtree(self.dir, ignore_errors=True)
+
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        state["_local_version"] = -1
+        return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)

@@ -1,0 +1,250 @@
+"""MixtureStream on real Parquet / WebDataset / MDS / HF shards: determinism, live weights, probes,
+resume (via the shared conformance check), packing, exhaustion, telemetry, bad input."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from conformance import check_resume
+from shardgen import make_docs, write_hf_source, write_mds_source, write_parquet_source, write_wds_source
+
+from fastmix_data import MixtureStream
+from fastmix_data.errors import StateError, WeightsError
+from fastmix_data.stream.tokenize import BYTE_EOS
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("mix")
+    write_parquet_source(root / "code", make_docs(120, seed=1, prefix="code"), shards=3)
+    write_wds_source(root / "web", make_docs(90, seed=2, prefix="web"), shards=3)
+    write_parquet_source(root / "small", make_docs(7, seed=3, prefix="small"), shards=1)
+    return root
+
+
+def sources(root):
+    return {"code": str(root / "code"), "web": str(root / "web" / "*.tar"), "small": str(root / "small")}
+
+
+W = {"code": 0.5, "web": 0.4, "small": 0.1}
+
+
+def key(batch):
+    return (
+        batch["batch_index"],
+        batch["weight_version"],
+        tuple(batch["source"].tolist()),
+        tuple(batch["shard"].tolist()),
+        tuple(batch["item"].tolist()),
+        tuple(batch.get("text", ())),
+    )
+
+
+def take(it, n):
+    out = []
+    for b in it:
+        out.append(key(b))
+        if len(out) == n:
+            break
+    return out
+
+
+def test_batches_identical_for_any_num_workers_and_prefetch(data):
+    ref = take(iter(MixtureStream(sources(data), W, batch_size=8, seed=3)), 24)
+    for workers, prefetch in [(1, 2), (2, 1), (2, 4), (4, 2)]:
+        stream = MixtureStream(sources(data), W, batch_size=8, seed=3)
+        got = take(stream.loader(num_workers=workers, prefetch_factor=prefetch), 24)
+        assert got == ref, (workers, prefetch)
+    assert [k[0] for k in ref] == list(range(24))
+
+
+def test_realised_shares_within_the_stated_bound(data):
+    stream = MixtureStream(sources(data), W, batch_size=10, seed=0)
+    src = np.concatenate([b["source"].numpy() for b in take_raw(iter(stream), 50)])
+    w = np.array([W["code"], W["web"], W["small"]])
+    for start in range(0, len(src) - 100, 37):
+        counts = np.bincount(src[start : start + 100], minlength=3)
+        assert np.all(np.abs(counts - w * 100) <= 1 + w * 3)
+    st = stream.stats()
+    assert st["batches"] == 50 and st["items"] == 500
+    assert abs(st["sources"]["small"]["realised_share"] - 0.1) <= 1.5 / 500
+
+
+def take_raw(it, n):
+    out = []
+    for b in it:
+        out.append(b)
+        if len(out) == n:
+            break
+    return out
+
+
+def test_set_weights_applies_at_returned_batch_and_is_reproducible(data):
+    stream = MixtureStream(sources(data), W, batch_size=8, seed=1)
+    loader = stream.loader(num_workers=2, prefetch_factor=2)
+    got, effective = [], None
+    for b in loader:
+        got.append(b)
+        if len(got) == 3:
+            effective = stream.set_weights({"code": 0.0, "web": 0.0, "small": 1.0})
+        if len(got) == 20:
+            break
+    assert 3 <= effective <= 3 + 2 * 2
+    for b in got:
+        if b["batch_index"] < effective:
+            assert b["weight_version"] == 0
+        else:
+            assert b["weight_version"] == 1 and set(b["source"].tolist()) == {2}
+    # The content is a pure function of the history: a fresh stream given the same state replays it.
+    fresh = MixtureStream(sources(data), W, batch_size=8, seed=1)
+    fresh.load_state_dict({**stream.state_dict(), "next_batch": 0})
+    assert take(iter(fresh), 20) == [key(b) for b in got]
+    upd = stream.stats()["weight_updates"]
+    assert upd[0]["effective_batch"] == effective and upd[0]["latency_seconds"] is not None
+
+
+def test_resume_in_process_conformance(data):
+    def make():
+        s = MixtureStream(sources(data), W, batch_size=6, seed=7)
+        s._it = iter(s)
+        return s
+
+    def take_n(s, n):
+        return take(s._it, n)
+
+    def restore(s, state):
+        s.load_state_dict(state)
+        s._it = iter(s)
+
+    check_resume(make, take_n, lambda s: s.state_dict(), restore, 11, 9, lambda a, b: a == b)
+
+
+def test_resume_with_weight_change_and_workers_conformance(data):
+    def make():
+        s = MixtureStream(sources(data), W, batch_size=6, seed=7)
+        s._it = iter(s.loader(num_workers=2))
+        return s
+
+    def take_n(s, n):
+        out = take(s._it, n)
+        if len(out) == n and n > 5 and s.state_dict()["history"][-1]["version"] == 0:
+            s.set_weights({"code": 0.2, "web": 0.2, "small": 0.6})
+        return out
+
+    def restore(s, state):
+        s.load_state_dict(state)
+        s._it = iter(s.loader(num_workers=2))
+
+    check_resume(make, take_n, lambda s: s.state_dict(), restore, 8, 10, lambda a, b: a == b)
+
+
+def test_resume_with_stateful_dataloader(data):
+    from torchdata.stateful_dataloader import StatefulDataLoader
+
+    def make():
+        s = MixtureStream(sources(data), W, batch_size=5, seed=2)
+        s._dl = StatefulDataLoader(s, batch_size=None, num_workers=2)
+        s._it = iter(s._dl)
+        return s
+
+    def restore(s, state):
+        s._dl.load_state_dict(state)
+        s._it = iter(s._dl)
+
+    check_resume(make, lambda s, n: take(s._it, n), lambda s: s._dl.state_dict(), restore, 7, 8, lambda a, b: a == b)
+
+
+def test_state_is_small_versioned_json_and_refuses_other_streams(data):
+    stream = MixtureStream(sources(data), W, batch_size=4, seed=0)
+    take(iter(stream), 3)
+    state = stream.state_dict()
+    text = json.dumps(state)
+    assert len(text) < 4000 and state["version"] == 1 and state["next_batch"] == 3
+    other = MixtureStream(sources(data), W, batch_size=4, seed=1)
+    with pytest.raises(StateError, match="seed: 0 -> 1"):
+        other.load_state_dict(state)
+    other.load_state_dict(state, allow_fingerprint_mismatch=True)
+    with pytest.raises(StateError, match="version"):
+        stream.load_state_dict({**state, "version": 99})
+
+
+def test_probe_leaves_main_stream_intact(data):
+    plain = MixtureStream(sources(data), W, batch_size=8, seed=4)
+    expected = take(iter(plain), 10)
+    stream = MixtureStream(sources(data), W, batch_size=8, seed=4)
+    it = iter(stream)
+    first = take(it, 4)
+    probe = list(stream.probe({"code": 0.0, "web": 1.0, "small": 0.0}, steps=3))
+    assert len(probe) == 3 and all(set(b["source"].tolist()) == {1} for b in probe)
+    rest = take(it, 6)
+    assert first + rest == expected
+    assert stream.state_dict()["probes"][0]["steps"] == 3 and len(stream.state_dict()["history"]) == 1
+
+
+def test_packing_one_source_per_sequence_and_documents_intact(data):
+    stream = MixtureStream(sources(data), {"code": 1, "web": 1, "small": 1}, batch_size=6, seq_len=31, seed=0)
+    batches = take_raw(iter(stream), 10)
+    docs = {n: set(make_docs(c, seed=s, prefix=n)) for n, c, s in [("code", 120, 1), ("web", 90, 2), ("small", 7, 3)]}
+    for b in batches:
+        assert b["tokens"].shape == (6, 32) and b["tokens"].dtype == torch.int64
+        for row, src in zip(b["tokens"].numpy(), b["source"].tolist()):
+            name = stream.source_names[src]
+            pieces = bytes(int(t) if t != BYTE_EOS else 0 for t in row).split(b"\x00")
+            for piece in pieces[1:-1]:  # whole documents between two end-of-document tokens
+                assert piece.decode() in docs[name]
+    counts = np.bincount(np.concatenate([b["source"].numpy() for b in batches]), minlength=3)
+    assert np.all(np.abs(counts - 20) <= 2)
+
+
+def test_token_weights_in_packing_mode_are_exact(data):
+    stream = MixtureStream(sources(data), {"code": 0.7, "web": 0.2, "small": 0.1}, batch_size=10, seq_len=15,
+                           weight_units="tokens")
+    take(iter(stream), 20)
+    st = stream.stats()["sources"]
+    assert abs(st["code"]["realised_token_share"] - 0.7) < 0.02
+
+
+def test_exhaustion_drop_and_stop(data):
+    stream = MixtureStream(sources(data), W, batch_size=10, seed=0, exhaustion={"small": "drop"})
+    batches = take_raw(iter(stream), 40)
+    small = [(b["shard"][i].item(), b["item"][i].item()) for b in batches for i in range(10) if b["source"][i] == 2]
+    assert sorted(small) == [(0, i) for i in range(7)]
+    stopping = MixtureStream(sources(data), W, batch_size=10, seed=0, exhaustion={"small": "stop"})
+    got = take_raw(iter(stopping), 1000)
+    assert 0 < len(got) < 100 and stopping.plan.end is not None
+
+
+def test_other_formats_mix_with_parquet(tmp_path, streaming_module):
+    write_mds_source(tmp_path / "mds", make_docs(25, prefix="mds"), shards=2)
+    write_hf_source(tmp_path / "hf", make_docs(25, prefix="hf"), shards=2)
+    write_parquet_source(tmp_path / "pq", make_docs(25, prefix="pq"), shards=1)
+    stream = MixtureStream(
+        {"mds": str(tmp_path / "mds"), "hf": str(tmp_path / "hf"), "pq": str(tmp_path / "pq")},
+        {"mds": 1, "hf": 1, "pq": 1}, batch_size=5, seed=0, shuffle=False,
+    )
+    texts = [t for b in take_raw(iter(stream), 15) for t in b["text"]]
+    assert len(texts) == len(set(texts)) == 75  # one epoch of each source, nothing twice
+    assert set(texts) == set(make_docs(25, prefix="mds")) | set(make_docs(25, prefix="hf")) | set(make_docs(25, prefix="pq"))
+
+
+@pytest.mark.parametrize(
+    "weights, message",
+    [
+        ({"code": float("nan"), "web": 1, "small": 1}, "'code' is nan"),
+        ({"code": -1, "web": 1, "small": 1}, "'code' is negative"),
+        ({"code": 0, "web": 0, "small": 0}, "all weights are zero"),
+        ({"code": 1, "web": 1, "small": 1, "nope": 1}, r"unknown sources \['nope'\]"),
+        ({"code": 1, "web": 1}, r"missing for sources \['small'\]"),
+        ([1, 2], "got 2 weights for 3 sources"),
+    ],
+)
+def test_bad_weights_name_the_value(data, weights, message):
+    with pytest.raises(WeightsError, match=message):
+        MixtureStream(sources(data), weights, batch_size=4)
+    stream = MixtureStream(sources(data), W, batch_size=4)
+    with pytest.raises(WeightsError, match=message):
+        stream.set_weights(weights)
+    assert stream.weights == pytest.approx(W)  # nothing lost
