@@ -1,0 +1,113 @@
+"""Arrow column helpers shared by the Parquet and Hugging Face readers.
+
+Conversions are vectorised: ids come out of a ListArray's flat values and offsets with numpy (one
+copy to int64 per shard, then zero-copy views per row), never through per-row Python ints.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from fastmix_data.errors import SourceError
+from fastmix_data.sources.base import ShardData
+from fastmix_data.sources.reader import IDS, TEXT, Candidate, Columns, ShardStats
+
+
+def column_kind(dtype: pa.DataType) -> str:
+    """``"text"`` for string types, ``"ids"`` for lists of integers, else the Arrow type name."""
+    if pa.types.is_string(dtype) or pa.types.is_large_string(dtype):
+        return TEXT
+    if (
+        pa.types.is_list(dtype) or pa.types.is_large_list(dtype) or pa.types.is_fixed_size_list(dtype)
+    ) and pa.types.is_integer(dtype.value_type):
+        return IDS
+    return str(dtype)
+
+
+def schema_kinds(schema: pa.Schema) -> dict[str, str]:
+    return {f.name: column_kind(f.type) for f in schema}
+
+
+def _check_no_nulls(col: pa.ChunkedArray, name: str, path: str) -> None:
+    if col.null_count:
+        raise SourceError(
+            f"column {name!r} of shard {path} has {col.null_count} null rows; "
+            "fill or drop them before using this shard"
+        )
+
+
+def stats_from_table(
+    path: str,
+    table: pa.Table,
+    kinds: dict[str, str],
+    text: tuple[Candidate, ...],
+    ids: tuple[Candidate, ...],
+) -> ShardStats:
+    """Count rows, text bytes and ids tokens of the candidate columns present in ``table``."""
+    stats = ShardStats(rows=table.num_rows, columns=kinds)
+    for cand in text:
+        if kinds.get(cand.name) == TEXT:
+            col = table.column(cand.name)
+            _check_no_nulls(col, cand.name, path)
+            stats.text_bytes[cand.name] = int(pc.sum(pc.binary_length(col)).as_py() or 0)
+    for cand in ids:
+        if kinds.get(cand.name) == IDS:
+            col = table.column(cand.name)
+            _check_no_nulls(col, cand.name, path)
+            stats.ids_tokens[cand.name] = int(pc.sum(pc.list_value_length(col)).as_py() or 0)
+    return stats
+
+
+def candidate_columns(
+    kinds: dict[str, str], text: tuple[Candidate, ...], ids: tuple[Candidate, ...]
+) -> list[str]:
+    """Names of candidate columns with the right kind (the ones ``stats_from_table`` needs)."""
+    wanted = [c.name for c in text if kinds.get(c.name) == TEXT]
+    wanted += [c.name for c in ids if kinds.get(c.name) == IDS]
+    return list(dict.fromkeys(wanted))
+
+
+def texts_of(col: pa.ChunkedArray, name: str, path: str) -> list[str]:
+    _check_no_nulls(col, name, path)
+    return col.to_pylist()
+
+
+def _list_chunk_to_ids(chunk: pa.Array, name: str, path: str) -> list[np.ndarray]:
+    if pa.types.is_fixed_size_list(chunk.type):
+        flat = chunk.flatten()
+        if flat.null_count:
+            raise SourceError(f"column {name!r} of shard {path} has null token ids")
+        values = flat.to_numpy(zero_copy_only=False).astype(np.int64)
+        return list(values.reshape(len(chunk), chunk.type.list_size))
+    offsets = chunk.offsets.to_numpy()
+    start, stop = int(offsets[0]), int(offsets[-1])
+    child = chunk.values.slice(start, stop - start)
+    if child.null_count:
+        raise SourceError(f"column {name!r} of shard {path} has null token ids")
+    values = child.to_numpy(zero_copy_only=False).astype(np.int64)
+    bounds = (offsets - start).tolist()
+    return [values[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
+
+
+def ids_of(col: pa.ChunkedArray, name: str, path: str) -> list[np.ndarray]:
+    """One int64 array per row, as views into one contiguous per-chunk buffer."""
+    _check_no_nulls(col, name, path)
+    out: list[np.ndarray] = []
+    for chunk in col.chunks:
+        out.extend(_list_chunk_to_ids(chunk, name, path))
+    return out
+
+
+def shard_data_from_table(table: pa.Table, columns: Columns, path: str) -> ShardData:
+    """Decode the selected columns of ``table`` into a :class:`ShardData`."""
+    texts = texts_of(table.column(columns.text), columns.text, path) if columns.text else None
+    ids = ids_of(table.column(columns.ids), columns.ids, path) if columns.ids else None
+    extra = {name: table.column(name).to_pylist() for name in columns.extra}
+    return ShardData(texts=texts, ids=ids, extra=extra)
+
+
+def needed_columns(columns: Columns) -> list[str]:
+    names = [n for n in (columns.text, columns.ids) if n is not None]
+    return list(dict.fromkeys([*names, *columns.extra]))

@@ -1,0 +1,153 @@
+"""Turn a source spec (directory, glob, file, or list of those) into a format and sorted shard paths.
+
+Detection: ``*.parquet`` files -> parquet; ``*.tar`` -> webdataset; a directory with ``index.json``
+(or ``*.mds`` files next to one) -> mds; a directory written by ``Dataset.save_to_disk`` (with
+``state.json``/``dataset_info.json``) -> hf. A plain directory is searched recursively for shard
+files. Nothing is read beyond directory listings and the two index files.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from fastmix_data.errors import SourceError
+from fastmix_data.sources.hf import hf_shard_paths, is_hf_dir
+from fastmix_data.sources.mds import INDEX, mds_shard_locations
+from fastmix_data.sources.safety import check_location, is_pipe
+
+FORMATS = ("parquet", "webdataset", "mds", "hf")
+EXTENSIONS = {".parquet": "parquet", ".tar": "webdataset", ".arrow": "hf"}
+Spec = str | os.PathLike | Sequence[str | os.PathLike]
+
+
+@dataclass
+class Discovered:
+    """The result of discovery: the format, sorted absolute shard paths, and MDS shard locations."""
+
+    format: str
+    paths: list[str]
+    mds_locations: dict[str, tuple[str, int]] = field(default_factory=dict)
+
+
+_MDS_NAME = re.compile(r"\.mds(\.[a-z0-9]+)?$")  # shard.00000.mds, shard.00000.mds.zstd
+
+
+def _file_format(path: str) -> str | None:
+    name = os.path.basename(path).lower()
+    if _MDS_NAME.search(name):
+        return "mds"
+    return EXTENSIONS.get(os.path.splitext(name)[1])
+
+
+def _mds_root_of(path: str) -> str:
+    directory = os.path.dirname(path)
+    while True:
+        if os.path.isfile(os.path.join(directory, INDEX)):
+            return directory
+        parent = os.path.dirname(directory)
+        if parent == directory:
+            raise SourceError(f"MDS shard {path} has no index.json in its directory or above it")
+        directory = parent
+
+
+class _Collector:
+    def __init__(self, format: str | None):
+        self.format = format
+        self.found: list[tuple[str, str]] = []  # (format, path)
+        self.mds: dict[str, tuple[str, int]] = {}
+
+    def add_dir(self, path: str) -> None:
+        if self.format in (None, "mds") and os.path.isfile(os.path.join(path, INDEX)):
+            locations = mds_shard_locations(path)
+            self.mds.update(locations)
+            self.found += [("mds", p) for p in locations]
+            return
+        if self.format in (None, "hf") and (
+            is_hf_dir(path) or os.path.isfile(os.path.join(path, "dataset_dict.json"))
+        ):
+            self.found += [("hf", p) for p in hf_shard_paths(path)]
+            return
+        files = []
+        for dirpath, dirnames, filenames in os.walk(path):
+            dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+            files += [os.path.join(dirpath, n) for n in filenames if not n.startswith(".")]
+        shards = [f for f in files if _file_format(f) in ("parquet", "webdataset")]
+        if self.format is not None:
+            shards = [f for f in files if _file_format(f) == self.format]
+        if not shards:
+            raise SourceError(
+                f"directory {path} holds no shards: no .parquet or .tar files, no MDS index.json and "
+                "no Dataset.save_to_disk files (state.json)"
+                + (f" for format {self.format!r}" if self.format else "")
+            )
+        for f in shards:
+            self.add_file(f)
+
+    def add_file(self, path: str) -> None:
+        fmt = self.format or _file_format(path)
+        if fmt is None:
+            raise SourceError(
+                f"cannot tell the format of {path} from its name; pass format= (one of {', '.join(FORMATS)})"
+            )
+        if fmt == "mds":
+            root = _mds_root_of(path)
+            locations = mds_shard_locations(root)
+            if path not in locations:
+                raise SourceError(f"MDS shard {path} is not listed in {os.path.join(root, INDEX)}")
+            self.mds[path] = locations[path]
+        self.found.append((fmt, path))
+
+    def add(self, item: str, allow_unsafe: bool) -> None:
+        location = check_location(item, allow_unsafe)
+        if is_pipe(location):
+            if self.format not in (None, "webdataset"):
+                raise SourceError(
+                    f"pipe: URLs are only supported for webdataset sources, not {self.format!r}"
+                )
+            self.found.append(("webdataset", location))
+            return
+        location = os.path.expanduser(location)
+        if glob.has_magic(location) and not os.path.exists(location):
+            matches = sorted(glob.glob(location, recursive=True))
+            if not matches:
+                raise SourceError(f"glob {location!r} matches no files; check the pattern and the directory")
+        elif not os.path.exists(location):
+            raise SourceError(f"path {location!r} does not exist")
+        else:
+            matches = [location]
+        for match in matches:
+            match = os.path.abspath(match)
+            self.add_dir(match) if os.path.isdir(match) else self.add_file(match)
+
+
+def discover(spec: Spec, format: str | None = None, allow_unsafe: bool = False) -> Discovered:
+    """Resolve ``spec`` to a format and its shard paths (absolute, deduplicated, sorted).
+
+    Raises:
+        SourceError: missing path, glob with no match, no shards, unknown or mixed formats.
+        UnsafeInputError: a URL scheme other than local files (``pipe:`` only with allow_unsafe).
+    """
+    if format is not None and format not in FORMATS:
+        raise SourceError(f"unknown format {format!r}; use one of {', '.join(FORMATS)}")
+    items = [spec] if isinstance(spec, str | os.PathLike) else list(spec)
+    if not items:
+        raise SourceError("the source spec is an empty list; give a directory, a glob or shard paths")
+    collector = _Collector(format)
+    for item in items:
+        collector.add(os.fspath(item), allow_unsafe)
+    formats = sorted({f for f, _ in collector.found})
+    if len(formats) > 1:
+        examples = {f: next(p for g, p in collector.found if g == f) for f in formats}
+        raise SourceError(
+            "a source mixes formats: "
+            + ", ".join(f"{f} ({p})" for f, p in examples.items())
+            + "; make one source per format"
+        )
+    if not formats:
+        raise SourceError(f"source spec {spec!r} names no shards")
+    paths = sorted({p for _, p in collector.found})
+    return Discovered(format=formats[0], paths=paths, mds_locations=collector.mds)

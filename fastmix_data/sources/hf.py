@@ -1,0 +1,87 @@
+"""Hugging Face ``datasets`` saved with ``Dataset.save_to_disk``.
+
+The dataset directory holds ``state.json`` (listing ``data-XXXXX-of-NNNNN.arrow`` files),
+``dataset_info.json`` and the Arrow files. Each Arrow file is one shard. We read the same files
+``datasets.load_from_disk`` reads (and only those): never a loading script, never any code.
+Arrow files are memory-mapped, so reading two columns of a wide shard touches only their pages.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import pyarrow as pa
+
+from fastmix_data.errors import SourceError
+from fastmix_data.sources.arrow import needed_columns, schema_kinds, shard_data_from_table, stats_from_table
+from fastmix_data.sources.base import ShardData
+from fastmix_data.sources.reader import Candidate, Columns, ShardStats, candidates
+from fastmix_data.sources.safety import inside_root
+
+MARKERS = ("state.json", "dataset_info.json")
+
+
+def is_hf_dir(path: str) -> bool:
+    return any(os.path.isfile(os.path.join(path, m)) for m in MARKERS)
+
+
+def hf_shard_paths(root: str) -> list[str]:
+    """The Arrow files of a ``save_to_disk`` directory, as ``load_from_disk`` would find them."""
+    if os.path.isfile(os.path.join(root, "dataset_dict.json")):
+        splits = sorted(d for d in os.listdir(root) if is_hf_dir(os.path.join(root, d)))
+        raise SourceError(
+            f"{root} is a DatasetDict saved with save_to_disk; point the source at one split "
+            f"directory instead (found: {', '.join(splits) or 'none'})"
+        )
+    state_path = os.path.join(root, "state.json")
+    if os.path.isfile(state_path):
+        try:
+            with open(state_path, encoding="utf-8") as f:
+                files = [entry["filename"] for entry in json.load(f)["_data_files"]]
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise SourceError(
+                f"cannot parse {state_path} ({exc}); re-save the dataset with Dataset.save_to_disk"
+            ) from exc
+        return sorted(inside_root(root, name) for name in files)
+    return sorted(os.path.join(root, n) for n in os.listdir(root) if n.endswith(".arrow"))
+
+
+def _read_table(path: str) -> pa.Table:
+    with pa.memory_map(path, "r") as source:
+        return pa.ipc.open_stream(source).read_all()
+
+
+class HFReader:
+    """Reads the Arrow shards of a ``save_to_disk`` dataset. Holds configuration only (picklable).
+
+    Args:
+        text_field: text column (default ``"text"``; may be absent unless renamed).
+        ids_field: token-ids column (default ``"input_ids"``; may be absent unless renamed).
+    """
+
+    format = "hf"
+    extensions = (".arrow",)
+
+    def __init__(self, text_field: str | None = "text", ids_field: str | None = "input_ids", **_: Any):
+        self.text_candidates: tuple[Candidate, ...] = candidates(text_field, "text")
+        self.ids_candidates: tuple[Candidate, ...] = candidates(ids_field, "input_ids")
+
+    def config(self) -> dict[str, Any]:
+        return {
+            "text": [c.name for c in self.text_candidates],
+            "ids": [c.name for c in self.ids_candidates],
+        }
+
+    def inspect(self, path: str) -> ShardStats:
+        table = _read_table(path)
+        kinds = schema_kinds(table.schema)
+        return stats_from_table(path, table, kinds, self.text_candidates, self.ids_candidates)
+
+    def read(self, path: str, columns: Columns) -> ShardData:
+        table = _read_table(path).select(needed_columns(columns))
+        return shard_data_from_table(table, columns, path)
+
+    def check_safe(self, path: str, stats: ShardStats) -> None:
+        """Arrow files never need pickle."""

@@ -1,0 +1,60 @@
+"""Parquet shards, read with pyarrow.
+
+One ``.parquet`` file is one shard. The text column holds strings (``string``/``large_string``), the
+ids column lists of integers (any integer width; returned as int64). Only the needed columns are read.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pyarrow.parquet as pq
+
+from fastmix_data.sources.arrow import (
+    candidate_columns,
+    needed_columns,
+    schema_kinds,
+    shard_data_from_table,
+    stats_from_table,
+)
+from fastmix_data.sources.base import ShardData
+from fastmix_data.sources.reader import Candidate, Columns, ShardStats, candidates
+
+
+class ParquetReader:
+    """Reads Parquet shards. Holds configuration only (picklable).
+
+    Args:
+        text_field: text column name (default ``"text"``; may be absent unless renamed).
+        ids_field: token-ids column name (default ``"input_ids"``; may be absent unless renamed).
+    """
+
+    format = "parquet"
+    extensions = (".parquet",)
+
+    def __init__(self, text_field: str | None = "text", ids_field: str | None = "input_ids", **_: Any):
+        self.text_candidates: tuple[Candidate, ...] = candidates(text_field, "text")
+        self.ids_candidates: tuple[Candidate, ...] = candidates(ids_field, "input_ids")
+
+    def config(self) -> dict[str, Any]:
+        return {
+            "text": [c.name for c in self.text_candidates],
+            "ids": [c.name for c in self.ids_candidates],
+        }
+
+    def inspect(self, path: str) -> ShardStats:
+        pf = pq.ParquetFile(path)
+        kinds = schema_kinds(pf.schema_arrow)
+        wanted = candidate_columns(kinds, self.text_candidates, self.ids_candidates)
+        # Reading the columns decodes (and so validates) every data page we will later serve.
+        table = pf.read(columns=wanted)
+        if table.num_rows != pf.metadata.num_rows:
+            raise ValueError(f"footer says {pf.metadata.num_rows} rows but {table.num_rows} were read")
+        return stats_from_table(path, table, kinds, self.text_candidates, self.ids_candidates)
+
+    def read(self, path: str, columns: Columns) -> ShardData:
+        table = pq.ParquetFile(path).read(columns=needed_columns(columns))
+        return shard_data_from_table(table, columns, path)
+
+    def check_safe(self, path: str, stats: ShardStats) -> None:
+        """Parquet never needs pickle."""

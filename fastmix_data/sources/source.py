@@ -1,0 +1,99 @@
+"""The one Source implementation: a named, ordered list of indexed shards plus a format reader.
+
+It is shipped to DataLoader worker processes, so it holds only plain data (paths, cached facts and
+the reader's configuration): no open files, no decoded rows.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Sequence
+
+from fastmix_data.errors import FastMixDataError, SourceError
+from fastmix_data.sources.base import ShardData, ShardInfo
+from fastmix_data.sources.reader import Columns, ShardReader
+from fastmix_data.sources.safety import is_pipe
+
+
+class ShardedSource:
+    """A source of one format (see :class:`fastmix_data.sources.base.Source`).
+
+    Attributes:
+        name: the source's name in the mixture.
+        format: ``"parquet"``, ``"webdataset"``, ``"mds"`` or ``"hf"``.
+        shards: readable shards in path order, with rows, tokens, bytes and sha256.
+        columns: the text/ids/extra columns read from every shard.
+        skipped: ``(path, reason)`` of shards left out by ``on_corrupt="skip"``.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        format: str,
+        shards: Sequence[ShardInfo],
+        reader: ShardReader,
+        columns: Columns,
+        skipped: Sequence[tuple[str, str]] = (),
+    ):
+        self.name = name
+        self.format = format
+        self.shards = list(shards)
+        self.reader = reader
+        self.columns = columns
+        self.skipped = list(skipped)
+
+    @property
+    def rows(self) -> int:
+        """Total rows (samples) over all shards."""
+        return sum(s.rows for s in self.shards)
+
+    @property
+    def tokens(self) -> int | None:
+        """Total tokens over all shards, or None when the source has neither text nor ids."""
+        counts = [s.tokens for s in self.shards]
+        return None if any(t is None for t in counts) else sum(counts)  # type: ignore[misc]
+
+    def read_shard(self, index: int) -> ShardData:
+        """Decode shard ``index``; raise SourceError naming the file if it changed or is unreadable."""
+        info = self.shards[index]
+        where = f"shard {info.path} of source {self.name!r}"
+        if not is_pipe(info.path):
+            try:
+                size = os.stat(info.path).st_size
+            except OSError as exc:
+                raise SourceError(f"{where} cannot be read ({exc}); restore the file") from exc
+            if size != info.bytes:
+                raise SourceError(
+                    f"{where} changed since it was indexed ({size} bytes now, {info.bytes} then); "
+                    "re-open the source to re-index it"
+                )
+        try:
+            data = self.reader.read(info.path, self.columns)
+        except FastMixDataError:
+            raise
+        except Exception as exc:
+            raise SourceError(
+                f"{where} is unreadable ({type(exc).__name__}: {exc}); replace the file"
+            ) from exc
+        if data.rows != info.rows:
+            raise SourceError(
+                f"{where} has {data.rows} rows but was indexed with {info.rows}; re-open the source"
+            )
+        return data
+
+    def fingerprint(self) -> str:
+        """Hex sha256 of (format, columns, shard paths, sizes, sha256s); the name is not included."""
+        obj = {
+            "format": self.format,
+            "columns": [self.columns.text, self.columns.ids, list(self.columns.extra)],
+            "shards": [[s.path, s.bytes, s.sha256] for s in self.shards],
+        }
+        return hashlib.sha256(json.dumps(obj, separators=(",", ":")).encode()).hexdigest()
+
+    def __repr__(self) -> str:
+        return (
+            f"ShardedSource(name={self.name!r}, format={self.format!r}, shards={len(self.shards)}, "
+            f"rows={self.rows}, tokens={self.tokens}, skipped={len(self.skipped)})"
+        )

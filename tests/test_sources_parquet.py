@@ -1,0 +1,96 @@
+"""Parquet reader: round trips, token counts, column types, null handling."""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from shardgen import byte_ids, make_docs, read_all, write_parquet_source
+
+from fastmix_data.errors import SourceError
+from fastmix_data.sources import open_source
+from fastmix_data.sources.arrow import ids_of
+
+
+def test_round_trip_text_and_ids(tmp_path):
+    docs = make_docs(50, empty=True)
+    write_parquet_source(tmp_path, docs, shards=4, ids_col="input_ids", row_group_size=7)
+    src = open_source("web", tmp_path)
+    assert src.format == "parquet" and len(src.shards) == 4
+    texts, ids = read_all(src)
+    assert texts == docs
+    assert ids == [byte_ids(d) for d in docs]
+    assert src.rows == 50
+    assert src.tokens == sum(len(byte_ids(d)) for d in docs)
+    data = src.read_shard(0)
+    assert all(a.dtype == np.int64 for a in data.ids)
+
+
+def test_text_only_tokens_are_bytes_plus_one_eos_per_doc(tmp_path):
+    docs = make_docs(20, empty=True)
+    write_parquet_source(tmp_path, docs, shards=2)
+    src = open_source("t", tmp_path)
+    assert src.columns.ids is None
+    for shard, part in zip(src.shards, [docs[:10], docs[10:]]):
+        assert shard.tokens == sum(len(d.encode()) for d in part) + len(part)
+    assert read_all(src) == (docs, None)
+
+
+@pytest.mark.parametrize("ids_type", [pa.int64(), pa.uint16(), pa.int32()])
+def test_ids_only_any_integer_width(tmp_path, ids_type):
+    ids = [[1, 2, 3], [], [65535 if ids_type == pa.uint16() else 7] * 5]
+    write_parquet_source(
+        tmp_path, ["a", "b", "c"], shards=1, text_col=None, ids_col="toks", ids=ids, ids_type=ids_type
+    )
+    src = open_source("ids", tmp_path, ids_field="toks")
+    assert src.columns.text is None
+    assert read_all(src) == (None, ids)
+    assert src.shards[0].tokens == 8
+
+
+def test_large_string_and_large_list(tmp_path):
+    table = pa.table(
+        {
+            "text": pa.array(["x", "yé"], pa.large_string()),
+            "input_ids": pa.array([[1], [2, 3]], pa.large_list(pa.int64())),
+        }
+    )
+    pq.write_table(table, tmp_path / "a.parquet")
+    src = open_source("l", tmp_path)
+    assert read_all(src) == (["x", "yé"], [[1], [2, 3]])
+
+
+def test_ids_conversion_of_sliced_chunks():
+    arr = pa.array([[1, 2], [3], [], [4, 5, 6], [7]], pa.list_(pa.int32()))
+    col = pa.chunked_array([arr.slice(1, 3), arr.slice(4, 1)])
+    assert [a.tolist() for a in ids_of(col, "ids", "mem")] == [[3], [], [4, 5, 6], [7]]
+
+
+def test_extra_columns(tmp_path):
+    docs = make_docs(6)
+    write_parquet_source(tmp_path, docs, shards=2, extra={"url": [f"u{i}" for i in range(6)]})
+    src = open_source("e", tmp_path, extra_fields=["url"])
+    assert src.read_shard(1).extra == {"url": ["u3", "u4", "u5"]}
+
+
+def test_null_text_is_an_error_naming_the_column(tmp_path):
+    pq.write_table(pa.table({"text": ["a", None]}), tmp_path / "a.parquet")
+    with pytest.raises(SourceError, match=r"'text'.*1 null rows"):
+        open_source("n", tmp_path)
+
+
+def test_reads_only_needed_columns(tmp_path, monkeypatch):
+    docs = make_docs(4)
+    write_parquet_source(tmp_path, docs, shards=1, ids_col="input_ids", extra={"blob": [b"x"] * 4})
+    src = open_source("c", tmp_path, ids_field=None)
+    asked = []
+    original = pq.ParquetFile.read
+
+    def spy(self, columns=None, **kw):
+        asked.append(columns)
+        return original(self, columns=columns, **kw)
+
+    monkeypatch.setattr(pq.ParquetFile, "read", spy)
+    assert src.read_shard(0).texts == docs
+    assert asked == [["text"]]
