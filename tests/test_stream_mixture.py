@@ -248,3 +248,32 @@ def test_bad_weights_name_the_value(data, weights, message):
     with pytest.raises(WeightsError, match=message):
         stream.set_weights(weights)
     assert stream.weights == pytest.approx(W)  # nothing lost
+
+
+def test_packing_with_a_tokenizers_tokenizer(data):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    vocab = {"[UNK]": 0, "[EOS]": 1}
+    for w in "alpha beta gamma delta naïve café x zeta tab".split():
+        vocab[w] = len(vocab)
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    stream = MixtureStream(sources(data), W, batch_size=4, seq_len=16, tokenizer=tok, eos_id=1, seed=0)
+    assert stream.vocab_size == len(vocab)
+    batch = next(iter(stream))
+    assert batch["tokens"].shape == (4, 17)
+    assert int(batch["tokens"].max()) < len(vocab) and (batch["tokens"] == 1).any()
+    # the token counts were computed by tokenizing once, then cached for the next stream
+    again = MixtureStream(sources(data), W, batch_size=4, seq_len=16, tokenizer=tok, eos_id=1, seed=0)
+    assert torch.equal(next(iter(again))["tokens"], batch["tokens"])
+
+
+def test_skip_corrupt_shards_is_reported(tmp_path):
+    paths = write_parquet_source(tmp_path / "a", make_docs(30, prefix="a"), shards=3)
+    with open(paths[1], "r+b") as f:
+        f.truncate(100)
+    stream = MixtureStream({"a": str(tmp_path / "a")}, {"a": 1}, batch_size=4, on_corrupt="skip")
+    texts = [t for b in take_raw(iter(stream), 5) for t in b["text"]]
+    assert set(texts) <= set(make_docs(30, prefix="a")[:10] + make_docs(30, prefix="a")[20:])
+    skipped = stream.stats()["sources"]["a"]["skipped_shards"]
+    assert len(skipped) == 1 and skipped[0][0].endswith("part-00001.parquet")

@@ -439,6 +439,7 @@ class MixtureStream(torch.utils.data.IterableDataset):
                 "samples_received": int(self._samples_observed[i]),
                 "tokens_received": int(self._tokens_observed[i]),
                 "epochs": float(realised[i] / max(int(self.plan.totals[i]), 1)),
+                "skipped_shards": [list(x) for x in getattr(self.sources[i], "skipped", [])],
             }
         latency = []
         for h in self.history[1:]:
