@@ -20,4 +20,4 @@ test: $(STAMP)
 	$(PY) -m pytest -q
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check fastmix_data tests tools benchmarks
+	$(VENV)/bin/ruff check .
