@@ -1,0 +1,410 @@
+"""FastMix hypergradients: per-source gradient inner products with the target gradient.
+
+The one-step, first-order hypergradient of the target loss with respect to mixture weight k is
+
+    g_k = -eta * <grad L_T(theta), grad L_k(theta)>.
+
+Restricted to the LM-head weight W (V x d), both gradients have closed forms in the head's inputs:
+with h_t the final hidden state of token t, z_t = W h_t its logits and r_t = dl_t/dz_t the logit
+residual (``softmax(z_t) - e_{y_t}`` for cross-entropy),
+
+    grad_W L_k = mean_{t in k} r_t h_t^T          (V x d)
+    <G_T, grad_W L_k> = mean_{t in k} r_t^T (G_T h_t)
+
+so one pass over the scored tokens gives all K inner products: a per-token score
+``s_t = r_t . (G_T h_t)`` followed by a segment mean by source (``index_add``). The cost is one
+``[N, d] x [d, V]`` product, the same as the head's forward, and does not depend on K. Nothing
+here runs a backward pass through the trunk, and nothing reads or writes any ``.grad`` buffer.
+
+The full-parameter variant (:func:`full_source_scores`) instead takes ``torch.autograd.grad`` of
+every present source's loss with respect to all parameters (K backward passes) and dots them with
+the target's full gradient. ``torch.autograd.grad`` returns gradients without accumulating them
+into ``.grad``, so the proxy's own gradient accumulation is untouched by it as well.
+
+Every function works in the dtype of the target gradient ``G`` (float32 in training, float64 in
+tests); inputs in lower precision (bf16 autocast) are up-cast chunk by chunk.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+#: ``loss_fn(logits [N, V], targets [N]) -> per-token losses [N]``. The default is cross-entropy.
+TokenLossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+DEFAULT_CHUNK_TOKENS = 4096
+
+
+def token_losses(logits: torch.Tensor, targets: torch.Tensor, loss_fn: TokenLossFn | None = None) -> torch.Tensor:
+    """Per-token losses ``[N]`` (cross-entropy unless ``loss_fn`` is given), computed in float32 or wider."""
+    if logits.dtype in (torch.float16, torch.bfloat16):
+        logits = logits.float()
+    if loss_fn is None:
+        return F.cross_entropy(logits, targets, reduction="none")
+    out = loss_fn(logits, targets)
+    if out.shape != targets.shape:
+        raise ValueError(
+            f"loss_fn must return one loss per token (shape {tuple(targets.shape)}), got shape {tuple(out.shape)}"
+        )
+    return out
+
+
+def logit_residuals(
+    logits: torch.Tensor, targets: torch.Tensor, loss_fn: TokenLossFn | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(r, loss)``: per-token logit gradients ``r_t = dl_t/dz_t`` ``[N, V]`` and losses ``[N]``.
+
+    Cross-entropy uses the closed form ``softmax(z) - onehot(y)``; a custom ``loss_fn`` is
+    differentiated with autograd with respect to a detached copy of the logits only (no trunk).
+    """
+    z = logits.detach()
+    if loss_fn is None:
+        logp = torch.log_softmax(z, dim=-1)
+        loss = -logp.gather(1, targets[:, None]).squeeze(1)
+        r = logp.exp()
+        r[torch.arange(r.shape[0], device=r.device), targets] -= 1
+        return r, loss
+    with torch.enable_grad():
+        z = z.clone().requires_grad_(True)
+        loss = token_losses(z, targets, loss_fn)
+        (r,) = torch.autograd.grad(loss.sum(), z)
+    return r, loss.detach()
+
+
+def _prep(
+    h: torch.Tensor,
+    targets: torch.Tensor,
+    logits: torch.Tensor | None,
+    mask: torch.Tensor | None,
+    extra: torch.Tensor | None = None,
+):
+    d = h.shape[-1]
+    h = h.reshape(-1, d)
+    targets = targets.reshape(-1)
+    if logits is not None:
+        logits = logits.reshape(-1, logits.shape[-1])
+    if extra is not None:
+        extra = extra.reshape(-1)
+    if mask is not None:
+        mask = mask.reshape(-1).bool()
+        h, targets = h[mask], targets[mask]
+        logits = logits[mask] if logits is not None else None
+        extra = extra[mask] if extra is not None else None
+    return h, targets, logits, extra
+
+
+def _chunk_logits(h_c, logits, i, j, head_weight, dtype):
+    if logits is not None:
+        return logits[i:j].to(dtype)
+    if head_weight is None:
+        raise ValueError("pass either logits or head_weight")
+    return h_c @ head_weight.detach().to(dtype).T
+
+
+@dataclass
+class HeadGradient:
+    """The LM-head gradient of a (masked) token-mean loss: ``grad`` (V x d), ``loss`` and ``tokens``."""
+
+    grad: torch.Tensor
+    loss: float
+    tokens: int
+
+
+@torch.no_grad()
+def head_gradient(
+    h: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    logits: torch.Tensor | None = None,
+    head_weight: torch.Tensor | None = None,
+    mask: torch.Tensor | None = None,
+    loss_fn: TokenLossFn | None = None,
+    dtype: torch.dtype = torch.float32,
+    chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
+) -> HeadGradient:
+    """Closed-form gradient of the token-mean loss w.r.t. the head weight: ``sum_t r_t h_t^T / n``.
+
+    ``h``: hidden states ``[..., d]``; ``targets``: ``[...]``; ``logits`` ``[..., V]`` (or give
+    ``head_weight`` to compute them); ``mask``: optional bool ``[...]`` of the tokens that count
+    (e.g. answer tokens). No autograd through the model is involved.
+    """
+    h, targets, logits, _ = _prep(h, targets, logits, mask)
+    n = h.shape[0]
+    V = logits.shape[-1] if logits is not None else head_weight.shape[0]
+    G = torch.zeros(V, h.shape[1], dtype=dtype, device=h.device)
+    loss_sum = torch.zeros((), dtype=dtype, device=h.device)
+    for i in range(0, n, chunk_tokens):
+        j = min(n, i + chunk_tokens)
+        h_c = h[i:j].to(dtype)
+        z = _chunk_logits(h_c, logits, i, j, head_weight, dtype)
+        r, loss = logit_residuals(z, targets[i:j], loss_fn)
+        G.addmm_(r.T, h_c)
+        loss_sum += loss.sum()
+    if n:
+        G /= n
+    return HeadGradient(grad=G, loss=float(loss_sum / max(n, 1)), tokens=int(n))
+
+
+@dataclass
+class SourceScores:
+    """Per-source sums over scored tokens: ``sums`` of the scores ``<G_T, grad_W l_t>``, token
+    ``counts`` and ``loss_sums``. Scores of consecutive batches add up (``a + b``)."""
+
+    sums: torch.Tensor
+    counts: torch.Tensor
+    loss_sums: torch.Tensor
+
+    @classmethod
+    def zeros(cls, num_sources: int, dtype=torch.float64, device=None) -> SourceScores:
+        z = torch.zeros(num_sources, dtype=dtype, device=device)
+        return cls(z.clone(), z.clone(), z.clone())
+
+    def __add__(self, other: SourceScores) -> SourceScores:
+        dt, dev = self.sums.dtype, self.sums.device
+        return SourceScores(
+            self.sums + other.sums.to(dev, dt),
+            self.counts + other.counts.to(dev, dt),
+            self.loss_sums + other.loss_sums.to(dev, dt),
+        )
+
+    @property
+    def present(self) -> torch.Tensor:
+        return self.counts > 0
+
+    def means(self) -> torch.Tensor:
+        """Per-source mean score, i.e. ``<G_T, grad_W L_k>``; NaN for sources with no token."""
+        return torch.where(self.present, self.sums / self.counts.clamp_min(1), torch.nan)
+
+    def losses(self) -> torch.Tensor:
+        """Per-source mean token loss; NaN for absent sources."""
+        return torch.where(self.present, self.loss_sums / self.counts.clamp_min(1), torch.nan)
+
+    def state_dict(self) -> dict:
+        return {"sums": self.sums.cpu(), "counts": self.counts.cpu(), "loss_sums": self.loss_sums.cpu()}
+
+    @classmethod
+    def from_state_dict(cls, d: dict, device=None) -> SourceScores:
+        return cls(d["sums"].to(device), d["counts"].to(device), d["loss_sums"].to(device))
+
+
+def per_token_source(source: torch.Tensor, seq_len: int) -> torch.Tensor:
+    """Expand a per-sequence source id ``[B]`` to per-token ids ``[B, seq_len]``."""
+    return source.reshape(-1, 1).expand(-1, seq_len)
+
+
+@torch.no_grad()
+def source_head_scores(
+    h: torch.Tensor,
+    targets: torch.Tensor,
+    source_ids: torch.Tensor,
+    G: torch.Tensor,
+    num_sources: int,
+    *,
+    logits: torch.Tensor | None = None,
+    head_weight: torch.Tensor | None = None,
+    mask: torch.Tensor | None = None,
+    loss_fn: TokenLossFn | None = None,
+    chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
+) -> SourceScores:
+    """All K inner products ``<G, grad_W L_k>`` in one pass (sums and counts; see :class:`SourceScores`).
+
+    ``h`` ``[..., d]``, ``targets`` and ``source_ids`` ``[...]`` (per token; use
+    :func:`per_token_source` for per-sequence ids), ``G`` the target head gradient ``[V, d]`` whose
+    dtype is the compute dtype. Per token: ``s_t = r_t . (G h_t)``, which for cross-entropy is
+    ``sum_v p_tv (G h_t)_v - (G h_t)_{y_t}``; then ``index_add`` by source. Cost O(N V d),
+    independent of ``num_sources``.
+    """
+    h, targets, logits, src = _prep(h, targets, logits, mask, source_ids)
+    dtype, dev = G.dtype, G.device
+    n = h.shape[0]
+    if n and (int(src.min()) < 0 or int(src.max()) >= num_sources):
+        raise ValueError(f"source ids must lie in [0, {num_sources}), got range [{int(src.min())}, {int(src.max())}]")
+    scores = torch.empty(n, dtype=dtype, device=dev)
+    losses = torch.empty(n, dtype=dtype, device=dev)
+    for i in range(0, n, chunk_tokens):
+        j = min(n, i + chunk_tokens)
+        h_c = h[i:j].to(dtype)
+        z = _chunk_logits(h_c, logits, i, j, head_weight, dtype)
+        A = h_c @ G.T  # [c, V]: (G h_t) for every token of the chunk
+        y = targets[i:j]
+        if loss_fn is None:
+            logp = torch.log_softmax(z, dim=-1)
+            Ay = A.gather(1, y[:, None]).squeeze(1)
+            scores[i:j] = (logp.exp() * A).sum(-1) - Ay
+            losses[i:j] = -logp.gather(1, y[:, None]).squeeze(1)
+        else:
+            r, loss = logit_residuals(z, y, loss_fn)
+            scores[i:j] = (r * A).sum(-1)
+            losses[i:j] = loss
+    src = src.to(dev)
+    out = SourceScores.zeros(num_sources, dtype=dtype, device=dev)
+    out.sums.index_add_(0, src, scores)
+    out.counts.index_add_(0, src, torch.ones_like(scores))
+    out.loss_sums.index_add_(0, src, losses)
+    return out
+
+
+def softmax_chain_rule(
+    s: torch.Tensor, g: torch.Tensor, present: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Gradient w.r.t. the logits z of ``alpha = softmax(z) = s`` given ``g = dL/dalpha``:
+    ``s * (g - <s, g>)``.
+
+    With ``present`` (bool ``[K]``), only present sources take part: the mean ``<s, g>`` is taken
+    over present sources with ``s`` renormalised over them, and absent sources get exactly 0, so a
+    source missing from the search batch is neither pushed down nor up (defect 3 of the reference).
+    """
+    if present is None:
+        present = torch.ones_like(s, dtype=torch.bool)
+    present = present.to(s.device)
+    g = torch.where(present, g, torch.zeros_like(g))
+    sp = torch.where(present, s, torch.zeros_like(s))
+    total = sp.sum()
+    if total <= 0:
+        return torch.zeros_like(s)
+    mean = (sp * g).sum() / total
+    return torch.where(present, s * (g - mean), torch.zeros_like(s))
+
+
+class GradientEMA:
+    """Exponential moving average of a gradient (a tensor or a list of tensors) across target batches.
+
+    ``beta=0`` keeps only the latest gradient. The first update initialises the average (no bias
+    correction needed)."""
+
+    def __init__(self, beta: float = 0.0):
+        if not 0.0 <= beta < 1.0:
+            raise ValueError(f"EMA beta must lie in [0, 1), got {beta}")
+        self.beta = beta
+        self.value: torch.Tensor | list[torch.Tensor] | None = None
+        self.updates = 0
+
+    def update(self, g):
+        b = self.beta
+        if self.value is None or b == 0.0:
+            self.value = [t.detach().clone() for t in g] if isinstance(g, (list, tuple)) else g.detach().clone()
+        elif isinstance(g, (list, tuple)):
+            for v, t in zip(self.value, g):
+                v.mul_(b).add_(t.detach(), alpha=1 - b)
+        else:
+            self.value.mul_(b).add_(g.detach(), alpha=1 - b)
+        self.updates += 1
+        return self.value
+
+    def state_dict(self) -> dict:
+        v = self.value
+        if isinstance(v, list):
+            v = [t.cpu() for t in v]
+        elif v is not None:
+            v = v.cpu()
+        return {"beta": self.beta, "value": v, "updates": self.updates}
+
+    def load_state_dict(self, d: dict, device=None) -> None:
+        self.beta = d["beta"]
+        v = d["value"]
+        if isinstance(v, (list, tuple)):
+            v = [t.to(device) for t in v]
+        elif v is not None:
+            v = v.to(device)
+        self.value = v
+        self.updates = d["updates"]
+
+
+# ----------------------------------------------------------------------------- full-parameter variant
+
+
+def _forward_token_losses(model, tokens, loss_fn, autocast):
+    x, y = tokens[:, :-1], tokens[:, 1:]
+    with autocast:
+        h = model.final_hidden(x)
+        logits = model.head(h)
+    B, L = y.shape
+    return token_losses(logits.reshape(B * L, -1), y.reshape(-1), loss_fn).view(B, L)
+
+
+def full_target_gradient(
+    model: nn.Module,
+    tokens: torch.Tensor,
+    params: Sequence[torch.Tensor],
+    *,
+    loss_mask: torch.Tensor | None = None,
+    loss_fn: TokenLossFn | None = None,
+    autocast: AbstractContextManager | None = None,
+) -> tuple[list[torch.Tensor], float, int]:
+    """``(grads, loss, tokens)``: gradient of the (masked) token-mean target loss w.r.t. ``params``,
+    through ``torch.autograd.grad`` (``.grad`` buffers untouched)."""
+    with torch.enable_grad():
+        tl = _forward_token_losses(model, tokens, loss_fn, autocast or nullcontext())
+        if loss_mask is not None:
+            m = loss_mask.to(tl.device).bool()
+            n = int(m.sum())
+            loss = (tl * m).sum() / max(n, 1)
+        else:
+            n = tl.numel()
+            loss = tl.mean()
+        grads = torch.autograd.grad(loss, list(params), allow_unused=True)
+    grads = [torch.zeros_like(p) if g is None else g.detach().float() for g, p in zip(grads, params)]
+    return grads, float(loss.detach()), n
+
+
+def full_source_scores(
+    model: nn.Module,
+    tokens: torch.Tensor,
+    source: torch.Tensor,
+    target_grads: Sequence[torch.Tensor],
+    num_sources: int,
+    params: Sequence[torch.Tensor],
+    *,
+    loss_fn: TokenLossFn | None = None,
+    autocast: AbstractContextManager | None = None,
+) -> SourceScores:
+    """Full-parameter inner products ``<grad L_T, grad L_k>`` for every source present in
+    ``tokens`` (``[B, L+1]``, per-sequence ``source`` ``[B]``): one forward, then one
+    ``torch.autograd.grad`` per present source (cost grows linearly with K). Returned as
+    :class:`SourceScores` (``sums = mean * count``) so it plugs in where the head scores do."""
+    params = list(params)
+    dev = tokens.device
+    out = SourceScores.zeros(num_sources, dtype=torch.float64, device=dev)
+    with torch.enable_grad():
+        tl = _forward_token_losses(model, tokens, loss_fn, autocast or nullcontext())
+        seq_sum = tl.sum(1)
+        L = tl.shape[1]
+        src = source.to(dev)
+        present = torch.unique(src).tolist()
+        for i, k in enumerate(present):
+            sel = src == k
+            n_k = int(sel.sum()) * L
+            loss_k = seq_sum[sel].sum() / n_k
+            grads = torch.autograd.grad(
+                loss_k, params, retain_graph=i < len(present) - 1, allow_unused=True
+            )
+            ip = sum(
+                (g.double() * t.double()).sum() for g, t in zip(grads, target_grads) if g is not None
+            )
+            out.sums[k] = ip * n_k
+            out.counts[k] = n_k
+            out.loss_sums[k] = float(seq_sum[sel].sum().detach())
+    return out
+
+
+__all__ = [
+    "DEFAULT_CHUNK_TOKENS",
+    "GradientEMA",
+    "HeadGradient",
+    "SourceScores",
+    "TokenLossFn",
+    "full_source_scores",
+    "full_target_gradient",
+    "head_gradient",
+    "logit_residuals",
+    "per_token_source",
+    "softmax_chain_rule",
+    "source_head_scores",
+    "token_losses",
+]

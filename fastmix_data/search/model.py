@@ -1,0 +1,243 @@
+"""The proxy language model the mixture search trains: a small decoder-only transformer.
+
+Llama-flavoured and deliberately direct: token embedding, ``n_layer`` pre-norm blocks (RMSNorm,
+causal self-attention with rotary position embeddings through
+:func:`torch.nn.functional.scaled_dot_product_attention`, SwiGLU MLP), a final RMSNorm and an
+*untied* LM head without bias.
+
+The search relies on one small protocol (:class:`HeadedLM`), which any user model may implement
+instead of this one:
+
+* ``final_hidden(x: LongTensor[B, L]) -> Tensor[B, L, d]`` -- the hidden states *after* the final
+  norm, i.e. exactly what the LM head multiplies;
+* ``head: nn.Linear(d, V)`` -- the output layer, ``logits = head(final_hidden(x))``. The FastMix
+  hypergradient is taken with respect to ``head.weight`` (V x d); a bias, if present, is trained
+  but not part of the hypergradient.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields
+from typing import Protocol, runtime_checkable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+try:  # the stream's byte-level tokenizer, when it has landed
+    from fastmix_data.stream.tokenize import BYTE_VOCAB_SIZE  # type: ignore[attr-defined]
+except Exception:  # pragma: no cover - depends on the tree state
+    BYTE_VOCAB_SIZE = 257  # ids 0..255 = bytes, 256 = end of document
+
+
+@runtime_checkable
+class HeadedLM(Protocol):
+    """What the search needs from a proxy model (see module docstring)."""
+
+    head: nn.Linear
+
+    def final_hidden(self, x: torch.Tensor) -> torch.Tensor: ...
+
+
+@dataclass(frozen=True)
+class ProxyConfig:
+    """Shape of a :class:`ProxyLM`.
+
+    Attributes:
+        vocab_size: size of the token vocabulary (257 for the byte-level tokenizer).
+        n_layer: number of transformer blocks.
+        d_model: hidden width.
+        n_head: attention heads (``d_model`` must be divisible by it).
+        mlp_hidden: SwiGLU hidden width; 0 means ``8/3 * d_model`` rounded up to a multiple of 32.
+        rope_base: base of the rotary position embedding.
+        norm_eps: RMSNorm epsilon.
+        init_std: standard deviation of the weight initialisation.
+    """
+
+    vocab_size: int = BYTE_VOCAB_SIZE
+    n_layer: int = 2
+    d_model: int = 128
+    n_head: int = 4
+    mlp_hidden: int = 0
+    rope_base: float = 10000.0
+    norm_eps: float = 1e-6
+    init_std: float = 0.02
+
+    def validate(self) -> ProxyConfig:
+        problems = []
+        for name in ("vocab_size", "n_layer", "d_model", "n_head"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                problems.append(f"{name} must be a positive integer, got {v!r}")
+        if not problems and self.d_model % self.n_head:
+            problems.append(f"d_model={self.d_model} is not divisible by n_head={self.n_head}")
+        if not problems and (self.d_model // self.n_head) % 2:
+            problems.append(f"head dimension d_model/n_head={self.d_model // self.n_head} must be even (rotary)")
+        if self.mlp_hidden < 0:
+            problems.append(f"mlp_hidden must be >= 0, got {self.mlp_hidden}")
+        if problems:
+            raise ValueError("invalid proxy model config: " + "; ".join(problems))
+        return self
+
+    @property
+    def ffn_hidden(self) -> int:
+        if self.mlp_hidden:
+            return self.mlp_hidden
+        return int(math.ceil(8 * self.d_model / 3 / 32) * 32)
+
+
+#: Named model shapes. ``gpu`` has no default vocabulary: pass the tokenizer's (e.g. 32000, 50304).
+PRESETS: dict[str, dict] = {
+    "cpu": dict(vocab_size=BYTE_VOCAB_SIZE, n_layer=2, d_model=128, n_head=4),
+    "gpu": dict(vocab_size=None, n_layer=2, d_model=256, n_head=4),
+    # a very small model for unit tests and smoke runs
+    "tiny": dict(vocab_size=BYTE_VOCAB_SIZE, n_layer=1, d_model=32, n_head=2),
+}
+
+
+def proxy_config(preset: str = "cpu", **overrides) -> ProxyConfig:
+    """A :class:`ProxyConfig` from a preset name plus field overrides (``vocab_size=32000``...)."""
+    if preset not in PRESETS:
+        raise ValueError(f"unknown model preset {preset!r}; choose one of {sorted(PRESETS)}")
+    known = {f.name for f in fields(ProxyConfig)}
+    unknown = sorted(set(overrides) - known)
+    if unknown:
+        raise ValueError(f"unknown model field(s) {unknown}; known fields: {sorted(known)}")
+    args = {k: v for k, v in PRESETS[preset].items()}
+    args.update({k: v for k, v in overrides.items() if v is not None})
+    if args.get("vocab_size") is None:
+        raise ValueError(
+            f"model preset {preset!r} needs a vocab_size: pass the tokenizer's vocabulary size "
+            "(e.g. model_args={'vocab_size': 50304})"
+        )
+    return ProxyConfig(**args).validate()
+
+
+def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    # x: [B, H, L, hd]; rotate the two halves of the head dimension
+    h = x.shape[-1] // 2
+    x1, x2 = x[..., :h], x[..., h:]
+    return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ProxyConfig):
+        super().__init__()
+        self.n_head = cfg.n_head
+        self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model, bias=False)
+        self.proj = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        B, L, D = x.shape
+        q, k, v = self.qkv(x).view(B, L, 3, self.n_head, D // self.n_head).permute(2, 0, 3, 1, 4)
+        q, k = _rope(q, cos, sin), _rope(k, cos, sin)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.proj(y.transpose(1, 2).reshape(B, L, D))
+
+
+class SwiGLU(nn.Module):
+    def __init__(self, cfg: ProxyConfig):
+        super().__init__()
+        hidden = cfg.ffn_hidden
+        self.gate_up = nn.Linear(cfg.d_model, 2 * hidden, bias=False)
+        self.down = nn.Linear(hidden, cfg.d_model, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up(x).chunk(2, dim=-1)
+        return self.down(F.silu(gate) * up)
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ProxyConfig):
+        super().__init__()
+        self.norm1 = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
+        self.attn = Attention(cfg)
+        self.norm2 = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
+        self.mlp = SwiGLU(cfg)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x), cos, sin)
+        return x + self.mlp(self.norm2(x))
+
+
+class ProxyLM(nn.Module):
+    """Small decoder-only LM implementing :class:`HeadedLM`."""
+
+    def __init__(self, cfg: ProxyConfig):
+        super().__init__()
+        self.cfg = cfg.validate()
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
+        self.norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
+        self.head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        # rotary tables as non-persistent buffers: they follow .to(device) and keep torch.compile happy
+        self.register_buffer("rope_cos", torch.empty(0), persistent=False)
+        self.register_buffer("rope_sin", torch.empty(0), persistent=False)
+        self._build_rotary(2048, torch.device("cpu"))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        std = self.cfg.init_std
+        for name, p in self.named_parameters():
+            if p.dim() < 2:
+                continue  # norm gains stay at 1
+            s = std / math.sqrt(2 * self.cfg.n_layer) if name.endswith(("proj.weight", "down.weight")) else std
+            nn.init.normal_(p, mean=0.0, std=s)
+
+    def _build_rotary(self, n: int, device: torch.device) -> None:
+        hd = self.cfg.d_model // self.cfg.n_head
+        inv = 1.0 / (self.cfg.rope_base ** (torch.arange(0, hd, 2, device=device, dtype=torch.float32) / hd))
+        ang = torch.outer(torch.arange(n, device=device, dtype=torch.float32), inv)
+        self.rope_cos, self.rope_sin = ang.cos(), ang.sin()
+
+    def _rotary(self, L: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.rope_cos.shape[0] < L or self.rope_cos.device != device:
+            self._build_rotary(max(L, self.rope_cos.shape[0]), device)
+        return self.rope_cos[:L], self.rope_sin[:L]
+
+    def final_hidden(self, x: torch.Tensor) -> torch.Tensor:
+        """Post-final-norm hidden states ``[B, L, d]`` of token ids ``x`` (``[B, L]``)."""
+        h = self.embed(x)
+        cos, sin = self._rotary(x.shape[1], x.device)
+        cos, sin = cos.to(h.dtype), sin.to(h.dtype)
+        for block in self.blocks:
+            h = block(h, cos, sin)
+        return self.norm(h)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits ``[B, L, V]``."""
+        return self.head(self.final_hidden(x))
+
+
+def build_proxy(cfg: ProxyConfig, seed: int = 0) -> ProxyLM:
+    """A freshly initialised :class:`ProxyLM`, deterministic in ``seed``; the global RNG is untouched."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return ProxyLM(cfg)
+
+
+def count_params(model: nn.Module) -> dict[str, int]:
+    """Parameter counts: ``total``, ``embedding`` (input lookup tables) and ``flops`` (the count that
+    enters the 6N / 2N FLOP estimate: every parameter that takes part in a matmul, i.e. all but the
+    input embeddings; the LM head is included)."""
+    total = sum(p.numel() for p in model.parameters())
+    emb = sum(m.weight.numel() for m in model.modules() if isinstance(m, nn.Embedding))
+    return {"total": total, "embedding": emb, "flops": total - emb}
+
+
+def config_dict(cfg: ProxyConfig) -> dict:
+    return asdict(cfg)
+
+
+__all__ = [
+    "BYTE_VOCAB_SIZE",
+    "HeadedLM",
+    "PRESETS",
+    "ProxyConfig",
+    "ProxyLM",
+    "build_proxy",
+    "config_dict",
+    "count_params",
+    "proxy_config",
+]
