@@ -1,0 +1,156 @@
+"""Small helpers shared by the exporters: atomic writes, size and budget parsing, path checks."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import re
+import tempfile
+from typing import Any
+
+from fastmix_data.errors import ManifestError
+
+_CHUNK = 1 << 22
+_SCALE = {"": 1, "k": 10**3, "m": 10**6, "b": 10**9, "g": 10**9, "t": 10**12}
+_BYTES = {
+    "": 1, "b": 1,
+    "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+    "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40,
+}  # fmt: skip
+_BUDGET = re.compile(
+    r"^\s*([0-9]+(?:\.[0-9]*)?(?:e[0-9]+)?)\s*([kmbgt]?)\s*[_ ]?\s*(tokens|samples|sequences|items)\s*$", re.I
+)
+_SIZE = re.compile(r"^\s*([0-9]+(?:\.[0-9]*)?)\s*([kmgt]?i?b?)\s*$", re.I)
+BUDGET_UNITS = {"tokens": "tokens", "samples": "items", "sequences": "items", "items": "items"}
+
+
+def parse_budget(budget: str | int) -> tuple[str, int]:
+    """``"10B_tokens"`` -> ("tokens", 10**10); ``"1M_samples"`` / an int -> ("items", n).
+
+    Suffixes k, M, B (or G), T scale by 10**3, 10**6, 10**9, 10**12. "samples", "sequences" and
+    "items" all count items (rows in sample mode, packed sequences in packing mode).
+
+    Raises:
+        ManifestError: unparsable, zero or negative budget.
+    """
+    if isinstance(budget, bool):
+        raise ManifestError(f"budget {budget!r} is not a number of items or a string like '10B_tokens'")
+    if isinstance(budget, int):
+        units, amount = "items", int(budget)
+    else:
+        match = _BUDGET.match(str(budget))
+        if not match:
+            raise ManifestError(
+                f"cannot parse budget {budget!r}; use e.g. '10B_tokens', '1M_samples', '500k_sequences' or an int"
+            )
+        number, scale, unit = match.groups()
+        amount = int(round(float(number) * _SCALE[scale.lower()]))
+        units = BUDGET_UNITS[unit.lower()]
+    if amount <= 0:
+        raise ManifestError(f"budget {budget!r} must be positive")
+    return units, amount
+
+
+def parse_size(size: str | int) -> int:
+    """``"256MB"`` -> 256_000_000, ``"1GiB"`` -> 2**30, an int -> bytes."""
+    if isinstance(size, int) and not isinstance(size, bool):
+        value = size
+    else:
+        match = _SIZE.match(str(size))
+        if not match or match.group(2).lower() not in _BYTES:
+            raise ManifestError(f"cannot parse size {size!r}; use e.g. '256MB', '1GiB' or a number of bytes")
+        value = int(float(match.group(1)) * _BYTES[match.group(2).lower()])
+    if value <= 0:
+        raise ManifestError(f"size {size!r} must be positive")
+    return value
+
+
+def sha256_file(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def canonical_json(obj: Any) -> bytes:
+    """Deterministic JSON bytes (sorted keys, no spaces, no NaN) for fingerprints."""
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), allow_nan=False).encode("utf-8")
+
+
+def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> None:
+    """Write ``data`` to a temporary file beside ``path``, fsync it, then ``os.replace``."""
+    path = os.fspath(path)
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=directory)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def write_json_atomic(path: str | os.PathLike, obj: Any, indent: int | None = 1) -> None:
+    """Atomic JSON write that keeps the dict's key order (readable manifests)."""
+    text = json.dumps(obj, indent=indent, allow_nan=False, ensure_ascii=False) + "\n"
+    write_bytes_atomic(path, text.encode("utf-8"))
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> None:
+    write_bytes_atomic(path, text.encode("utf-8"))
+
+
+def relative_inside(root: str, path: str, what: str) -> str:
+    """``path`` relative to ``root`` (POSIX separators), refusing anything that leaves ``root``.
+
+    Both the lexical path and its symlink-resolved target must stay inside the root.
+
+    Raises:
+        ManifestError: naming the path, when it is outside root or a symlink pointing outside.
+    """
+    root = os.path.abspath(root)
+    path = os.path.abspath(path)
+    rel = os.path.relpath(path, root)
+    if rel == os.curdir or rel.startswith(os.pardir) or os.path.isabs(rel):
+        raise ManifestError(
+            f"{what} {path} is outside the manifest root {root}; pass a root that contains it"
+        )
+    _check_real(root, path, what)
+    return rel.replace(os.sep, "/")
+
+
+def join_inside(root: str, rel: str, what: str) -> str:
+    """``root/rel`` for a relative path read from a manifest, refusing escapes.
+
+    Refused: absolute paths, ``..`` components, empty names, and symlinks resolving outside root.
+    """
+    if not isinstance(rel, str) or not rel:
+        raise ManifestError(f"{what} has an empty or non-string path {rel!r}")
+    parts = rel.replace("\\", "/").split("/")
+    if rel.startswith("/") or os.path.isabs(rel) or re.match(r"^[A-Za-z]:", rel):
+        raise ManifestError(f"{what} path {rel!r} is absolute; manifest paths must be relative to the root")
+    if any(p in ("..",) for p in parts) or any(p == "" for p in parts):
+        raise ManifestError(
+            f"{what} path {rel!r} escapes the manifest root (it has '..' or empty components)"
+        )
+    path = os.path.join(os.path.abspath(root), *parts)
+    _check_real(root, path, what)
+    return path
+
+
+def _check_real(root: str, path: str, what: str) -> None:
+    real_root = os.path.realpath(root)
+    real = os.path.realpath(path)
+    if os.path.commonpath([real_root, real]) != real_root:
+        raise ManifestError(
+            f"{what} {path} resolves to {real}, outside the manifest root {real_root} (a symlink "
+            "pointing out of the root); copy the file under the root or choose a root that contains it"
+        )

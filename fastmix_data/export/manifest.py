@@ -1,0 +1,763 @@
+"""The shard-sampling manifest: what a mixture serves, per shard, computed from the plan alone.
+
+Design problem: a team wants to know (or hand to another trainer) exactly which shards a mixture
+uses, how much of each and how often, for a budget of billions of tokens over thousands of shards,
+without reading the shards and without replaying billions of positions.
+
+Solution: the plan numbers each source's draws across the whole weight history, so the first n
+positions use draws 0..D_k-1 of source k, where D_k = ``plan.draws_before(n)`` costs
+O(#segments * K log K). Draws run through whole shuffled epochs, so D_k // N_k full epochs take every
+item once and the last, partial epoch takes the first D_k % N_k items in that epoch's shard order:
+every shard's take follows in O(#shards) (``shard_takes``). Only the cached shard index is read (rows,
+tokens, bytes, sha256). The format is documented in docs/manifest.md.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from fastmix_data.errors import ManifestError, WeightsError
+from fastmix_data.export._util import (
+    canonical_json,
+    join_inside,
+    parse_budget,
+    relative_inside,
+    sha256_file,
+    write_json_atomic,
+)
+from fastmix_data.plan.order import SourceOrder
+from fastmix_data.plan.planner import Exhaustion, MixturePlan, WeightChange
+from fastmix_data.plan.weights import UNITS, normalize_weights, to_item_units
+from fastmix_data.sources import open_source
+from fastmix_data.sources.base import Source
+from fastmix_data.sources.safety import is_pipe
+
+FORMAT = "fastmix_data/manifest"
+VERSION = 1
+VERIFY = ("none", "size", "sha256")
+
+_TOP_FIELDS = (
+    "format", "version", "fingerprint", "root", "seed", "shuffle", "mode", "weight_units", "budget",
+    "weights", "history", "sources",
+)  # fmt: skip
+_SOURCE_FIELDS = ("name", "format", "reader", "columns", "exhaustion", "shards")
+_SHARD_FIELDS = ("path", "rows", "tokens", "bytes", "sha256", "items", "take", "take_tokens", "epochs")
+_HISTORY_FIELDS = ("version", "position", "weights")
+
+
+# --------------------------------------------------------------------------------------- counting
+def shard_takes(order: SourceOrder, draws: int) -> tuple[np.ndarray, np.ndarray]:
+    """Items taken from each shard, and epochs touching it, by a source's first ``draws`` draws.
+
+    Exact, in O(#shards): ``draws // N`` whole epochs take every item once; the last partial epoch
+    takes its first ``draws % N`` items in that epoch's shard order. ``epochs[s]`` is the number of
+    epochs that take at least one item of shard s, which is also the most times any one item of s
+    is served (an epoch serves each item at most once).
+
+    Returns:
+        (take, epochs): int64 arrays, one entry per shard.
+    """
+    sizes = order.sizes
+    take = np.zeros(len(sizes), dtype=np.int64)
+    epochs = np.zeros(len(sizes), dtype=np.int64)
+    if draws <= 0 or order.total == 0:
+        return take, epochs
+    full, rest = divmod(int(draws), int(order.total))
+    take += full * sizes
+    epochs[sizes > 0] = full
+    if rest:
+        visit = order.shard_order(full)
+        ends = np.cumsum(sizes[visit])
+        got = np.clip(rest - (ends - sizes[visit]), 0, sizes[visit])
+        take[visit] += got
+        epochs[visit] += got > 0
+    return take, epochs
+
+
+def plan_counts(plan: MixturePlan, n: int, chunk: int = 1 << 20) -> list[np.ndarray]:
+    """Per source, items taken from each shard at positions [0, n), by planning every position.
+
+    The slow, obviously-correct cross-check of :func:`shard_takes` (vectorised: numpy over chunks of
+    ``chunk`` positions and ``np.add.at`` over (source, shard)).
+    """
+    offsets = np.cumsum([0] + [len(o.sizes) for o in plan.orders])
+    counts = np.zeros(int(offsets[-1]), dtype=np.int64)
+    for start in range(0, n, chunk):
+        sl = plan.plan(start, min(n, start + chunk))
+        np.add.at(counts, offsets[sl.source] + sl.shard, 1)
+    return [counts[offsets[k] : offsets[k + 1]] for k in range(len(plan.orders))]
+
+
+# --------------------------------------------------------------------------------------- fingerprint
+def fingerprint_core(manifest: Mapping[str, Any]) -> dict:
+    """Everything that determines the plan, in canonical form (what the fingerprint hashes)."""
+    return {
+        "format": FORMAT,
+        "version": VERSION,
+        "seed": int(manifest["seed"]),
+        "shuffle": bool(manifest["shuffle"]),
+        "mode": _mode_core(manifest["mode"]),
+        "limit": int(manifest["budget"]["items"]),
+        "history": [[int(h["position"]), [float(w) for w in h["weights"]]] for h in manifest["history"]],
+        "sources": [
+            {
+                "name": s["name"],
+                "format": s["format"],
+                "columns": s["columns"],
+                "exhaustion": s["exhaustion"],
+                "shards": [
+                    [
+                        sh["path"],
+                        int(sh["rows"]),
+                        sh["tokens"],
+                        int(sh["bytes"]),
+                        sh["sha256"],
+                        int(sh["items"]),
+                    ]
+                    for sh in s["shards"]
+                ],
+            }
+            for s in manifest["sources"]
+        ],
+    }
+
+
+def _mode_core(mode: Mapping[str, Any]) -> dict:
+    # The tokenizer decides packed sequences; in sample mode items are rows whatever the tokenizer.
+    if mode.get("kind") == "packing":
+        return {"kind": "packing", "seq_len": int(mode["seq_len"]), "tokenizer": mode.get("tokenizer")}
+    return {"kind": mode.get("kind")}
+
+
+def plan_fingerprint(manifest: Mapping[str, Any]) -> str:
+    """Hex sha256 of :func:`fingerprint_core` (the root and the requested weights are not part of it)."""
+    return hashlib.sha256(canonical_json(fingerprint_core(manifest))).hexdigest()
+
+
+# --------------------------------------------------------------------------------------- building
+def _open_sources(sources: Mapping[str, Any], options: Mapping[str, Any]) -> tuple[list[Source], list[dict]]:
+    opened, reader_opts = [], []
+    for name, spec in sources.items():
+        if isinstance(spec, Source) and not isinstance(spec, (str, list, dict)):
+            opened.append(spec)
+            reader_opts.append(_reader_options_of(spec))
+            continue
+        kw = dict(options)
+        if isinstance(spec, Mapping):
+            if "path" not in spec:
+                raise ManifestError(f"source {name!r}: a dict spec needs a 'path' (directory, glob or list)")
+            kw.update({k: v for k, v in spec.items() if k != "path"})
+            spec = spec["path"]
+        opened.append(open_source(name, spec, **kw))
+        reader_opts.append(
+            {
+                "text_field": kw.get("text_field", "text"),
+                "ids_field": kw.get("ids_field", "input_ids"),
+                "extra_fields": list(kw.get("extra_fields", ())),
+                **({"format": kw["format"]} if kw.get("format") else {}),
+            }
+        )
+    return opened, reader_opts
+
+
+def _exhaustion(spec: Any, name: str) -> Exhaustion:
+    if spec is None:
+        out = Exhaustion()
+    elif isinstance(spec, Exhaustion):
+        out = spec
+    elif isinstance(spec, str):
+        out = Exhaustion(spec)
+    elif isinstance(spec, Mapping):
+        out = Exhaustion(spec.get("policy", "repeat"), spec.get("max_epochs"))
+    else:
+        raise ManifestError(f"source {name!r}: exhaustion must be a policy name or a dict, got {spec!r}")
+    try:
+        out.validate(name)
+    except ValueError as exc:
+        raise ManifestError(str(exc)) from None
+    return out
+
+
+def _item_sources(sources: Sequence[Source], seed: int, seq_len: int | None, tokenizer: Any, shuffle: bool):
+    from fastmix_data.stream.items import ItemSource  # same items per shard as the live stream
+
+    return [ItemSource(s, seed, seq_len, tokenizer, 1, shuffle) for s in sources]
+
+
+def _history(
+    names: list[str], weights: Any, history: Sequence[Any] | None, units: str, tpi: np.ndarray
+) -> list[dict]:
+    """Version-0 weights plus later changes, as manifest history entries (item-unit weights)."""
+
+    def entry(version: int, position: int, requested: np.ndarray | None, item_w: np.ndarray) -> dict:
+        return {
+            "version": version,
+            "position": int(position),
+            "weights": [float(x) for x in item_w],
+            "requested": None if requested is None else {n: float(x) for n, x in zip(names, requested)},
+            "units": units,
+        }
+
+    def convert(change: Any, version: int) -> dict:
+        if isinstance(change, WeightChange):
+            w = np.asarray(change.weights, dtype=np.float64)
+            return entry(version, change.position, None, w / w.sum())
+        if not isinstance(change, Mapping) or "position" not in change or "weights" not in change:
+            raise ManifestError(
+                f"weight history entry {version} must have 'position' and 'weights', got {change!r}"
+            )
+        if "requested" in change and change["requested"] is not None:  # a stream-state history entry
+            item_w = np.asarray(change["weights"], dtype=np.float64)
+            if len(item_w) != len(names):
+                raise WeightsError(
+                    f"history entry at position {change['position']} has {len(item_w)} weights for {names}"
+                )
+            return entry(version, change["position"], normalize_weights(change["requested"], names), item_w)
+        req = normalize_weights(change["weights"], names)
+        return entry(version, change["position"], req, to_item_units(req, units, tpi))
+
+    changes = list(history or [])
+    out: list[dict] = []
+    if not changes or int(_position(changes[0])) != 0:
+        if weights is None:
+            raise WeightsError("give weights (or a history whose first entry is at position 0)")
+        req = normalize_weights(weights, names)
+        out.append(entry(0, 0, req, to_item_units(req, units, tpi)))
+    for change in changes:
+        e = convert(change, len(out))
+        if out and e["position"] <= out[-1]["position"]:
+            raise WeightsError(
+                f"weight history positions must increase: {e['position']} after {out[-1]['position']}"
+            )
+        out.append(e)
+    return out
+
+
+def _position(change: Any) -> int:
+    return change.position if isinstance(change, WeightChange) else int(change.get("position", -1))
+
+
+def _plan(names, items_per_shard, seed, history: list[dict], policies, shuffle, limit) -> MixturePlan:
+    changes = [WeightChange(h["version"], h["position"], tuple(h["weights"])) for h in history]
+    return MixturePlan(
+        list(names), [list(x) for x in items_per_shard], seed, changes, list(policies), shuffle, limit
+    )
+
+
+def _shard_token_rates(items: Sequence[Any], seq_len: int | None) -> list[np.ndarray]:
+    """Per source and shard, tokens per item (exact in packing mode, the shard's mean otherwise)."""
+    rates = []
+    for it in items:
+        sizes = np.asarray(it.items_per_shard, dtype=np.float64)
+        if seq_len is not None:
+            rates.append(np.full(len(sizes), float(seq_len + 1)))
+        else:
+            rates.append(
+                np.where(sizes > 0, np.asarray(it.shard_tokens, dtype=np.float64) / np.maximum(sizes, 1), 0.0)
+            )
+    return rates
+
+
+def _planned_tokens(plan: MixturePlan, rates: list[np.ndarray], n: int) -> float:
+    draws = plan.draws_before(n)
+    return float(sum(shard_takes(o, int(d))[0] @ r for o, d, r in zip(plan.orders, draws, rates)))
+
+
+def _items_for_tokens(plan: MixturePlan, rates: list[np.ndarray], tokens: int) -> int:
+    """Smallest n whose planned tokens (per shard: items taken times tokens per item) reach ``tokens``."""
+
+    def reached(n: int) -> bool:
+        return _planned_tokens(plan, rates, n) >= tokens
+
+    plan.segments()
+    top = max((float(r.max()) for r in rates if len(r)), default=0.0)
+    hi = max(1, int(tokens / max(top, 1e-9)))
+    while not reached(hi):
+        if plan.end is not None and hi >= plan.end:
+            return plan.end
+        if hi > 1 << 62:
+            raise ManifestError(f"a budget of {tokens} tokens cannot be reached: the sources hold no tokens")
+        hi *= 2
+    lo = 0
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if reached(mid):
+            hi = mid
+        else:
+            lo = mid + 1
+    return lo
+
+
+def build_manifest(
+    sources: Mapping[str, Any],
+    weights: Mapping[str, float] | Sequence[float] | None,
+    budget: str | int = "1M_samples",
+    *,
+    root: str | os.PathLike | None = None,
+    seed: int = 0,
+    seq_len: int | None = None,
+    weight_units: str = "samples",
+    exhaustion: Mapping[str, Any] | None = None,
+    history: Sequence[Any] | None = None,
+    shuffle: bool = True,
+    tokenizer: Any = None,
+    eos_id: int | None = None,
+    **source_options: Any,
+) -> dict:
+    """The manifest of a mixture over a budget, from the plan and the cached shard index only.
+
+    Args:
+        sources: {name: directory | glob | list of paths | {"path": ..., reader options} | Source}.
+        weights: the initial mixture {name: weight} in ``weight_units`` (None when ``history``
+            starts at position 0).
+        budget: "10B_tokens", "1M_samples" ("sequences"/"items" are synonyms) or an int of items.
+            A token budget becomes the smallest item count whose planned tokens reach it (exact in
+            packing mode; with each source's mean tokens per sample in sample mode).
+        root: directory that contains every shard; manifest paths are relative to it (default: the
+            deepest common directory of all shards).
+        seed, seq_len, weight_units, exhaustion, shuffle, tokenizer, eos_id: as for MixtureStream.
+        history: later weight changes, each {"position": item position, "weights": {...}} in
+            ``weight_units`` (or stream-state history entries, or `WeightChange` in item units); a
+            first entry at position 0 replaces ``weights``.
+        source_options: reader options for every source (text_field, ids_field, cache_dir, ...).
+
+    Returns:
+        The manifest dict (see docs/manifest.md); write it with :func:`write_manifest`.
+
+    Raises:
+        ManifestError: a shard outside ``root`` (or a symlink pointing outside), a pipe: source,
+            a bad budget or exhaustion policy. WeightsError / SourceError as for MixtureStream.
+    """
+    from fastmix_data.stream.tokenize import as_tokenizer
+
+    if not sources:
+        raise ManifestError("a manifest needs at least one source")
+    if weight_units not in UNITS:
+        raise WeightsError(f"unknown weight_units {weight_units!r}; use one of {UNITS}")
+    if seq_len is not None and seq_len < 1:
+        raise ManifestError(f"seq_len must be >= 1, got {seq_len}")
+    exhaustion = dict(exhaustion or {})
+    unknown = sorted(set(exhaustion) - set(sources))
+    if unknown:
+        raise ManifestError(f"exhaustion names unknown sources {unknown}; sources are {list(sources)}")
+    units, amount = parse_budget(budget)
+    opened, reader_opts = _open_sources(sources, source_options)
+    tok = as_tokenizer(tokenizer, eos_id)
+    items = _item_sources(opened, seed, seq_len, tok, shuffle)
+    names = list(sources)
+    tpi = np.array([it.mean_tokens_per_item() for it in items], dtype=np.float64)
+    hist = _history(names, weights, history, weight_units, tpi)
+    policies = [_exhaustion(exhaustion.get(n), n) for n in names]
+    per_shard = [it.items_per_shard for it in items]
+    if units == "tokens":
+        if seq_len is not None:
+            limit = -(-amount // (seq_len + 1))
+        else:
+            plan = _plan(names, per_shard, seed, hist, policies, shuffle, None)
+            limit = _items_for_tokens(plan, _shard_token_rates(items, None), amount)
+    else:
+        limit = amount
+    budget_info = {
+        "requested": budget if isinstance(budget, str) else int(budget),
+        "units": units,
+        "amount": amount,
+    }
+    return assemble(
+        opened, items, names, root=root, seed=seed, shuffle=shuffle, seq_len=seq_len,
+        tokenizer=tok.fingerprint(), weight_units=weight_units, policies=policies, history=hist,
+        limit=limit, budget=budget_info, reader_options=reader_opts,
+    )  # fmt: skip
+
+
+def manifest_from_stream(stream: Any, batches_served: int | None = None, *, root: str | None = None) -> dict:
+    """The manifest of what ``stream`` served in its first ``batches_served`` global batches.
+
+    Args:
+        stream: a MixtureStream (its sources, seed, history and policies are used as they are).
+        batches_served: global batches (each ``batch_size * world_size`` items); default: the
+            batches the stream has consumed (``stream.stats()["batches"]``).
+        root: as for :func:`build_manifest`.
+    """
+    plan = stream.manifest_plan()
+    if batches_served is None:
+        batches_served = int(stream.stats()["batches"])
+    if batches_served < 0:
+        raise ManifestError(f"batches_served must be >= 0, got {batches_served}")
+    limit = int(batches_served) * stream.global_batch_items
+    plan.segments()
+    if plan.end is not None:
+        limit = min(limit, plan.end)
+    history = [
+        {k: h.get(k) for k in ("version", "position", "weights", "requested", "units")}
+        for h in stream.history
+    ]
+    reader_opts = [_reader_options_of(s) for s in stream.sources]
+    budget_info = {
+        "requested": limit,
+        "units": "items",
+        "amount": limit,
+        "served": {
+            "batches": int(batches_served),
+            "batch_size": stream.batch_size,
+            "world_size": stream.world_size,
+        },
+    }
+    return assemble(
+        stream.sources, stream.items, stream.source_names, root=root, seed=stream.seed, shuffle=stream.shuffle,
+        seq_len=stream.seq_len, tokenizer=stream.tokenizer.fingerprint(), weight_units=stream.weight_units,
+        policies=stream.policies, history=history, limit=limit, budget=budget_info, reader_options=reader_opts,
+    )  # fmt: skip
+
+
+def _reader_options_of(source: Source) -> dict:
+    columns = getattr(source, "columns", None)
+    if columns is None:
+        return {}
+    return {"text_field": columns.text, "ids_field": columns.ids, "extra_fields": list(columns.extra)}
+
+
+def _columns_of(source: Source) -> dict:
+    columns = getattr(source, "columns", None)
+    if columns is None:
+        raise ManifestError(
+            f"source {source.name!r} does not say which columns it reads; open it with open_source"
+        )
+    return {"text": columns.text, "ids": columns.ids, "extra": list(columns.extra)}
+
+
+def assemble(
+    sources: Sequence[Source],
+    items: Sequence[Any],
+    names: Sequence[str],
+    *,
+    root: str | os.PathLike | None,
+    seed: int,
+    shuffle: bool,
+    seq_len: int | None,
+    tokenizer: str,
+    weight_units: str,
+    policies: Sequence[Exhaustion],
+    history: list[dict],
+    limit: int,
+    budget: dict,
+    reader_options: Sequence[dict],
+) -> dict:
+    """Compute the manifest dict from opened sources, their item counts and the plan's inputs."""
+    for src in sources:
+        pipes = [s.path for s in src.shards if is_pipe(s.path)]
+        if pipes:
+            raise ManifestError(
+                f"source {src.name!r} reads a pipe: URL ({pipes[0]}); manifests list local files only"
+            )
+    if root is None:
+        dirs = [os.path.dirname(s.path) for src in sources for s in src.shards]
+        root = os.path.commonpath(dirs)
+    root = os.path.abspath(os.fspath(root))
+    per_shard = [list(it.items_per_shard) for it in items]
+    plan = _plan(names, per_shard, seed, history, policies, shuffle, int(limit))
+    plan.segments()
+    n = int(plan.end if plan.end is not None else limit)
+    draws = plan.draws_before(n)
+    tpi = np.array([it.mean_tokens_per_item() for it in items], dtype=np.float64)
+    out_sources = []
+    take_items = np.zeros(len(names), dtype=np.int64)
+    take_tokens = np.zeros(len(names), dtype=np.float64)
+    rates = _shard_token_rates(items, seq_len)
+    for k, (src, it) in enumerate(zip(sources, items)):
+        take, epochs = shard_takes(plan.orders[k], int(draws[k]))
+        shard_tok = np.asarray(it.shard_tokens, dtype=np.float64)
+        sizes = np.asarray(it.items_per_shard, dtype=np.int64)
+        # packing: exact; samples: whole epochs exact, the partial epoch's share of a shard at its mean
+        tok_take = take * rates[k]
+        shards = []
+        for i, info in enumerate(src.shards):
+            shards.append(
+                {
+                    "path": relative_inside(root, info.path, f"shard of source {src.name!r}"),
+                    "rows": int(info.rows),
+                    "tokens": None if info.tokens is None else int(info.tokens),
+                    "bytes": int(info.bytes),
+                    "sha256": info.sha256,
+                    "items": int(sizes[i]),
+                    "take": int(take[i]),
+                    "take_tokens": int(round(float(tok_take[i]))),
+                    "epochs": int(epochs[i]),
+                }
+            )
+        take_items[k] = int(take.sum())
+        take_tokens[k] = float(tok_take.sum())
+        pol = policies[k]
+        out_sources.append(
+            {
+                "name": names[k],
+                "format": src.format,
+                "reader": dict(reader_options[k]),
+                "columns": _columns_of(src),
+                "exhaustion": {"policy": pol.policy, "max_epochs": pol.max_epochs},
+                "rows": int(sum(s.rows for s in src.shards)),
+                "tokens": int(shard_tok.sum()),
+                "bytes": int(sum(s.bytes for s in src.shards)),
+                "items": int(sizes.sum()),
+                "take": int(take_items[k]),
+                "take_tokens": int(round(take_tokens[k])),
+                "epochs": float(take_items[k] / max(int(sizes.sum()), 1)),
+                "shards": shards,
+            }
+        )
+    if int(take_items.sum()) != n:  # the closed form and the plan must agree; cheap to check
+        raise ManifestError(f"internal error: shard takes sum to {int(take_items.sum())}, plan has {n} items")
+    expected = np.zeros(len(names))
+    for seg in plan.segments():
+        hi = n if seg.end is None else min(n, seg.end)
+        if hi > seg.start:
+            expected += seg.weights * (hi - seg.start)
+    total_tok = max(float(take_tokens.sum()), 1.0)
+    exp_tok = expected * tpi
+    budget = dict(budget)
+    budget.update({"items": n, "tokens": int(round(take_tokens.sum())), "ended_early": bool(n < limit)})
+    if n < limit:
+        budget["limit_requested"] = int(limit)
+    manifest = {
+        "format": FORMAT,
+        "version": VERSION,
+        "fingerprint": "",
+        "root": root,
+        "seed": int(seed),
+        "shuffle": bool(shuffle),
+        "mode": {"kind": "samples"}
+        if seq_len is None
+        else {"kind": "packing", "seq_len": int(seq_len), "tokenizer": tokenizer},
+        "weight_units": weight_units,
+        "budget": budget,
+        "weights": {
+            "requested": history[-1]["requested"] if history[-1]["requested"] is not None else None,
+            "initial": history[0]["requested"],
+            "requested_items": {nm: float(x / max(n, 1)) for nm, x in zip(names, expected)},
+            "requested_tokens": {nm: float(x / max(exp_tok.sum(), 1.0)) for nm, x in zip(names, exp_tok)},
+            "realised_items": {nm: float(x / max(n, 1)) for nm, x in zip(names, take_items)},
+            "realised_tokens": {nm: float(x / total_tok) for nm, x in zip(names, take_tokens)},
+        },
+        "history": [dict(h) for h in history],
+        "sources": out_sources,
+    }
+    if seq_len is None:
+        manifest["mode"]["tokenizer"] = tokenizer
+    manifest["fingerprint"] = plan_fingerprint(manifest)
+    return manifest
+
+
+# --------------------------------------------------------------------------------------- reading / writing
+def write_manifest(manifest: Mapping[str, Any], path: str | os.PathLike) -> None:
+    """Write ``manifest`` as JSON atomically (temporary file, fsync, rename)."""
+    write_json_atomic(path, manifest)
+
+
+def _require(obj: Any, fields: Sequence[str], where: str, missing: list[str]) -> bool:
+    if not isinstance(obj, Mapping):
+        missing.append(f"{where} (not an object)")
+        return False
+    missing.extend(f"{where}.{f}" if where else f for f in fields if f not in obj)
+    return True
+
+
+def validate_manifest(manifest: Any, *, root: str | None = None, verify: str = "size") -> dict:
+    """Check a manifest dict: format, version, fields, names, paths, fingerprint, then the files.
+
+    Args:
+        root: use this root instead of the manifest's (a moved dataset); a relative manifest root
+            is resolved by :func:`read_manifest` against the manifest file's directory.
+        verify: "none" (structure only), "size" (every shard exists with its recorded size) or
+            "sha256" (and its bytes hash to the recorded digest).
+
+    Returns:
+        The manifest (a shallow copy, with ``root`` resolved).
+
+    Raises:
+        ManifestError: naming the wrong version, the missing fields, unknown or duplicate sources,
+            the escaping paths, or the shards whose size or checksum changed.
+    """
+    if verify not in VERIFY:
+        raise ManifestError(f"verify={verify!r}; use one of {VERIFY}")
+    if not isinstance(manifest, Mapping):
+        raise ManifestError(f"a manifest must be a JSON object, got {type(manifest).__name__}")
+    if manifest.get("format") != FORMAT:
+        raise ManifestError(
+            f"not a fastmix_data manifest (format {manifest.get('format')!r}, expected {FORMAT!r})"
+        )
+    if manifest.get("version") != VERSION:
+        raise ManifestError(
+            f"manifest version {manifest.get('version')!r} is not supported (this build reads version {VERSION}); "
+            "regenerate it with this version of fastmix_data"
+        )
+    for key, kind in (
+        ("sources", list),
+        ("history", list),
+        ("weights", Mapping),
+        ("budget", Mapping),
+        ("mode", Mapping),
+    ):
+        if key in manifest and not isinstance(manifest[key], kind):
+            raise ManifestError(
+                f"manifest field {key!r} must be a {'list' if kind is list else 'JSON object'}"
+            )
+    missing: list[str] = []
+    _require(manifest, _TOP_FIELDS, "", missing)
+    if isinstance(manifest.get("budget"), Mapping):
+        _require(manifest["budget"], ("items",), "budget", missing)
+    if isinstance(manifest.get("mode"), Mapping):
+        _require(manifest["mode"], ("kind",), "mode", missing)
+    for i, h in enumerate(manifest.get("history") or []):
+        _require(h, _HISTORY_FIELDS, f"history[{i}]", missing)
+    for i, src in enumerate(manifest.get("sources") or []):
+        where = f"sources[{i}]" + (
+            f"({src.get('name')})" if isinstance(src, Mapping) and "name" in src else ""
+        )
+        if _require(src, _SOURCE_FIELDS, where, missing):
+            for j, sh in enumerate(src.get("shards") or []):
+                _require(sh, _SHARD_FIELDS, f"{where}.shards[{j}]", missing)
+    if missing:
+        shown = ", ".join(missing[:20]) + (f" (and {len(missing) - 20} more)" if len(missing) > 20 else "")
+        raise ManifestError(f"manifest is missing fields: {shown}")
+    try:
+        return _check_contents(manifest, root, verify)
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise ManifestError(f"manifest has a malformed field ({type(exc).__name__}: {exc})") from None
+
+
+def _check_contents(manifest: Mapping[str, Any], root: str | None, verify: str) -> dict:
+    if not isinstance(manifest["root"], str):
+        raise ManifestError("manifest field 'root' must be a string")
+    if not manifest["sources"]:
+        raise ManifestError("manifest lists no sources")
+    names = [s["name"] for s in manifest["sources"]]
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+        raise ManifestError(f"manifest lists sources {dupes} more than once")
+    if not manifest["history"] or int(manifest["history"][0]["position"]) != 0:
+        raise ManifestError("manifest history must start with an entry at position 0")
+    for i, h in enumerate(manifest["history"]):
+        if len(h["weights"]) != len(names):
+            raise ManifestError(f"history[{i}] has {len(h['weights'])} weights for sources {names}")
+        for key in ("requested",):
+            if isinstance(h.get(key), Mapping) and set(h[key]) != set(names):
+                extra = sorted(set(h[key]) - set(names))
+                raise ManifestError(
+                    f"history[{i}].{key} names unknown sources {extra} (sources: {names})"
+                    if extra
+                    else f"history[{i}].{key} lacks sources {sorted(set(names) - set(h[key]))}"
+                )
+    for key, value in manifest["weights"].items():
+        if isinstance(value, Mapping):
+            extra = sorted(set(value) - set(names))
+            if extra:
+                raise ManifestError(
+                    f"weights.{key} names unknown sources {extra}; the manifest's sources are {names}"
+                )
+    out = dict(manifest)
+    out["root"] = os.path.abspath(root if root is not None else manifest["root"])
+    fp = plan_fingerprint(out)
+    if fp != manifest["fingerprint"]:
+        raise ManifestError(
+            f"manifest fingerprint {manifest['fingerprint']!r} does not match its contents ({fp}); it was edited "
+            "by hand or truncated — regenerate it rather than editing it"
+        )
+    problems: list[str] = []
+    for src in out["sources"]:
+        for sh in src["shards"]:
+            path = join_inside(out["root"], sh["path"], f"shard of source {src['name']!r}")
+            if verify == "none":
+                continue
+            try:
+                size = os.stat(path).st_size
+            except OSError:
+                problems.append(f"{path} (source {src['name']!r}) is missing")
+                continue
+            if size != sh["bytes"]:
+                problems.append(
+                    f"{path} (source {src['name']!r}) has {size} bytes, the manifest says {sh['bytes']}"
+                )
+            elif verify == "sha256" and sha256_file(path) != sh["sha256"]:
+                problems.append(
+                    f"{path} (source {src['name']!r}) has a different sha256 than the manifest records"
+                )
+    if problems:
+        shown = "; ".join(problems[:10]) + (f"; and {len(problems) - 10} more" if len(problems) > 10 else "")
+        raise ManifestError(
+            f"{len(problems)} shard(s) changed since the manifest was made: {shown}. Restore them, or "
+            "regenerate the manifest"
+        )
+    return out
+
+
+def read_manifest(path: str | os.PathLike, verify: str = "size", *, root: str | None = None) -> dict:
+    """Load and validate a manifest file (see :func:`validate_manifest`).
+
+    A relative ``root`` in the file is taken relative to the file's own directory.
+    """
+    path = os.fspath(path)
+    try:
+        with open(path, encoding="utf-8") as f:
+            obj = json.load(f)
+    except FileNotFoundError:
+        raise ManifestError(f"manifest {path} does not exist") from None
+    except (OSError, ValueError) as exc:
+        raise ManifestError(f"cannot read manifest {path}: {exc}") from None
+    if (
+        root is None
+        and isinstance(obj, Mapping)
+        and isinstance(obj.get("root"), str)
+        and not os.path.isabs(obj["root"])
+    ):
+        root = os.path.join(os.path.dirname(os.path.abspath(path)), obj["root"])
+    try:
+        return validate_manifest(obj, root=root, verify=verify)
+    except ManifestError as exc:
+        raise ManifestError(f"{path}: {exc}") from None
+
+
+def load_manifest(
+    manifest: str | os.PathLike | Mapping, verify: str = "size", root: str | None = None
+) -> dict:
+    """A validated manifest from a path or a dict."""
+    if isinstance(manifest, Mapping):
+        return validate_manifest(manifest, root=root, verify=verify)
+    return read_manifest(manifest, verify, root=root)
+
+
+def summary(manifest: Mapping[str, Any]) -> str:
+    """A short human-readable table of a manifest's composition."""
+    b = manifest["budget"]
+    lines = [
+        f"manifest {manifest['fingerprint'][:12]}  items {b['items']:,}  tokens ~{b['tokens']:,}  "
+        f"mode {manifest['mode']['kind']}  seed {manifest['seed']}",
+        f"{'source':<16}{'shards':>8}{'take':>14}{'epochs':>9}{'item share':>12}{'token share':>13}",
+    ]
+    w = manifest["weights"]
+    for s in manifest["sources"]:
+        lines.append(
+            f"{s['name']:<16}{len(s['shards']):>8}{s['take']:>14,}{s['epochs']:>9.2f}"
+            f"{w['realised_items'][s['name']]:>12.4f}{w['realised_tokens'][s['name']]:>13.4f}"
+        )
+    return "\n".join(lines)
+
+
+__all__ = [
+    "FORMAT",
+    "VERSION",
+    "build_manifest",
+    "load_manifest",
+    "manifest_from_stream",
+    "plan_counts",
+    "plan_fingerprint",
+    "read_manifest",
+    "shard_takes",
+    "summary",
+    "validate_manifest",
+    "write_manifest",
+]
