@@ -25,3 +25,12 @@ def streaming_module():
     from fastmix_data.sources.mds_compat import import_streaming
 
     return import_streaming()
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _one_torch_thread():
+    """One intra-op thread: on a 2-core CI box, tests with DataLoader workers and small models run
+    several times faster than with torch's default (and results do not depend on it)."""
+    import torch
+
+    torch.set_num_threads(1)

@@ -9,6 +9,7 @@ files. Nothing is read beyond directory listings and the two index files.
 from __future__ import annotations
 
 import glob
+import json
 import os
 import re
 from collections.abc import Sequence
@@ -54,6 +55,18 @@ def _mds_root_of(path: str) -> str:
         directory = parent
 
 
+def _is_mds_index(path: str) -> bool:
+    """True for an MDS ``index.json`` (version 2 with a shard list), not any file of that name."""
+    if not os.path.isfile(path):
+        return False
+    try:
+        with open(path) as f:
+            doc = json.load(f)
+    except (OSError, ValueError):
+        return True  # let the MDS reader report the broken index, naming the file
+    return isinstance(doc, dict) and "shards" in doc and doc.get("version") == 2
+
+
 class _Collector:
     def __init__(self, format: str | None):
         self.format = format
@@ -61,7 +74,7 @@ class _Collector:
         self.mds: dict[str, tuple[str, int]] = {}
 
     def add_dir(self, path: str) -> None:
-        if self.format in (None, "mds") and os.path.isfile(os.path.join(path, INDEX)):
+        if self.format == "mds" or (self.format is None and _is_mds_index(os.path.join(path, INDEX))):
             locations = mds_shard_locations(path)
             self.mds.update(locations)
             self.found += [("mds", p) for p in locations]
