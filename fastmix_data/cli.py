@@ -43,7 +43,8 @@ def _add_search_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--target", help="target shards (path or glob)")
     p.add_argument("--seq-len", type=int)
     p.add_argument("--batch-size", type=int)
-    p.add_argument("--method", help="fastmix (default), mixmin, aioli, doremi, stratified, natural, grid")
+    p.add_argument("--method", help="fastmix (default), mixmin, aioli, doremi, stratified, natural, grid "
+                   "(non-fastmix methods read Parquet targets; their options go under 'method_options')")
     p.add_argument("--out", help="output directory (default search_out)")
     p.add_argument("--manifest-out", help="also write the manifest of the final mixture here")
     p.add_argument("--manifest-budget", default="1B_tokens", help="budget of that manifest, e.g. 10B_tokens")
@@ -81,23 +82,30 @@ def cmd_search(args: argparse.Namespace) -> int:
         raise SystemExit("no sources: give --source NAME=PATH or 'sources:' in --config")
     if target is None:
         raise SystemExit("no target: give --target PATH or 'target:' in --config")
-    config = SearchConfig.from_dict(cfg)
-    stream = MixtureStream(sources, {n: 1.0 for n in sources}, batch_size=batch_size, seq_len=seq_len,
-                           seed=config.seed, **source_options)
-    tgt = target_batches(target, seq_len, batch_size, seed=config.seed)
     if method == "fastmix":
-        result = run_search(stream, tgt, config, out_dir=out)
-        weights = result.weights
+        config = SearchConfig.from_dict(cfg)
+        seed = config.seed
+        stream = MixtureStream(sources, {n: 1.0 for n in sources}, batch_size=batch_size, seq_len=seq_len,
+                               seed=config.seed, **source_options)
+        tgt = target_batches(target, seq_len, batch_size, seed=config.seed)
+        weights = run_search(stream, tgt, config, out_dir=out).weights
     else:
         from fastmix_data.search.methods import run_method
 
-        result = run_method(method, stream, tgt, config, out_dir=out, **method_options)
-        weights = result.weights
+        # Other methods share one config layout (fastmix_data.search.methods): the stream shape and
+        # budget go to "train"; method-specific fields come from method_options.
+        train = {"seq_len": seq_len, "batch_size": batch_size}
+        for key in ("model", "seed", "max_tokens", "lr", "device"):
+            if key in cfg:
+                train[key] = cfg[key]
+        seed = int(train.get("seed", 0))
+        method_cfg = {"train": train, "progress": bool(cfg.get("progress", True)), **method_options}
+        weights = run_method(method, sources, target, method_cfg, out_dir=out).weights
     print(json.dumps({"weights": weights, "out": str(out)}, indent=2))
     if args.manifest_out:
         from fastmix_data.export.manifest import build_manifest, write_manifest
 
-        manifest = build_manifest(sources, weights, args.manifest_budget, root=_common_root(sources), seed=config.seed,
+        manifest = build_manifest(sources, weights, args.manifest_budget, root=_common_root(sources), seed=seed,
                                   seq_len=seq_len, weight_units="tokens")
         write_manifest(manifest, args.manifest_out)
         print(f"manifest written to {args.manifest_out}")

@@ -62,3 +62,14 @@ def test_demo_end_to_end(tmp_path, capsys):
     assert summary["job_stream"]["weight_updates"] >= 1 and summary["job_stream"]["batches_served"] >= 2
     assert (tmp_path / "demo" / "search" / "trajectory.png").exists()
     assert "fastmix-data demo" in capsys.readouterr().out
+
+
+def test_search_other_method_from_the_same_entry_point(tiny):
+    out = tiny / "nat"
+    rc = main(["search", "--source", f"a={tiny / 'a'}", "--source", f"b={tiny / 'b' / '*.tar'}",
+               "--target", str(tiny / "t"), "--method", "natural", "--seq-len", "32", "--batch-size", "4",
+               "--out", str(out)])
+    assert rc == 0
+    weights = json.loads((out / "weights.json").read_text())
+    weights = weights.get("weights", weights)
+    assert set(weights) == {"a", "b"}
