@@ -37,6 +37,7 @@ log = logging.getLogger(__name__)
 
 STATE_FORMAT = "fastmix_data/stream-state"
 STATE_VERSION = 1
+PLAN_AHEAD = 64  # global batches planned per call of the planner
 
 
 def _open_all(sources: Mapping[str, Any], **opts) -> list[Source]:
@@ -211,12 +212,16 @@ class MixtureStream(torch.utils.data.IterableDataset):
             g = self._next_batch + worker
         self._resume_cursor = None
         in_main = torch.utils.data.get_worker_info() is None
+        chunk = None  # (first position, end position, PlanSlice) of planned-ahead global batches
         while True:
             changed = self.channel.claim(g)
             if changed is not None:
                 self._set_history(changed)
+                chunk = None
             n0 = g * self.global_batch_items + self.rank * self.batch_size
-            sl = self.plan.plan(n0, n0 + self.batch_size)
+            if chunk is None or not chunk[0] <= n0 < chunk[1] - self.batch_size + 1:
+                chunk = self._plan_chunk(g)
+            sl = _slice(chunk[2], n0 - chunk[0], self.batch_size)
             if len(sl.position) < self.batch_size:
                 return
             batch = self._materialise(sl, g)
@@ -226,13 +231,28 @@ class MixtureStream(torch.utils.data.IterableDataset):
             g += workers
             yield batch
 
+    def _plan_chunk(self, g: int) -> tuple[int, int, PlanSlice]:
+        """Plan PLAN_AHEAD global batches from batch g at once (planning has a fixed cost per call).
+
+        Planned-ahead batches stay valid because a weight change only ever takes effect after every
+        batch claimed so far, and a change seen at claim time drops the chunk."""
+        start = g * self.global_batch_items
+        end = start + PLAN_AHEAD * self.global_batch_items
+        return start, end, self.plan.plan(start, end)
+
     def _materialise(self, sl: PlanSlice, batch_index: int) -> dict:
         n = len(sl.position)
+        # The per-item integers are rows of ONE tensor: a DataLoader worker ships each tensor
+        # storage through its own shared-memory segment (~0.4 ms each), views share one.
+        meta = torch.empty((5, n), dtype=torch.int64)
+        for row, values in enumerate((sl.source, sl.shard, sl.item, sl.epoch)):
+            meta[row] = torch.from_numpy(values)
         out: dict[str, Any] = {
-            "source": torch.from_numpy(sl.source.copy()),
-            "shard": torch.from_numpy(sl.shard.copy()),
-            "item": torch.from_numpy(sl.item.copy()),
-            "epoch": torch.from_numpy(sl.epoch.copy()),
+            "source": meta[0],
+            "shard": meta[1],
+            "item": meta[2],
+            "epoch": meta[3],
+            "num_tokens": meta[4],
             "batch_index": batch_index,
             "weight_version": int(sl.version.max()) if n else -1,
         }
@@ -244,7 +264,7 @@ class MixtureStream(torch.utils.data.IterableDataset):
                 tokens[idx], starts[idx] = self.items[src].sequences(epoch, shard, sl.item[idx])
             out["tokens"] = torch.from_numpy(tokens)
             out["doc_start"] = torch.from_numpy(starts)
-            out["num_tokens"] = torch.full((n,), self.seq_len + 1, dtype=torch.int64)
+            meta[4] = self.seq_len + 1
             return out
         texts: list | None = None
         ids: list | None = None
@@ -258,7 +278,7 @@ class MixtureStream(torch.utils.data.IterableDataset):
             if rows.ids is not None:
                 ids = ids if ids is not None else [None] * n
                 for i, t in zip(idx, rows.ids):
-                    ids[i] = torch.from_numpy(np.asarray(t, dtype=np.int64))
+                    ids[i] = np.asarray(t, dtype=np.int64)
             for key, vals in rows.extra.items():
                 col = extra.setdefault(key, [None] * n)
                 for i, v in zip(idx, vals):
@@ -266,12 +286,15 @@ class MixtureStream(torch.utils.data.IterableDataset):
         if texts is not None:
             out["text"] = texts
         if ids is not None:
-            out["input_ids"] = ids
+            lengths = [len(x) for x in ids]
+            # views of one flat tensor: one shared-memory segment per batch, not one per row
+            out["input_ids"] = list(torch.from_numpy(np.concatenate(ids)).split(lengths))
+            meta[4] = torch.tensor(lengths, dtype=torch.int64)
         out.update(extra)
-        if ids is not None:
-            out["num_tokens"] = torch.tensor([0 if x is None else len(x) for x in ids], dtype=torch.int64)
-        elif texts is not None:
-            out["num_tokens"] = torch.tensor([0 if t is None else len(t.encode()) + 1 for t in texts], dtype=torch.int64)
+        if ids is None and texts is not None:
+            meta[4] = torch.tensor([0 if t is None else len(t.encode()) + 1 for t in texts], dtype=torch.int64)
+        elif ids is None:
+            meta[4] = 0
         return out
 
     # ------------------------------------------------------------------------------ live weights
@@ -481,16 +504,22 @@ class TrackedLoader:
             yield batch
 
 
+def _slice(sl: PlanSlice, offset: int, n: int) -> PlanSlice:
+    """Positions [offset, offset + n) of a planned chunk."""
+    end = offset + n
+    return PlanSlice(sl.position[offset:end], sl.source[offset:end], sl.draw[offset:end], sl.epoch[offset:end],
+                     sl.shard[offset:end], sl.item[offset:end], sl.version[offset:end], ended=sl.ended)
+
+
 def _groups(sl: PlanSlice):
-    """Positions grouped by (source, epoch, shard), in first-appearance order."""
-    key = np.stack([sl.source, sl.epoch, sl.shard], axis=1)
-    uniq, inverse = np.unique(key, axis=0, return_inverse=True)
-    inverse = inverse.reshape(-1)
-    order = np.argsort(inverse, kind="stable")
-    bounds = np.searchsorted(inverse[order], np.arange(len(uniq) + 1))
-    for u in range(len(uniq)):
-        idx = order[bounds[u] : bounds[u + 1]]
-        yield (int(uniq[u][0]), int(uniq[u][1]), int(uniq[u][2])), idx
+    """Positions grouped by (source, epoch, shard): one int64 key per position, sorted once."""
+    key = (sl.source << 52) | (sl.epoch << 32) | sl.shard  # sources < 2^11, epochs < 2^20, shards < 2^32
+    order = np.argsort(key, kind="stable")
+    sorted_key = key[order]
+    cuts = np.flatnonzero(np.diff(sorted_key)) + 1
+    for idx in np.split(order, cuts):
+        k = int(key[idx[0]])
+        yield (k >> 52, (k >> 32) & 0xFFFFF, k & 0xFFFFFFFF), idx
 
 
 def _diff(saved: Mapping, now: Mapping) -> str:
