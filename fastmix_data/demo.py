@@ -89,7 +89,7 @@ def run_demo(out: str | Path = "demo_out", *, max_tokens: int = 1_500_000, seq_l
     except ImportError:  # exporters not installed in this build
         log.warning("fastmix_data.export is unavailable; no manifest written")
 
-    planted_tokens = target_info.get("proportions_by_bytes", planted)
+    planted_tokens = target_info.get("byte_proportions", planted)
     l1 = lambda w: sum(abs(w.get(d, 0.0) - planted_tokens.get(d, 0.0)) for d in domains)  # noqa: E731
     summary = {
         "domains": domains,
