@@ -1,0 +1,262 @@
+"""Shared helpers for the benchmarks: machine description, library versions, timing statistics,
+Markdown tables.
+
+Every benchmark in this folder reports the machine it ran on, the exact command and the versions of
+the libraries it compares, and repeats each measurement; these helpers keep that uniform.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import importlib.metadata
+import os
+import platform
+import shlex
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+
+
+# --------------------------------------------------------------------------------- machine / env
+def _lscpu() -> dict[str, str]:
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True, timeout=10).stdout
+    except (OSError, subprocess.SubprocessError):
+        return {}
+    info = {}
+    for line in out.splitlines():
+        key, sep, value = line.partition(":")
+        if sep:
+            info[key.strip()] = value.strip()
+    return info
+
+
+def _mem_total_gib() -> float | None:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemTotal:"):
+                    return int(line.split()[1]) / (1024 * 1024)
+    except OSError:
+        pass
+    return None
+
+
+def machine_info() -> dict[str, str]:
+    """CPU model, logical cores usable by this process, RAM, OS, Python."""
+    cpu = _lscpu()
+    mem = _mem_total_gib()
+    try:
+        usable = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        usable = os.cpu_count() or 0
+    return {
+        "cpu": cpu.get("Model name", platform.processor() or "unknown"),
+        "cores": f"{usable} usable (lscpu: {cpu.get('CPU(s)', '?')} CPU(s), "
+        f"{cpu.get('Thread(s) per core', '?')} thread(s)/core)",
+        "ram": f"{mem:.1f} GiB" if mem is not None else "unknown",
+        "os": f"{platform.system()} {platform.release()}",
+        "python": f"{platform.python_implementation()} {platform.python_version()}",
+    }
+
+
+def versions(distributions: Sequence[str]) -> dict[str, str]:
+    """Installed version of each distribution (``"not installed"`` when absent)."""
+    out = {}
+    for name in distributions:
+        try:
+            out[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            out[name] = "not installed"
+    return out
+
+
+def git_revision(path: str = ".", subdir: str | None = None) -> str:
+    """Short HEAD commit of the checkout at ``path``, with ``+dirty`` when the tree (or only ``subdir``,
+    when given) has uncommitted changes; with ``subdir`` also the last commit that touched it.
+    ``unknown`` outside a git checkout. Call it when a run *starts*: others may commit meanwhile."""
+
+    def git(*args: str) -> str:
+        return subprocess.run(
+            ["git", "-C", path, *args], capture_output=True, text=True, check=True, timeout=10
+        ).stdout.strip()
+
+    try:
+        rev = git("rev-parse", "--short", "HEAD")
+        dirty = git("status", "--porcelain", *([subdir] if subdir else []))
+        out = rev + ("+dirty" if dirty else "")
+        if subdir:
+            last = git("log", "-1", "--format=%h", "--", subdir)
+            out = f"{out} ({subdir}: last changed in {last}{', uncommitted changes' if dirty else ', clean'})"
+        return out
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def command_line() -> str:
+    """The command that started this process, shell-quoted."""
+    return "python " + " ".join(shlex.quote(a) for a in sys.argv)
+
+
+def today() -> str:
+    return _dt.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")
+
+
+# --------------------------------------------------------------------------------- machine load
+def _cpu_times() -> tuple[int, int] | None:
+    try:
+        with open("/proc/stat") as f:
+            fields = [int(x) for x in f.readline().split()[1:]]
+    except (OSError, ValueError):
+        return None
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
+    return sum(fields), idle
+
+
+def cpu_busy(interval: float = 0.5) -> float:
+    """Fraction of all CPUs busy over ``interval`` seconds (0..1; NaN where /proc/stat is missing).
+
+    Call it while this process is idle to see how much *other* work the machine is doing."""
+    a = _cpu_times()
+    time.sleep(interval)
+    b = _cpu_times()
+    if a is None or b is None or b[0] == a[0]:
+        return float("nan")
+    return 1.0 - (b[1] - a[1]) / (b[0] - a[0])
+
+
+def wait_for_quiet(threshold: float = 0.25, timeout: float = 120.0, interval: float = 0.5) -> float:
+    """Wait (up to ``timeout`` s) until other processes use at most ``threshold`` of the CPUs; return
+    the last busy fraction seen, so a report can say how quiet the machine was before a measurement."""
+    deadline = time.monotonic() + timeout
+    busy = cpu_busy(interval)
+    while busy > threshold and time.monotonic() < deadline:
+        busy = cpu_busy(interval)
+    return busy
+
+
+def _process_tree_cpu() -> float:
+    """CPU seconds used so far by this process (all threads), its reaped children, and its live
+    descendants (e.g. DataLoader workers)."""
+    t = os.times()
+    total = t.user + t.system + t.children_user + t.children_system
+    me = os.getpid()
+    parents: dict[int, int] = {}
+    cpu: dict[int, float] = {}
+    tick = os.sysconf("SC_CLK_TCK")
+    for entry in os.listdir("/proc") if os.path.isdir("/proc") else ():
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                rest = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        pid = int(entry)
+        parents[pid] = int(rest[1])
+        cpu[pid] = (int(rest[11]) + int(rest[12])) / tick
+    for pid in cpu:
+        p, seen = parents.get(pid), 0
+        while p and p != me and seen < 64:
+            p, seen = parents.get(p), seen + 1
+        if p == me and pid != me:
+            total += cpu[pid]
+    return total
+
+
+class OtherLoad:
+    """Measures how much CPU *other* processes used during a block: system busy time minus this
+    process tree's CPU time, as a fraction of all CPUs. ``with OtherLoad() as load: ...; load.fraction``."""
+
+    def __enter__(self) -> OtherLoad:
+        self._sys = _cpu_times()
+        self._own = _process_tree_cpu()
+        self._t = time.perf_counter()
+        self.fraction = float("nan")
+        return self
+
+    def stop(self) -> float:
+        """End the measurement now (before worker processes exit); return the fraction."""
+        sys_now, own_now = _cpu_times(), _process_tree_cpu()
+        if self._sys is None or sys_now is None or sys_now[0] == self._sys[0]:
+            return self.fraction
+        total = sys_now[0] - self._sys[0]
+        busy = total - (sys_now[1] - self._sys[1])
+        tick = os.sysconf("SC_CLK_TCK")
+        self.fraction = max(0.0, (busy / tick - (own_now - self._own)) / (total / tick))
+        return self.fraction
+
+    def __exit__(self, *exc) -> None:
+        if not self.fraction == self.fraction:  # NaN: not stopped yet
+            self.stop()
+
+
+# --------------------------------------------------------------------------------- statistics
+@dataclass(frozen=True)
+class Summary:
+    """min / median / max of repeated measurements."""
+
+    min: float
+    median: float
+    max: float
+    n: int
+
+    @classmethod
+    def of(cls, values: Iterable[float]) -> Summary:
+        vals = sorted(float(v) for v in values)
+        if not vals:
+            return cls(float("nan"), float("nan"), float("nan"), 0)
+        return cls(vals[0], statistics.median(vals), vals[-1], len(vals))
+
+    def fmt(self, scale: float = 1.0, digits: int = 0) -> str:
+        """``median (min–max)`` after dividing by ``scale``."""
+        if self.n == 0:
+            return "–"
+        f = f"{{:,.{digits}f}}"
+        med = f.format(self.median / scale)
+        if self.n == 1:
+            return med
+        return f"{med} ({f.format(self.min / scale)}–{f.format(self.max / scale)})"
+
+
+class Timer:
+    """``with Timer() as t: ...``; then ``t.seconds`` (perf_counter wall time)."""
+
+    def __enter__(self) -> Timer:
+        self.start = time.perf_counter()
+        self.seconds = float("nan")
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.seconds = time.perf_counter() - self.start
+
+
+def timed(fn: Callable[[], object]) -> tuple[object, float]:
+    """(fn(), wall seconds)."""
+    t0 = time.perf_counter()
+    out = fn()
+    return out, time.perf_counter() - t0
+
+
+# --------------------------------------------------------------------------------- output
+def markdown_table(header: Sequence[str], rows: Iterable[Sequence[object]], align: str | None = None) -> str:
+    """A GitHub Markdown table; ``align`` is one char per column: ``l``, ``r`` or ``c``."""
+    header = [str(h) for h in header]
+    align = align or "l" + "r" * (len(header) - 1)
+    marks = {"l": ":--", "r": "--:", "c": ":-:"}
+    lines = ["| " + " | ".join(header) + " |", "| " + " | ".join(marks[a] for a in align) + " |"]
+    for row in rows:
+        lines.append("| " + " | ".join(str(c) for c in row) + " |")
+    return "\n".join(lines)
+
+
+def write_atomic(path: str, text: str) -> None:
+    """Write ``text`` to ``path`` via a temporary file and rename."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
