@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any
 
 import pyarrow as pa
 
 from fastmix_data.errors import SourceError
 from fastmix_data.sources.arrow import needed_columns, schema_kinds, shard_data_from_table, stats_from_table
 from fastmix_data.sources.base import ShardData
-from fastmix_data.sources.reader import Candidate, Columns, ShardStats, candidates
+from fastmix_data.sources.reader import Columns, NamedColumnsReader, ShardStats
 from fastmix_data.sources.safety import inside_root
 
 MARKERS = ("state.json", "dataset_info.json")
@@ -53,7 +52,7 @@ def _read_table(path: str) -> pa.Table:
         return pa.ipc.open_stream(source).read_all()
 
 
-class HFReader:
+class HFReader(NamedColumnsReader):
     """Reads the Arrow shards of a ``save_to_disk`` dataset. Holds configuration only (picklable).
 
     Args:
@@ -63,16 +62,6 @@ class HFReader:
 
     format = "hf"
     extensions = (".arrow",)
-
-    def __init__(self, text_field: str | None = "text", ids_field: str | None = "input_ids", **_: Any):
-        self.text_candidates: tuple[Candidate, ...] = candidates(text_field, "text")
-        self.ids_candidates: tuple[Candidate, ...] = candidates(ids_field, "input_ids")
-
-    def config(self) -> dict[str, Any]:
-        return {
-            "text": [c.name for c in self.text_candidates],
-            "ids": [c.name for c in self.ids_candidates],
-        }
 
     def inspect(self, path: str) -> ShardStats:
         table = _read_table(path)

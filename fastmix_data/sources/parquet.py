@@ -6,8 +6,6 @@ ids column lists of integers (any integer width; returned as int64). Only the ne
 
 from __future__ import annotations
 
-from typing import Any
-
 import pyarrow.parquet as pq
 
 from fastmix_data.sources.arrow import (
@@ -18,10 +16,10 @@ from fastmix_data.sources.arrow import (
     stats_from_table,
 )
 from fastmix_data.sources.base import ShardData
-from fastmix_data.sources.reader import Candidate, Columns, ShardStats, candidates
+from fastmix_data.sources.reader import Columns, NamedColumnsReader, ShardStats
 
 
-class ParquetReader:
+class ParquetReader(NamedColumnsReader):
     """Reads Parquet shards. Holds configuration only (picklable).
 
     Args:
@@ -31,16 +29,6 @@ class ParquetReader:
 
     format = "parquet"
     extensions = (".parquet",)
-
-    def __init__(self, text_field: str | None = "text", ids_field: str | None = "input_ids", **_: Any):
-        self.text_candidates: tuple[Candidate, ...] = candidates(text_field, "text")
-        self.ids_candidates: tuple[Candidate, ...] = candidates(ids_field, "input_ids")
-
-    def config(self) -> dict[str, Any]:
-        return {
-            "text": [c.name for c in self.text_candidates],
-            "ids": [c.name for c in self.ids_candidates],
-        }
 
     def inspect(self, path: str) -> ShardStats:
         pf = pq.ParquetFile(path)

@@ -121,3 +121,18 @@ def candidates(field_name: str | None, default: str, aliases: tuple[str, ...] = 
     if field_name != default:
         return (Candidate(field_name, required=True),)
     return (Candidate(field_name), *(Candidate(a, lenient=True) for a in aliases if a != field_name))
+
+
+class NamedColumnsReader:
+    """Configuration shared by readers of named columns (Parquet, HF Arrow): the text and ids
+    column candidates. Holds configuration only, so readers stay picklable."""
+
+    def __init__(self, text_field: str | None = "text", ids_field: str | None = "input_ids", **_: Any):
+        self.text_candidates: tuple[Candidate, ...] = candidates(text_field, "text")
+        self.ids_candidates: tuple[Candidate, ...] = candidates(ids_field, "input_ids")
+
+    def config(self) -> dict[str, Any]:
+        return {
+            "text": [c.name for c in self.text_candidates],
+            "ids": [c.name for c in self.ids_candidates],
+        }
