@@ -40,6 +40,7 @@ from fastmix_data.errors import ManifestError, SourceError
 from fastmix_data.export._util import canonical_json, parse_size, sha256_file, write_json_atomic
 from fastmix_data.export.from_manifest import manifest_plan, manifest_sources
 from fastmix_data.export.manifest import load_manifest
+from fastmix_data.sources.source import check_unchanged
 
 log = logging.getLogger(__name__)
 
@@ -265,14 +266,7 @@ class Materialiser:
         info = source.shards[shard]
         cols = [c for c in (source.columns.text, source.columns.ids) if c is not None]
         where = f"shard {info.path} of source {source.name!r}"
-        try:
-            size = os.stat(info.path).st_size
-        except OSError as exc:
-            raise SourceError(f"{where} cannot be read ({exc}); restore the file") from exc
-        if size != info.bytes:
-            raise SourceError(
-                f"{where} changed since the manifest was made ({size} bytes now, {info.bytes} then)"
-            )
+        check_unchanged(info, where, "the manifest was made")
         try:
             if source.format == "parquet":
                 table = pq.ParquetFile(info.path).read(columns=cols)

@@ -17,6 +17,16 @@ from fastmix_data.sources.reader import Columns, ShardReader
 from fastmix_data.sources.safety import is_pipe
 
 
+def check_unchanged(info: ShardInfo, where: str, since: str, advice: str = "") -> None:
+    """Raise SourceError naming the shard if it is missing or its size differs from ``info``."""
+    try:
+        size = os.stat(info.path).st_size
+    except OSError as exc:
+        raise SourceError(f"{where} cannot be read ({exc}); restore the file") from exc
+    if size != info.bytes:
+        raise SourceError(f"{where} changed since {since} ({size} bytes now, {info.bytes} then){advice}")
+
+
 class ShardedSource:
     """A source of one format (see :class:`fastmix_data.sources.base.Source`).
 
@@ -60,15 +70,7 @@ class ShardedSource:
         info = self.shards[index]
         where = f"shard {info.path} of source {self.name!r}"
         if not is_pipe(info.path):
-            try:
-                size = os.stat(info.path).st_size
-            except OSError as exc:
-                raise SourceError(f"{where} cannot be read ({exc}); restore the file") from exc
-            if size != info.bytes:
-                raise SourceError(
-                    f"{where} changed since it was indexed ({size} bytes now, {info.bytes} then); "
-                    "re-open the source to re-index it"
-                )
+            check_unchanged(info, where, "it was indexed", "; re-open the source to re-index it")
         try:
             data = self.reader.read(info.path, self.columns)
         except FastMixDataError:

@@ -426,7 +426,7 @@ class MixtureStream(torch.utils.data.IterableDataset):
                 "to resume anyway."
             )
         history = state["history"]
-        if len(history) != len(self.names) and any(len(h["weights"]) != len(self.names) for h in history):
+        if any(len(h["weights"]) != len(self.names) for h in history):
             raise StateError(f"the state's weight history has vectors for a different number of sources than {self.names}")
         self._set_history(history)
         self.probes = [dict(p) for p in state.get("probes", [])]
