@@ -92,3 +92,27 @@ def test_draws_before_matches_plan():
 def test_unknown_policy_is_refused():
     with pytest.raises(ValueError, match="unknown exhaustion policy 'forever'"):
         _plan([[1]], [1.0], policies=["forever"])
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(1, 9), st.integers(1, 40), st.integers(0, 300), st.integers(0, 2**31))
+def test_plan_ranges_equals_the_ranges_planned_one_by_one(count, length, first, seed):
+    """A worker plans its batches in one call; the items are those of the whole sequence."""
+    hist = [WeightChange(0, 0, (0.2, 0.5, 0.3)), WeightChange(1, 150, (0.6, 0.0, 0.4))]
+    p = _plan([[7, 9], [11], [5]], None, policies=["repeat", "cap", "repeat"], seed=seed, history=hist)
+    starts = [first + i * 3 * length for i in range(count)]
+    whole = p.plan(0, starts[-1] + length)
+    got = p.plan_ranges(starts, length)
+    want = np.concatenate([np.arange(s, s + length) for s in starts])
+    want = want[want < len(whole.position)]
+    assert np.array_equal(got.position, want)
+    for field in ("source", "draw", "epoch", "shard", "item", "version"):
+        assert np.array_equal(getattr(got, field), getattr(whole, field)[want]), field
+    assert got.ended == (len(want) < count * length)
+
+
+def test_plan_ranges_marks_the_end_of_a_stopping_stream():
+    p = _plan([[2], [3]], [0.5, 0.5], policies=["stop", "repeat"])
+    end = len(p.plan(0, 100).position)
+    sl = p.plan_ranges([0, end - 1, end + 5], 2)
+    assert sl.ended and list(sl.position) == [0, 1, end - 1]

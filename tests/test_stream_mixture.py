@@ -106,6 +106,25 @@ def test_set_weights_applies_at_returned_batch_and_is_reproducible(data):
     assert upd[0]["effective_batch"] == effective and upd[0]["latency_seconds"] is not None
 
 
+@pytest.mark.parametrize("block", [1, 3, 64])
+def test_block_size_changes_neither_content_nor_weight_latency(data, block):
+    """Batches are built ahead in blocks; a weight change still applies at the very next batch in
+    process, and what was built ahead under the old weights is never served."""
+    ref_stream = MixtureStream(sources(data), W, batch_size=8, seed=2, block_batches=1, max_items=8 * 13 + 3)
+    stream = MixtureStream(sources(data), W, batch_size=8, seed=2, block_batches=block, max_items=8 * 13 + 3)
+    new = {"code": 0.0, "web": 1.0, "small": 0.0}
+    runs = []
+    for s in (ref_stream, stream):
+        it = iter(s)
+        first = take(it, 5)
+        assert s.set_weights(new) == 5
+        runs.append(first + take(it, 100))
+    assert runs[0] == runs[1]
+    assert [k[0] for k in runs[1]] == list(range(13))  # ends at the last whole batch of the budget
+    assert all(k[1] == (k[0] >= 5) for k in runs[1])
+    assert all(set(k[2]) == {1} for k in runs[1][5:])
+
+
 def test_resume_in_process_conformance(data):
     def make():
         s = MixtureStream(sources(data), W, batch_size=6, seed=7)

@@ -21,6 +21,7 @@ from fastmix_data.plan.order import SourceOrder, stable_key
 from fastmix_data.plan.schedule import first_position_reaching, prefix_counts, schedule_range
 
 POLICIES = ("repeat", "cap", "drop", "stop")
+COVER_FACTOR = 8  # plan_ranges schedules the covering span when it is at most this many times the items
 
 
 @dataclass(frozen=True)
@@ -192,31 +193,54 @@ class MixturePlan:
     # ----------------------------------------------------------------------------- planning
     def plan(self, n0: int, n1: int) -> PlanSlice:
         """Items at global positions [n0, n1) (fewer if the stream ends first)."""
-        segs = self.segments()
+        return self.plan_ranges([n0], n1 - n0)
+
+    def plan_ranges(self, starts, length: int) -> PlanSlice:
+        """Items at the positions of the ranges [s, s + length) for s in ``starts`` (ascending,
+        disjoint), concatenated in that order; planned in one call (a worker's batches).
+
+        Positions at or past the end of the stream are left out and set ``ended``."""
+        starts = np.asarray(starts, dtype=np.int64)
+        wanted = (starts[:, None] + np.arange(length, dtype=np.int64)[None, :]).ravel()
+        self.segments()  # derives self.end
         if self.end is not None:
-            n1_eff = min(n1, self.end)
-        else:
-            n1_eff = n1
-        parts = []
-        for seg in segs:
-            lo = max(n0, seg.start)
-            hi = n1_eff if seg.end is None else min(n1_eff, seg.end)
-            if lo >= hi:
-                continue
-            src, ordinal = schedule_range(seg.weights, lo - seg.start, hi - seg.start)
-            draw = seg.draws_before[src] + ordinal
-            parts.append((np.arange(lo, hi, dtype=np.int64), src, draw, np.full(hi - lo, seg.version)))
-        if parts:
-            pos, src, draw, ver = (np.concatenate(x) for x in zip(*parts))
-        else:
+            wanted = wanted[wanted < self.end]
+        if len(wanted) == 0:
             pos = src = draw = ver = np.zeros(0, dtype=np.int64)
+        elif int(starts[-1]) + length - int(starts[0]) <= COVER_FACTOR * len(wanted):
+            # Nearby ranges (a worker's batches): schedule the span that covers them once and pick.
+            whole = self._schedule(int(starts[0]), int(starts[-1]) + length)
+            pick = wanted - int(starts[0])
+            pos, src, draw, ver = (x[pick] for x in whole)
+        else:
+            parts = [self._schedule(int(s), int(s) + length) for s in starts if s < (self.end or s + 1)]
+            pos, src, draw, ver = (np.concatenate(x) for x in zip(*parts))
         epoch = np.zeros_like(draw)
         shard = np.zeros_like(draw)
         item = np.zeros_like(draw)
         for s in np.unique(src):
             m = src == s
             epoch[m], shard[m], item[m] = self.orders[int(s)].locate(draw[m])
-        return PlanSlice(pos, src, draw, epoch, shard, item, ver.astype(np.int64), ended=len(pos) < n1 - n0)
+        ended = len(pos) < len(starts) * length
+        return PlanSlice(pos, src, draw, epoch, shard, item, ver.astype(np.int64), ended=ended)
+
+    def _schedule(self, n0: int, n1: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """(positions, sources, draws, versions) of [n0, n1), cut at the end of the stream."""
+        segs = self.segments()
+        n1 = n1 if self.end is None else min(n1, self.end)
+        parts = []
+        for seg in segs:
+            lo = max(n0, seg.start)
+            hi = n1 if seg.end is None else min(n1, seg.end)
+            if lo >= hi:
+                continue
+            src, ordinal = schedule_range(seg.weights, lo - seg.start, hi - seg.start)
+            draw = seg.draws_before[src] + ordinal
+            parts.append((np.arange(lo, hi, dtype=np.int64), src, draw, np.full(hi - lo, seg.version, dtype=np.int64)))
+        if not parts:
+            empty = np.zeros(0, dtype=np.int64)
+            return empty, empty, empty, empty
+        return tuple(np.concatenate(x) for x in zip(*parts))
 
     def draws_before(self, position: int) -> np.ndarray:
         """Per-source number of draws at positions < ``position`` (for telemetry and manifests)."""

@@ -105,7 +105,12 @@ def shard_data_from_table(table: pa.Table, columns: Columns, path: str) -> Shard
     texts = texts_of(table.column(columns.text), columns.text, path) if columns.text else None
     ids = ids_of(table.column(columns.ids), columns.ids, path) if columns.ids else None
     extra = {name: table.column(name).to_pylist() for name in columns.extra}
-    return ShardData(texts=texts, ids=ids, extra=extra)
+    row_tokens = None
+    if columns.ids:
+        row_tokens = pc.list_value_length(table.column(columns.ids)).to_numpy().astype(np.int64)
+    elif columns.text:
+        row_tokens = pc.binary_length(table.column(columns.text)).to_numpy().astype(np.int64) + 1
+    return ShardData(texts=texts, ids=ids, extra=extra, row_tokens=row_tokens)
 
 
 def needed_columns(columns: Columns) -> list[str]:

@@ -44,11 +44,15 @@ class ShardData:
         texts: the text column (one str per row), or None when the source has no text column.
         ids: the pre-tokenized column (one 1-D int64 array per row), or None.
         extra: other decoded columns by name (lists of Python values), for sample mode.
+        row_tokens: optional int64 (rows,): tokens per row as the stream counts them (ids length,
+            else UTF-8 bytes + 1); readers that get it for free fill it, the stream computes it
+            otherwise.
     """
 
     texts: list[str] | None
     ids: list[np.ndarray] | None
     extra: dict[str, list] = field(default_factory=dict)
+    row_tokens: np.ndarray | None = None
 
     @property
     def rows(self) -> int:

@@ -41,7 +41,9 @@ class ParquetReader(NamedColumnsReader):
         return stats_from_table(path, table, kinds, self.text_candidates, self.ids_candidates)
 
     def read(self, path: str, columns: Columns) -> ShardData:
-        table = pq.ParquetFile(path).read(columns=needed_columns(columns))
+        # One shard per call: pyarrow's thread pool costs more than it gains on shards this small,
+        # and DataLoader workers are the parallelism.
+        table = pq.ParquetFile(path).read(columns=needed_columns(columns), use_threads=False)
         return shard_data_from_table(table, columns, path)
 
     def check_safe(self, path: str, stats: ShardStats) -> None:

@@ -22,6 +22,7 @@ import os
 import shutil
 import struct
 import tempfile
+import threading
 import time
 from contextlib import contextmanager
 
@@ -40,6 +41,9 @@ class WeightChannel:
         self.dir = tempfile.mkdtemp(prefix="fastmix-channel-")
         self.owner_pid = os.getpid()
         self._local_version = -1
+        self._fds: tuple[int, int] | None = None  # (lock, claims) opened by this process
+        self._fd_pid = -1
+        self._thread_lock = threading.Lock()
         self._write_history(history, version=0)
         with open(self._path("claims"), "wb") as f:
             f.write(_HEADER.pack(0, first_batch - 1, 0))
@@ -49,22 +53,29 @@ class WeightChannel:
     def _path(self, name: str) -> str:
         return os.path.join(self.dir, name)
 
+    def _open_fds(self) -> tuple[int, int]:
+        """This process's descriptors of ``lock`` and ``claims``, opened once per process (a forked
+        worker must not share the parent's open file description, or flock would not exclude it)."""
+        if self._fds is None or self._fd_pid != os.getpid():
+            self._fds = (os.open(self._path("lock"), os.O_RDWR), os.open(self._path("claims"), os.O_RDWR))
+            self._fd_pid = os.getpid()
+        return self._fds
+
     @contextmanager
     def _locked(self):
-        with open(self._path("lock"), "rb") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
+        with self._thread_lock:
+            lock_fd, _ = self._open_fds()
+            fcntl.flock(lock_fd, fcntl.LOCK_EX)
             try:
                 yield
             finally:
-                fcntl.flock(lock, fcntl.LOCK_UN)
+                fcntl.flock(lock_fd, fcntl.LOCK_UN)
 
     def _read_header(self) -> tuple[int, int, int]:
-        with open(self._path("claims"), "rb") as f:
-            return _HEADER.unpack(f.read(_HEADER.size))
+        return _HEADER.unpack(os.pread(self._open_fds()[1], _HEADER.size, 0))
 
     def _write_header(self, version: int, claimed: int, pending: int) -> None:
-        with open(self._path("claims"), "r+b") as f:
-            f.write(_HEADER.pack(version, claimed, pending))
+        os.pwrite(self._open_fds()[1], _HEADER.pack(version, claimed, pending), 0)
 
     def _write_history(self, history: list, version: int) -> None:
         tmp = self._path(f"history.json.tmp{os.getpid()}")
@@ -130,13 +141,21 @@ class WeightChannel:
             return self._read_header()[1]
 
     def close(self) -> None:
+        if self._fds is not None and self._fd_pid == os.getpid():
+            for fd in self._fds:
+                os.close(fd)
+            self._fds = None
         if os.getpid() == self.owner_pid and os.path.isdir(self.dir):
             shutil.rmtree(self.dir, ignore_errors=True)
 
     def __getstate__(self):
         state = self.__dict__.copy()
         state["_local_version"] = -1
+        state["_fds"] = None
+        state["_fd_pid"] = -1
+        del state["_thread_lock"]
         return state
 
     def __setstate__(self, state):
         self.__dict__.update(state)
+        self._thread_lock = threading.Lock()

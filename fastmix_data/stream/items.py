@@ -25,11 +25,36 @@ from fastmix_data.stream.tokenize import ByteTokenizer, CallableTokenizer
 
 
 @dataclass
+class Gathered:
+    """Rows of one shard picked by index (sample mode): columns in the order of the indices.
+
+    Attributes:
+        texts, ids, extra: as in :class:`ShardData`, for the picked rows only.
+        tokens: int64 (n,): tokens per row: ids length, else UTF-8 bytes + 1 (the byte tokenizer).
+    """
+
+    texts: list | None
+    ids: list | None
+    extra: dict[str, list]
+    tokens: np.ndarray
+
+
+@dataclass
 class Packed:
     """A shard's token stream for one epoch: flat ids and document-start flags."""
 
     ids: np.ndarray  # int64 (T,)
     doc_start: np.ndarray  # bool (T,)
+
+
+def row_tokens(data: ShardData) -> np.ndarray:
+    """Tokens per row of a decoded shard, as the stream counts them: the ids length, else the UTF-8
+    byte count + 1 (what the byte tokenizer makes of it), else 0. int64 (rows,)."""
+    if data.ids is not None:
+        return np.fromiter((len(x) for x in data.ids), dtype=np.int64, count=len(data.ids))
+    if data.texts is not None:
+        return np.fromiter((len(t.encode("utf-8")) + 1 for t in data.texts), dtype=np.int64, count=len(data.texts))
+    return np.zeros(data.rows, dtype=np.int64)
 
 
 class ItemSource:
@@ -125,6 +150,8 @@ class ItemSource:
         hit = self._cache.get(key)
         if hit is None:
             hit = self.source.read_shard(shard)
+            if hit.row_tokens is None and self.seq_len is None:
+                hit.row_tokens = row_tokens(hit)
             self._remember(key, hit)
         else:
             self._cache.move_to_end(key)
@@ -185,6 +212,18 @@ class ItemSource:
             texts=None if data.texts is None else [data.texts[i] for i in items],
             ids=None if data.ids is None else [data.ids[i] for i in items],
             extra={k: [v[i] for i in items] for k, v in data.extra.items()},
+        )
+
+    def gather(self, shard: int, items: np.ndarray) -> Gathered:
+        """The rows ``items`` of ``shard`` and their token counts (sample mode, the stream's path)."""
+        data = self._shard(shard)
+        tokens = data.row_tokens[items]
+        picks = items.tolist()
+        return Gathered(
+            texts=None if data.texts is None else [data.texts[i] for i in picks],
+            ids=None if data.ids is None else [data.ids[i] for i in picks],
+            extra={k: [v[i] for i in picks] for k, v in data.extra.items()},
+            tokens=tokens,
         )
 
     def mean_tokens_per_item(self) -> float:

@@ -13,6 +13,7 @@ agrees on it), so content never depends on timing. The state is the history plus
 
 from __future__ import annotations
 
+import collections
 import hashlib
 import json
 import logging
@@ -37,7 +38,8 @@ log = logging.getLogger(__name__)
 
 STATE_FORMAT = "fastmix_data/stream-state"
 STATE_VERSION = 1
-PLAN_AHEAD = 64  # global batches planned per call of the planner
+BLOCK_BATCHES = 64  # default: batches a worker plans and reads in one pass (sample mode)
+BLOCK_TOKENS = 1 << 22  # packing mode: a block holds at most this many tokens (32 MiB of int64)
 
 
 def _open_all(sources: Mapping[str, Any], **opts) -> list[Source]:
@@ -83,7 +85,11 @@ class MixtureStream(torch.utils.data.IterableDataset):
         eos_id: end-of-document id appended by a user tokenizer (the byte tokenizer uses 256).
         rank, world_size: override torch.distributed / RANK, WORLD_SIZE detection.
         max_items: total items (over all ranks) the stream serves, then it ends (a budget).
-        source_options: reader options for every source (text_field, ids_field, on_corrupt, ...).
+        cache_shards: decoded shards kept per source and process.
+        block_batches: batches each worker plans and reads in one pass (per-batch work is then
+            slicing). Default 64 in sample mode; in packing mode as many as hold 4M tokens (at most
+            64). It never delays a weight change: batches are still claimed one at a time, and a
+            change drops what was built ahead.
     """
 
     def __init__(
@@ -103,6 +109,7 @@ class MixtureStream(torch.utils.data.IterableDataset):
         world_size: int | None = None,
         cache_shards: int = 2,
         max_items: int | None = None,
+        block_batches: int | None = None,
         **source_options: Any,
     ):
         super().__init__()
@@ -110,6 +117,11 @@ class MixtureStream(torch.utils.data.IterableDataset):
             raise WeightsError("a MixtureStream needs at least one source")
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if block_batches is None:
+            per_batch = batch_size * (1 if seq_len is None else seq_len + 1)
+            block_batches = BLOCK_BATCHES if seq_len is None else max(1, min(BLOCK_BATCHES, BLOCK_TOKENS // per_batch))
+        if block_batches < 1:
+            raise ValueError(f"block_batches must be >= 1, got {block_batches}")
         if seq_len is not None and seq_len < 1:
             raise ValueError(f"seq_len must be >= 1, got {seq_len}")
         if weight_units not in UNITS:
@@ -124,6 +136,7 @@ class MixtureStream(torch.utils.data.IterableDataset):
         self.seq_len = seq_len
         self.weight_units = weight_units
         self.shuffle = shuffle
+        self.block_batches = int(block_batches)
         self.tokenizer = as_tokenizer(tokenizer, eos_id)
         detected = rank_and_world()
         self.rank = detected[0] if rank is None else int(rank)
@@ -212,89 +225,90 @@ class MixtureStream(torch.utils.data.IterableDataset):
             g = self._next_batch + worker
         self._resume_cursor = None
         in_main = torch.utils.data.get_worker_info() is None
-        chunk = None  # (first position, end position, PlanSlice) of planned-ahead global batches
+        ahead: collections.deque[dict] = collections.deque()  # built batches g, g + W, ...
         while True:
+            # Claim before serving: a change published since the last claim drops what was built
+            # ahead with the old history (content is a function of the history, never of timing).
             changed = self.channel.claim(g)
             if changed is not None:
                 self._set_history(changed)
-                chunk = None
-            n0 = g * self.global_batch_items + self.rank * self.batch_size
-            if chunk is None or not chunk[0] <= n0 < chunk[1] - self.batch_size + 1:
-                chunk = self._plan_chunk(g)
-            sl = _slice(chunk[2], n0 - chunk[0], self.batch_size)
-            if len(sl.position) < self.batch_size:
-                return
-            batch = self._materialise(sl, g)
+                ahead.clear()
+            if not ahead:
+                indices = [g + j * workers for j in range(self.block_batches)]
+                sl = self._plan_block(indices)
+                ahead.extend(self._materialise(sl, indices[: len(sl.position) // self.batch_size], in_main))
+                if not ahead:
+                    return
+                if in_main:
+                    counts = self._block_counts(ahead)
+            batch = ahead.popleft()
             self._cursor = {"next": g + workers, "worker": worker, "num_workers": workers}
             if in_main:
-                self._observe(batch)
+                self._count(g, batch["weight_version"], *counts[batch["batch_index"]])
             g += workers
             yield batch
 
-    def _plan_chunk(self, g: int) -> tuple[int, int, PlanSlice]:
-        """Plan PLAN_AHEAD global batches from batch g at once (planning has a fixed cost per call).
+    def _block_counts(self, batches: Sequence[dict]) -> dict[int, tuple[np.ndarray, np.ndarray]]:
+        """Per batch index: per-source samples and tokens (telemetry), computed for a block at once."""
+        k = len(self.names)
+        src = torch.stack([b["source"] for b in batches]).numpy()
+        tok = torch.stack([b["num_tokens"] for b in batches]).numpy()
+        key = (np.arange(len(batches))[:, None] * k + src).ravel()
+        samples = np.bincount(key, minlength=len(batches) * k).reshape(len(batches), k)
+        tokens = np.bincount(key, weights=tok.ravel(), minlength=len(batches) * k).reshape(len(batches), k)
+        tokens = tokens.astype(np.int64)
+        return {b["batch_index"]: (samples[j], tokens[j]) for j, b in enumerate(batches)}
 
-        Planned-ahead batches stay valid because a weight change only ever takes effect after every
-        batch claimed so far, and a change seen at claim time drops the chunk."""
-        start = g * self.global_batch_items
-        end = start + PLAN_AHEAD * self.global_batch_items
-        return start, end, self.plan.plan(start, end)
+    def _plan_block(self, batch_indices: list[int]) -> PlanSlice:
+        """The plan of this rank's part of global batches ``batch_indices`` (ascending), one call."""
+        starts = [b * self.global_batch_items + self.rank * self.batch_size for b in batch_indices]
+        return self.plan.plan_ranges(starts, self.batch_size)
 
-    def _materialise(self, sl: PlanSlice, batch_index: int) -> dict:
-        n = len(sl.position)
-        # The per-item integers are rows of ONE tensor: a DataLoader worker ships each tensor
-        # storage through its own shared-memory segment (~0.4 ms each), views share one.
-        meta = torch.empty((5, n), dtype=torch.int64)
-        for row, values in enumerate((sl.source, sl.shard, sl.item, sl.epoch)):
-            meta[row] = torch.from_numpy(values)
-        out: dict[str, Any] = {
-            "source": meta[0],
-            "shard": meta[1],
-            "item": meta[2],
-            "epoch": meta[3],
-            "num_tokens": meta[4],
-            "batch_index": batch_index,
-            "weight_version": int(sl.version.max()) if n else -1,
-        }
-        groups = _groups(sl)
+    def _materialise(self, sl: PlanSlice, batch_indices: Sequence[int], as_tensors: bool = True) -> list[dict]:
+        """Batches of ``batch_size`` consecutive items of ``sl``, one per batch index.
+
+        Items are read grouped by (source, epoch, shard) over the whole block, so per-batch work is
+        slicing. Arrays are numpy when ``as_tensors`` is False (in a DataLoader worker: numpy is
+        pickled inline, while each tensor would cost a shared-memory segment) and tensors otherwise.
+        """
+        size = self.batch_size
+        n = len(batch_indices) * size
+        if n == 0:
+            return []
+        meta = np.empty((5, n), dtype=np.int64)  # source, shard, item, epoch, num_tokens
+        meta[0], meta[1], meta[2], meta[3] = sl.source[:n], sl.shard[:n], sl.item[:n], sl.epoch[:n]
+        version = sl.version[:n].reshape(-1, size).max(axis=1).tolist()
+        order, groups = _groups(meta[0], meta[3], meta[1])
+        columns: dict[str, list] = {}
         if self.seq_len is not None:
             tokens = np.empty((n, self.seq_len + 1), dtype=np.int64)
             starts = np.empty((n, self.seq_len + 1), dtype=bool)
             for (src, epoch, shard), idx in groups:
-                tokens[idx], starts[idx] = self.items[src].sequences(epoch, shard, sl.item[idx])
-            out["tokens"] = torch.from_numpy(tokens)
-            out["doc_start"] = torch.from_numpy(starts)
+                tokens[idx], starts[idx] = self.items[src].sequences(epoch, shard, meta[2, idx])
             meta[4] = self.seq_len + 1
-            return out
-        texts: list | None = None
-        ids: list | None = None
-        extra: dict[str, list] = {}
-        for (src, _epoch, shard), idx in groups:
-            rows = self.items[src].rows(shard, sl.item[idx])
-            if rows.texts is not None:
-                texts = texts if texts is not None else [None] * n
-                for i, t in zip(idx, rows.texts):
-                    texts[i] = t
-            if rows.ids is not None:
-                ids = ids if ids is not None else [None] * n
-                for i, t in zip(idx, rows.ids):
-                    ids[i] = np.asarray(t, dtype=np.int64)
-            for key, vals in rows.extra.items():
-                col = extra.setdefault(key, [None] * n)
-                for i, v in zip(idx, vals):
-                    col[i] = v
-        if texts is not None:
-            out["text"] = texts
-        if ids is not None:
-            lengths = [len(x) for x in ids]
-            # views of one flat tensor: one shared-memory segment per batch, not one per row
-            out["input_ids"] = list(torch.from_numpy(np.concatenate(ids)).split(lengths))
-            meta[4] = torch.tensor(lengths, dtype=torch.int64)
-        out.update(extra)
-        if ids is None and texts is not None:
-            meta[4] = torch.tensor([0 if t is None else len(t.encode()) + 1 for t in texts], dtype=torch.int64)
-        elif ids is None:
-            meta[4] = 0
+        else:
+            picked = [(idx, self.items[src].gather(shard, meta[2, idx])) for (src, _epoch, shard), idx in groups]
+            for idx, rows in picked:
+                meta[4, idx] = rows.tokens
+            columns = _columns_in_order(picked, n, order)
+        out = []
+        keys = ("source", "shard", "item", "epoch", "num_tokens")
+        for j, g in enumerate(batch_indices):
+            lo, hi = j * size, (j + 1) * size
+            # Each batch gets its own small metadata buffer: what crosses processes is one batch.
+            rows = torch.from_numpy(meta[:, lo:hi].copy()).unbind(0) if as_tensors else meta[:, lo:hi].copy()
+            batch: dict[str, Any] = dict(zip(keys, rows))
+            batch["batch_index"], batch["weight_version"] = g, version[j]
+            if self.seq_len is not None:
+                batch["tokens"], batch["doc_start"] = tokens[lo:hi], starts[lo:hi]
+                if as_tensors:
+                    batch["tokens"], batch["doc_start"] = torch.from_numpy(tokens[lo:hi]), torch.from_numpy(starts[lo:hi])
+            for key, col in columns.items():
+                batch[key] = col[lo:hi]
+            if "input_ids" in batch:
+                ids = _split_rows(batch["input_ids"])
+                batch["input_ids"] = [torch.from_numpy(x) for x in ids] if as_tensors else ids
+            out.append(batch)
         return out
 
     # ------------------------------------------------------------------------------ live weights
@@ -355,23 +369,28 @@ class MixtureStream(torch.utils.data.IterableDataset):
             [Exhaustion() for _ in self.names],
             self.shuffle,
         )
-        for step in range(int(steps)):
-            sl = plan.plan(step * self.batch_size, (step + 1) * self.batch_size)
-            batch = self._materialise(sl, step)
-            batch["probe"] = probe_id
-            yield batch
+        for first in range(0, int(steps), self.block_batches):
+            block = list(range(first, min(first + self.block_batches, int(steps))))
+            sl = plan.plan(first * self.batch_size, (block[-1] + 1) * self.batch_size)
+            for batch in self._materialise(sl, block):
+                batch["probe"] = probe_id
+                yield batch
 
     # ------------------------------------------------------------------------------ consumption
     def _observe(self, batch: Mapping) -> None:
-        g = int(batch["batch_index"])
+        src = np.asarray(batch["source"])
+        k = len(self.names)
+        samples = np.bincount(src, minlength=k)
+        tokens = np.bincount(src, weights=np.asarray(batch["num_tokens"]), minlength=k).astype(np.int64)
+        self._count(int(batch["batch_index"]), int(batch["weight_version"]), samples, tokens)
+
+    def _count(self, g: int, version: int, samples: np.ndarray, tokens: np.ndarray) -> None:
+        """Record the consumption of batch g: its weight version and per-source samples and tokens."""
         self._next_batch = max(self._next_batch, g + 1)
-        version = int(batch["weight_version"])
-        self._observed.setdefault(version, time.time())
-        src = batch["source"].numpy()
-        self._samples_observed += np.bincount(src, minlength=len(self.names))
-        self._tokens_observed += np.bincount(src, weights=batch["num_tokens"].numpy(), minlength=len(self.names)).astype(
-            np.int64
-        )
+        if version not in self._observed:
+            self._observed[version] = time.time()
+        self._samples_observed += samples
+        self._tokens_observed += tokens
 
     def observe(self, batch: Mapping) -> None:
         """Record that the training loop received ``batch`` (done for you by `loader()` and with
@@ -381,13 +400,14 @@ class MixtureStream(torch.utils.data.IterableDataset):
     def loader(self, **dataloader_kwargs) -> TrackedLoader:
         """A torch DataLoader over this stream that reports consumed batches back to it.
 
-        The fast path with workers: batches cross the process boundary as numpy arrays (pickled
-        inline) and become tensors in this process; a worker returning tensors pays one
-        shared-memory segment per tensor storage (~1 ms per batch here)."""
+        The fast path with workers: batches leave a worker as numpy arrays (pickled inline) and
+        become tensors in this process; a worker returning tensors pays one shared-memory segment
+        per tensor storage (~1 ms per batch here). A plain ``DataLoader(stream, batch_size=None)``
+        also works: its default ``collate_fn`` makes the tensors inside the worker."""
         dataloader_kwargs.setdefault("batch_size", None)
         convert = dataloader_kwargs.get("num_workers", 0) > 0 and "collate_fn" not in dataloader_kwargs
         if convert:
-            dataloader_kwargs["collate_fn"] = _numpy_batch
+            dataloader_kwargs["collate_fn"] = _as_is
         return TrackedLoader(self, torch.utils.data.DataLoader(self, **dataloader_kwargs), to_tensors=convert)
 
     # ------------------------------------------------------------------------------ state
@@ -517,20 +537,13 @@ class TrackedLoader:
 _ARRAY_KEYS = ("source", "shard", "item", "epoch", "num_tokens", "tokens", "doc_start", "input_ids")
 
 
-def _numpy_batch(batch: dict) -> dict:
-    """In a worker: the batch's tensors as numpy arrays (see `MixtureStream.loader`)."""
-    out = dict(batch)
-    for key in _ARRAY_KEYS:
-        v = out.get(key)
-        if isinstance(v, torch.Tensor):
-            out[key] = v.numpy()
-        elif isinstance(v, list):
-            out[key] = [x.numpy() for x in v]
-    return out
+def _as_is(batch: dict) -> dict:
+    """collate_fn of `MixtureStream.loader` with workers: the worker's numpy batch, unchanged."""
+    return batch
 
 
 def _tensor_batch(batch: dict) -> dict:
-    """In the training process: the inverse of `_numpy_batch`."""
+    """A batch's numpy arrays (and lists of them) as tensors sharing their memory."""
     out = dict(batch)
     for key in _ARRAY_KEYS:
         v = out.get(key)
@@ -541,22 +554,53 @@ def _tensor_batch(batch: dict) -> dict:
     return out
 
 
-def _slice(sl: PlanSlice, offset: int, n: int) -> PlanSlice:
-    """Positions [offset, offset + n) of a planned chunk."""
-    end = offset + n
-    return PlanSlice(sl.position[offset:end], sl.source[offset:end], sl.draw[offset:end], sl.epoch[offset:end],
-                     sl.shard[offset:end], sl.item[offset:end], sl.version[offset:end], ended=sl.ended)
+def _groups(source: np.ndarray, epoch: np.ndarray, shard: np.ndarray):
+    """Positions grouped by (source, epoch, shard): (order, [((src, epoch, shard), positions)]).
 
-
-def _groups(sl: PlanSlice):
-    """Positions grouped by (source, epoch, shard): one int64 key per position, sorted once."""
-    key = (sl.source << 52) | (sl.epoch << 32) | sl.shard  # sources < 2^11, epochs < 2^20, shards < 2^32
-    order = np.argsort(key, kind="stable")
-    sorted_key = key[order]
-    cuts = np.flatnonzero(np.diff(sorted_key)) + 1
-    for idx in np.split(order, cuts):
+    Groups come in the order of their first position, which is the order a source visits its
+    shards, so a small LRU shard cache keeps the shard a block ends in for the next block; ``order``
+    is the groups' positions concatenated. One int64 key per position, sorted once."""
+    key = (source << 52) | (epoch << 32) | shard  # sources < 2^11, epochs < 2^20, shards < 2^32
+    by_key = np.argsort(key, kind="stable")
+    cuts = np.flatnonzero(np.diff(key[by_key])) + 1
+    parts = np.split(by_key, cuts)
+    parts.sort(key=lambda idx: int(idx[0]))
+    groups = []
+    for idx in parts:
         k = int(key[idx[0]])
-        yield (k >> 52, (k >> 32) & 0xFFFFF, k & 0xFFFFFFFF), idx
+        groups.append(((k >> 52, (k >> 32) & 0xFFFFF, k & 0xFFFFFFFF), idx))
+    return np.concatenate(parts), groups
+
+
+def _columns_in_order(picked: list, n: int, order: np.ndarray) -> dict[str, list]:
+    """Per column, the gathered rows of every group put back in position order.
+
+    ``picked`` holds (positions, Gathered) per group, groups in the order of ``order`` (the sorted
+    positions), so concatenating the groups gives the values at order[0], order[1], ..."""
+    inverse = np.empty(n, dtype=np.int64)
+    inverse[order] = np.arange(n)
+    back = inverse.tolist()
+    columns: dict[str, list] = {}
+    for key, attr in (("text", "texts"), ("input_ids", "ids")):
+        parts = [(idx, getattr(rows, attr)) for idx, rows in picked]
+        if all(p is None for _, p in parts):
+            continue
+        # a source without the column contributes None for its rows
+        flat = [v for idx, p in parts for v in (p if p is not None else [None] * len(idx))]
+        columns[key] = [flat[i] for i in back]
+    extra_keys = list(dict.fromkeys(k for _, rows in picked for k in rows.extra))
+    for key in extra_keys:
+        flat = [v for idx, rows in picked for v in rows.extra.get(key, [None] * len(idx))]
+        columns[key] = [flat[i] for i in back]
+    return columns
+
+
+def _split_rows(rows: list) -> list[np.ndarray]:
+    """A batch's ids rows as views of one contiguous int64 buffer (one allocation per batch); rows
+    of sources without ids are empty."""
+    rows = [np.zeros(0, dtype=np.int64) if r is None else r for r in rows]
+    flat = np.concatenate(rows).astype(np.int64, copy=False) if rows else np.zeros(0, dtype=np.int64)
+    return np.split(flat, np.cumsum([len(r) for r in rows])[:-1])
 
 
 def _diff(saved: Mapping, now: Mapping) -> str:
