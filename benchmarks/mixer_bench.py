@@ -42,6 +42,7 @@ import os
 import pstats
 import random
 import shutil
+import statistics
 import sys
 import time
 import warnings
@@ -240,8 +241,9 @@ def make_fastmix(data: BenchData, batch: int, cache_dir: str) -> Contender:
         True,
         open_,
         "Parquet shards; `MixtureStream(sources={domain: [files]}, weights, batch_size=32, seed)`, "
-        "default shuffle (shard order and rows within each shard per epoch), `cache_shards=2`; "
-        "workers via `stream.loader(num_workers=2, prefetch_factor=2)`.",
+        "default shuffle (shard order and rows within each shard per epoch), `cache_shards=2`, default "
+        "`block_batches=64` (each worker plans and reads 64 of its batches in one pass, still claiming "
+        "them one at a time for live weights); workers via `stream.loader(num_workers=2, prefetch_factor=2)`.",
     )
 
 
@@ -573,18 +575,16 @@ PROFILE_FUNCTIONS = [
     # (label, (file suffix, function name)) whose *cumulative* share is reported
     ("MixtureStream.__iter__ (whole stream)", ("stream/mixture.py", "__iter__")),
     ("WeightChannel.claim (flock + header read per batch)", ("stream/channel.py", "claim")),
-    ("MixturePlan.plan (all planner calls)", ("plan/planner.py", "plan")),
-    ("MixtureStream._materialise (build the batch)", ("stream/mixture.py", "_materialise")),
-    ("_groups (group a batch by source, epoch, shard)", ("stream/mixture.py", "_groups")),
-    ("ItemSource.rows (pick rows from a cached shard)", ("stream/items.py", "rows")),
+    ("MixturePlan.plan_ranges (plan a block of batches)", ("plan/planner.py", "plan_ranges")),
+    ("MixtureStream._materialise (build a block of batches)", ("stream/mixture.py", "_materialise")),
+    ("_groups (group a block by source, epoch, shard)", ("stream/mixture.py", "_groups")),
+    ("ItemSource.gather (pick rows from a cached shard)", ("stream/items.py", "gather")),
     ("ShardedSource.read_shard (stat + decode a shard)", ("sources/source.py", "read_shard")),
     ("ParquetReader.read (pyarrow read + to Python str)", ("sources/parquet.py", "read")),
     ("  pyarrow ParquetFile.read (decode, thread pool)", ("pyarrow/parquet/core.py", "read")),
     ("  pyarrow ParquetFile.__init__ (open, footer)", ("pyarrow/parquet/core.py", "__init__")),
     ("  texts_of (Arrow column -> list of str)", ("sources/arrow.py", "texts_of")),
-    ("str.encode (num_tokens of each text)", ("~", "<method 'encode' of 'str' objects>")),
-    ("torch.tensor (num_tokens)", ("~", "<built-in method torch.tensor>")),
-    ("MixtureStream._observe (telemetry)", ("stream/mixture.py", "_observe")),
+    ("MixtureStream._block_counts + _count (telemetry)", ("stream/mixture.py", "_block_counts")),
 ]
 
 
@@ -595,8 +595,8 @@ def profile_fastmix(data: BenchData, batch: int, cache_dir: str, n: int, top: in
     Returns (Markdown section, full cProfile listing sorted by cumulative time)."""
     from fastmix_data import MixtureStream
 
-    def new_stream():
-        return MixtureStream(data.parquet, data.weights, batch_size=batch, seed=0, cache_dir=cache_dir)
+    def new_stream(**kw):
+        return MixtureStream(data.parquet, data.weights, batch_size=batch, seed=0, cache_dir=cache_dir, **kw)
 
     # 1. cProfile of iteration only (construction excluded).
     stream = new_stream()
@@ -621,7 +621,7 @@ def profile_fastmix(data: BenchData, batch: int, cache_dir: str, n: int, top: in
         f"### cProfile, in-process, {got:,} samples ({total:.2f} s profiled, {got / wall:,.0f} samples/s under the "
         "profiler)",
         "",
-        "Cumulative time of the stream's stages (nested: `read_shard` is inside `rows`, which is inside "
+        "Cumulative time of the stream's stages (nested: `read_shard` is inside `gather`, which is inside "
         "`_materialise`):",
         "",
         _common.markdown_table(["function", "cum s", "% of total"], rows, "lrr"),
@@ -640,33 +640,39 @@ def profile_fastmix(data: BenchData, batch: int, cache_dir: str, n: int, top: in
     stats.sort_stats("cumulative").print_stats(60)
 
     # 2. Per-batch cost of each stage without the profiler (internal API, diagnostics only).
-    from fastmix_data.stream import mixture as mixture_module
-
-    ahead = int(getattr(mixture_module, "PLAN_AHEAD", 1))
-    stream = new_stream()
     nb = n // batch
-    (slices, t_plan) = _common.timed(lambda: [stream.plan.plan(g * batch, (g + 1) * batch) for g in range(nb)])
-    _, t_ahead = _common.timed(
-        lambda: [stream.plan.plan(g * batch, (g + ahead) * batch) for g in range(0, nb, ahead)]
-    )
-    _, t_whole = _common.timed(lambda: stream.plan.plan(0, nb * batch))
-    _, t_groups = _common.timed(lambda: [list(mixture_module._groups(sl)) for sl in slices])
+    stage_rows = []
+    for block in (1, 8, 64):
+        stream = new_stream(block_batches=block)
+        blocks = [list(range(b, min(b + block, nb))) for b in range(0, nb, block)]
+        (slices, t_plan) = _common.timed(lambda s=stream, bl=blocks: [s._plan_block(ix) for ix in bl])
+        _, t_mat = _common.timed(lambda s=stream, bl=blocks, sl=slices: [s._materialise(x, ix) for ix, x in zip(bl, sl)])
+        stage_rows.append((f"`_plan_block`, blocks of {block}", f"{t_plan * 1e6 / nb:,.1f}"))
+        stage_rows.append((f"`_materialise` (groups + shard reads + rows + tensors), blocks of {block}",
+                           f"{t_mat * 1e6 / nb:,.1f}"))
     _, t_claim = _common.timed(lambda: [stream.channel.claim(g) for g in range(nb)])
-    _, t_mat = _common.timed(lambda: [stream._materialise(sl, g) for g, sl in enumerate(slices)])
-    us = 1e6 / nb
-    stage_rows = [
-        (f"`MixturePlan.plan` of one batch ({batch} positions) per call", f"{t_plan * us:,.0f}"),
-        (f"`MixturePlan.plan` of {ahead} batches per call (the stream's `PLAN_AHEAD`), per batch", f"{t_ahead * us:,.1f}"),
-        (f"`MixturePlan.plan` of all {nb * batch:,} positions in one call, per batch", f"{t_whole * us:,.1f}"),
-        ("`_groups(slice)` (group a batch by source, epoch, shard)", f"{t_groups * us:,.0f}"),
-        ("`WeightChannel.claim(g)` (uncontended)", f"{t_claim * us:,.0f}"),
-        ("`_materialise` (groups + shard reads + rows + tensors)", f"{t_mat * us:,.0f}"),
-    ]
+    stage_rows.append(("`WeightChannel.claim(g)` (uncontended)", f"{t_claim * 1e6 / nb:,.1f}"))
+    block_rows = []
+    for block in (1, 8, 64):
+        rates = []
+        for _ in range(3):
+            stream = new_stream(block_batches=block)
+            t0, got = time.perf_counter(), 0
+            for b in stream:
+                got += len(b["text"])
+                if got >= n:
+                    break
+            rates.append(got / (time.perf_counter() - t0))
+        block_rows.append((str(block), f"{statistics.median(rates):,.0f}"))
     out += [
         "",
         f"### Per-batch stage costs without the profiler ({nb:,} batches of {batch}; µs per batch)",
         "",
         _common.markdown_table(["stage", "µs per batch"], stage_rows, "lr"),
+        "",
+        "In-process throughput by `block_batches` (batches planned and read in one pass; median of 3):",
+        "",
+        _common.markdown_table(["block_batches", "samples/s"], block_rows, "rr"),
     ]
 
     # 3. The Parquet read: pyarrow's thread pool on small shards, decode vs conversion to str.
@@ -697,26 +703,20 @@ def profile_fastmix(data: BenchData, batch: int, cache_dir: str, n: int, top: in
                                read_rows, "lrr"),
     ]
 
-    # 4. Batches crossing worker processes: torch tensors go through shared memory one by one.
+    # 4. Batches crossing worker processes: `stream.loader()` (numpy out of the workers) against a
+    # plain DataLoader (its default collate makes tensors in the worker: one shared-memory segment each).
     diag = []
     m = min(n, 20_000)
-    for label, wrap in (
-        ("as yielded by MixtureStream (its tensors + list of str)", None),
-        ("tensors turned into lists inside the worker", "lists"),
-        ("tensors turned into numpy arrays inside the worker, back to tensors in the main process "
-         "(identity `collate_fn`)", "numpy"),
-    ):
+    for label, plain in (("`stream.loader(num_workers=2)`: numpy leaves the worker, tensors made here", False),
+                         ("`DataLoader(stream, batch_size=None, num_workers=2)`: tensors made in the worker", True)):
         stream = new_stream()
-        ds = _ConvertInWorker(stream, wrap) if wrap else stream
-        kw = {"collate_fn": _identity} if wrap == "numpy" else {}
-        loader = torch.utils.data.DataLoader(ds, batch_size=None, num_workers=2, prefetch_factor=2, **kw)
+        loader = (torch.utils.data.DataLoader(stream, batch_size=None, num_workers=2, prefetch_factor=2) if plain
+                  else stream.loader(num_workers=2, prefetch_factor=2))
         it = iter(loader)
         next(it)
         t0 = time.perf_counter()
         got = 0
         for b in it:
-            if wrap == "numpy":
-                b = {k: (torch.from_numpy(v) if isinstance(v, np.ndarray) else v) for k, v in b.items()}
             got += len(b["text"])
             if got >= m:
                 break
@@ -724,30 +724,11 @@ def profile_fastmix(data: BenchData, batch: int, cache_dir: str, n: int, top: in
         del it, loader
     out += [
         "",
-        f"### fastmix with a 2-worker DataLoader: what the batch carries ({m:,} samples, steady state)",
+        f"### fastmix with a 2-worker DataLoader: how batches cross processes ({m:,} samples, steady state)",
         "",
-        _common.markdown_table(["batch", "samples/s"], diag, "lr"),
+        _common.markdown_table(["loader", "samples/s"], diag, "lr"),
     ]
     return "\n".join(out), buf.getvalue()
-
-
-class _ConvertInWorker(torch.utils.data.IterableDataset):
-    """Diagnostic wrapper: fastmix batches with their tensors turned into lists or numpy arrays in the
-    worker, to size what shipping tensors between processes costs."""
-
-    def __init__(self, stream, how: str):
-        self.stream, self.how = stream, how
-
-    def __iter__(self):
-        for b in self.stream:
-            if self.how == "lists":
-                yield {k: (v.tolist() if isinstance(v, torch.Tensor) else v) for k, v in b.items()}
-            else:  # a copy, so no view keeps the (unshared) tensor storage alive
-                yield {k: (v.numpy().copy() if isinstance(v, torch.Tensor) else v) for k, v in b.items()}
-
-
-def _identity(batch):
-    return batch
 
 
 def _short(path: str) -> str:

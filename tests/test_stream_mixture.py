@@ -218,6 +218,28 @@ def test_packing_one_source_per_sequence_and_documents_intact(data):
     assert np.all(np.abs(counts - 20) <= 2)
 
 
+@pytest.mark.parametrize("how", ["loader", "plain DataLoader"])
+def test_workers_serve_the_in_process_batches_as_tensors(data, how):
+    """Both ways through worker processes give the in-process batches, as tensors (packing mode)."""
+
+    def make():
+        return MixtureStream(sources(data), W, batch_size=4, seq_len=15, seed=5, block_batches=3)
+
+    def as_lists(batches):
+        return [(b["batch_index"], b["tokens"].tolist(), b["doc_start"].tolist(), b["source"].tolist(),
+                 b["num_tokens"].tolist()) for b in batches]
+
+    ref = take_raw(iter(make()), 9)
+    stream = make()
+    if how == "loader":
+        loader = stream.loader(num_workers=2, prefetch_factor=2)
+    else:
+        loader = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=2, prefetch_factor=2)
+    got = take_raw(loader, 9)
+    assert all(isinstance(b[k], torch.Tensor) for b in got for k in ("tokens", "doc_start", "source", "num_tokens"))
+    assert as_lists(got) == as_lists(ref)
+
+
 def test_token_weights_in_packing_mode_are_exact(data):
     stream = MixtureStream(sources(data), {"code": 0.7, "web": 0.2, "small": 0.1}, batch_size=10, seq_len=15,
                            weight_units="tokens")

@@ -137,6 +137,7 @@ class MixtureStream(torch.utils.data.IterableDataset):
         self.weight_units = weight_units
         self.shuffle = shuffle
         self.block_batches = int(block_batches)
+        self._numpy_in_workers = False  # set by TrackedLoader while it starts its workers
         self.tokenizer = as_tokenizer(tokenizer, eos_id)
         detected = rank_and_world()
         self.rank = detected[0] if rank is None else int(rank)
@@ -236,7 +237,8 @@ class MixtureStream(torch.utils.data.IterableDataset):
             if not ahead:
                 indices = [g + j * workers for j in range(self.block_batches)]
                 sl = self._plan_block(indices)
-                ahead.extend(self._materialise(sl, indices[: len(sl.position) // self.batch_size], in_main))
+                whole = indices[: len(sl.position) // self.batch_size]
+                ahead.extend(self._materialise(sl, whole, as_tensors=in_main or not self._numpy_in_workers))
                 if not ahead:
                     return
                 if in_main:
@@ -268,8 +270,10 @@ class MixtureStream(torch.utils.data.IterableDataset):
         """Batches of ``batch_size`` consecutive items of ``sl``, one per batch index.
 
         Items are read grouped by (source, epoch, shard) over the whole block, so per-batch work is
-        slicing. Arrays are numpy when ``as_tensors`` is False (in a DataLoader worker: numpy is
-        pickled inline, while each tensor would cost a shared-memory segment) and tensors otherwise.
+        slicing. Arrays are numpy when ``as_tensors`` is False (`loader()`'s workers: numpy is pickled
+        inline, while each tensor storage would cost a shared-memory segment) and tensors otherwise.
+        Every batch's arrays own their memory, apart from views of one buffer within the batch, so
+        a batch that crosses processes carries itself and not its block.
         """
         size = self.batch_size
         n = len(batch_indices) * size
@@ -297,12 +301,13 @@ class MixtureStream(torch.utils.data.IterableDataset):
             lo, hi = j * size, (j + 1) * size
             # Each batch gets its own small metadata buffer: what crosses processes is one batch.
             rows = torch.from_numpy(meta[:, lo:hi].copy()).unbind(0) if as_tensors else meta[:, lo:hi].copy()
+            # (tensor rows are views of one storage: a worker ships them as one shared-memory segment)
             batch: dict[str, Any] = dict(zip(keys, rows))
             batch["batch_index"], batch["weight_version"] = g, version[j]
             if self.seq_len is not None:
-                batch["tokens"], batch["doc_start"] = tokens[lo:hi], starts[lo:hi]
+                batch["tokens"], batch["doc_start"] = tokens[lo:hi].copy(), starts[lo:hi].copy()
                 if as_tensors:
-                    batch["tokens"], batch["doc_start"] = torch.from_numpy(tokens[lo:hi]), torch.from_numpy(starts[lo:hi])
+                    batch["tokens"], batch["doc_start"] = torch.from_numpy(batch["tokens"]), torch.from_numpy(batch["doc_start"])
             for key, col in columns.items():
                 batch[key] = col[lo:hi]
             if "input_ids" in batch:
@@ -401,9 +406,9 @@ class MixtureStream(torch.utils.data.IterableDataset):
         """A torch DataLoader over this stream that reports consumed batches back to it.
 
         The fast path with workers: batches leave a worker as numpy arrays (pickled inline) and
-        become tensors in this process; a worker returning tensors pays one shared-memory segment
-        per tensor storage (~1 ms per batch here). A plain ``DataLoader(stream, batch_size=None)``
-        also works: its default ``collate_fn`` makes the tensors inside the worker."""
+        become tensors in this process. A plain ``DataLoader(stream, batch_size=None)`` also works
+        (then call `observe` on each batch for telemetry): its workers return tensors, which cost
+        a shared-memory segment per storage (~1 ms per batch on a small VM; benchmarks/results/mixer.md)."""
         dataloader_kwargs.setdefault("batch_size", None)
         convert = dataloader_kwargs.get("num_workers", 0) > 0 and "collate_fn" not in dataloader_kwargs
         if convert:
@@ -526,7 +531,12 @@ class TrackedLoader:
         self.to_tensors = to_tensors
 
     def __iter__(self):
-        for batch in self.loader:
+        self.stream._numpy_in_workers = self.to_tensors  # read by the workers started by iter()
+        try:
+            batches = iter(self.loader)
+        finally:
+            self.stream._numpy_in_workers = False
+        for batch in batches:
             if self.to_tensors:
                 batch = _tensor_batch(batch)
             if self.loader.num_workers > 0:
