@@ -113,6 +113,22 @@ def shard_data_from_table(table: pa.Table, columns: Columns, path: str) -> Shard
     return ShardData(texts=texts, ids=ids, extra=extra, row_tokens=row_tokens)
 
 
+def table_from_shard_data(data: ShardData, columns: Columns) -> pa.Table:
+    """The text/ids columns of a decoded shard as an Arrow table named as ``columns`` (the inverse
+    of `shard_data_from_table`; extra columns are not carried)."""
+    arrays, names = [], []
+    if columns.text:
+        arrays.append(pa.array(data.texts, type=pa.large_string()))
+        names.append(columns.text)
+    if columns.ids:
+        lengths = np.fromiter((len(x) for x in data.ids), dtype=np.int64, count=len(data.ids))
+        offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+        values = np.concatenate(data.ids).astype(np.int64) if data.ids else np.zeros(0, dtype=np.int64)
+        arrays.append(pa.LargeListArray.from_arrays(pa.array(offsets), pa.array(values)))
+        names.append(columns.ids)
+    return pa.table(arrays, names=names)
+
+
 def needed_columns(columns: Columns) -> list[str]:
     names = [n for n in (columns.text, columns.ids) if n is not None]
     return list(dict.fromkeys([*names, *columns.extra]))

@@ -69,8 +69,11 @@ class HFReader(NamedColumnsReader):
         return stats_from_table(path, table, kinds, self.text_candidates, self.ids_candidates)
 
     def read(self, path: str, columns: Columns) -> ShardData:
-        table = _read_table(path).select(needed_columns(columns))
-        return shard_data_from_table(table, columns, path)
+        return shard_data_from_table(self.read_table(path, columns), columns, path)
+
+    def read_table(self, path: str, columns: Columns):
+        """The needed columns as an Arrow table."""
+        return _read_table(path).select(needed_columns(columns))
 
     def check_safe(self, path: str, stats: ShardStats) -> None:
         """Arrow files never need pickle."""

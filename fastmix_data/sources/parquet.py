@@ -6,6 +6,7 @@ ids column lists of integers (any integer width; returned as int64). Only the ne
 
 from __future__ import annotations
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 from fastmix_data.sources.arrow import (
@@ -41,10 +42,14 @@ class ParquetReader(NamedColumnsReader):
         return stats_from_table(path, table, kinds, self.text_candidates, self.ids_candidates)
 
     def read(self, path: str, columns: Columns) -> ShardData:
-        # One shard per call: pyarrow's thread pool costs more than it gains on shards this small,
-        # and DataLoader workers are the parallelism.
-        table = pq.ParquetFile(path).read(columns=needed_columns(columns), use_threads=False)
-        return shard_data_from_table(table, columns, path)
+        return shard_data_from_table(self.read_table(path, columns), columns, path)
+
+    def read_table(self, path: str, columns: Columns) -> pa.Table:
+        """The needed columns, decoded (no Python objects per row).
+
+        One shard per call: pyarrow's thread pool costs more than it gains on shards this small,
+        and DataLoader workers are the parallelism."""
+        return pq.ParquetFile(path).read(columns=needed_columns(columns), use_threads=False)
 
     def check_safe(self, path: str, stats: ShardStats) -> None:
         """Parquet never needs pickle."""

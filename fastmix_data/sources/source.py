@@ -11,7 +11,10 @@ import json
 import os
 from collections.abc import Sequence
 
+import pyarrow as pa
+
 from fastmix_data.errors import FastMixDataError, SourceError
+from fastmix_data.sources.arrow import shard_data_from_table, table_from_shard_data
 from fastmix_data.sources.base import ShardData, ShardInfo
 from fastmix_data.sources.reader import Columns, ShardReader
 from fastmix_data.sources.safety import is_pipe
@@ -67,21 +70,43 @@ class ShardedSource:
 
     def read_shard(self, index: int) -> ShardData:
         """Decode shard ``index``; raise SourceError naming the file if it changed or is unreadable."""
+        return self._checked(index, lambda path: self.reader.read(path, self.columns))
+
+    def read_shard_table(self, index: int) -> pa.Table:
+        """Shard ``index`` decoded to an Arrow table of the source's text/ids columns (what DataLoader
+        workers share, see :mod:`fastmix_data.stream.shared_shards`); `shard_from_table` gives rows.
+
+        Raises:
+            SourceError: as `read_shard`. ValueError: the source has extra columns (their Python
+                values have no Arrow form in general).
+        """
+        if self.columns.extra:
+            raise ValueError(f"source {self.name!r} has extra columns; its shards are not shared as Arrow")
+        read_table = getattr(self.reader, "read_table", None)
+        if read_table is not None:
+            return self._checked(index, lambda path: read_table(path, self.columns), rows=lambda t: t.num_rows)
+        return table_from_shard_data(self.read_shard(index), self.columns)
+
+    def shard_from_table(self, index: int, table: pa.Table) -> ShardData:
+        """The rows of a table made by `read_shard_table` (in this or another process)."""
+        return self._checked(index, lambda path: shard_data_from_table(table, self.columns, path), stat=False)
+
+    def _checked(self, index: int, read, rows=lambda data: data.rows, stat: bool = True):
         info = self.shards[index]
         where = f"shard {info.path} of source {self.name!r}"
-        if not is_pipe(info.path):
+        if stat and not is_pipe(info.path):
             check_unchanged(info, where, "it was indexed", "; re-open the source to re-index it")
         try:
-            data = self.reader.read(info.path, self.columns)
+            data = read(info.path)
         except FastMixDataError:
             raise
         except Exception as exc:
             raise SourceError(
                 f"{where} is unreadable ({type(exc).__name__}: {exc}); replace the file"
             ) from exc
-        if data.rows != info.rows:
+        if rows(data) != info.rows:
             raise SourceError(
-                f"{where} has {data.rows} rows but was indexed with {info.rows}; re-open the source"
+                f"{where} has {rows(data)} rows but was indexed with {info.rows}; re-open the source"
             )
         return data
 

@@ -85,6 +85,7 @@ class ItemSource:
         self.shuffle = shuffle
         self.key = stable_key(source.name)
         self._cache: OrderedDict = OrderedDict()
+        self.shared = None  # SharedShards of the stream's DataLoader workers (set in workers only)
         self.shard_tokens = self._shard_tokens()
         if seq_len is None:
             self.items_per_shard = [s.rows for s in source.shards]
@@ -149,13 +150,20 @@ class ItemSource:
         key = ("shard", shard)
         hit = self._cache.get(key)
         if hit is None:
-            hit = self.source.read_shard(shard)
+            hit = self._read(shard)
             if hit.row_tokens is None and self.seq_len is None:
                 hit.row_tokens = row_tokens(hit)
             self._remember(key, hit)
         else:
             self._cache.move_to_end(key)
         return hit
+
+    def _read(self, shard: int) -> ShardData:
+        """Decode a shard; through the workers' shared decoded shards when the stream has them."""
+        if self.shared is None or self.source.columns.extra or not hasattr(self.source, "read_shard_table"):
+            return self.source.read_shard(shard)
+        table = self.shared.get(f"{self.key:016x}-{shard}", lambda: self.source.read_shard_table(shard))
+        return self.source.shard_from_table(shard, table)
 
     def _remember(self, key, value) -> None:
         self._cache[key] = value

@@ -32,6 +32,7 @@ from fastmix_data.sources.base import Source
 from fastmix_data.stream.channel import WeightChannel
 from fastmix_data.stream.distributed import agree_max, broadcast_floats, rank_and_world, worker_and_count
 from fastmix_data.stream.items import ItemSource
+from fastmix_data.stream.shared_shards import SharedShards
 from fastmix_data.stream.tokenize import as_tokenizer
 
 log = logging.getLogger(__name__)
@@ -54,6 +55,18 @@ def _open_all(sources: Mapping[str, Any], **opts) -> list[Source]:
             spec = spec["path"]
         out.append(open_source(name, spec, **kw))
     return out
+
+
+def _shared_shards(sources: Sequence[Source], items: Sequence[ItemSource]) -> SharedShards:
+    """Slots for the workers' shared decoded shards, sized by the largest decoded shard (estimated
+    from the index: text bytes, or 8 bytes per token id, plus offsets)."""
+    largest = 1
+    for source, item_source in zip(sources, items):
+        per_token = 8 if item_source.has_ids else 1
+        for info in source.shards:
+            size = 16 * info.rows + (per_token * info.tokens if info.tokens is not None else 4 * info.bytes)
+            largest = max(largest, size)
+    return SharedShards.for_shards(largest, min_slots=4 * len(sources))
 
 
 def _exhaustion(spec: Any, name: str) -> Exhaustion:
@@ -90,6 +103,8 @@ class MixtureStream(torch.utils.data.IterableDataset):
             slicing). Default 64 in sample mode; in packing mode as many as hold 4M tokens (at most
             64). It never delays a weight change: batches are still claimed one at a time, and a
             change drops what was built ahead.
+        share_decoded: with 2+ DataLoader workers, decode each shard once between them and pass it
+            on through shared memory (:mod:`fastmix_data.stream.shared_shards`).
     """
 
     def __init__(
@@ -110,6 +125,7 @@ class MixtureStream(torch.utils.data.IterableDataset):
         cache_shards: int = 2,
         max_items: int | None = None,
         block_batches: int | None = None,
+        share_decoded: bool = True,
         **source_options: Any,
     ):
         super().__init__()
@@ -146,6 +162,7 @@ class MixtureStream(torch.utils.data.IterableDataset):
             raise ValueError(f"rank {self.rank} is outside world_size {self.world_size}")
         self.sources = _open_all(sources, **source_options)
         self.items = [ItemSource(s, self.seed, seq_len, self.tokenizer, cache_shards, shuffle) for s in self.sources]
+        self.shared = _shared_shards(self.sources, self.items) if share_decoded else None
         self.tokens_per_item = np.array([it.mean_tokens_per_item() for it in self.items])
         self.policies = [_exhaustion(exhaustion.get(n), n) for n in self.names]
         requested = normalize_weights(weights, self.names)
@@ -226,6 +243,9 @@ class MixtureStream(torch.utils.data.IterableDataset):
             g = self._next_batch + worker
         self._resume_cursor = None
         in_main = torch.utils.data.get_worker_info() is None
+        packed_out = not in_main and self._numpy_in_workers  # loader() workers send packed numpy batches
+        for item_source in self.items:  # 2+ workers decode each shard once between them
+            item_source.shared = self.shared if workers > 1 and not in_main else None
         ahead: collections.deque[dict] = collections.deque()  # built batches g, g + W, ...
         while True:
             # Claim before serving: a change published since the last claim drops what was built
@@ -238,42 +258,34 @@ class MixtureStream(torch.utils.data.IterableDataset):
                 indices = [g + j * workers for j in range(self.block_batches)]
                 sl = self._plan_block(indices)
                 whole = indices[: len(sl.position) // self.batch_size]
-                ahead.extend(self._materialise(sl, whole, as_tensors=in_main or not self._numpy_in_workers))
+                ahead.extend(self._materialise(sl, whole, rotation=(worker, workers)))
                 if not ahead:
                     return
-                if in_main:
-                    counts = self._block_counts(ahead)
             batch = ahead.popleft()
             self._cursor = {"next": g + workers, "worker": worker, "num_workers": workers}
-            if in_main:
-                self._count(g, batch["weight_version"], *counts[batch["batch_index"]])
+            if not packed_out:
+                batch, meta = _unpack(batch)
+                if in_main:
+                    self._count_meta(g, batch["weight_version"], meta)
             g += workers
             yield batch
-
-    def _block_counts(self, batches: Sequence[dict]) -> dict[int, tuple[np.ndarray, np.ndarray]]:
-        """Per batch index: per-source samples and tokens (telemetry), computed for a block at once."""
-        k = len(self.names)
-        src = torch.stack([b["source"] for b in batches]).numpy()
-        tok = torch.stack([b["num_tokens"] for b in batches]).numpy()
-        key = (np.arange(len(batches))[:, None] * k + src).ravel()
-        samples = np.bincount(key, minlength=len(batches) * k).reshape(len(batches), k)
-        tokens = np.bincount(key, weights=tok.ravel(), minlength=len(batches) * k).reshape(len(batches), k)
-        tokens = tokens.astype(np.int64)
-        return {b["batch_index"]: (samples[j], tokens[j]) for j, b in enumerate(batches)}
 
     def _plan_block(self, batch_indices: list[int]) -> PlanSlice:
         """The plan of this rank's part of global batches ``batch_indices`` (ascending), one call."""
         starts = [b * self.global_batch_items + self.rank * self.batch_size for b in batch_indices]
         return self.plan.plan_ranges(starts, self.batch_size)
 
-    def _materialise(self, sl: PlanSlice, batch_indices: Sequence[int], as_tensors: bool = True) -> list[dict]:
+    def _materialise(
+        self, sl: PlanSlice, batch_indices: Sequence[int], rotation: tuple[int, int] = (0, 1)
+    ) -> list[dict]:
         """Batches of ``batch_size`` consecutive items of ``sl``, one per batch index.
 
         Items are read grouped by (source, epoch, shard) over the whole block, so per-batch work is
-        slicing. Arrays are numpy when ``as_tensors`` is False (`loader()`'s workers: numpy is pickled
-        inline, while each tensor storage would cost a shared-memory segment) and tensors otherwise.
-        Every batch's arrays own their memory, apart from views of one buffer within the batch, so
-        a batch that crosses processes carries itself and not its block.
+        slicing. The batches are *packed* (numpy, the integer arrays in one ``_meta`` array): what a
+        `loader()` worker sends, pickled inline; `_unpack` makes the user-facing tensor batch. Each
+        batch owns its arrays, so a batch that crosses processes carries itself, not its block.
+        Worker w of W (``rotation``) reads the block's shards starting w/W of the way through, so
+        workers decode different shards at the same time (see `SharedShards`).
         """
         size = self.batch_size
         n = len(batch_indices) * size
@@ -283,36 +295,35 @@ class MixtureStream(torch.utils.data.IterableDataset):
         meta[0], meta[1], meta[2], meta[3] = sl.source[:n], sl.shard[:n], sl.item[:n], sl.epoch[:n]
         version = sl.version[:n].reshape(-1, size).max(axis=1).tolist()
         order, groups = _groups(meta[0], meta[3], meta[1])
+        first = rotation[0] * len(groups) // rotation[1]
+        visit = list(range(first, len(groups))) + list(range(first))
         columns: dict[str, list] = {}
         if self.seq_len is not None:
             tokens = np.empty((n, self.seq_len + 1), dtype=np.int64)
             starts = np.empty((n, self.seq_len + 1), dtype=bool)
-            for (src, epoch, shard), idx in groups:
+            for (src, epoch, shard), idx in (groups[i] for i in visit):
                 tokens[idx], starts[idx] = self.items[src].sequences(epoch, shard, meta[2, idx])
             meta[4] = self.seq_len + 1
         else:
-            picked = [(idx, self.items[src].gather(shard, meta[2, idx])) for (src, _epoch, shard), idx in groups]
+            gathered = {}
+            for i in visit:
+                (src, _epoch, shard), idx = groups[i]
+                gathered[i] = (idx, self.items[src].gather(shard, meta[2, idx]))
+            picked = [gathered[i] for i in range(len(groups))]
             for idx, rows in picked:
                 meta[4, idx] = rows.tokens
             columns = _columns_in_order(picked, n, order)
         out = []
-        keys = ("source", "shard", "item", "epoch", "num_tokens")
         for j, g in enumerate(batch_indices):
             lo, hi = j * size, (j + 1) * size
-            # Each batch gets its own small metadata buffer: what crosses processes is one batch.
-            rows = torch.from_numpy(meta[:, lo:hi].copy()).unbind(0) if as_tensors else meta[:, lo:hi].copy()
-            # (tensor rows are views of one storage: a worker ships them as one shared-memory segment)
-            batch: dict[str, Any] = dict(zip(keys, rows))
-            batch["batch_index"], batch["weight_version"] = g, version[j]
+            # Each batch owns its arrays (copies of its slice of the block).
+            batch: dict[str, Any] = {"_meta": meta[:, lo:hi].copy(), "batch_index": g, "weight_version": version[j]}
             if self.seq_len is not None:
                 batch["tokens"], batch["doc_start"] = tokens[lo:hi].copy(), starts[lo:hi].copy()
-                if as_tensors:
-                    batch["tokens"], batch["doc_start"] = torch.from_numpy(batch["tokens"]), torch.from_numpy(batch["doc_start"])
             for key, col in columns.items():
                 batch[key] = col[lo:hi]
             if "input_ids" in batch:
-                ids = _split_rows(batch["input_ids"])
-                batch["input_ids"] = [torch.from_numpy(x) for x in ids] if as_tensors else ids
+                batch["_ids"] = _flat_rows(batch.pop("input_ids"))
             out.append(batch)
         return out
 
@@ -377,25 +388,25 @@ class MixtureStream(torch.utils.data.IterableDataset):
         for first in range(0, int(steps), self.block_batches):
             block = list(range(first, min(first + self.block_batches, int(steps))))
             sl = plan.plan(first * self.batch_size, (block[-1] + 1) * self.batch_size)
-            for batch in self._materialise(sl, block):
+            for packed in self._materialise(sl, block):
+                batch, _ = _unpack(packed)
                 batch["probe"] = probe_id
                 yield batch
 
     # ------------------------------------------------------------------------------ consumption
     def _observe(self, batch: Mapping) -> None:
-        src = np.asarray(batch["source"])
-        k = len(self.names)
-        samples = np.bincount(src, minlength=k)
-        tokens = np.bincount(src, weights=np.asarray(batch["num_tokens"]), minlength=k).astype(np.int64)
-        self._count(int(batch["batch_index"]), int(batch["weight_version"]), samples, tokens)
+        meta = np.stack([np.asarray(batch["source"]), np.asarray(batch["num_tokens"])])
+        self._count_meta(int(batch["batch_index"]), int(batch["weight_version"]), meta, tokens_row=1)
 
-    def _count(self, g: int, version: int, samples: np.ndarray, tokens: np.ndarray) -> None:
-        """Record the consumption of batch g: its weight version and per-source samples and tokens."""
+    def _count_meta(self, g: int, version: int, meta: np.ndarray, tokens_row: int = 4) -> None:
+        """Record the consumption of batch g: its weight version, per-source samples and tokens
+        (meta: the packed batch's integer rows; row 0 the source, ``tokens_row`` the token counts)."""
         self._next_batch = max(self._next_batch, g + 1)
         if version not in self._observed:
             self._observed[version] = time.time()
-        self._samples_observed += samples
-        self._tokens_observed += tokens
+        k = len(self.names)
+        self._samples_observed += np.bincount(meta[0], minlength=k)
+        self._tokens_observed += np.bincount(meta[0], weights=meta[tokens_row], minlength=k).astype(np.int64)
 
     def observe(self, batch: Mapping) -> None:
         """Record that the training loop received ``batch`` (done for you by `loader()` and with
@@ -515,6 +526,13 @@ class MixtureStream(torch.utils.data.IterableDataset):
             "ended_at": self.plan.end,
         }
 
+    def close(self) -> None:
+        """Remove the stream's temporary files (weight channel, shared decoded shards) now rather
+        than at interpreter exit. The stream cannot serve DataLoader workers afterwards."""
+        self.channel.close()
+        if self.shared is not None:
+            self.shared.close()
+
     def manifest_plan(self) -> MixturePlan:
         """The pure plan behind this stream (for exporters)."""
         if torch.utils.data.get_worker_info() is None:
@@ -538,30 +556,34 @@ class TrackedLoader:
             self.stream._numpy_in_workers = False
         for batch in batches:
             if self.to_tensors:
-                batch = _tensor_batch(batch)
-            if self.loader.num_workers > 0:
+                batch, meta = _unpack(batch)
+                self.stream._count_meta(batch["batch_index"], batch["weight_version"], meta)
+            elif self.loader.num_workers > 0:
                 self.stream._observe(batch)
             yield batch
 
 
-_ARRAY_KEYS = ("source", "shard", "item", "epoch", "num_tokens", "tokens", "doc_start", "input_ids")
+META_KEYS = ("source", "shard", "item", "epoch", "num_tokens")  # the rows of a packed batch's "_meta"
 
 
 def _as_is(batch: dict) -> dict:
-    """collate_fn of `MixtureStream.loader` with workers: the worker's numpy batch, unchanged."""
+    """collate_fn of `MixtureStream.loader` with workers: the worker's packed batch, unchanged."""
     return batch
 
 
-def _tensor_batch(batch: dict) -> dict:
-    """A batch's numpy arrays (and lists of them) as tensors sharing their memory."""
-    out = dict(batch)
-    for key in _ARRAY_KEYS:
-        v = out.get(key)
-        if isinstance(v, np.ndarray):
-            out[key] = torch.from_numpy(v)
-        elif isinstance(v, list):
-            out[key] = [torch.from_numpy(x) for x in v]
-    return out
+def _unpack(packed: dict) -> tuple[dict, np.ndarray]:
+    """A packed batch (see `MixtureStream._materialise`) as the user-facing batch of tensors, and its
+    ``_meta`` array. The integer rows are views of one tensor (one storage per batch)."""
+    batch = dict(packed)
+    meta = batch.pop("_meta")
+    batch.update(zip(META_KEYS, torch.from_numpy(meta).unbind(0)))
+    for key in ("tokens", "doc_start"):
+        if key in batch:
+            batch[key] = torch.from_numpy(batch[key])
+    if "_ids" in batch:
+        flat, lengths = batch.pop("_ids")
+        batch["input_ids"] = list(torch.from_numpy(flat).split(lengths.tolist()))
+    return batch, meta
 
 
 def _groups(source: np.ndarray, epoch: np.ndarray, shard: np.ndarray):
@@ -605,12 +627,12 @@ def _columns_in_order(picked: list, n: int, order: np.ndarray) -> dict[str, list
     return columns
 
 
-def _split_rows(rows: list) -> list[np.ndarray]:
-    """A batch's ids rows as views of one contiguous int64 buffer (one allocation per batch); rows
-    of sources without ids are empty."""
+def _flat_rows(rows: list) -> tuple[np.ndarray, np.ndarray]:
+    """A batch's ids rows as (one flat int64 array, row lengths); rows of sources without ids are
+    empty."""
     rows = [np.zeros(0, dtype=np.int64) if r is None else r for r in rows]
     flat = np.concatenate(rows).astype(np.int64, copy=False) if rows else np.zeros(0, dtype=np.int64)
-    return np.split(flat, np.cumsum([len(r) for r in rows])[:-1])
+    return flat, np.fromiter((len(r) for r in rows), dtype=np.int64, count=len(rows))
 
 
 def _diff(saved: Mapping, now: Mapping) -> str:
