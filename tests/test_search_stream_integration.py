@@ -57,7 +57,9 @@ def test_run_search_on_mixture_stream_with_sink_and_resume(tmp_path):
     full = run_search(search, target, cfg, sink=job, out_dir=tmp_path / "a")
     assert full.stopped_reason == "max_steps"
     assert full.weights["digits"] == max(full.weights.values())  # the target is digits text
-    assert job.state_dict()["history"][-1]["requested"] == pytest.approx(full.last_weights)
+    # the job ends on the exported (average) mixture, pushed after the last live update
+    assert job.state_dict()["history"][-1]["requested"] == pytest.approx(full.weights)
+    assert full.weights != full.last_weights and full.final_effective_batch == 0
     eff = [r["effective_batch"] for r in full.trajectory if r["updated"]]
     assert eff and all(isinstance(e, int) for e in eff)
 

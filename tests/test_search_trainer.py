@@ -215,10 +215,12 @@ def test_token_budget_and_online_sink(tmp_path):
     r = run_search(stream(), target([1, 0, 0]), cfg(max_steps=None, max_tokens=40 * B * L), sink=sink)
     assert r.stopped_reason == "max_tokens" and r.tokens == 40 * B * L
     updates = [rec for rec in r.trajectory if rec["updated"]]
-    # constructor, the starting mixture, then one per update
-    assert len(updates) > 0 and len(sink.history) == 1 + 1 + len(updates)
+    # constructor, the starting mixture, one per update, then the exported (average) weights
+    assert len(updates) > 0 and len(sink.history) == 1 + 1 + len(updates) + 1
     assert all(rec["effective_batch"] == 0 for rec in r.trajectory)  # nobody consumed the sink's batches
-    assert sink.history[-1][1] == pytest.approx(list(r.last_weights.values()))
+    assert sink.history[-2][1] == pytest.approx(list(r.last_weights.values()))
+    assert sink.history[-1][1] == pytest.approx(list(r.weights.values())) and r.final_effective_batch == 0
+    assert r.weights == r.average_weights != r.last_weights
 
 
 def test_answer_only_target_loss_mask_and_plain_mode():

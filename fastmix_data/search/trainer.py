@@ -303,6 +303,7 @@ class SearchResult:
     skipped_nonfinite: int
     model: nn.Module
     out_dir: Path | None = None
+    final_effective_batch: int | None = None  #: where the sink switched to ``weights`` (final="average")
 
 
 def _atomic_write(path: Path, data: str | bytes) -> None:
@@ -628,7 +629,8 @@ def run_search(
             May be None only with ``hypergrad="none"``.
         config: a :class:`SearchConfig` or a mapping for :meth:`SearchConfig.from_dict`.
         sink: receives every new alpha (``sink.set_weights({name: w}) -> batch index`` or a
-            callable); online mode -- e.g. a training job's ``MixtureStream``.
+            callable); online mode -- e.g. a training job's ``MixtureStream``. With
+            ``final="average"`` a finished search also pushes the exported (average) weights last.
         out_dir: where ``weights.json``, ``trajectory.jsonl``, ``trajectory.png``,
             ``compute.json``, ``search_config.json`` and ``checkpoint.pt`` go; None writes nothing.
         model: a proxy implementing :class:`~fastmix_data.search.model.HeadedLM` (default: built
@@ -707,10 +709,10 @@ def run_search(
     last_target_loss: float | None = None
     last_eff: int | None = None
 
-    def push_sink() -> int | None:
+    def push_sink(weights: list[float] | None = None) -> int | None:
         if sink is None:
             return None
-        w = dict(zip(names, fm.alpha().tolist()))
+        w = dict(zip(names, fm.alpha().tolist() if weights is None else weights))
         r = sink.set_weights(w) if hasattr(sink, "set_weights") else sink(w)
         return None if r is None else int(r)
 
@@ -1087,6 +1089,9 @@ def run_search(
         st["time"]["io"] += time.perf_counter() - t_io
 
     # ---------------------------------------------------------------- end of run
+    final_eff = None
+    if sink is not None and cfg.final == "average":
+        final_eff = push_sink(fm.average().tolist())  # the job continues under the exported mixture
     save_checkpoint()
     wall = st["wall_prev"] + (time.perf_counter() - t_start)
     fl = st["flops"]
@@ -1139,6 +1144,7 @@ def run_search(
         skipped_nonfinite=fm.skipped_nonfinite,
         model=model,
         out_dir=out_path,
+        final_effective_batch=final_eff,
     )
 
 
