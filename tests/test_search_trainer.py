@@ -318,3 +318,9 @@ def test_cpu_end_to_end_smoke(tmp_path):
         assert key in rec
     assert rec["tokens"] == 40 * 8 * 64 and 0 < rec["min_weight"] <= 1 / 3 and rec["entropy"] <= math.log(3) + 1e-9
     assert r.stopped_reason == "max_steps"
+
+
+def test_a_budget_too_short_to_update_the_mixture_is_warned_about():
+    with pytest.warns(UserWarning, match="warmup_steps=100 \\+ outer_every=20"):
+        r = run_search(stream(), target([1, 0, 0]), cfg(max_steps=30, warmup_steps=100, outer_every=20))
+    assert not any(rec["updated"] for rec in r.trajectory)

@@ -1006,6 +1006,14 @@ def run_search(
                 if pbar is not None and cfg.max_tokens is None:
                     pbar.total = cfg.max_steps * B * L
                     pbar.refresh()
+                budget_steps = st["total_opt_steps"] * cfg.grad_accum  # micro-batches the budget allows
+                if cfg.hypergrad != "none" and budget_steps and budget_steps <= cfg.warmup_steps + cfg.outer_every:
+                    warnings.warn(
+                        f"the budget allows {budget_steps} micro-batches but the mixture is first updated after "
+                        f"warmup_steps={cfg.warmup_steps} + outer_every={cfg.outer_every}: this search will return "
+                        "its starting weights; lower warmup_steps/outer_every or raise max_steps/max_tokens",
+                        stacklevel=2,
+                    )
                 first = False
             t1 = time.perf_counter()
             st["time"]["data"] += t1 - t0
