@@ -10,7 +10,7 @@ from shardgen import byte_ids, make_docs, read_all, write_parquet_source
 
 from fastmix_data.errors import SourceError
 from fastmix_data.sources import open_source
-from fastmix_data.sources.arrow import ids_of
+from fastmix_data.sources.arrow import _value_lengths, ids_of
 
 
 def test_round_trip_text_and_ids(tmp_path):
@@ -65,6 +65,37 @@ def test_ids_conversion_of_sliced_chunks():
     arr = pa.array([[1, 2], [3], [], [4, 5, 6], [7]], pa.list_(pa.int32()))
     col = pa.chunked_array([arr.slice(1, 3), arr.slice(4, 1)])
     assert [a.tolist() for a in ids_of(col, "ids", "mem")] == [[3], [], [4, 5, 6], [7]]
+
+
+@pytest.mark.parametrize(
+    "col",
+    [
+        pa.chunked_array([pa.array(["ab", "", "héllo"]), pa.array(["x", "yz"]).slice(1)]),
+        pa.chunked_array([pa.array(["ab", "cde"], type=pa.large_string()).slice(1)]),
+        pa.chunked_array([pa.array([[1, 2], [], [3]]).slice(1), pa.array([[4, 5, 6]])]),
+        pa.chunked_array([pa.array([[4, 5, 6], [1]], type=pa.large_list(pa.int64())).slice(1)]),
+        pa.chunked_array([pa.FixedSizeListArray.from_arrays(pa.array([1, 2, 3, 4]), 2)]),
+    ],
+)
+def test_row_token_lengths_from_offsets_match_arrow(col):
+    is_text = pa.types.is_string(col.type) or pa.types.is_large_string(col.type)
+    want = (pa.compute.binary_length if is_text else pa.compute.list_value_length)(col).to_pylist()
+    assert _value_lengths(col).tolist() == want
+
+
+def test_reading_a_shard_does_not_import_pandas(tmp_path):
+    """Every DataLoader worker reads shards: an import of pandas there costs ~0.2 s per worker."""
+    import subprocess
+    import sys
+
+    write_parquet_source(tmp_path, make_docs(20), shards=1, ids_col="input_ids")
+    code = (
+        "import sys; from fastmix_data.sources import open_source; "
+        f"d = open_source('s', {str(tmp_path)!r}).read_shard(0); "
+        "assert d.row_tokens is not None; print('pandas' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
 
 
 def test_extra_columns(tmp_path):
