@@ -44,6 +44,7 @@ class WeightChannel:
         self._fds: tuple[int, int] | None = None  # (lock, claims) opened by this process
         self._fd_pid = -1
         self._thread_lock = threading.Lock()
+        self._claimed_here = first_batch - 1  # claims kept in memory by the owner process (see claim)
         self._write_history(history, version=0)
         with open(self._path("claims"), "wb") as f:
             f.write(_HEADER.pack(0, first_batch - 1, 0))
@@ -90,7 +91,16 @@ class WeightChannel:
 
     # ------------------------------------------------------------------------------- workers
     def claim(self, batch: int) -> list | None:
-        """Claim ``batch`` before producing it; return the history if it changed since last call."""
+        """Claim ``batch`` before producing it; return the history if it changed since last call.
+
+        In the process that made the channel (the stream iterated with ``num_workers=0``) nothing
+        else claims concurrently and `begin_change` runs in that same process, so an unchanged
+        history is checked with one unlocked header read and the claim is kept in memory."""
+        if os.getpid() == self.owner_pid:
+            version, _, pending = self._read_header()
+            if not pending and version == self._local_version:
+                self._claimed_here = max(self._claimed_here, batch)
+                return None
         while True:
             with self._locked():
                 version, claimed, pending = self._read_header()
@@ -110,7 +120,7 @@ class WeightChannel:
         with self._locked():
             version, claimed, _ = self._read_header()
             self._write_header(version, claimed, 1)
-            return claimed
+            return max(claimed, self._claimed_here) if os.getpid() == self.owner_pid else claimed
 
     def finish_change(self, history: list) -> int:
         """Publish ``history`` and clear the pending flag; return the new version."""
@@ -126,6 +136,7 @@ class WeightChannel:
             version, _, _ = self._read_header()
             self._write_history(history, version + 1)
             self._write_header(version + 1, first_batch - 1, 0)
+            self._claimed_here = first_batch - 1
 
     def adopt(self, history: list) -> None:
         """Install a restored history if the channel's is older (a worker restoring its state)."""
@@ -138,7 +149,8 @@ class WeightChannel:
 
     def max_claimed(self) -> int:
         with self._locked():
-            return self._read_header()[1]
+            claimed = self._read_header()[1]
+        return max(claimed, self._claimed_here) if os.getpid() == self.owner_pid else claimed
 
     def close(self) -> None:
         if self._fds is not None and self._fd_pid == os.getpid():
