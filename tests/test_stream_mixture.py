@@ -262,13 +262,20 @@ def test_other_formats_mix_with_parquet(tmp_path, streaming_module):
     write_mds_source(tmp_path / "mds", make_docs(25, prefix="mds"), shards=2)
     write_hf_source(tmp_path / "hf", make_docs(25, prefix="hf"), shards=2)
     write_parquet_source(tmp_path / "pq", make_docs(25, prefix="pq"), shards=1)
-    stream = MixtureStream(
-        {"mds": str(tmp_path / "mds"), "hf": str(tmp_path / "hf"), "pq": str(tmp_path / "pq")},
-        {"mds": 1, "hf": 1, "pq": 1}, batch_size=5, seed=0, shuffle=False,
-    )
-    texts = [t for b in take_raw(iter(stream), 15) for t in b["text"]]
+
+    def make():
+        return MixtureStream(
+            {"mds": str(tmp_path / "mds"), "hf": str(tmp_path / "hf"), "pq": str(tmp_path / "pq")},
+            {"mds": 1, "hf": 1, "pq": 1}, batch_size=5, seed=0, shuffle=False,
+        )
+
+    texts = [t for b in take_raw(iter(make()), 15) for t in b["text"]]
     assert len(texts) == len(set(texts)) == 75  # one epoch of each source, nothing twice
     assert set(texts) == set(make_docs(25, prefix="mds")) | set(make_docs(25, prefix="hf")) | set(make_docs(25, prefix="pq"))
+    # 2 workers (decoding each shard once between them, through shared memory) serve the same
+    stream = make()
+    assert [t for b in take_raw(stream.loader(num_workers=2), 15) for t in b["text"]] == texts
+    stream.close()
 
 
 @pytest.mark.parametrize(
