@@ -10,7 +10,7 @@ from shardgen import byte_ids, make_docs, read_all, write_parquet_source
 
 from fastmix_data.errors import SourceError
 from fastmix_data.sources import open_source
-from fastmix_data.sources.arrow import _value_lengths, ids_of
+from fastmix_data.sources.arrow import ids_of, value_lengths
 
 
 def test_round_trip_text_and_ids(tmp_path):
@@ -80,7 +80,7 @@ def test_ids_conversion_of_sliced_chunks():
 def test_row_token_lengths_from_offsets_match_arrow(col):
     is_text = pa.types.is_string(col.type) or pa.types.is_large_string(col.type)
     want = (pa.compute.binary_length if is_text else pa.compute.list_value_length)(col).to_pylist()
-    assert _value_lengths(col).tolist() == want
+    assert value_lengths(col).tolist() == want
 
 
 def test_reading_a_shard_does_not_import_pandas(tmp_path):

@@ -32,7 +32,6 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
@@ -40,6 +39,7 @@ from fastmix_data.errors import ManifestError, SourceError
 from fastmix_data.export._util import canonical_json, parse_size, sha256_file, write_json_atomic
 from fastmix_data.export.from_manifest import manifest_plan, manifest_sources
 from fastmix_data.export.manifest import load_manifest
+from fastmix_data.sources.arrow import integers, value_lengths
 from fastmix_data.sources.source import check_unchanged
 
 log = logging.getLogger(__name__)
@@ -209,11 +209,11 @@ class Materialiser:
                 parts["input_ids"].append(ids)
                 parts["tokens"].append(tok)
             # rows arrive grouped by input shard; put them back in position order
-            back = pa.array(np.argsort(np.concatenate(parts["idx"]), kind="stable"))
+            back = np.argsort(np.concatenate(parts["idx"]), kind="stable")
             for col in ("text", "input_ids"):
                 if self.columns[col]:
-                    out[col] = pa.concat_arrays(parts[col]).take(back)
-            tokens = np.concatenate(parts["tokens"])[back.to_numpy()]
+                    out[col] = pa.concat_arrays(parts[col]).take(pa.array(back))
+            tokens = np.concatenate(parts["tokens"])[back]
         counts["items"] += np.bincount(sl.source, minlength=len(self.names))
         counts["tokens"] += np.bincount(sl.source, weights=tokens, minlength=len(self.names)).astype(np.int64)
         for k in np.unique(sl.source):
@@ -235,8 +235,7 @@ class Materialiser:
             text = picked.column(cols.text).combine_chunks().cast(pa.string()) if want_text else None
             ids = picked.column(cols.ids).combine_chunks().cast(pa.list_(pa.int32())) if want_ids else None
             if cols.ids is not None:
-                lengths = pc.list_value_length(picked.column(cols.ids)).to_numpy(zero_copy_only=False)
-                return text, ids, lengths.astype(np.int64) + self.eos_extra
+                return text, ids, value_lengths(picked.column(cols.ids)) + self.eos_extra
             texts = picked.column(cols.text).combine_chunks()
         else:
             rows = item_source.rows(shard, items)
@@ -249,8 +248,7 @@ class Materialiser:
         from fastmix_data.stream.tokenize import ByteTokenizer
 
         if isinstance(self.tokenizer, ByteTokenizer):
-            lengths = pc.binary_length(texts).to_numpy(zero_copy_only=False).astype(np.int64)
-            return text, ids, lengths + self.eos_extra
+            return text, ids, value_lengths(texts) + self.eos_extra
         tok = [len(self.tokenizer.encode(t)) + self.eos_extra for t in texts.to_pylist()]
         return text, ids, np.array(tok, dtype=np.int64)
 
@@ -344,7 +342,8 @@ def _rows(ch: dict, names: list[str]) -> Iterator[dict]:
     texts = ch["text"].to_pylist() if "text" in ch else None
     ids = ch.get("input_ids")
     if ids is not None and not isinstance(ids, np.ndarray):
-        ids = [np.asarray(x, dtype=np.int32) for x in ids.to_numpy(zero_copy_only=False)]
+        values = integers(ids.flatten()).astype(np.int32)  # flatten: only the rows' own values
+        ids = np.split(values, np.cumsum(value_lengths(ids))[:-1])
     for i, (pos, src) in enumerate(zip(ch["position"].tolist(), ch["source"].tolist())):
         row: dict[str, Any] = {"position": pos, "source": names[src]}
         if texts is not None:

@@ -74,7 +74,7 @@ def texts_of(col: pa.ChunkedArray, name: str, path: str) -> list[str]:
     return col.to_pylist()
 
 
-def _integers(arr: pa.Array) -> np.ndarray:
+def integers(arr: pa.Array) -> np.ndarray:
     """A null-free integer Arrow array as a zero-copy numpy view of its data buffer (Arrow's own
     ``to_numpy`` imports pandas, which would cost every DataLoader worker ~0.2 s)."""
     t = arr.type
@@ -87,14 +87,14 @@ def _list_chunk_to_ids(chunk: pa.Array, name: str, path: str) -> list[np.ndarray
         flat = chunk.flatten()
         if flat.null_count:
             raise SourceError(f"column {name!r} of shard {path} has null token ids")
-        values = _integers(flat).astype(np.int64)
+        values = integers(flat).astype(np.int64)
         return list(values.reshape(len(chunk), chunk.type.list_size))
-    offsets = _integers(chunk.offsets)
+    offsets = integers(chunk.offsets)
     start, stop = int(offsets[0]), int(offsets[-1])
     child = chunk.values.slice(start, stop - start)
     if child.null_count:
         raise SourceError(f"column {name!r} of shard {path} has null token ids")
-    values = _integers(child).astype(np.int64)
+    values = integers(child).astype(np.int64)
     bounds = (offsets - start).tolist()
     return [values[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
 
@@ -115,9 +115,9 @@ def shard_data_from_table(table: pa.Table, columns: Columns, path: str) -> Shard
     extra = {name: table.column(name).to_pylist() for name in columns.extra}
     row_tokens = None
     if columns.ids:
-        row_tokens = _value_lengths(table.column(columns.ids))
+        row_tokens = value_lengths(table.column(columns.ids))
     elif columns.text:
-        row_tokens = _value_lengths(table.column(columns.text)) + 1
+        row_tokens = value_lengths(table.column(columns.text)) + 1
     return ShardData(texts=texts, ids=ids, extra=extra, row_tokens=row_tokens)
 
 
@@ -137,11 +137,11 @@ def table_from_shard_data(data: ShardData, columns: Columns) -> pa.Table:
     return pa.table(arrays, names=names)
 
 
-def _value_lengths(col: pa.ChunkedArray) -> np.ndarray:
+def value_lengths(col: pa.ChunkedArray | pa.Array) -> np.ndarray:
     """Per row, the UTF-8 bytes of a string column or the length of a list column (int64), from the
     offsets buffers (Arrow's to_numpy would import pandas into every DataLoader worker)."""
     parts = [np.zeros(0, dtype=np.int64)]
-    for chunk in col.chunks:
+    for chunk in col.chunks if isinstance(col, pa.ChunkedArray) else [col]:
         if pa.types.is_fixed_size_list(chunk.type):
             parts.append(np.full(len(chunk), chunk.type.list_size, dtype=np.int64))
             continue
