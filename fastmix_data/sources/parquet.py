@@ -49,7 +49,9 @@ class ParquetReader(NamedColumnsReader):
 
         One shard per call: pyarrow's thread pool costs more than it gains on shards this small,
         and DataLoader workers are the parallelism."""
-        return pq.ParquetFile(path).read(columns=needed_columns(columns), use_threads=False)
+        with open(path, "rb") as f:
+            data = f.read()
+        return pq.ParquetFile(pa.BufferReader(data)).read(columns=needed_columns(columns), use_threads=False)
 
     def check_safe(self, path: str, stats: ShardStats) -> None:
         """Parquet never needs pickle."""
