@@ -84,14 +84,20 @@ class SourceOrder:
         for e in np.unique(epochs):
             sel = epochs == e
             order, ends = self._epoch_layout(int(e))
-            pos = np.searchsorted(ends, offsets[sel], side="right")
-            starts = ends[pos] - self.sizes[order[pos]]
-            within = offsets[sel] - starts
+            offs = offsets[sel]
+            pos = np.searchsorted(ends, offs, side="right")
+            within = offs - (ends[pos] - self.sizes[order[pos]])
             shard_ids = order[pos]
             shards[sel] = shard_ids
             out = np.empty(len(shard_ids), dtype=np.int64)
-            for s in np.unique(shard_ids):
-                m = shard_ids == s
-                out[m] = self.item_order(int(e), int(s))[within[m]]
+            if len(offs) and bool(np.all(offs[1:] >= offs[:-1])):
+                # Ascending draws (the planner's case): each shard is one run of positions.
+                cuts = [0, *(np.flatnonzero(pos[1:] != pos[:-1]) + 1).tolist(), len(pos)]
+                for lo, hi in zip(cuts[:-1], cuts[1:]):
+                    out[lo:hi] = self.item_order(int(e), int(shard_ids[lo]))[within[lo:hi]]
+            else:
+                for s in np.unique(shard_ids):
+                    m = shard_ids == s
+                    out[m] = self.item_order(int(e), int(s))[within[m]]
             items[sel] = out
         return epochs, shards, items
