@@ -125,3 +125,40 @@ def test_reads_only_needed_columns(tmp_path, monkeypatch):
     monkeypatch.setattr(pq.ParquetFile, "read", spy)
     assert src.read_shard(0).texts == docs
     assert asked == [["text"]]
+
+
+@pytest.mark.parametrize("whole_file_bytes", [0, 1 << 30])
+def test_small_and_large_shards_read_alike(tmp_path, monkeypatch, whole_file_bytes):
+    """Shards up to WHOLE_FILE_BYTES are decoded from one read(); larger ones by pyarrow from the path."""
+    from fastmix_data.sources import parquet
+
+    docs = make_docs(40, empty=True)
+    write_parquet_source(tmp_path, docs, shards=2, ids_col="input_ids", row_group_size=9)
+    src = open_source("w", tmp_path)
+    opened = []
+    original = pq.ParquetFile.__init__
+
+    def spy(self, source, *a, **kw):
+        opened.append(type(source).__name__)
+        original(self, source, *a, **kw)
+
+    monkeypatch.setattr(parquet, "WHOLE_FILE_BYTES", whole_file_bytes)
+    monkeypatch.setattr(pq.ParquetFile, "__init__", spy)
+    assert read_all(src) == (docs, [byte_ids(d) for d in docs])
+    assert set(opened) == ({"str"} if whole_file_bytes == 0 else {"BufferReader"})
+
+
+@pytest.mark.parametrize("chunks", [1, 3])
+@pytest.mark.parametrize("large", [False, True])
+def test_raw_texts_are_the_utf8_bytes_of_each_row(chunks, large):
+    from fastmix_data.sources.arrow import texts_of
+
+    rows = ["ab", "", "héllo wörld", "\U0001f600", "z" * 70]
+    typ = pa.large_string() if large else pa.string()
+    arr = pa.array(["skip", *rows], type=typ).slice(1)
+    size = -(-len(rows) // chunks)
+    col = pa.chunked_array([arr.slice(i, size) for i in range(0, len(rows), size)], type=typ)
+    raw = texts_of(col, "text", "mem", raw=True)
+    assert all(type(v) is memoryview for v in raw)
+    assert [bytes(v) for v in raw] == [r.encode() for r in rows]
+    assert texts_of(col, "text", "mem") == rows

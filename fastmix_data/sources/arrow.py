@@ -69,9 +69,20 @@ def candidate_columns(
     return list(dict.fromkeys(wanted))
 
 
-def texts_of(col: pa.ChunkedArray, name: str, path: str) -> list[str]:
+def texts_of(col: pa.ChunkedArray, name: str, path: str, raw: bool = False) -> list:
+    """The rows of a string column: ``str`` each, or with ``raw`` zero-copy ``memoryview`` slices of
+    the column's UTF-8 bytes (what DataLoader workers put in shared memory without making
+    Python strings, see :mod:`fastmix_data.stream.batch_ring`)."""
     _check_no_nulls(col, name, path)
-    return col.to_pylist()
+    if not raw:
+        return col.to_pylist()
+    chunk = col.chunk(0) if col.num_chunks == 1 else col.combine_chunks()
+    wide = pa.types.is_large_string(chunk.type)
+    _, offsets_buf, values_buf = chunk.buffers()
+    offsets = np.frombuffer(offsets_buf, dtype=np.int64 if wide else np.int32)
+    bounds = offsets[chunk.offset : chunk.offset + len(chunk) + 1].tolist()
+    values = memoryview(values_buf) if values_buf is not None else memoryview(b"")
+    return [values[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
 
 
 def integers(arr: pa.Array) -> np.ndarray:
@@ -108,9 +119,10 @@ def ids_of(col: pa.ChunkedArray, name: str, path: str) -> list[np.ndarray]:
     return out
 
 
-def shard_data_from_table(table: pa.Table, columns: Columns, path: str) -> ShardData:
-    """Decode the selected columns of ``table`` into a :class:`ShardData`."""
-    texts = texts_of(table.column(columns.text), columns.text, path) if columns.text else None
+def shard_data_from_table(table: pa.Table, columns: Columns, path: str, raw_text: bool = False) -> ShardData:
+    """Decode the selected columns of ``table`` into a :class:`ShardData` (``raw_text``: texts as
+    UTF-8 memoryviews, see `texts_of`)."""
+    texts = texts_of(table.column(columns.text), columns.text, path, raw_text) if columns.text else None
     ids = ids_of(table.column(columns.ids), columns.ids, path) if columns.ids else None
     extra = {name: table.column(name).to_pylist() for name in columns.extra}
     row_tokens = None

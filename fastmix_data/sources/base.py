@@ -41,7 +41,8 @@ class ShardData:
     """One decoded shard: column arrays of equal length ``rows``.
 
     Attributes:
-        texts: the text column (one str per row), or None when the source has no text column.
+        texts: the text column (one str per row), or None when the source has no text column. Read
+            for shared-memory transport (``raw_text``), UTF-8 ``memoryview`` slices instead.
         ids: the pre-tokenized column (one 1-D int64 array per row), or None.
         extra: other decoded columns by name (lists of Python values), for sample mode.
         row_tokens: optional int64 (rows,): tokens per row as the stream counts them (ids length,
@@ -49,7 +50,7 @@ class ShardData:
             otherwise.
     """
 
-    texts: list[str] | None
+    texts: list[str] | list[memoryview] | None
     ids: list[np.ndarray] | None
     extra: dict[str, list] = field(default_factory=dict)
     row_tokens: np.ndarray | None = None

@@ -21,7 +21,6 @@ from fastmix_data.sources.arrow import (
 from fastmix_data.sources.base import ShardData
 from fastmix_data.sources.reader import Columns, NamedColumnsReader, ShardStats
 
-
 WHOLE_FILE_BYTES = 16 << 20  # shards up to this size are read in one call (see read_table)
 
 

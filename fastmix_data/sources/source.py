@@ -87,9 +87,12 @@ class ShardedSource:
             return self._checked(index, lambda path: read_table(path, self.columns), rows=lambda t: t.num_rows)
         return table_from_shard_data(self.read_shard(index), self.columns)
 
-    def shard_from_table(self, index: int, table: pa.Table) -> ShardData:
-        """The rows of a table made by `read_shard_table` (in this or another process)."""
-        return self._checked(index, lambda path: shard_data_from_table(table, self.columns, path), stat=False)
+    def shard_from_table(self, index: int, table: pa.Table, raw_text: bool = False) -> ShardData:
+        """The rows of a table made by `read_shard_table` (in this or another process); with
+        ``raw_text`` the texts are UTF-8 memoryviews into the table (see `arrow.texts_of`)."""
+        return self._checked(
+            index, lambda path: shard_data_from_table(table, self.columns, path, raw_text), stat=False
+        )
 
     def _checked(self, index: int, read, rows=lambda data: data.rows, stat: bool = True):
         info = self.shards[index]

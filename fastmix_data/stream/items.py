@@ -86,6 +86,7 @@ class ItemSource:
         self.key = stable_key(source.name)
         self._cache: OrderedDict = OrderedDict()
         self.shared = None  # SharedShards of the stream's DataLoader workers (set in workers only)
+        self.raw_text = False  # texts as UTF-8 memoryviews (workers writing batches to shared memory)
         self.shard_tokens = self._shard_tokens()
         if seq_len is None:
             self.items_per_shard = [s.rows for s in source.shards]
@@ -147,7 +148,7 @@ class ItemSource:
 
     # ----------------------------------------------------------------------------- reading
     def _shard(self, shard: int) -> ShardData:
-        key = ("shard", shard)
+        key = ("shard", shard, self.raw_text)
         hit = self._cache.get(key)
         if hit is None:
             hit = self._read(shard)
@@ -159,11 +160,18 @@ class ItemSource:
         return hit
 
     def _read(self, shard: int) -> ShardData:
-        """Decode a shard; through the workers' shared decoded shards when the stream has them."""
-        if self.shared is None or self.source.columns.extra or not hasattr(self.source, "read_shard_table"):
-            return self.source.read_shard(shard)
-        table = self.shared.get(f"{self.key:016x}-{shard}", lambda: self.source.read_shard_table(shard))
-        return self.source.shard_from_table(shard, table)
+        """Decode a shard; through the workers' shared decoded shards when the stream has them.
+        Texts come as UTF-8 memoryviews when ``raw_text`` and the shard is (or is shared) as Arrow."""
+        source = self.source
+        if not hasattr(source, "read_shard_table") or source.columns.extra:
+            return source.read_shard(shard)
+        if self.shared is not None:
+            table = self.shared.get(f"{self.key:016x}-{shard}", lambda: source.read_shard_table(shard))
+        elif self.raw_text and hasattr(source.reader, "read_table"):
+            table = source.read_shard_table(shard)
+        else:
+            return source.read_shard(shard)
+        return source.shard_from_table(shard, table, self.raw_text)
 
     def _remember(self, key, value) -> None:
         self._cache[key] = value

@@ -29,6 +29,7 @@ from fastmix_data.plan.planner import Exhaustion, MixturePlan, PlanSlice, Weight
 from fastmix_data.plan.weights import UNITS, normalize_weights, to_item_units
 from fastmix_data.sources import open_source
 from fastmix_data.sources.base import Source
+from fastmix_data.stream.batch_ring import RingReader, RingWriter, ring_directory
 from fastmix_data.stream.channel import WeightChannel
 from fastmix_data.stream.distributed import agree_max, broadcast_floats, rank_and_world, worker_and_count
 from fastmix_data.stream.items import ItemSource
@@ -154,6 +155,8 @@ class MixtureStream(torch.utils.data.IterableDataset):
         self.shuffle = shuffle
         self.block_batches = int(block_batches)
         self._numpy_in_workers = False  # set by TrackedLoader while it starts its workers
+        self._ring: tuple[str, int] | None = None  # (directory, slots): ditto, see batch_ring
+        self._ring_readers: list[RingReader] = []
         self.tokenizer = as_tokenizer(tokenizer, eos_id)
         detected = rank_and_world()
         self.rank = detected[0] if rank is None else int(rank)
@@ -244,8 +247,19 @@ class MixtureStream(torch.utils.data.IterableDataset):
         self._resume_cursor = None
         in_main = torch.utils.data.get_worker_info() is None
         packed_out = not in_main and self._numpy_in_workers  # loader() workers send packed numpy batches
+        ring = RingWriter(self._ring[0], worker, self._ring[1]) if packed_out and self._ring else None
         for item_source in self.items:  # 2+ workers decode each shard once between them
             item_source.shared = self.shared if workers > 1 and not in_main else None
+            item_source.raw_text = ring is not None and self.seq_len is None
+        try:
+            for batch in self._batches(g, worker, workers, in_main, packed_out):
+                yield batch if ring is None else ring.send(batch)
+        finally:
+            if ring is not None:
+                ring.close()
+
+    def _batches(self, g: int, worker: int, workers: int, in_main: bool, packed_out: bool) -> Iterator[dict]:
+        """Batches g, g + W, ... of worker ``worker`` of ``workers`` (packed when ``packed_out``)."""
         ahead: collections.deque[dict] = collections.deque()  # built batches g, g + W, ...
         while True:
             # Claim before serving: a change published since the last claim drops what was built
@@ -413,18 +427,22 @@ class MixtureStream(torch.utils.data.IterableDataset):
         num_workers=0). Feeds `state_dict()` (next batch) and `stats()` (latency, tokens)."""
         self._observe(batch)
 
-    def loader(self, **dataloader_kwargs) -> TrackedLoader:
+    def loader(self, *, shared_memory_batches: bool = True, **dataloader_kwargs) -> TrackedLoader:
         """A torch DataLoader over this stream that reports consumed batches back to it.
 
-        The fast path with workers: batches leave a worker as numpy arrays (pickled inline) and
-        become tensors in this process. A plain ``DataLoader(stream, batch_size=None)`` also works
-        (then call `observe` on each batch for telemetry): its workers return tensors, which cost
-        a shared-memory segment per storage (~1 ms per batch on a small VM; benchmarks/results/mixer.md)."""
+        The fast path with workers: batches leave a worker as numpy arrays and UTF-8 bytes written
+        to a ring of shared-memory slots (``shared_memory_batches``, see
+        :mod:`fastmix_data.stream.batch_ring`; False: pickled through the DataLoader's pipe) and
+        become tensors and ``str`` in this process. A plain ``DataLoader(stream, batch_size=None)``
+        also works (then call `observe` on each batch for telemetry): its workers return tensors,
+        which cost a shared-memory segment per storage (~1 ms per batch on a small VM;
+        benchmarks/results/mixer.md)."""
         dataloader_kwargs.setdefault("batch_size", None)
         convert = dataloader_kwargs.get("num_workers", 0) > 0 and "collate_fn" not in dataloader_kwargs
         if convert:
             dataloader_kwargs["collate_fn"] = _as_is
-        return TrackedLoader(self, torch.utils.data.DataLoader(self, **dataloader_kwargs), to_tensors=convert)
+        loader = torch.utils.data.DataLoader(self, **dataloader_kwargs)
+        return TrackedLoader(self, loader, to_tensors=convert, use_ring=shared_memory_batches)
 
     # ------------------------------------------------------------------------------ state
     def state_dict(self) -> dict:
@@ -532,6 +550,13 @@ class MixtureStream(torch.utils.data.IterableDataset):
         self.channel.close()
         if self.shared is not None:
             self.shared.close()
+        for reader in self._ring_readers:
+            reader.close()
+
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        state["_ring_readers"] = []  # training-process side only (open maps)
+        return state
 
     def manifest_plan(self) -> MixturePlan:
         """The pure plan behind this stream (for exporters)."""
@@ -543,19 +568,34 @@ class MixtureStream(torch.utils.data.IterableDataset):
 class TrackedLoader:
     """Iterates a DataLoader and reports each received batch to its stream (`MixtureStream.observe`)."""
 
-    def __init__(self, stream: MixtureStream, loader: torch.utils.data.DataLoader, to_tensors: bool = False):
+    def __init__(
+        self,
+        stream: MixtureStream,
+        loader: torch.utils.data.DataLoader,
+        to_tensors: bool = False,
+        use_ring: bool = True,
+    ):
         self.stream = stream
         self.loader = loader
         self.to_tensors = to_tensors
+        self.ring = RingReader(ring_directory()) if to_tensors and use_ring else None
+        if self.ring is not None:
+            stream._ring_readers.append(self.ring)
 
     def __iter__(self):
-        self.stream._numpy_in_workers = self.to_tensors  # read by the workers started by iter()
+        # read by the workers started by iter() (persistent workers keep what they saw first)
+        self.stream._numpy_in_workers = self.to_tensors
+        if self.ring is not None:
+            self.stream._ring = (self.ring.directory, (self.loader.prefetch_factor or 2) + 2)
         try:
             batches = iter(self.loader)
         finally:
             self.stream._numpy_in_workers = False
+            self.stream._ring = None
         for batch in batches:
             if self.to_tensors:
+                if self.ring is not None:
+                    batch = self.ring.receive(batch)
                 batch, meta = _unpack(batch)
                 self.stream._count_meta(batch["batch_index"], batch["weight_version"], meta)
             elif self.loader.num_workers > 0:

@@ -1,0 +1,238 @@
+"""Batches from DataLoader workers to the training process through shared memory, not the pipe.
+
+Design problem: a DataLoader worker hands each batch to the training process by pickling it into a
+pipe. A batch of 32 texts is ~100 KB; the pipe moves it in 64 KiB pieces with a wake-up each, and
+both processes pay for it. On a small machine that costs more CPU than mixing the batch.
+
+Solution: each worker iteration writes its batches into a *ring file* in shared memory
+(``/dev/shm`` when it exists) of S slots; batch j of the iteration goes to slot j mod S and the
+worker returns only a small descriptor (where the arrays and texts are). The training process
+copies the batch out (texts become ``str``) and acknowledges it by writing how many batches of that
+ring it has taken into the ring's header. A worker writes a slot only when the batch that used it
+before has been acknowledged; if not, or if the batch does not fit in a slot, or shared memory is
+full, the batch is returned inline as before. So nothing waits on the ring and nothing is lost.
+
+With `MixtureStream.loader`, the DataLoader holds at most ``prefetch_factor`` batches per worker, so
+S = prefetch_factor + 2 slots are always free in time; the fallback is for other uses.
+
+Slot payload: each numpy array at a 64-byte aligned offset; a text column as its UTF-8 bytes (all
+rows concatenated, decoded with ``surrogatepass`` so any Python str survives) plus an int64 array of
+the rows' lengths in characters (-1 for a missing value).
+"""
+
+from __future__ import annotations
+
+import atexit
+import mmap
+import os
+import shutil
+import struct
+from typing import Any
+
+import numpy as np
+
+from fastmix_data.stream.shared_shards import _shared_root
+
+_ACKED = struct.Struct("<q")  # header: batches of this ring the training process has taken
+DATA_AT = 4096
+SLOT_BYTES = 8 << 20  # a batch larger than this goes inline
+RING_KEY = "_ring"
+
+
+def _align(n: int) -> int:
+    return (n + 63) & ~63
+
+
+class RingWriter:
+    """The worker side: one ring file per worker iteration.
+
+    Args:
+        directory: the stream's ring directory (made here if missing).
+        worker: the DataLoader worker id (rings of one worker replace each other).
+        slots: S, the number of slots.
+    """
+
+    def __init__(self, directory: str, worker: int, slots: int, slot_bytes: int = SLOT_BYTES):
+        self.slots = int(slots)
+        self.slot_bytes = int(slot_bytes)
+        self.worker = worker
+        self.sent = 0
+        self.fd: int | None = None
+        self.mm: mmap.mmap | None = None
+        self.reserved = [0] * self.slots  # bytes of each slot backed by allocated shared memory
+        try:
+            os.makedirs(directory, mode=0o700, exist_ok=True)
+            self.path = os.path.join(directory, f"ring-{worker}-{os.getpid()}-{os.urandom(4).hex()}")
+            self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+            os.ftruncate(self.fd, DATA_AT + self.slots * self.slot_bytes)
+            os.posix_fallocate(self.fd, 0, DATA_AT)
+            self.mm = mmap.mmap(self.fd, DATA_AT + self.slots * self.slot_bytes)
+        except OSError:
+            self.close()
+
+    def send(self, batch: dict) -> dict:
+        """The descriptor of ``batch`` written to the next slot, or ``batch`` itself (texts as
+        ``str``) when the slot is still held by the training process, the batch does not fit, or
+        shared memory is full."""
+        mm = self.mm
+        if mm is None:
+            return inline(batch)
+        seq = self.sent
+        if seq >= _ACKED.unpack_from(mm, 0)[0] + self.slots:
+            return inline(batch)
+        layout: list[tuple] = []
+        pieces: list = []  # bytes-like, written back to back from the slot's start
+        out = {}
+        size = 0
+
+        def put_all(parts: list, nbytes: int) -> int:  # back to back, then pad to 64 bytes
+            nonlocal size
+            at = size
+            pieces.extend(parts)
+            size += nbytes
+            if _align(size) > size:
+                pieces.append(bytes(_align(size) - size))
+                size = _align(size)
+            return at
+
+        def put(part) -> int:
+            return put_all([part], len(part))
+
+        for key, value in batch.items():
+            if isinstance(value, np.ndarray):
+                layout.append(("array", key, value.dtype.str, value.shape, put(_bytes_of(value))))
+            elif isinstance(value, tuple) and value and all(isinstance(v, np.ndarray) for v in value):
+                entries = tuple((v.dtype.str, v.shape, put(_bytes_of(v))) for v in value)
+                layout.append(("arrays", key, entries, None, None))
+            elif isinstance(value, list) and all(v is None or type(v) in (str, memoryview) for v in value):
+                rows = [v.encode("utf-8", "surrogatepass") if type(v) is str else v for v in value]
+                lengths = np.fromiter((-1 if v is None else len(v) for v in rows), dtype=np.int64, count=len(rows))
+                at_lengths = put(_bytes_of(lengths))
+                text = [v for v in rows if v]
+                at_text = put_all(text, sum(len(v) for v in text))
+                layout.append(("text", key, len(rows), at_lengths, at_text))
+            else:
+                out[key] = value
+        if size > self.slot_bytes:
+            return inline(batch)
+        slot = seq % self.slots
+        base = DATA_AT + slot * self.slot_bytes
+        if size > self.reserved[slot]:
+            # Back the slot with memory first: writing to an unbacked page of a full tmpfs through
+            # a map would kill the process (SIGBUS); fallocate fails cleanly instead.
+            try:
+                os.posix_fallocate(self.fd, base, size)
+            except OSError:  # shared memory full: stop using the ring
+                self.close()
+                return inline(batch)
+            self.reserved[slot] = size
+        at = base
+        for piece in pieces:
+            end = at + len(piece)
+            mm[at:end] = piece
+            at = end
+        self.sent += 1
+        out[RING_KEY] = (self.worker, self.path, seq, base, tuple(layout))
+        return out
+
+    def close(self) -> None:
+        if self.mm is not None:
+            self.mm.close()
+            self.mm = None
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+
+class RingReader:
+    """The training-process side: turns descriptors back into batches and acknowledges them.
+
+    Args:
+        directory: the stream's ring directory; removed by `close` (and at exit).
+    """
+
+    def __init__(self, directory: str):
+        self.directory = directory
+        self.owner_pid = os.getpid()
+        self._maps: dict[int, tuple[str, int, mmap.mmap]] = {}  # worker -> (path, fd, map)
+        atexit.register(self.close)
+
+    def receive(self, batch: dict) -> dict:
+        """``batch`` with its ring payload copied out (arrays owned by the batch, texts as str)."""
+        ring = batch.get(RING_KEY)
+        if ring is None:
+            return batch
+        worker, path, seq, base, layout = ring
+        mm = self._map(worker, path)
+        out = {k: v for k, v in batch.items() if k != RING_KEY}
+        for kind, key, a, b, c in layout:
+            if kind == "array":
+                out[key] = _array(mm, base + c, a, b)
+            elif kind == "arrays":
+                out[key] = tuple(_array(mm, base + at, dtype, shape) for dtype, shape, at in a)
+            else:  # text: a = rows, b = offset of the lengths (bytes), c = offset of the UTF-8 bytes
+                lengths = np.frombuffer(mm, dtype=np.int64, count=a, offset=base + b).tolist()
+                rows, pos = [], base + c
+                with memoryview(mm) as view:
+                    for n in lengths:
+                        if n < 0:
+                            rows.append(None)
+                        else:
+                            rows.append(str(view[pos : pos + n], "utf-8", "surrogatepass"))
+                            pos += n
+                out[key] = rows
+        _ACKED.pack_into(mm, 0, seq + 1)
+        return out
+
+    def _map(self, worker: int, path: str) -> mmap.mmap:
+        held = self._maps.get(worker)
+        if held is not None and held[0] == path:
+            return held[2]
+        if held is not None:  # the worker started a new iteration: its old ring is done
+            self._release(held, unlink=True)
+        fd = os.open(path, os.O_RDWR)
+        mm = mmap.mmap(fd, os.fstat(fd).st_size)
+        self._maps[worker] = (path, fd, mm)
+        return mm
+
+    @staticmethod
+    def _release(held: tuple[str, int, mmap.mmap], unlink: bool) -> None:
+        path, fd, mm = held
+        mm.close()
+        os.close(fd)
+        if unlink:
+            try:
+                os.unlink(path)
+            except OSError:
+                pass
+
+    def close(self) -> None:
+        for held in self._maps.values():
+            self._release(held, unlink=False)
+        self._maps = {}
+        if os.getpid() == self.owner_pid and os.path.isdir(self.directory):
+            shutil.rmtree(self.directory, ignore_errors=True)
+
+
+def _bytes_of(array: np.ndarray) -> memoryview:
+    return memoryview(np.ascontiguousarray(array)).cast("B")
+
+
+def inline(batch: dict) -> dict:
+    """``batch`` as the DataLoader pipe can carry it: UTF-8 memoryview texts become ``str``."""
+    out = dict(batch)
+    for key, value in batch.items():
+        if isinstance(value, list) and any(type(v) is memoryview for v in value):
+            out[key] = [str(v, "utf-8", "surrogatepass") if type(v) is memoryview else v for v in value]
+    return out
+
+
+def _array(mm: mmap.mmap, at: int, dtype: str, shape: Any) -> np.ndarray:
+    dt = np.dtype(dtype)
+    count = int(np.prod(shape, dtype=np.int64))
+    return np.frombuffer(mm, dtype=dt, count=count, offset=at).reshape(shape).copy()
+
+
+def ring_directory() -> str:
+    """A fresh ring directory name for one stream (made by the first worker that writes)."""
+    return os.path.join(_shared_root(), f"fastmix-rings-{os.getpid()}-{os.urandom(4).hex()}")

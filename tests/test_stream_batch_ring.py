@@ -1,0 +1,211 @@
+"""Batches from DataLoader workers to the training process through a ring of shared-memory slots."""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+
+import numpy as np
+import pyarrow as pa
+import pytest
+import torch
+from shardgen import make_docs, write_parquet_source, write_wds_source
+
+from fastmix_data import MixtureStream
+from fastmix_data.stream import batch_ring
+from fastmix_data.stream.batch_ring import RING_KEY, RingReader, RingWriter
+
+TEXTS = ["plain", "", "héllo wörld", "\U0001f600 emoji", "lone \udc80 surrogate", None, "z" * 5000]
+
+
+def _batch(i: int) -> dict:
+    utf8 = memoryview(pa.py_buffer("from arrow é".encode()))
+    return {
+        "_meta": np.arange(10 * (i + 1), dtype=np.int64).reshape(5, -1),
+        "doc_start": np.array([[True, False], [False, True]]),
+        "_ids": (np.arange(7, dtype=np.int64) * i, np.array([3, 0, 4], dtype=np.int64)),
+        "text": [*TEXTS, utf8, utf8[5:]],
+        "url": [{"not": "text"}, 3],
+        "batch_index": i,
+        "weight_version": 2,
+    }
+
+
+def _want(i: int) -> dict:
+    out = _batch(i)
+    out["text"] = [*TEXTS, "from arrow é", "arrow é"]
+    return out
+
+
+def _same(got: dict, want: dict) -> None:
+    assert set(got) == set(want)
+    for key, value in want.items():
+        if isinstance(value, np.ndarray):
+            assert got[key].dtype == value.dtype and np.array_equal(got[key], value), key
+        elif isinstance(value, tuple):
+            assert all(np.array_equal(a, b) and a.dtype == b.dtype for a, b in zip(got[key], value)), key
+        else:
+            assert got[key] == value, key
+
+
+@pytest.fixture
+def ring_dir(tmp_path):
+    return str(tmp_path / "rings")
+
+
+def test_round_trip_in_one_process(ring_dir):
+    writer, reader = RingWriter(ring_dir, 0, slots=3), RingReader(ring_dir)
+    try:
+        received = []
+        for i in range(7):  # more batches than slots: each is taken (acknowledged) before the next
+            sent = writer.send(_batch(i))
+            assert RING_KEY in sent and "_meta" not in sent and sent["url"] == [{"not": "text"}, 3]
+            received.append(reader.receive(sent))
+        for i, got in enumerate(received):  # copies: later batches in the same slots changed nothing
+            _same(got, _want(i))
+    finally:
+        writer.close()
+        reader.close()
+    assert not os.path.exists(ring_dir)
+
+
+def _worker(directory: str, queue) -> None:
+    writer = RingWriter(directory, 1, slots=4)
+    for i in range(4):
+        queue.put(writer.send(_batch(i)))
+    writer.close()
+
+
+def test_round_trip_across_processes(ring_dir):
+    reader = RingReader(ring_dir)
+    ctx = mp.get_context("fork")
+    queue = ctx.Queue()
+    proc = ctx.Process(target=_worker, args=(ring_dir, queue))
+    proc.start()
+    try:
+        for i in range(4):
+            sent = queue.get(timeout=60)
+            assert RING_KEY in sent
+            _same(reader.receive(sent), _want(i))
+    finally:
+        proc.join(60)
+        reader.close()
+    assert proc.exitcode == 0
+
+
+def test_a_slot_not_yet_taken_is_not_overwritten(ring_dir):
+    writer, reader = RingWriter(ring_dir, 0, slots=2), RingReader(ring_dir)
+    try:
+        first, second = writer.send(_batch(0)), writer.send(_batch(1))
+        third = writer.send(_batch(2))  # both slots held: the batch goes inline, texts as str
+        assert RING_KEY not in third
+        _same(third, _want(2))
+        _same(reader.receive(first), _want(0))
+        fourth = writer.send(_batch(3))  # slot 0 was taken: reused
+        assert RING_KEY in fourth
+        _same(reader.receive(second), _want(1))
+        _same(reader.receive(fourth), _want(3))
+    finally:
+        writer.close()
+        reader.close()
+
+
+def test_a_batch_larger_than_a_slot_goes_inline(ring_dir):
+    writer = RingWriter(ring_dir, 0, slots=2, slot_bytes=4096)
+    try:
+        sent = writer.send(_batch(0))
+        assert RING_KEY not in sent
+        _same(sent, _want(0))
+        small = writer.send({"x": np.arange(4), "batch_index": 0})
+        assert RING_KEY in small
+    finally:
+        writer.close()
+
+
+def test_full_shared_memory_falls_back_to_inline(ring_dir, monkeypatch):
+    writer = RingWriter(ring_dir, 0, slots=2)
+
+    def full(*args):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(batch_ring.os, "posix_fallocate", full)
+    try:
+        sent = writer.send(_batch(0))
+        assert RING_KEY not in sent and writer.mm is None
+        _same(sent, _want(0))
+        _same(writer.send(_batch(1)), _want(1))
+    finally:
+        writer.close()
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ring")
+    write_parquet_source(root / "code", make_docs(150, seed=1, prefix="code"), shards=4, ids_col="input_ids")
+    write_wds_source(root / "web", make_docs(90, seed=2, prefix="wéb"), shards=3)
+    return {"code": str(root / "code"), "web": str(root / "web" / "*.tar")}
+
+
+def _counting(monkeypatch) -> list:
+    seen = []
+    original = RingReader.receive
+
+    def receive(self, batch):
+        seen.append(RING_KEY in batch)
+        return original(self, batch)
+
+    monkeypatch.setattr(RingReader, "receive", receive)
+    return seen
+
+
+def _key(b: dict) -> tuple:
+    ids = tuple(tuple(x.tolist()) for x in b["input_ids"]) if "input_ids" in b else None
+    return (b["batch_index"], b["weight_version"], b["source"].tolist(), b["item"].tolist(),
+            b["num_tokens"].tolist(), b.get("text"), ids)
+
+
+@pytest.mark.parametrize("ring", [True, False])
+def test_loader_serves_the_in_process_batches_through_the_ring(data, monkeypatch, ring):
+    """Texts (Parquet rows as Arrow bytes, tar rows as str) and ids arrive as in-process."""
+    weights = {"code": 0.6, "web": 0.4}
+    ref = [_key(b) for _, b in zip(range(20), MixtureStream(data, weights, batch_size=6, seed=4))]
+    seen = _counting(monkeypatch)
+    stream = MixtureStream(data, weights, batch_size=6, seed=4)
+    loader = stream.loader(num_workers=2, prefetch_factor=2, shared_memory_batches=ring)
+    got = [_key(b) for _, b in zip(range(20), loader)]
+    assert got == ref
+    assert seen == ([True] * 20 if ring else [])
+    directory = loader.ring.directory if ring else None
+    stream.close()
+    assert directory is None or not os.path.exists(directory)
+
+
+def test_packed_sequences_and_persistent_workers(data, monkeypatch):
+    """Packing-mode arrays through the ring; persistent workers start a new ring each epoch."""
+
+    def make():
+        return MixtureStream(data, {"code": 0.5, "web": 0.5}, batch_size=3, seq_len=31, seed=2, max_items=3 * 10)
+
+    ref = [(b["batch_index"], b["tokens"].tolist(), b["doc_start"].tolist()) for b in make()]
+    assert len(ref) == 10
+    seen = _counting(monkeypatch)
+    stream = make()
+    loader = stream.loader(num_workers=2, prefetch_factor=1, persistent_workers=True)
+    for _ in range(2):
+        stream.load_state_dict(make().state_dict())  # start over
+        got = [(b["batch_index"], b["tokens"].tolist(), b["doc_start"].tolist()) for b in loader]
+        assert got == ref
+    assert seen == [True] * 20
+    rings = os.listdir(loader.ring.directory)
+    assert len(rings) <= 2  # the first epoch's rings were removed when the second began
+    stream.close()
+
+
+def test_a_torch_batch_owns_its_memory(data):
+    stream = MixtureStream(data, {"code": 0.5, "web": 0.5}, batch_size=4, seed=1)
+    batches = [b for _, b in zip(range(12), stream.loader(num_workers=2, prefetch_factor=2))]
+    ref = [b for _, b in zip(range(12), MixtureStream(data, {"code": 0.5, "web": 0.5}, batch_size=4, seed=1))]
+    # later batches reuse the slots of earlier ones: the earlier tensors must not have changed
+    for got, want in zip(batches, ref):
+        assert torch.equal(got["item"], want["item"]) and got["text"] == want["text"]
+    stream.close()
