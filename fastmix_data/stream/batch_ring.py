@@ -198,7 +198,10 @@ class RingReader:
     @staticmethod
     def _release(held: tuple[str, int, mmap.mmap], unlink: bool) -> None:
         path, fd, mm = held
-        mm.close()
+        try:
+            mm.close()
+        except BufferError:  # a view of it is still alive somewhere: the map goes with it
+            pass
         os.close(fd)
         if unlink:
             try:
