@@ -159,6 +159,9 @@ def test_raw_texts_are_the_utf8_bytes_of_each_row(chunks, large):
     size = -(-len(rows) // chunks)
     col = pa.chunked_array([arr.slice(i, size) for i in range(0, len(rows), size)], type=typ)
     raw = texts_of(col, "text", "mem", raw=True)
-    assert all(type(v) is memoryview for v in raw)
-    assert [bytes(v) for v in raw] == [r.encode() for r in rows]
+    assert len(raw) == len(rows)
+    assert [bytes(raw[i]) for i in range(len(rows))] == [r.encode() for r in rows]
+    picked = raw.take([4, 0, 2, 2])
+    assert all(type(v) is memoryview for v in picked)
+    assert [bytes(v) for v in picked] == [rows[i].encode() for i in [4, 0, 2, 2]]
     assert texts_of(col, "text", "mem") == rows

@@ -272,9 +272,9 @@ def test_other_formats_mix_with_parquet(tmp_path, streaming_module):
     texts = [t for b in take_raw(iter(make()), 15) for t in b["text"]]
     assert len(texts) == len(set(texts)) == 75  # one epoch of each source, nothing twice
     assert set(texts) == set(make_docs(25, prefix="mds")) | set(make_docs(25, prefix="hf")) | set(make_docs(25, prefix="pq"))
-    # 2 workers (decoding each shard once between them, through shared memory) serve the same
+    # 3 workers (decoding each shard once between them, through shared memory) serve the same
     stream = make()
-    assert [t for b in take_raw(stream.loader(num_workers=2), 15) for t in b["text"]] == texts
+    assert [t for b in take_raw(stream.loader(num_workers=3), 15) for t in b["text"]] == texts
     stream.close()
 
 

@@ -80,8 +80,9 @@ def test_not_enough_shared_memory_disables_sharing():
         shared.close()
 
 
-@pytest.mark.parametrize("share", [True, False])
-def test_two_workers_share_decoded_shards_and_serve_the_same_batches(tmp_path, share):
+@pytest.mark.parametrize("share, workers", [(True, 3), (False, 3), (True, 2)])
+def test_workers_share_decoded_shards_and_serve_the_same_batches(tmp_path, share, workers):
+    """From SHARE_MIN_WORKERS (3) workers on they share; with 2, or share_decoded=False, they do not."""
     write_parquet_source(tmp_path / "a", make_docs(200, seed=1, prefix="a"), shards=8)
     write_parquet_source(tmp_path / "b", make_docs(150, seed=2, prefix="b"), shards=6)
     sources = {"a": str(tmp_path / "a"), "b": str(tmp_path / "b")}
@@ -92,11 +93,13 @@ def test_two_workers_share_decoded_shards_and_serve_the_same_batches(tmp_path, s
     ref = MixtureStream(sources, {"a": 0.6, "b": 0.4}, batch_size=8, seed=4, block_batches=4)
     want = texts(b for _, b in zip(range(30), ref))
     stream = MixtureStream(sources, {"a": 0.6, "b": 0.4}, batch_size=8, seed=4, block_batches=4, share_decoded=share)
-    got = texts(b for _, b in zip(range(30), stream.loader(num_workers=2, prefetch_factor=2)))
+    got = texts(b for _, b in zip(range(30), stream.loader(num_workers=workers, prefetch_factor=2)))
     assert got == want
-    if share:
+    if share and workers >= 3:
         assert os.listdir(stream.shared.dir)  # the workers wrote slot files
         stream.close()
         assert not os.path.exists(stream.shared.dir)
+    elif share:
+        assert not os.path.exists(stream.shared.dir)  # 2 workers decode for themselves
     else:
         assert stream.shared is None

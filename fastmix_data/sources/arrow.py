@@ -69,20 +69,38 @@ def candidate_columns(
     return list(dict.fromkeys(wanted))
 
 
-def texts_of(col: pa.ChunkedArray, name: str, path: str, raw: bool = False) -> list:
-    """The rows of a string column: ``str`` each, or with ``raw`` zero-copy ``memoryview`` slices of
-    the column's UTF-8 bytes (what DataLoader workers put in shared memory without making
-    Python strings, see :mod:`fastmix_data.stream.batch_ring`)."""
+class Utf8Rows:
+    """The rows of an Arrow string column as zero-copy UTF-8 ``memoryview`` slices, made only for
+    the rows asked for (`take`). What DataLoader workers put in shared memory without making Python
+    strings (see :mod:`fastmix_data.stream.batch_ring`)."""
+
+    def __init__(self, chunk: pa.Array):
+        wide = pa.types.is_large_string(chunk.type)
+        _, offsets, values = chunk.buffers()
+        self.offsets = np.frombuffer(offsets, dtype=np.int64 if wide else np.int32)[
+            chunk.offset : chunk.offset + len(chunk) + 1
+        ]
+        self.values = memoryview(values) if values is not None else memoryview(b"")
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    def __getitem__(self, row: int) -> memoryview:
+        return self.values[int(self.offsets[row]) : int(self.offsets[row + 1])]
+
+    def take(self, rows: list[int]) -> list[memoryview]:
+        """The UTF-8 bytes of ``rows``, in that order."""
+        starts, values = self.offsets[rows].tolist(), self.values
+        ends = self.offsets[[r + 1 for r in rows]].tolist()
+        return [values[a:b] for a, b in zip(starts, ends)]
+
+
+def texts_of(col: pa.ChunkedArray, name: str, path: str, raw: bool = False) -> list[str] | Utf8Rows:
+    """The rows of a string column: ``str`` each, or with ``raw`` a `Utf8Rows` view of its bytes."""
     _check_no_nulls(col, name, path)
     if not raw:
         return col.to_pylist()
-    chunk = col.chunk(0) if col.num_chunks == 1 else col.combine_chunks()
-    wide = pa.types.is_large_string(chunk.type)
-    _, offsets_buf, values_buf = chunk.buffers()
-    offsets = np.frombuffer(offsets_buf, dtype=np.int64 if wide else np.int32)
-    bounds = offsets[chunk.offset : chunk.offset + len(chunk) + 1].tolist()
-    values = memoryview(values_buf) if values_buf is not None else memoryview(b"")
-    return [values[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
+    return Utf8Rows(col.chunk(0) if col.num_chunks == 1 else col.combine_chunks())
 
 
 def integers(arr: pa.Array) -> np.ndarray:

@@ -9,6 +9,7 @@ tokens, bytes, sha256) live in :class:`ShardInfo` and are computed once and cach
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
@@ -42,7 +43,7 @@ class ShardData:
 
     Attributes:
         texts: the text column (one str per row), or None when the source has no text column. Read
-            for shared-memory transport (``raw_text``), UTF-8 ``memoryview`` slices instead.
+            for shared-memory transport (``raw_text``), a `sources.arrow.Utf8Rows` instead.
         ids: the pre-tokenized column (one 1-D int64 array per row), or None.
         extra: other decoded columns by name (lists of Python values), for sample mode.
         row_tokens: optional int64 (rows,): tokens per row as the stream counts them (ids length,
@@ -50,7 +51,7 @@ class ShardData:
             otherwise.
     """
 
-    texts: list[str] | list[memoryview] | None
+    texts: Sequence[str] | Sequence[memoryview] | None
     ids: list[np.ndarray] | None
     extra: dict[str, list] = field(default_factory=dict)
     row_tokens: np.ndarray | None = None

@@ -47,6 +47,12 @@ class Packed:
     doc_start: np.ndarray  # bool (T,)
 
 
+def _take(values, rows: list[int]) -> list:
+    """``[values[i] for i in rows]``, vectorised for `Utf8Rows`."""
+    take = getattr(values, "take", None)
+    return take(rows) if take is not None else [values[i] for i in rows]
+
+
 def row_tokens(data: ShardData) -> np.ndarray:
     """Tokens per row of a decoded shard, as the stream counts them: the ids length, else the UTF-8
     byte count + 1 (what the byte tokenizer makes of it), else 0. int64 (rows,)."""
@@ -236,7 +242,7 @@ class ItemSource:
         tokens = data.row_tokens[items]
         picks = items.tolist()
         return Gathered(
-            texts=None if data.texts is None else [data.texts[i] for i in picks],
+            texts=None if data.texts is None else _take(data.texts, picks),
             ids=None if data.ids is None else [data.ids[i] for i in picks],
             extra={k: [v[i] for i in picks] for k, v in data.extra.items()},
             tokens=tokens,

@@ -42,6 +42,9 @@ STATE_FORMAT = "fastmix_data/stream-state"
 STATE_VERSION = 1
 BLOCK_BATCHES = 64  # default: batches a worker plans and reads in one pass (sample mode)
 BLOCK_TOKENS = 1 << 22  # packing mode: a block holds at most this many tokens (32 MiB of int64)
+# Workers share decoded shards from this many on: with 2 the exchange costs about what it saves
+# (benchmarks/results/mixer.md), with 4 it saves a fifth of the workers' CPU.
+SHARE_MIN_WORKERS = 3
 
 
 def _open_all(sources: Mapping[str, Any], **opts) -> list[Source]:
@@ -104,8 +107,9 @@ class MixtureStream(torch.utils.data.IterableDataset):
             slicing). Default 64 in sample mode; in packing mode as many as hold 4M tokens (at most
             64). It never delays a weight change: batches are still claimed one at a time, and a
             change drops what was built ahead.
-        share_decoded: with 2+ DataLoader workers, decode each shard once between them and pass it
-            on through shared memory (:mod:`fastmix_data.stream.shared_shards`).
+        share_decoded: with ``SHARE_MIN_WORKERS`` (3) or more DataLoader workers, decode each
+            shard once between them and pass it on through shared memory
+            (:mod:`fastmix_data.stream.shared_shards`).
     """
 
     def __init__(
@@ -248,8 +252,9 @@ class MixtureStream(torch.utils.data.IterableDataset):
         in_main = torch.utils.data.get_worker_info() is None
         packed_out = not in_main and self._numpy_in_workers  # loader() workers send packed numpy batches
         ring = RingWriter(self._ring[0], worker, self._ring[1]) if packed_out and self._ring else None
-        for item_source in self.items:  # 2+ workers decode each shard once between them
-            item_source.shared = self.shared if workers > 1 and not in_main else None
+        share = workers >= SHARE_MIN_WORKERS and not in_main
+        for item_source in self.items:  # workers decode each shard once between them
+            item_source.shared = self.shared if share else None
             item_source.raw_text = ring is not None and self.seq_len is None
         try:
             for batch in self._batches(g, worker, workers, in_main, packed_out):
@@ -278,9 +283,9 @@ class MixtureStream(torch.utils.data.IterableDataset):
             batch = ahead.popleft()
             self._cursor = {"next": g + workers, "worker": worker, "num_workers": workers}
             if not packed_out:
-                batch, meta = _unpack(batch)
+                batch, counts = _unpack(batch)
                 if in_main:
-                    self._count_meta(g, batch["weight_version"], meta)
+                    self._count(g, batch["weight_version"], counts)
             g += workers
             yield batch
 
@@ -327,11 +332,17 @@ class MixtureStream(torch.utils.data.IterableDataset):
             for idx, rows in picked:
                 meta[4, idx] = rows.tokens
             columns = _columns_in_order(picked, n, order)
+        counts = _per_batch_counts(meta, size, len(self.names))
         out = []
         for j, g in enumerate(batch_indices):
             lo, hi = j * size, (j + 1) * size
             # Each batch owns its arrays (copies of its slice of the block).
-            batch: dict[str, Any] = {"_meta": meta[:, lo:hi].copy(), "batch_index": g, "weight_version": version[j]}
+            batch: dict[str, Any] = {
+                "_meta": meta[:, lo:hi].copy(),
+                "_counts": counts[j],
+                "batch_index": g,
+                "weight_version": version[j],
+            }
             if self.seq_len is not None:
                 batch["tokens"], batch["doc_start"] = tokens[lo:hi].copy(), starts[lo:hi].copy()
             for key, col in columns.items():
@@ -410,17 +421,17 @@ class MixtureStream(torch.utils.data.IterableDataset):
     # ------------------------------------------------------------------------------ consumption
     def _observe(self, batch: Mapping) -> None:
         meta = np.stack([np.asarray(batch["source"]), np.asarray(batch["num_tokens"])])
-        self._count_meta(int(batch["batch_index"]), int(batch["weight_version"]), meta, tokens_row=1)
+        counts = _per_batch_counts(meta, meta.shape[1], len(self.names), tokens_row=1)[0]
+        self._count(int(batch["batch_index"]), int(batch["weight_version"]), counts)
 
-    def _count_meta(self, g: int, version: int, meta: np.ndarray, tokens_row: int = 4) -> None:
-        """Record the consumption of batch g: its weight version, per-source samples and tokens
-        (meta: the packed batch's integer rows; row 0 the source, ``tokens_row`` the token counts)."""
+    def _count(self, g: int, version: int, counts: np.ndarray) -> None:
+        """Record the consumption of batch g: its weight version, and ``counts`` (2, K) int64: per
+        source, samples and tokens in the batch."""
         self._next_batch = max(self._next_batch, g + 1)
         if version not in self._observed:
             self._observed[version] = time.time()
-        k = len(self.names)
-        self._samples_observed += np.bincount(meta[0], minlength=k)
-        self._tokens_observed += np.bincount(meta[0], weights=meta[tokens_row], minlength=k).astype(np.int64)
+        self._samples_observed += counts[0]
+        self._tokens_observed += counts[1]
 
     def observe(self, batch: Mapping) -> None:
         """Record that the training loop received ``batch`` (done for you by `loader()` and with
@@ -596,8 +607,8 @@ class TrackedLoader:
             if self.to_tensors:
                 if self.ring is not None:
                     batch = self.ring.receive(batch)
-                batch, meta = _unpack(batch)
-                self.stream._count_meta(batch["batch_index"], batch["weight_version"], meta)
+                batch, counts = _unpack(batch)
+                self.stream._count(batch["batch_index"], batch["weight_version"], counts)
             elif self.loader.num_workers > 0:
                 self.stream._observe(batch)
             yield batch
@@ -613,9 +624,11 @@ def _as_is(batch: dict) -> dict:
 
 def _unpack(packed: dict) -> tuple[dict, np.ndarray]:
     """A packed batch (see `MixtureStream._materialise`) as the user-facing batch of tensors, and its
-    ``_meta`` array. The integer rows are views of one tensor (one storage per batch)."""
+    per-source counts (``_counts``, see `_per_batch_counts`). The integer rows are views of one
+    tensor (one storage per batch)."""
     batch = dict(packed)
     meta = batch.pop("_meta")
+    counts = batch.pop("_counts")
     batch.update(zip(META_KEYS, torch.from_numpy(meta).unbind(0)))
     for key in ("tokens", "doc_start"):
         if key in batch:
@@ -623,7 +636,17 @@ def _unpack(packed: dict) -> tuple[dict, np.ndarray]:
     if "_ids" in batch:
         flat, lengths = batch.pop("_ids")
         batch["input_ids"] = list(torch.from_numpy(flat).split(lengths.tolist()))
-    return batch, meta
+    return batch, counts
+
+
+def _per_batch_counts(meta: np.ndarray, size: int, k: int, tokens_row: int = 4) -> np.ndarray:
+    """int64 (batches, 2, k): per batch of ``size`` consecutive columns of ``meta`` and per source,
+    the number of items and their tokens (row 0 of ``meta``: source ids, ``tokens_row``: tokens)."""
+    nb = meta.shape[1] // size
+    cell = meta[0, : nb * size] + k * np.repeat(np.arange(nb), size)
+    samples = np.bincount(cell, minlength=nb * k).reshape(nb, k)
+    tokens = np.bincount(cell, weights=meta[tokens_row, : nb * size], minlength=nb * k).reshape(nb, k)
+    return np.stack([samples, tokens.astype(np.int64)], axis=1)
 
 
 def _groups(source: np.ndarray, epoch: np.ndarray, shard: np.ndarray):
