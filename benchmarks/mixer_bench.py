@@ -244,8 +244,11 @@ def make_fastmix(data: BenchData, batch: int, cache_dir: str) -> Contender:
         "Parquet shards; `MixtureStream(sources={domain: [files]}, weights, batch_size=32, seed)`, "
         "default shuffle (shard order and rows within each shard per epoch), `cache_shards=2`, default "
         "`block_batches=64` (each worker plans and reads 64 of its batches in one pass, still claiming "
-        "them one at a time for live weights); workers via `stream.loader(num_workers=2, prefetch_factor=2)`, "
-        "which decode each shard once between them (`share_decoded=True`, shared-memory slots).",
+        "them one at a time for live weights); workers via `stream.loader(num_workers=2, prefetch_factor=2)` "
+        "with its defaults: each worker sends 2 of its batches per DataLoader item (`batches_per_item=2`; "
+        "`prefetch_factor` counts batches, so 2 batches in flight per worker as for the peers) through a "
+        "ring of shared-memory slots (`shared_memory_batches=True`; texts as UTF-8 bytes, `str` made in "
+        "the training process); with 2 workers each decodes the shards it needs (`share_decoded` starts at 3).",
     )
 
 
@@ -582,11 +585,12 @@ PROFILE_FUNCTIONS = [
     ("_groups (group a block by source, epoch, shard)", ("stream/mixture.py", "_groups")),
     ("ItemSource.gather (pick rows from a cached shard)", ("stream/items.py", "gather")),
     ("ShardedSource.read_shard (stat + decode a shard)", ("sources/source.py", "read_shard")),
-    ("ParquetReader.read (pyarrow read + to Python str)", ("sources/parquet.py", "read")),
-    ("  pyarrow ParquetFile.read (decode, thread pool)", ("pyarrow/parquet/core.py", "read")),
-    ("  pyarrow ParquetFile.__init__ (open, footer)", ("pyarrow/parquet/core.py", "__init__")),
+    ("ParquetReader.read (file read + decode + to Python str)", ("sources/parquet.py", "read")),
+    ("  ParquetReader.read_table (one read() of the file + decode)", ("sources/parquet.py", "read_table")),
+    ("  pyarrow ParquetFile.read (decode)", ("pyarrow/parquet/core.py", "read")),
+    ("  pyarrow ParquetFile.__init__ (footer)", ("pyarrow/parquet/core.py", "__init__")),
     ("  texts_of (Arrow column -> list of str)", ("sources/arrow.py", "texts_of")),
-    ("MixtureStream._count_meta (telemetry)", ("stream/mixture.py", "_count_meta")),
+    ("MixtureStream._count (telemetry)", ("stream/mixture.py", "_count")),
 ]
 
 
@@ -677,64 +681,88 @@ def profile_fastmix(data: BenchData, batch: int, cache_dir: str, n: int, top: in
         _common.markdown_table(["block_batches", "samples/s"], block_rows, "rr"),
     ]
 
-    # 3. The Parquet read: pyarrow's thread pool on small shards, decode vs conversion to str.
+    # 3. The Parquet read: pyarrow's thread pool on small shards, path vs one whole-file read,
+    # decode vs conversion to str.
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
+    def read_whole(f: str):
+        with open(f, "rb") as fh:
+            return pq.ParquetFile(pa.BufferReader(fh.read())).read(columns=["text"], use_threads=False)
+
+    variants = {
+        "`ParquetFile(path).read(columns=['text'], use_threads=True)`":
+            lambda f: pq.ParquetFile(f).read(columns=["text"], use_threads=True),
+        "`ParquetFile(path).read(columns=['text'], use_threads=False)` (the scan)":
+            lambda f: pq.ParquetFile(f).read(columns=["text"], use_threads=False),
+        "one `read()` of the file, `ParquetFile(BufferReader(bytes)).read(…, use_threads=False)` (fastmix)":
+            read_whole,
+    }
     files = [f for d in data.names for f in data.parquet[d][: max(1, len(data.parquet[d]) // 4)]][:200]
-    best: dict[bool, list[float]] = {True: [], False: []}
+    best: dict[str, list[tuple[float, float]]] = {label: [] for label in variants}
     for _ in range(5):  # alternate the settings, keep the fastest pass of each (the VM is noisy)
-        for use_threads in (True, False):
-            _, t_read = _common.timed(
-                lambda ut=use_threads: [pq.ParquetFile(f).read(columns=["text"], use_threads=ut) for f in files]
-            )
-            tables = [pq.ParquetFile(f).read(columns=["text"], use_threads=use_threads) for f in files]
+        for label, read in variants.items():
+            tables, t_read = _common.timed(lambda read=read: [read(f) for f in files])
             _, t_py = _common.timed(lambda tables=tables: [t.column("text").to_pylist() for t in tables])
-            best[use_threads].append((t_read, t_py))
+            best[label].append((t_read, t_py))
     read_rows = []
-    for use_threads in (True, False):
-        t_read, t_py = min(best[use_threads])
-        read_rows.append(
-            (f"`use_threads={use_threads}`", f"{t_read / len(files) * 1e3:.2f}", f"{t_py / len(files) * 1e3:.2f}")
-        )
+    for label in variants:
+        t_read, t_py = min(best[label])
+        read_rows.append((label, f"{t_read / len(files) * 1e3:.2f}", f"{t_py / len(files) * 1e3:.2f}"))
     out += [
         "",
         f"### Parquet shard read ({len(files)} shards of ~{np.mean([pq.ParquetFile(f).metadata.num_rows for f in files]):.0f} "
         "rows; fastest of 5 alternating passes)",
         "",
-        _common.markdown_table(["ParquetFile(f).read(columns=['text'], …)", "read ms/shard", "to_pylist ms/shard"],
-                               read_rows, "lrr"),
+        _common.markdown_table(["read", "read ms/shard", "to_pylist ms/shard"], read_rows, "lrr"),
     ]
 
-    # 4. Batches crossing worker processes: `stream.loader()` (numpy out of the workers) against a
-    # plain DataLoader (its default collate makes tensors in the worker: one shared-memory segment each).
+    # 4. Batches crossing worker processes: how `stream.loader()` sends them against a plain
+    # DataLoader (its default collate makes tensors in the worker: one shared-memory segment each).
     diag = []
     m = min(n, 20_000)
-    for label, plain in (("`stream.loader(num_workers=2)`: numpy leaves the worker, tensors made here", False),
-                         ("`DataLoader(stream, batch_size=None, num_workers=2)`: tensors made in the worker", True)):
-        stream = new_stream()
-        loader = (torch.utils.data.DataLoader(stream, batch_size=None, num_workers=2, prefetch_factor=2) if plain
-                  else stream.loader(num_workers=2, prefetch_factor=2))
-        it = iter(loader)
-        next(it)
-        t0 = time.perf_counter()
-        got = 0
-        for b in it:
-            got += len(b["text"])
-            if got >= m:
-                break
-        diag.append((label, f"{got / (time.perf_counter() - t0):,.0f}"))
-        del it, loader
+    loaders = {
+        "`stream.loader(num_workers=2)` (defaults: shared-memory ring, 2 batches per item)":
+            lambda s: s.loader(num_workers=2, prefetch_factor=2),
+        "… with `batches_per_item=1`":
+            lambda s: s.loader(num_workers=2, prefetch_factor=2, batches_per_item=1),
+        "… with `batches_per_item=1, shared_memory_batches=False` (numpy pickled through the pipe)":
+            lambda s: s.loader(num_workers=2, prefetch_factor=2, batches_per_item=1, shared_memory_batches=False),
+        "`DataLoader(stream, batch_size=None, num_workers=2)`: tensors made in the worker":
+            lambda s: torch.utils.data.DataLoader(s, batch_size=None, num_workers=2, prefetch_factor=2),
+    }
+    rates_by: dict[str, list[float]] = {label: [] for label in loaders}
+    for _ in range(3):  # interleaved; median of 3
+        for label, make_loader in loaders.items():
+            stream = new_stream()
+            it = iter(make_loader(stream))
+            next(it)
+            t0 = time.perf_counter()
+            got = 0
+            for b in it:
+                got += len(b["text"])
+                if got >= m:
+                    break
+            rates_by[label].append(got / (time.perf_counter() - t0))
+            del it
+            stream.close()
+    diag = [(label, f"{statistics.median(r):,.0f}") for label, r in rates_by.items()]
     out += [
         "",
-        f"### fastmix with a 2-worker DataLoader: how batches cross processes ({m:,} samples, steady state)",
+        f"### fastmix with a 2-worker DataLoader: how batches cross processes ({m:,} samples, steady state, "
+        "median of 3 interleaved)",
         "",
         _common.markdown_table(["loader", "samples/s"], diag, "lr"),
     ]
     # 5. Decoding each shard once between the workers (share_decoded): the worker processes' CPU time.
+    from fastmix_data.stream import mixture
+
     share_rows = []
+    default_min = mixture.SHARE_MIN_WORKERS
     for workers in (2, 4):
         cells = {}
         for share in (False, True, False, True):  # alternate; keep the lower of each
+            mixture.SHARE_MIN_WORKERS = 2  # measure sharing with 2 workers too (off by default there)
             stream = new_stream(share_decoded=share)
             before = resource.getrusage(resource.RUSAGE_CHILDREN)
             t0 = time.perf_counter()
@@ -750,6 +778,7 @@ def profile_fastmix(data: BenchData, batch: int, cache_dir: str, n: int, top: in
             after = resource.getrusage(resource.RUSAGE_CHILDREN)
             cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
             stream.close()
+            mixture.SHARE_MIN_WORKERS = default_min
             best = cells.get(share)
             if best is None or cpu < best[0]:
                 cells[share] = (cpu, got / wall)
@@ -761,7 +790,8 @@ def profile_fastmix(data: BenchData, batch: int, cache_dir: str, n: int, top: in
         "",
         "Without sharing every worker decodes every shard (its batches interleave with the others'), so the "
         "workers' decode work grows with their number; with it, the first worker to need a shard decodes "
-        "it into a shared-memory slot and the others read it back.",
+        f"it into a shared-memory slot and the others read it back. By default sharing starts at "
+        f"{default_min} workers (`SHARE_MIN_WORKERS`); the 2-worker row forces it on to show why.",
         "",
         _common.markdown_table(
             ["workers", "worker CPU s, off", "worker CPU s, on", "on / off", "samples/s off", "samples/s on"],

@@ -209,3 +209,27 @@ def test_a_torch_batch_owns_its_memory(data):
     for got, want in zip(batches, ref):
         assert torch.equal(got["item"], want["item"]) and got["text"] == want["text"]
     stream.close()
+
+
+@pytest.mark.parametrize("workers, per_item, ring", [(2, 2, True), (2, 3, False), (3, 2, True), (2, 5, True)])
+def test_items_of_several_batches_are_served_in_order_to_the_end(data, workers, per_item, ring):
+    """Worker w sends its batches w, w + W, ... in items of ``per_item``; the training process
+    serves them in global order, also when the stream ends inside an item (13 batches here)."""
+
+    def make():
+        return MixtureStream(data, {"code": 0.6, "web": 0.4}, batch_size=4, seed=8, max_items=4 * 13 + 2)
+
+    ref = [_key(b) for b in make()]
+    assert len(ref) == 13
+    stream = make()
+    loader = stream.loader(num_workers=workers, prefetch_factor=2, batches_per_item=per_item,
+                           shared_memory_batches=ring)
+    assert loader.loader.prefetch_factor == -(-2 // per_item)  # prefetch_factor counts batches
+    assert [_key(b) for b in loader] == ref
+    assert stream.state_dict()["next_batch"] == 13
+    stream.close()
+
+
+def test_batches_per_item_must_be_positive(data):
+    with pytest.raises(ValueError, match="batches_per_item must be >= 1, got 0"):
+        MixtureStream(data, {"code": 0.6, "web": 0.4}, batch_size=4).loader(num_workers=1, batches_per_item=0)

@@ -54,10 +54,10 @@ def take(it, n):
 
 def test_batches_identical_for_any_num_workers_and_prefetch(data):
     ref = take(iter(MixtureStream(sources(data), W, batch_size=8, seed=3)), 24)
-    for workers, prefetch in [(1, 2), (2, 1), (2, 4), (4, 2)]:
+    for workers, prefetch, per_item in [(1, 2, 2), (2, 1, 2), (2, 4, 1), (2, 2, 3), (4, 2, 2), (3, 5, 4)]:
         stream = MixtureStream(sources(data), W, batch_size=8, seed=3)
-        got = take(stream.loader(num_workers=workers, prefetch_factor=prefetch), 24)
-        assert got == ref, (workers, prefetch)
+        got = take(stream.loader(num_workers=workers, prefetch_factor=prefetch, batches_per_item=per_item), 24)
+        assert got == ref, (workers, prefetch, per_item)
     assert [k[0] for k in ref] == list(range(24))
 
 
@@ -82,9 +82,10 @@ def take_raw(it, n):
     return out
 
 
-def test_set_weights_applies_at_returned_batch_and_is_reproducible(data):
+@pytest.mark.parametrize("per_item", [1, 2, 3])
+def test_set_weights_applies_at_returned_batch_and_is_reproducible(data, per_item):
     stream = MixtureStream(sources(data), W, batch_size=8, seed=1)
-    loader = stream.loader(num_workers=2, prefetch_factor=2)
+    loader = stream.loader(num_workers=2, prefetch_factor=2, batches_per_item=per_item)
     got, effective = [], None
     for b in loader:
         got.append(b)
@@ -92,7 +93,9 @@ def test_set_weights_applies_at_returned_batch_and_is_reproducible(data):
             effective = stream.set_weights({"code": 0.0, "web": 0.0, "small": 1.0})
         if len(got) == 20:
             break
-    assert 3 <= effective <= 3 + 2 * 2
+    assert [b["batch_index"] for b in got] == list(range(20))
+    # the documented bound: num_workers * batches_per_item * (ceil(prefetch_factor / batches_per_item) + 1)
+    assert 3 <= effective <= 2 + 2 * per_item * (-(-2 // per_item) + 1)
     for b in got:
         if b["batch_index"] < effective:
             assert b["weight_version"] == 0

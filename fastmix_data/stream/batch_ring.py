@@ -12,8 +12,9 @@ ring it has taken into the ring's header. A worker writes a slot only when the b
 before has been acknowledged; if not, or if the batch does not fit in a slot, or shared memory is
 full, the batch is returned inline as before. So nothing waits on the ring and nothing is lost.
 
-With `MixtureStream.loader`, the DataLoader holds at most ``prefetch_factor`` batches per worker, so
-S = prefetch_factor + 2 slots are always free in time; the fallback is for other uses.
+With `MixtureStream.loader`, at most (prefetch items + 1) * batches_per_item batches of a worker are
+between it and the training loop, so S = that + 2 slots are always free in time; the fallback is for
+other uses.
 
 Slot payload: each numpy array at a 64-byte aligned offset; a text column as its UTF-8 bytes (all
 rows concatenated, decoded with ``surrogatepass`` so any Python str survives) plus an int64 array of
@@ -37,6 +38,7 @@ _ACKED = struct.Struct("<q")  # header: batches of this ring the training proces
 DATA_AT = 4096
 SLOT_BYTES = 8 << 20  # a batch larger than this goes inline
 RING_KEY = "_ring"
+_TEXT_KINDS = {str, memoryview, type(None)}
 
 
 def _align(n: int) -> int:
@@ -104,13 +106,16 @@ class RingWriter:
             elif isinstance(value, tuple) and value and all(isinstance(v, np.ndarray) for v in value):
                 entries = tuple((v.dtype.str, v.shape, put(_bytes_of(v))) for v in value)
                 layout.append(("arrays", key, entries, None, None))
-            elif isinstance(value, list) and all(v is None or type(v) in (str, memoryview) for v in value):
-                rows = [v.encode("utf-8", "surrogatepass") if type(v) is str else v for v in value]
-                lengths = np.fromiter((-1 if v is None else len(v) for v in rows), dtype=np.int64, count=len(rows))
-                at_lengths = put(_bytes_of(lengths))
-                text = [v for v in rows if v]
-                at_text = put_all(text, sum(len(v) for v in text))
-                layout.append(("text", key, len(rows), at_lengths, at_text))
+            elif isinstance(value, list) and (kinds := set(map(type, value))) <= _TEXT_KINDS:
+                if kinds == {memoryview}:  # Arrow rows (the common case): no per-row Python work
+                    rows, sizes = value, list(map(len, value))
+                else:
+                    rows = [v.encode("utf-8", "surrogatepass") if type(v) is str else v for v in value]
+                    sizes = [-1 if v is None else len(v) for v in rows]
+                    rows = [v for v in rows if v is not None]
+                at_lengths = put(_bytes_of(np.array(sizes, dtype=np.int64)))
+                at_text = put_all(rows, sum(n for n in sizes if n > 0))
+                layout.append(("text", key, len(sizes), at_lengths, at_text))
             else:
                 out[key] = value
         if size > self.slot_bytes:

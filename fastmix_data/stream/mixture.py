@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import collections
 import hashlib
+import itertools
 import json
 import logging
 import time
@@ -160,6 +161,7 @@ class MixtureStream(torch.utils.data.IterableDataset):
         self.block_batches = int(block_batches)
         self._numpy_in_workers = False  # set by TrackedLoader while it starts its workers
         self._ring: tuple[str, int] | None = None  # (directory, slots): ditto, see batch_ring
+        self._per_item = 1  # ditto: batches a loader() worker sends per DataLoader item
         self._ring_readers: list[RingReader] = []
         self.tokenizer = as_tokenizer(tokenizer, eos_id)
         detected = rank_and_world()
@@ -256,9 +258,15 @@ class MixtureStream(torch.utils.data.IterableDataset):
         for item_source in self.items:  # workers decode each shard once between them
             item_source.shared = self.shared if share else None
             item_source.raw_text = ring is not None and self.seq_len is None
+        send = (lambda b: b) if ring is None else ring.send
+        batches = self._batches(g, worker, workers, in_main, packed_out)
         try:
-            for batch in self._batches(g, worker, workers, in_main, packed_out):
-                yield batch if ring is None else ring.send(batch)
+            if packed_out and self._per_item > 1:  # loader() workers: R of their batches per item
+                while chunk := list(itertools.islice(batches, self._per_item)):
+                    yield [send(b) for b in chunk]
+            else:
+                for batch in batches:
+                    yield send(batch)
         finally:
             if ring is not None:
                 ring.close()
@@ -357,8 +365,9 @@ class MixtureStream(torch.utils.data.IterableDataset):
         """Change the mixture; return the global batch index from which it applies.
 
         The change applies at the first global batch that no worker on any rank has started
-        (with a DataLoader: at most num_workers * prefetch_factor batches after the last one the
-        training loop received). Under torch.distributed every rank must call this at the same
+        (with a plain DataLoader: at most num_workers * prefetch_factor batches after the last one
+        the training loop received; with `loader`, num_workers * R * (ceil(prefetch_factor / R) + 1)
+        for R = batches_per_item, see docs/stream.md). Under torch.distributed every rank must call this at the same
         point of its loop (it is a collective); rank 0's weights are used.
 
         Raises:
@@ -438,22 +447,34 @@ class MixtureStream(torch.utils.data.IterableDataset):
         num_workers=0). Feeds `state_dict()` (next batch) and `stats()` (latency, tokens)."""
         self._observe(batch)
 
-    def loader(self, *, shared_memory_batches: bool = True, **dataloader_kwargs) -> TrackedLoader:
+    def loader(
+        self, *, shared_memory_batches: bool = True, batches_per_item: int = 2, **dataloader_kwargs
+    ) -> TrackedLoader:
         """A torch DataLoader over this stream that reports consumed batches back to it.
 
-        The fast path with workers: batches leave a worker as numpy arrays and UTF-8 bytes written
-        to a ring of shared-memory slots (``shared_memory_batches``, see
-        :mod:`fastmix_data.stream.batch_ring`; False: pickled through the DataLoader's pipe) and
-        become tensors and ``str`` in this process. A plain ``DataLoader(stream, batch_size=None)``
-        also works (then call `observe` on each batch for telemetry): its workers return tensors,
-        which cost a shared-memory segment per storage (~1 ms per batch on a small VM;
-        benchmarks/results/mixer.md)."""
+        The fast path with workers: each worker sends ``batches_per_item`` of its batches per
+        DataLoader item (the DataLoader's per-item work is then shared by them), as numpy arrays
+        and UTF-8 bytes written to a ring of shared-memory slots (``shared_memory_batches``, see
+        :mod:`fastmix_data.stream.batch_ring`; False: pickled through the DataLoader's pipe), and
+        this process makes tensors and ``str`` and serves the batches in order. ``prefetch_factor``
+        counts batches per worker, as for a plain DataLoader (it becomes
+        ceil(prefetch_factor / batches_per_item) items). A plain ``DataLoader(stream,
+        batch_size=None)`` also works (then call `observe` on each batch for telemetry): its
+        workers return tensors, which cost a shared-memory segment per storage (~1 ms per batch on
+        a small VM; benchmarks/results/mixer.md)."""
+        if batches_per_item < 1:
+            raise ValueError(f"batches_per_item must be >= 1, got {batches_per_item}")
         dataloader_kwargs.setdefault("batch_size", None)
-        convert = dataloader_kwargs.get("num_workers", 0) > 0 and "collate_fn" not in dataloader_kwargs
+        workers = dataloader_kwargs.get("num_workers", 0)
+        convert = workers > 0 and "collate_fn" not in dataloader_kwargs
         if convert:
             dataloader_kwargs["collate_fn"] = _as_is
+            prefetch = dataloader_kwargs.get("prefetch_factor") or 2  # the DataLoader's default
+            dataloader_kwargs["prefetch_factor"] = -(-prefetch // batches_per_item)
         loader = torch.utils.data.DataLoader(self, **dataloader_kwargs)
-        return TrackedLoader(self, loader, to_tensors=convert, use_ring=shared_memory_batches)
+        return TrackedLoader(
+            self, loader, to_tensors=convert, use_ring=shared_memory_batches, per_item=batches_per_item
+        )
 
     # ------------------------------------------------------------------------------ state
     def state_dict(self) -> dict:
@@ -585,7 +606,9 @@ class TrackedLoader:
         loader: torch.utils.data.DataLoader,
         to_tensors: bool = False,
         use_ring: bool = True,
+        per_item: int = 1,
     ):
+        self.per_item = int(per_item)
         self.stream = stream
         self.loader = loader
         self.to_tensors = to_tensors
@@ -595,23 +618,42 @@ class TrackedLoader:
 
     def __iter__(self):
         # read by the workers started by iter() (persistent workers keep what they saw first)
+        per_item = self.per_item if self.to_tensors else 1
         self.stream._numpy_in_workers = self.to_tensors
+        self.stream._per_item = per_item
         if self.ring is not None:
-            self.stream._ring = (self.ring.directory, (self.loader.prefetch_factor or 2) + 2)
+            self.stream._ring = (self.ring.directory, ((self.loader.prefetch_factor or 2) + 1) * per_item + 2)
         try:
-            batches = iter(self.loader)
+            items = iter(self.loader)
         finally:
             self.stream._numpy_in_workers = False
+            self.stream._per_item = 1
             self.stream._ring = None
-        for batch in batches:
-            if self.to_tensors:
+        if not self.to_tensors:
+            for batch in items:
+                if self.loader.num_workers > 0:
+                    self.stream._observe(batch)
+                yield batch
+            return
+        received: dict[int, dict] = {}  # by batch index, until every earlier batch was served
+        expected: int | None = None
+        for item in items:
+            for packed in item if isinstance(item, list) else [item]:
                 if self.ring is not None:
-                    batch = self.ring.receive(batch)
-                batch, counts = _unpack(batch)
-                self.stream._count(batch["batch_index"], batch["weight_version"], counts)
-            elif self.loader.num_workers > 0:
-                self.stream._observe(batch)
-            yield batch
+                    packed = self.ring.receive(packed)
+                received[packed["batch_index"]] = packed
+            if expected is None:
+                expected = min(received)
+            while expected in received:
+                yield self._served(received.pop(expected))
+                expected += 1
+        for g in sorted(received):  # the stream ended: what is left, in order
+            yield self._served(received.pop(g))
+
+    def _served(self, packed: dict) -> dict:
+        batch, counts = _unpack(packed)
+        self.stream._count(batch["batch_index"], batch["weight_version"], counts)
+        return batch
 
 
 META_KEYS = ("source", "shard", "item", "epoch", "num_tokens")  # the rows of a packed batch's "_meta"
