@@ -233,3 +233,12 @@ def test_items_of_several_batches_are_served_in_order_to_the_end(data, workers, 
 def test_batches_per_item_must_be_positive(data):
     with pytest.raises(ValueError, match="batches_per_item must be >= 1, got 0"):
         MixtureStream(data, {"code": 0.6, "web": 0.4}, batch_size=4).loader(num_workers=1, batches_per_item=0)
+
+
+def test_without_posix_fallocate_batches_go_inline(ring_dir, monkeypatch):
+    monkeypatch.delattr(batch_ring.os, "posix_fallocate")
+    writer = RingWriter(ring_dir, 0, slots=2)
+    sent = writer.send(_batch(0))
+    assert RING_KEY not in sent
+    _same(sent, _want(0))
+    writer.close()

@@ -62,6 +62,8 @@ class RingWriter:
         self.fd: int | None = None
         self.mm: mmap.mmap | None = None
         self.reserved = [0] * self.slots  # bytes of each slot backed by allocated shared memory
+        if not hasattr(os, "posix_fallocate"):  # (macOS) no safe way to back the map: send inline
+            return
         try:
             os.makedirs(directory, mode=0o700, exist_ok=True)
             self.path = os.path.join(directory, f"ring-{worker}-{os.getpid()}-{os.urandom(4).hex()}")
