@@ -328,3 +328,28 @@ def test_skip_corrupt_shards_is_reported(tmp_path):
     assert set(texts) <= set(make_docs(30, prefix="a")[:10] + make_docs(30, prefix="a")[20:])
     skipped = stream.stats()["sources"]["a"]["skipped_shards"]
     assert len(skipped) == 1 and skipped[0][0].endswith("part-00001.parquet")
+
+
+@pytest.mark.parametrize("how", ["in-process", "loader", "loader, 1 batch per item", "plain DataLoader + observe"])
+def test_received_samples_and_tokens_match_the_served_batches(data, how):
+    stream = MixtureStream(sources(data), W, batch_size=8, seed=6)
+    if how == "in-process":
+        it = iter(stream)
+    elif how.startswith("loader"):
+        it = iter(stream.loader(num_workers=2, batches_per_item=1 if "1 batch" in how else 2))
+    else:
+        it = iter(torch.utils.data.DataLoader(stream, batch_size=None, num_workers=2))
+    samples, tokens = np.zeros(3, dtype=np.int64), np.zeros(3, dtype=np.int64)
+    for _ in range(11):
+        b = next(it)
+        if how.startswith("plain"):
+            stream.observe(b)
+        src, ntok = b["source"].numpy(), b["num_tokens"].numpy()
+        samples += np.bincount(src, minlength=3)
+        tokens += np.bincount(src, weights=ntok, minlength=3).astype(np.int64)
+    st = stream.stats()
+    assert st["batches"] == 11
+    assert [st["sources"][n]["samples_received"] for n in ("code", "web", "small")] == samples.tolist()
+    assert [st["sources"][n]["tokens_received"] for n in ("code", "web", "small")] == tokens.tolist()
+    assert samples.sum() == 88 and tokens.min() > 0
+    stream.close()
