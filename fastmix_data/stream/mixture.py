@@ -636,14 +636,15 @@ class TrackedLoader:
                 yield batch
             return
         received: dict[int, dict] = {}  # by batch index, until every earlier batch was served
-        expected: int | None = None
+        expected = self.stream._next_batch  # worker w starts at this + w (unless resumed per worker)
+        full_round = self.loader.num_workers * per_item
         for item in items:
             for packed in item if isinstance(item, list) else [item]:
                 if self.ring is not None:
                     packed = self.ring.receive(packed)
                 received[packed["batch_index"]] = packed
-            if expected is None:
-                expected = min(received)
+            if expected not in received and len(received) >= full_round:
+                expected = min(received)  # a round from every worker is here: nothing earlier comes
             while expected in received:
                 yield self._served(received.pop(expected))
                 expected += 1
