@@ -242,3 +242,15 @@ def test_without_posix_fallocate_batches_go_inline(ring_dir, monkeypatch):
     assert RING_KEY not in sent
     _same(sent, _want(0))
     writer.close()
+
+
+def test_loader_without_usable_shared_memory_serves_the_same_batches(data, monkeypatch):
+    """No posix_fallocate (macOS): the workers send everything through the pipe, texts as str."""
+    weights = {"code": 0.6, "web": 0.4}
+    ref = [_key(b) for _, b in zip(range(10), MixtureStream(data, weights, batch_size=6, seed=3))]
+    monkeypatch.delattr(batch_ring.os, "posix_fallocate")
+    seen = _counting(monkeypatch)
+    stream = MixtureStream(data, weights, batch_size=6, seed=3)
+    assert [_key(b) for _, b in zip(range(10), stream.loader(num_workers=2))] == ref
+    assert seen == [False] * 10
+    stream.close()

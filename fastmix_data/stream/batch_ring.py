@@ -16,9 +16,9 @@ With `MixtureStream.loader`, at most (prefetch items + 1) * batches_per_item bat
 between it and the training loop, so S = that + 2 slots are always free in time; the fallback is for
 other uses.
 
-Slot payload: each numpy array at a 64-byte aligned offset; a text column as its UTF-8 bytes (all
-rows concatenated, decoded with ``surrogatepass`` so any Python str survives) plus an int64 array of
-the rows' lengths in characters (-1 for a missing value).
+Slot payload: each numpy array at a 64-byte aligned offset; a text column as an int64 array of the
+rows' UTF-8 byte lengths (-1 for a missing value) followed by the rows' bytes back to back (encoded
+and decoded with ``surrogatepass``, so any Python str survives).
 """
 
 from __future__ import annotations

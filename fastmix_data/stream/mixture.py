@@ -254,19 +254,22 @@ class MixtureStream(torch.utils.data.IterableDataset):
         in_main = torch.utils.data.get_worker_info() is None
         packed_out = not in_main and self._numpy_in_workers  # loader() workers send packed numpy batches
         ring = RingWriter(self._ring[0], worker, self._ring[1]) if packed_out and self._ring else None
+        if ring is not None and ring.mm is None:  # no usable shared memory: the pipe, as without one
+            ring = None
         share = workers >= SHARE_MIN_WORKERS and not in_main
         for item_source in self.items:  # workers decode each shard once between them
             item_source.shared = self.shared if share else None
             item_source.raw_text = ring is not None and self.seq_len is None
-        send = (lambda b: b) if ring is None else ring.send
         batches = self._batches(g, worker, workers, in_main, packed_out)
         try:
             if packed_out and self._per_item > 1:  # loader() workers: R of their batches per item
                 while chunk := list(itertools.islice(batches, self._per_item)):
-                    yield [send(b) for b in chunk]
-            else:
+                    yield chunk if ring is None else [ring.send(b) for b in chunk]
+            elif ring is not None:
                 for batch in batches:
-                    yield send(batch)
+                    yield ring.send(batch)
+            else:  # the training process and plain DataLoader workers: nothing added per batch
+                yield from batches
         finally:
             if ring is not None:
                 ring.close()
@@ -367,8 +370,8 @@ class MixtureStream(torch.utils.data.IterableDataset):
         The change applies at the first global batch that no worker on any rank has started
         (with a plain DataLoader: at most num_workers * prefetch_factor batches after the last one
         the training loop received; with `loader`, num_workers * R * (ceil(prefetch_factor / R) + 1)
-        for R = batches_per_item, see docs/stream.md). Under torch.distributed every rank must call this at the same
-        point of its loop (it is a collective); rank 0's weights are used.
+        for R = batches_per_item, see docs/stream.md). Under torch.distributed every rank must call
+        this at the same point of its loop (it is a collective); rank 0's weights are used.
 
         Raises:
             WeightsError: NaN, negative, all zero, unknown or missing sources.
