@@ -252,5 +252,5 @@ def test_loader_without_usable_shared_memory_serves_the_same_batches(data, monke
     seen = _counting(monkeypatch)
     stream = MixtureStream(data, weights, batch_size=6, seed=3)
     assert [_key(b) for _, b in zip(range(10), stream.loader(num_workers=2))] == ref
-    assert seen == [False] * 10
+    assert len(seen) >= 10 and not any(seen)  # every batch came inline (some received ahead)
     stream.close()
