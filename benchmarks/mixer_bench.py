@@ -730,7 +730,6 @@ def profile_fastmix(data: BenchData, batch: int, cache_dir: str, n: int, top: in
 
     # 4. Batches crossing worker processes: how `stream.loader()` sends them against a plain
     # DataLoader (its default collate makes tensors in the worker: one shared-memory segment each).
-    diag = []
     m = min(n, 20_000)
     loaders = {
         "`stream.loader(num_workers=2)` (defaults: shared-memory ring, 2 batches per item)":
