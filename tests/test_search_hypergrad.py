@@ -91,6 +91,47 @@ def test_one_pass_custom_loss_and_mask_match_autograd():
     torch.testing.assert_close(got, ref, rtol=1e-10, atol=1e-12)
 
 
+def test_low_precision_logits_run_the_product_in_their_dtype_and_stay_close():
+    """bf16 logits (autocast): the [c, V] x [V, d] product runs in bf16 with float32 accumulation.
+    Against float64 autograd on the same (bf16-rounded) inputs the per-source scores stay within
+    1 %, and every source keeps its rank."""
+    K = 4
+    g = torch.Generator().manual_seed(5)
+    N, d, V = 3000, 64, 500
+    h = torch.randn(N, d, generator=g, dtype=F64).to(torch.bfloat16).to(F64)
+    W = (torch.randn(V, d, generator=g, dtype=F64) / d**0.5).to(torch.bfloat16).to(F64)
+    y = torch.randint(0, V, (N,), generator=g)
+    src = torch.randint(0, K, (N,), generator=g)
+    # a target gradient that separates the sources: each one's residual direction, weighted
+    G = sum((k + 1) * head_gradient(h[src == k], y[src == k], head_weight=W, dtype=F64).grad for k in range(K))
+    ref = _autograd_scores(h, W, y, src, G, K)
+    logits = (h @ W.T).to(torch.bfloat16)
+    got = source_head_scores(h.to(torch.bfloat16), y, src, G.float(), K, logits=logits).means()
+    assert got.dtype == torch.float32
+    assert float((got.double() - ref).norm() / ref.norm()) < 3e-3
+    assert torch.equal(got.argsort(), ref.argsort())
+    # the same rounded logits in float32: the bf16 product adds well under 1 %
+    f32 = source_head_scores(h.float(), y, src, G.float(), K, logits=logits.float()).means()
+    assert float((got - f32).norm() / f32.norm()) < 3e-3
+
+
+def test_segment_sums_one_hot_path_equals_index_add():
+    """The accelerator path (a product with the one-hot matrix, reproducible where index_add_ is
+    not) gives the CPU path's sums; absent ids get 0."""
+    from fastmix_data.search.hypergrad import _onehot_segment_sums, segment_sums
+
+    g = torch.Generator().manual_seed(7)
+    ids = torch.randint(0, 5, (1000,), generator=g)
+    ids[ids == 3] = 4
+    for values in (torch.randn(1000, generator=g, dtype=F64), torch.ones(1000)):
+        ref = segment_sums(values, ids, 6)
+        got = _onehot_segment_sums(values, ids, 6)
+        assert got.dtype == values.dtype and got.shape == (6,)
+        torch.testing.assert_close(got, ref, rtol=1e-12, atol=1e-12)
+        assert got[3] == 0 and got[5] == 0
+    assert torch.equal(_onehot_segment_sums(torch.ones(1000), ids, 6), torch.bincount(ids, minlength=6).float())
+
+
 def test_scores_accept_batched_shapes_and_add_up():
     K = 3
     g = torch.Generator().manual_seed(3)

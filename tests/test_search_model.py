@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fastmix_data.search.model import BYTE_VOCAB_SIZE, HeadedLM, build_proxy, count_params, proxy_config
+from fastmix_data.search.model import BYTE_VOCAB_SIZE, build_proxy, count_params, is_headed_lm, proxy_config
 
 
 @pytest.fixture(autouse=True)
@@ -24,7 +24,8 @@ def test_cpu_preset_shape_and_size():
     m = build_proxy(cfg)
     n = count_params(m)
     assert 0.3e6 < n["total"] < 0.7e6
-    assert isinstance(m, HeadedLM)
+    assert is_headed_lm(m)
+    assert not is_headed_lm(torch.nn.Linear(4, 4)) and not is_headed_lm(torch.nn.Sequential(m.embed, m.head))
     assert m.head.bias is None and m.head.weight.shape == (257, 128)
     assert m.head.weight.data_ptr() != m.embed.weight.data_ptr()  # untied
 

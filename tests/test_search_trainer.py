@@ -113,9 +113,9 @@ def _plain_training(model, batches, c: SearchConfig):
 def test_search_never_touches_proxy_training(hypergrad, search_batch, grad_accum):
     """With z frozen (z_lr=0) the proxy trained by run_search -- outer steps, target passes and
     hypergradients included, some of them in the middle of a gradient accumulation -- is bitwise the
-    proxy of plain training on the same batches."""
+    proxy of plain training on the same batches (both on the CPU, where the reference trains)."""
     c = cfg(max_steps=12, outer_every=3, warmup_steps=0, z_lr=0.0, lr=3e-3, grad_accum=grad_accum,
-            hypergrad=hypergrad, search_batch=search_batch, search_seqs_per_source=2)
+            hypergrad=hypergrad, search_batch=search_batch, search_seqs_per_source=2, device="cpu")
     m_search = build_proxy(proxy_config("tiny"), seed=0)
     m_plain = build_proxy(proxy_config("tiny"), seed=0)
     r = run_search(stream(), target([1, 0, 0]), c, model=m_search)

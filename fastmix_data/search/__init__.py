@@ -26,6 +26,7 @@ from .model import (
     ProxyLM,
     build_proxy,
     count_params,
+    is_headed_lm,
     proxy_config,
 )
 from .trainer import (
@@ -57,6 +58,7 @@ __all__ = [
     "full_source_scores",
     "full_target_gradient",
     "head_gradient",
+    "is_headed_lm",
     "logit_residuals",
     "loss_weights",
     "per_token_source",

@@ -12,8 +12,9 @@ residual (``softmax(z_t) - e_{y_t}`` for cross-entropy),
     <G_T, grad_W L_k> = mean_{t in k} r_t^T (G_T h_t)
 
 so one pass over the scored tokens gives all K inner products: a per-token score
-``s_t = r_t . (G_T h_t)`` followed by a segment mean by source (``index_add``). The cost is one
-``[N, d] x [d, V]`` product, the same as the head's forward, and does not depend on K. Nothing
+``s_t = r_t . (G_T h_t) = (r_t G_T) . h_t`` followed by a segment mean by source (:func:`segment_sums`).
+The cost is one ``[N, V] x [V, d]`` product, the same as the head's forward, and does not depend on
+K. Nothing
 here runs a backward pass through the trunk, and nothing reads or writes any ``.grad`` buffer.
 
 The full-parameter variant (:func:`full_source_scores`) instead takes ``torch.autograd.grad`` of
@@ -22,7 +23,8 @@ the target's full gradient. ``torch.autograd.grad`` returns gradients without ac
 into ``.grad``, so the proxy's own gradient accumulation is untouched by it as well.
 
 Every function works in the dtype of the target gradient ``G`` (float32 in training, float64 in
-tests); inputs in lower precision (bf16 autocast) are up-cast chunk by chunk.
+tests); inputs in lower precision (bf16 autocast) are up-cast chunk by chunk, except the one-pass
+scores' ``[c, V] x [V, d]`` product, which then runs in that lower precision (float32 accumulation).
 """
 
 from __future__ import annotations
@@ -56,22 +58,30 @@ def token_losses(logits: torch.Tensor, targets: torch.Tensor, loss_fn: TokenLoss
 
 
 def logit_residuals(
-    logits: torch.Tensor, targets: torch.Tensor, loss_fn: TokenLossFn | None = None
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    loss_fn: TokenLossFn | None = None,
+    dtype: torch.dtype | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(r, loss)``: per-token logit gradients ``r_t = dl_t/dz_t`` ``[N, V]`` and losses ``[N]``.
+    """``(r, loss)``: per-token logit gradients ``r_t = dl_t/dz_t`` ``[N, V]`` and losses ``[N]``, in
+    ``dtype`` (default: the logits' dtype, at least float32).
 
-    Cross-entropy uses the closed form ``softmax(z) - onehot(y)``; a custom ``loss_fn`` is
-    differentiated with autograd with respect to a detached copy of the logits only (no trunk).
+    Cross-entropy uses the closed form ``softmax(z) - onehot(y)``, one softmax pass that reads
+    lower-precision logits as they are; its loss ``-log p_y`` is capped where ``p_y`` underflows
+    (at ~87 nats in float32). A custom ``loss_fn`` is differentiated with autograd with respect to
+    a detached copy of the logits only (no trunk).
     """
     z = logits.detach()
+    if dtype is None:
+        dtype = torch.float32 if z.dtype in (torch.float16, torch.bfloat16) else z.dtype
     if loss_fn is None:
-        logp = torch.log_softmax(z, dim=-1)
-        loss = -logp.gather(1, targets[:, None]).squeeze(1)
-        r = logp.exp()
-        r[torch.arange(r.shape[0], device=r.device), targets] -= 1
+        r = torch.softmax(z, dim=-1, dtype=dtype)
+        rows = torch.arange(r.shape[0], device=r.device)
+        loss = -torch.log(r[rows, targets].clamp_min(torch.finfo(dtype).tiny))
+        r[rows, targets] -= 1
         return r, loss
     with torch.enable_grad():
-        z = z.clone().requires_grad_(True)
+        z = z.to(dtype).requires_grad_(True)
         loss = token_losses(z, targets, loss_fn)
         (r,) = torch.autograd.grad(loss.sum(), z)
     return r, loss.detach()
@@ -100,8 +110,9 @@ def _prep(
 
 
 def _chunk_logits(h_c, logits, i, j, head_weight, dtype):
+    """Logits of tokens ``i:j``: the given ones as they are (any dtype), or ``h_c W^T`` in ``dtype``."""
     if logits is not None:
-        return logits[i:j].to(dtype)
+        return logits[i:j]
     if head_weight is None:
         raise ValueError("pass either logits or head_weight")
     return h_c @ head_weight.detach().to(dtype).T
@@ -143,7 +154,7 @@ def head_gradient(
         j = min(n, i + chunk_tokens)
         h_c = h[i:j].to(dtype)
         z = _chunk_logits(h_c, logits, i, j, head_weight, dtype)
-        r, loss = logit_residuals(z, targets[i:j], loss_fn)
+        r, loss = logit_residuals(z, targets[i:j], loss_fn, dtype)
         G.addmm_(r.T, h_c)
         loss_sum += loss.sum()
     if n:
@@ -193,6 +204,21 @@ class SourceScores:
         return cls(d["sums"].to(device), d["counts"].to(device), d["loss_sums"].to(device))
 
 
+def segment_sums(values: torch.Tensor, ids: torch.Tensor, num_segments: int) -> torch.Tensor:
+    """Per-id sums ``[num_segments]`` of ``values`` ``[n]`` (ids in ``[0, num_segments)``), in the
+    values' dtype and bitwise reproducible on every device: ``index_add_`` on the CPU; elsewhere a
+    product with the one-hot matrix of ``ids``, since a CUDA ``index_add_`` adds floats with atomics
+    in an order that varies from run to run."""
+    if values.device.type == "cpu":
+        return torch.zeros(num_segments, dtype=values.dtype).index_add_(0, ids, values)
+    return _onehot_segment_sums(values, ids, num_segments)
+
+
+def _onehot_segment_sums(values: torch.Tensor, ids: torch.Tensor, num_segments: int) -> torch.Tensor:
+    onehot = ids.to(values.device)[:, None] == torch.arange(num_segments, device=values.device)
+    return values @ onehot.to(values.dtype)
+
+
 def per_token_source(source: torch.Tensor, seq_len: int) -> torch.Tensor:
     """Expand a per-sequence source id ``[B]`` to per-token ids ``[B, seq_len]``."""
     return source.reshape(-1, 1).expand(-1, seq_len)
@@ -216,38 +242,38 @@ def source_head_scores(
 
     ``h`` ``[..., d]``, ``targets`` and ``source_ids`` ``[...]`` (per token; use
     :func:`per_token_source` for per-sequence ids), ``G`` the target head gradient ``[V, d]`` whose
-    dtype is the compute dtype. Per token: ``s_t = r_t . (G h_t)``, which for cross-entropy is
-    ``sum_v p_tv (G h_t)_v - (G h_t)_{y_t}``; then ``index_add`` by source. Cost O(N V d),
-    independent of ``num_sources``.
+    dtype is the compute dtype. Per token: ``s_t = r_t . (G h_t) = (r_t G) . h_t``; the residuals
+    ``r`` (``softmax(z) - onehot(y)`` for cross-entropy) are formed in the compute dtype, and the
+    ``[c, V] x [V, d]`` product ``r G`` runs in the logits' dtype when they are lower precision
+    (bf16 autocast: tensor cores, float32 accumulation), so no ``[c, V]`` product is materialised
+    beyond ``r``. Then sums by source (:func:`segment_sums`). Cost O(N V d), independent of ``num_sources``.
+    Source ids on the CPU are range-checked; ids on an accelerator are not (checking would wait for
+    the device; :func:`~fastmix_data.search.trainer.run_search` checks them before the transfer).
     """
     h, targets, logits, src = _prep(h, targets, logits, mask, source_ids)
     dtype, dev = G.dtype, G.device
     n = h.shape[0]
-    if n and (int(src.min()) < 0 or int(src.max()) >= num_sources):
+    if n and src.device.type == "cpu" and (int(src.min()) < 0 or int(src.max()) >= num_sources):
         raise ValueError(f"source ids must lie in [0, {num_sources}), got range [{int(src.min())}, {int(src.max())}]")
+    low = logits.dtype if logits is not None and logits.dtype in (torch.float16, torch.bfloat16) else None
+    G_mm = G.to(low) if low is not None else G
     scores = torch.empty(n, dtype=dtype, device=dev)
     losses = torch.empty(n, dtype=dtype, device=dev)
     for i in range(0, n, chunk_tokens):
         j = min(n, i + chunk_tokens)
         h_c = h[i:j].to(dtype)
         z = _chunk_logits(h_c, logits, i, j, head_weight, dtype)
-        A = h_c @ G.T  # [c, V]: (G h_t) for every token of the chunk
-        y = targets[i:j]
-        if loss_fn is None:
-            logp = torch.log_softmax(z, dim=-1)
-            Ay = A.gather(1, y[:, None]).squeeze(1)
-            scores[i:j] = (logp.exp() * A).sum(-1) - Ay
-            losses[i:j] = -logp.gather(1, y[:, None]).squeeze(1)
-        else:
-            r, loss = logit_residuals(z, y, loss_fn)
-            scores[i:j] = (r * A).sum(-1)
-            losses[i:j] = loss
+        r, loss = logit_residuals(z, targets[i:j], loss_fn, dtype)
+        del z
+        rG = (r.to(low) @ G_mm).to(dtype) if low is not None else r @ G_mm  # [c, d]
+        scores[i:j] = (rG * h_c).sum(-1)
+        losses[i:j] = loss
     src = src.to(dev)
-    out = SourceScores.zeros(num_sources, dtype=dtype, device=dev)
-    out.sums.index_add_(0, src, scores)
-    out.counts.index_add_(0, src, torch.ones_like(scores))
-    out.loss_sums.index_add_(0, src, losses)
-    return out
+    return SourceScores(
+        segment_sums(scores, src, num_sources),
+        segment_sums(torch.ones_like(scores), src, num_sources),
+        segment_sums(losses, src, num_sources),
+    )
 
 
 def softmax_chain_rule(
@@ -404,6 +430,7 @@ __all__ = [
     "head_gradient",
     "logit_residuals",
     "per_token_source",
+    "segment_sums",
     "softmax_chain_rule",
     "source_head_scores",
     "token_losses",

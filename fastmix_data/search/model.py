@@ -19,25 +19,30 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, fields
-from typing import Protocol, runtime_checkable
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-try:  # the stream's byte-level tokenizer, when it has landed
-    from fastmix_data.stream.tokenize import BYTE_VOCAB_SIZE  # type: ignore[attr-defined]
-except Exception:  # pragma: no cover - depends on the tree state
-    BYTE_VOCAB_SIZE = 257  # ids 0..255 = bytes, 256 = end of document
+from fastmix_data.stream.tokenize import BYTE_VOCAB_SIZE
 
 
-@runtime_checkable
 class HeadedLM(Protocol):
-    """What the search needs from a proxy model (see module docstring)."""
+    """What the search needs from a proxy model (see module docstring); check with :func:`is_headed_lm`."""
 
     head: nn.Linear
 
     def final_hidden(self, x: torch.Tensor) -> torch.Tensor: ...
+
+
+def is_headed_lm(model: object) -> bool:
+    """Whether ``model`` implements :class:`HeadedLM`: a callable ``final_hidden`` and an ``nn.Linear`` ``head``.
+
+    Not ``isinstance(model, HeadedLM)``: from Python 3.12 a runtime protocol check looks attributes
+    up statically and misses an ``nn.Module``'s submodules, so every proxy would fail it.
+    """
+    return callable(getattr(model, "final_hidden", None)) and isinstance(getattr(model, "head", None), nn.Linear)
 
 
 @dataclass(frozen=True)
@@ -233,6 +238,7 @@ def config_dict(cfg: ProxyConfig) -> dict:
 __all__ = [
     "BYTE_VOCAB_SIZE",
     "HeadedLM",
+    "is_headed_lm",
     "PRESETS",
     "ProxyConfig",
     "ProxyLM",

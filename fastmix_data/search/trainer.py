@@ -47,10 +47,11 @@ from .hypergrad import (
     full_target_gradient,
     head_gradient,
     per_token_source,
+    segment_sums,
     source_head_scores,
     token_losses,
 )
-from .model import PRESETS, build_proxy, count_params, proxy_config
+from .model import PRESETS, build_proxy, count_params, is_headed_lm, proxy_config
 
 TRAJECTORY_FILE = "trajectory.jsonl"
 WEIGHTS_FILE = "weights.json"
@@ -659,7 +660,7 @@ def run_search(
     # ---------------------------------------------------------------- model and optimisers
     if model is None:
         model = build_proxy(proxy_config(cfg.model, **cfg.model_args), seed=cfg.seed)
-    if not (callable(getattr(model, "final_hidden", None)) and isinstance(getattr(model, "head", None), nn.Linear)):
+    if not is_headed_lm(model):
         raise TypeError(
             "the proxy model must expose final_hidden(x) -> [B, L, d] and head: nn.Linear(d, V) "
             "(see fastmix_data.search.model.HeadedLM)"
@@ -1032,8 +1033,8 @@ def run_search(
                 st["skipped_train"] += 1
             with torch.no_grad():
                 sd = seq.detach().double()
-                tele.counts.index_add_(0, source, torch.full_like(sd, L))
-                tele.loss_sums.index_add_(0, source, sd * L)
+                tele.counts += segment_sums(torch.full_like(sd, L), source, K)
+                tele.loss_sums += segment_sums(sd * L, source, K)
             st["tokens"] += B * L
             st["step"] += 1
             st["tok"]["train"] += B * L
