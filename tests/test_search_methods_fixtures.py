@@ -85,6 +85,28 @@ def test_pack_texts_matches_byte_packing():
     assert pack_texts([], seq_len=4).shape == (0, 5)
 
 
+def test_pack_texts_with_user_tokenizers():
+    """A tokenizer packs as in the stream: its ids, then its end-of-document id if it has one; a
+    `tokenizers`-style encode returning an object with ``.ids`` works too."""
+
+    class WithEos:
+        eos_id = 9
+
+        def encode(self, text):
+            return [len(text), 1]
+
+    class Encoding:
+        def __init__(self, ids):
+            self.ids = ids
+
+    class NoEos:
+        def encode(self, text):
+            return Encoding([ord(c) - 96 for c in text])
+
+    assert pack_texts(["ab", "cde"], seq_len=2, tokenizer=WithEos()).tolist() == [[2, 1, 9], [3, 1, 9]]
+    assert pack_texts(["ab", "cdef"], seq_len=2, tokenizer=NoEos()).tolist() == [[1, 2, 3], [4, 5, 6]]
+
+
 def test_pack_texts_matches_the_stream_packing(corpus):
     """A one-source, unshuffled stream packs the shard exactly as pack_texts packs its rows."""
     cfg = TrainConfig(model="tiny", batch_size=4, seq_len=16)

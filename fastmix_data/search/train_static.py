@@ -8,7 +8,7 @@ target loss, and the same compute accounting. Each method also has to write the 
 Solution: one small layer that every method builds on:
 
 * :class:`TrainConfig` -- model preset, optimiser, batch shape, token budget, seeds;
-* :class:`TargetSet` -- a target as fixed-length packed token sequences (``[N, L+1]``, byte-level
+* :class:`TargetSet` (from :mod:`~fastmix_data.search.targets`) -- a target as fixed-length packed token sequences (``[N, L+1]``, byte-level
   by default, packed within one *group* so each sequence has one group), with the rule that turns
   per-sequence losses into the target loss: the token mean (``average="tokens"``) or the mean of
   per-group token means (``average="groups"``, e.g. "the average loss over the training domains");
@@ -52,9 +52,7 @@ from .method_outputs import _write_jsonl as _write_jsonl
 from .model import build_proxy, count_params, proxy_config
 from .static_config import MethodConfig, TrainConfig, config_from_dict
 from .static_config import _train_problems as _train_problems
-from .target_sets import BYTE_EOS as BYTE_EOS
-from .target_sets import TargetSet, as_target, pack_texts, target_from_texts
-from .target_sets import _read_parquet_texts as _read_parquet_texts
+from .targets import TargetSet, as_target, pack_texts, target_from_texts
 from .trainer import resolve_device, write_json
 
 __all__ = [
