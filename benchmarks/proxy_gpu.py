@@ -181,7 +181,7 @@ def main(argv=None):
     p("|---|" + "---|" * len(names) + "---|---|")
     for label, w, wall in rows:
         l1 = sum(abs(w[k] - base[k]) for k in names)
-        p(f"| {label} | " + " | ".join(f"{w[k]:.3f}" for k in names) + f" | {l1:.3f} | {wall:.1f} |")
+        p(f"| {label} | " + " | ".join(f"{w[k]:.4f}" for k in names) + f" | {l1:.3g} | {wall:.1f} |")
     p("")
 
     # 3. throughput
