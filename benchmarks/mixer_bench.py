@@ -975,6 +975,14 @@ def _quietness(results: list[Result], threshold: float) -> str:
     )
 
 
+def _paired_ratios(results: list[Result], workers: int, peer: str) -> list[float]:
+    """fastmix's samples/s over ``peer``'s, per repetition: both ran in the same repetition with the
+    same seed, so machine load that drifts between repetitions largely cancels."""
+    runs = {r.contender.name: r.runs for r in results if r.workers == workers}
+    a, b = runs.get("fastmix", []), runs.get(peer, [])
+    return [x.samples_per_s / y.samples_per_s for x, y in zip(a, b)] if len(a) == len(b) else []
+
+
 def _verdict(results: list[Result]) -> str:
     out = []
     for workers in sorted({r.workers for r in results}):
@@ -987,6 +995,12 @@ def _verdict(results: list[Result]) -> str:
         if best:
             ok = med["fastmix"] >= peers[best]
             parts.append(f"fastest peer {best} {peers[best]:,.0f} ({'met' if ok else 'NOT met'}: ≥ fastest peer)")
+            paired = _paired_ratios(results, workers, best)
+            if paired:
+                parts.append(
+                    f"paired fastmix/{best} ratio per repetition {np.median(paired):.2f} (min {min(paired):.2f}, "
+                    f"max {max(paired):.2f}; each pair ran in the same repetition, with the same seed)"
+                )
         if "pyarrow-scan" in med:
             ratio = med["fastmix"] / med["pyarrow-scan"]
             parts.append(f"{ratio:.2f}× the plain scan ({'met' if ratio >= 0.8 else 'NOT met'}: ≥ 0.8×)")
