@@ -29,6 +29,7 @@ import os
 import statistics
 import sys
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -36,23 +37,15 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # lets section 4 turn on deterministic cuBLAS
 
+from search_overhead import make_data  # noqa: E402  (K uniform Markov sources; target = source 0)
+
 from fastmix_data.search import SearchConfig, run_search  # noqa: E402
 from fastmix_data.search.hypergrad import head_gradient, per_token_source, source_head_scores  # noqa: E402
 from fastmix_data.search.model import build_proxy, proxy_config  # noqa: E402
-from fastmix_data.search.synthetic import SyntheticStream, markov_sources, mixture_batches  # noqa: E402
 
 
 def mmm(xs, fmt="{:.3g}"):
     return " / ".join(fmt.format(x) for x in (min(xs), statistics.median(xs), max(xs)))
-
-
-def make_data(K, steps, B, L, seed=0):
-    """``steps`` training batches of a uniform K-source stream and 4 target batches of source 0."""
-    srcs = markov_sources(K, alphabet_size=16, shift=max(1, 200 // K), seed=seed)
-    s = SyntheticStream(srcs, batch_size=B, seq_len=L, seed=seed)
-    batches = [s.batch(i) for i in range(steps)]
-    target = mixture_batches(srcs, [1.0] + [0.0] * (K - 1), num_batches=4, batch_size=B, seq_len=L)
-    return batches, target, s.source_names
 
 
 def search(batches, target, names, **kw):
@@ -94,8 +87,6 @@ def numerics(dev, K=8, B=16, L=256, preset="gpu", vocab=32000):
         G = head_gradient(h_t, ty, logits=z_t, dtype=dtype).grad
         s = source_head_scores(h, y, per_token_source(src.to(dev), L), G, K, logits=z)
         return G.double().cpu(), s.means().double().cpu()
-
-    from contextlib import nullcontext
 
     G_ref, s_ref = scores(ref, "cpu", nullcontext, torch.float64)
     G_bf, s_bf = scores(gpu, dev, lambda: torch.autocast(dev, dtype=torch.bfloat16), torch.float32)

@@ -94,7 +94,7 @@ def test_one_pass_custom_loss_and_mask_match_autograd():
 def test_low_precision_logits_run_the_product_in_their_dtype_and_stay_close():
     """bf16 logits (autocast): the [c, V] x [V, d] product runs in bf16 with float32 accumulation.
     Against float64 autograd on the same (bf16-rounded) inputs the per-source scores stay within
-    1 %, and every source keeps its rank."""
+    0.3 %, and every source keeps its rank."""
     K = 4
     g = torch.Generator().manual_seed(5)
     N, d, V = 3000, 64, 500
@@ -110,8 +110,9 @@ def test_low_precision_logits_run_the_product_in_their_dtype_and_stay_close():
     assert got.dtype == torch.float32
     assert float((got.double() - ref).norm() / ref.norm()) < 3e-3
     assert torch.equal(got.argsort(), ref.argsort())
-    # the same rounded logits in float32: the bf16 product adds well under 1 %
+    # the same rounded inputs in float32: identical but for the bf16 product, which adds under 0.3 %
     f32 = source_head_scores(h.float(), y, src, G.float(), K, logits=logits.float()).means()
+    assert not torch.equal(got, f32)  # the product did run in bf16
     assert float((got - f32).norm() / f32.norm()) < 3e-3
 
 

@@ -12,10 +12,10 @@ residual (``softmax(z_t) - e_{y_t}`` for cross-entropy),
     <G_T, grad_W L_k> = mean_{t in k} r_t^T (G_T h_t)
 
 so one pass over the scored tokens gives all K inner products: a per-token score
-``s_t = r_t . (G_T h_t) = (r_t G_T) . h_t`` followed by a segment mean by source (:func:`segment_sums`).
-The cost is one ``[N, V] x [V, d]`` product, the same as the head's forward, and does not depend on
-K. Nothing
-here runs a backward pass through the trunk, and nothing reads or writes any ``.grad`` buffer.
+``s_t = r_t . (G_T h_t) = (r_t G_T) . h_t`` followed by a segment mean by source
+(:func:`segment_sums`). The cost is one ``[N, V] x [V, d]`` product, the same as the head's
+forward, and does not depend on K. Nothing here runs a backward pass through the trunk, and
+nothing reads or writes any ``.grad`` buffer.
 
 The full-parameter variant (:func:`full_source_scores`) instead takes ``torch.autograd.grad`` of
 every present source's loss with respect to all parameters (K backward passes) and dots them with
@@ -246,7 +246,8 @@ def source_head_scores(
     ``r`` (``softmax(z) - onehot(y)`` for cross-entropy) are formed in the compute dtype, and the
     ``[c, V] x [V, d]`` product ``r G`` runs in the logits' dtype when they are lower precision
     (bf16 autocast: tensor cores, float32 accumulation), so no ``[c, V]`` product is materialised
-    beyond ``r``. Then sums by source (:func:`segment_sums`). Cost O(N V d), independent of ``num_sources``.
+    beyond ``r``. Then sums by source (:func:`segment_sums`). Cost O(N V d), independent of
+    ``num_sources``.
     Source ids on the CPU are range-checked; ids on an accelerator are not (checking would wait for
     the device; :func:`~fastmix_data.search.trainer.run_search` checks them before the transfer).
     """

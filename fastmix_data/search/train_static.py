@@ -8,10 +8,11 @@ target loss, and the same compute accounting. Each method also has to write the 
 Solution: one small layer that every method builds on:
 
 * :class:`TrainConfig` -- model preset, optimiser, batch shape, token budget, seeds;
-* :class:`TargetSet` (from :mod:`~fastmix_data.search.targets`) -- a target as fixed-length packed token sequences (``[N, L+1]``, byte-level
-  by default, packed within one *group* so each sequence has one group), with the rule that turns
-  per-sequence losses into the target loss: the token mean (``average="tokens"``) or the mean of
-  per-group token means (``average="groups"``, e.g. "the average loss over the training domains");
+* :class:`TargetSet` (from :mod:`~fastmix_data.search.targets`) -- a target as fixed-length
+  packed token sequences (``[N, L+1]``, byte-level by default, packed within one *group* so each
+  sequence has one group), with the rule that turns per-sequence losses into the target loss: the
+  token mean (``average="tokens"``) or the mean of per-group token means (``average="groups"``,
+  e.g. "the average loss over the training domains");
 * :class:`ProxyTrainer` -- AdamW training steps on packed batches (the loss reduction is pluggable,
   DoReMi and the weighted proxies use that), counting tokens and FLOPs;
 * :func:`evaluate` -- per-sequence, per-group and target loss of a model on a :class:`TargetSet`;
