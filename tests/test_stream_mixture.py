@@ -128,6 +128,25 @@ def test_block_size_changes_neither_content_nor_weight_latency(data, block):
     assert all(set(k[2]) == {1} for k in runs[1][5:])
 
 
+def test_first_batch_reads_only_its_own_shards(tmp_path, monkeypatch):
+    """A worker's first block is small (it doubles from there), so the first batch does not wait for
+    the shards of a whole block."""
+    from fastmix_data.stream import items
+
+    write_parquet_source(tmp_path / "many", make_docs(200, seed=4, prefix="many"), shards=20)
+    reads = []
+    real_read = items.ItemSource._read
+    monkeypatch.setattr(items.ItemSource, "_read", lambda self, shard: reads.append(shard) or real_read(self, shard))
+    stream = MixtureStream({"many": str(tmp_path / "many")}, {"many": 1.0}, batch_size=4, seed=0, block_batches=64)
+    it = iter(stream)
+    first = next(it)
+    assert len(reads) <= 2  # the 8 rows of the first 2 batches lie in at most 2 shards of 10 rows
+    assert set(first["shard"].tolist()) <= set(reads)
+    rest = [next(it) for _ in range(49)]  # 200 rows: the whole epoch (later blocks read ahead into the next)
+    assert sorted(reads[:20]) == list(range(20))  # each shard decoded once in the epoch
+    assert sorted(t for b in [first, *rest] for t in b["text"]) == sorted(make_docs(200, seed=4, prefix="many"))
+
+
 def test_resume_in_process_conformance(data):
     def make():
         s = MixtureStream(sources(data), W, batch_size=6, seed=7)

@@ -43,6 +43,7 @@ STATE_FORMAT = "fastmix_data/stream-state"
 STATE_VERSION = 1
 BLOCK_BATCHES = 64  # default: batches a worker plans and reads in one pass (sample mode)
 BLOCK_TOKENS = 1 << 22  # packing mode: a block holds at most this many tokens (32 MiB of int64)
+FIRST_BLOCK_BATCHES = 2  # a worker's first block; each next one doubles up to block_batches (first batch sooner)
 # Workers share decoded shards from this many on: with 2 the exchange costs about what it saves
 # (benchmarks/results/mixer.md), with 4 it saves a fifth of the workers' CPU.
 SHARE_MIN_WORKERS = 3
@@ -107,7 +108,8 @@ class MixtureStream(torch.utils.data.IterableDataset):
         block_batches: batches each worker plans and reads in one pass (per-batch work is then
             slicing). Default 64 in sample mode; in packing mode as many as hold 4M tokens (at most
             64). It never delays a weight change: batches are still claimed one at a time, and a
-            change drops what was built ahead.
+            change drops what was built ahead. A worker's first block is 2 batches, each next one
+            twice the last up to ``block_batches``, so the first batch does not wait for a whole block.
         share_decoded: with ``SHARE_MIN_WORKERS`` (3) or more DataLoader workers, decode each
             shard once between them and pass it on through shared memory
             (:mod:`fastmix_data.stream.shared_shards`).
@@ -277,6 +279,7 @@ class MixtureStream(torch.utils.data.IterableDataset):
     def _batches(self, g: int, worker: int, workers: int, in_main: bool, packed_out: bool) -> Iterator[dict]:
         """Batches g, g + W, ... of worker ``worker`` of ``workers`` (packed when ``packed_out``)."""
         ahead: collections.deque[dict] = collections.deque()  # built batches g, g + W, ...
+        block = min(FIRST_BLOCK_BATCHES, self.block_batches)
         while True:
             # Claim before serving: a change published since the last claim drops what was built
             # ahead with the old history (content is a function of the history, never of timing).
@@ -285,7 +288,8 @@ class MixtureStream(torch.utils.data.IterableDataset):
                 self._set_history(changed)
                 ahead.clear()
             if not ahead:
-                indices = [g + j * workers for j in range(self.block_batches)]
+                indices = [g + j * workers for j in range(block)]
+                block = min(2 * block, self.block_batches)
                 sl = self._plan_block(indices)
                 whole = indices[: len(sl.position) // self.batch_size]
                 ahead.extend(self._materialise(sl, whole, rotation=(worker, workers)))
