@@ -116,3 +116,19 @@ def test_plan_ranges_marks_the_end_of_a_stopping_stream():
     end = len(p.plan(0, 100).position)
     sl = p.plan_ranges([0, end - 1, end + 5], 2)
     assert sl.ended and list(sl.position) == [0, 1, end - 1]
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.one_of(st.sampled_from([0, 1, 2**32 - 1, 2**32, 2**63 - 1, 2**64]), st.integers(0, 2**70)), max_size=6))
+def test_entropy_words_seed_numpy_exactly_as_the_int_list(entropy):
+    """Shuffles are seeded from precomputed uint32 words; they must give the SeedSequence (and so the
+    permutations) that numpy makes of the list of ints itself, or every stream's content would change."""
+    from fastmix_data.plan.order import _entropy_words
+
+    ref = np.random.SeedSequence(list(entropy)) if entropy else np.random.SeedSequence([])
+    got = np.random.SeedSequence(_entropy_words(tuple(entropy)))
+    assert np.array_equal(got.generate_state(8), ref.generate_state(8))
+    assert np.array_equal(
+        np.random.Generator(np.random.PCG64(got)).permutation(50),
+        np.random.Generator(np.random.PCG64(ref)).permutation(50),
+    )

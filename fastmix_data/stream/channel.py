@@ -28,6 +28,9 @@ from contextlib import contextmanager
 
 _HEADER = struct.Struct("<qqq")  # history version, max claimed batch, pending flag
 
+_pid = [os.getpid()]  # this process's id, kept current across fork (`claim` runs once per batch)
+os.register_at_fork(after_in_child=lambda: _pid.__setitem__(0, os.getpid()))
+
 
 class WeightChannel:
     """File-based broadcast of the weight history to worker processes on one machine.
@@ -57,9 +60,9 @@ class WeightChannel:
     def _open_fds(self) -> tuple[int, int]:
         """This process's descriptors of ``lock`` and ``claims``, opened once per process (a forked
         worker must not share the parent's open file description, or flock would not exclude it)."""
-        if self._fds is None or self._fd_pid != os.getpid():
+        if self._fds is None or self._fd_pid != _pid[0]:
             self._fds = (os.open(self._path("lock"), os.O_RDWR), os.open(self._path("claims"), os.O_RDWR))
-            self._fd_pid = os.getpid()
+            self._fd_pid = _pid[0]
         return self._fds
 
     @contextmanager
@@ -96,7 +99,7 @@ class WeightChannel:
         In the process that made the channel (the stream iterated with ``num_workers=0``) nothing
         else claims concurrently and `begin_change` runs in that same process, so an unchanged
         history is checked with one unlocked header read and the claim is kept in memory."""
-        if os.getpid() == self.owner_pid:
+        if _pid[0] == self.owner_pid:
             version, _, pending = self._read_header()
             if not pending and version == self._local_version:
                 self._claimed_here = max(self._claimed_here, batch)

@@ -33,7 +33,7 @@ from fastmix_data.sources.base import Source
 from fastmix_data.stream.batch_ring import RingReader, RingWriter, ring_directory
 from fastmix_data.stream.channel import WeightChannel
 from fastmix_data.stream.distributed import agree_max, broadcast_floats, rank_and_world, worker_and_count
-from fastmix_data.stream.items import ItemSource
+from fastmix_data.stream.items import ItemSource, pick
 from fastmix_data.stream.shared_shards import SharedShards
 from fastmix_data.stream.tokenize import as_tokenizer
 
@@ -731,12 +731,12 @@ def _columns_in_order(picked: list, n: int, order: np.ndarray) -> dict[str, list
         if all(p is None for _, p in parts):
             continue
         # a source without the column contributes None for its rows
-        flat = [v for idx, p in parts for v in (p if p is not None else [None] * len(idx))]
-        columns[key] = [flat[i] for i in back]
+        flat = list(itertools.chain.from_iterable(p if p is not None else [None] * len(idx) for idx, p in parts))
+        columns[key] = pick(flat, back)
     extra_keys = list(dict.fromkeys(k for _, rows in picked for k in rows.extra))
     for key in extra_keys:
-        flat = [v for idx, rows in picked for v in rows.extra.get(key, [None] * len(idx))]
-        columns[key] = [flat[i] for i in back]
+        flat = list(itertools.chain.from_iterable(rows.extra.get(key, [None] * len(idx)) for idx, rows in picked))
+        columns[key] = pick(flat, back)
     return columns
 
 
