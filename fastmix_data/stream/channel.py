@@ -18,6 +18,7 @@ from __future__ import annotations
 import atexit
 import fcntl
 import json
+import mmap
 import os
 import shutil
 import struct
@@ -45,6 +46,7 @@ class WeightChannel:
         self.owner_pid = os.getpid()
         self._local_version = -1
         self._fds: tuple[int, int] | None = None  # (lock, claims) opened by this process
+        self._header: mmap.mmap | None = None  # ``claims`` mapped read-only by this process
         self._fd_pid = -1
         self._thread_lock = threading.Lock()
         self._claimed_here = first_batch - 1  # claims kept in memory by the owner process (see claim)
@@ -62,6 +64,7 @@ class WeightChannel:
         worker must not share the parent's open file description, or flock would not exclude it)."""
         if self._fds is None or self._fd_pid != _pid[0]:
             self._fds = (os.open(self._path("lock"), os.O_RDWR), os.open(self._path("claims"), os.O_RDWR))
+            self._header = mmap.mmap(self._fds[1], _HEADER.size, access=mmap.ACCESS_READ)
             self._fd_pid = _pid[0]
         return self._fds
 
@@ -76,7 +79,11 @@ class WeightChannel:
                 fcntl.flock(lock_fd, fcntl.LOCK_UN)
 
     def _read_header(self) -> tuple[int, int, int]:
-        return _HEADER.unpack(os.pread(self._open_fds()[1], _HEADER.size, 0))
+        """The header as last written by any process: read through a shared mapping of ``claims``
+        (no system call; `claim` reads it once per batch)."""
+        if self._fd_pid != _pid[0] or self._fds is None:
+            self._open_fds()
+        return _HEADER.unpack_from(self._header, 0)
 
     def _write_header(self, version: int, claimed: int, pending: int) -> None:
         os.pwrite(self._open_fds()[1], _HEADER.pack(version, claimed, pending), 0)
@@ -157,6 +164,9 @@ class WeightChannel:
 
     def close(self) -> None:
         if self._fds is not None and self._fd_pid == os.getpid():
+            if self._header is not None:
+                self._header.close()
+                self._header = None
             for fd in self._fds:
                 os.close(fd)
             self._fds = None
@@ -167,6 +177,7 @@ class WeightChannel:
         state = self.__dict__.copy()
         state["_local_version"] = -1
         state["_fds"] = None
+        state["_header"] = None
         state["_fd_pid"] = -1
         del state["_thread_lock"]
         return state
