@@ -238,7 +238,8 @@ def make_fastmix(data: BenchData, batch: int, cache_dir: str) -> Contender:
     def open_(seed: int, workers: int):
         stream = MixtureStream(data.parquet, data.weights, batch_size=batch, seed=seed, cache_dir=cache_dir)
         src = stream.loader(num_workers=workers, prefetch_factor=2) if workers else stream
-        return ((b["text"], b["source"].numpy()) for b in src), stream.close
+        it = iter(src)  # starts the DataLoader workers, as the peers' iter(DataLoader) does in open
+        return ((b["text"], b["source"].numpy()) for b in it), stream.close
 
     return Contender(
         "fastmix",

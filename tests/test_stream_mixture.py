@@ -128,6 +128,21 @@ def test_block_size_changes_neither_content_nor_weight_latency(data, block):
     assert all(set(k[2]) == {1} for k in runs[1][5:])
 
 
+def test_iter_of_loader_starts_its_workers_like_a_dataloader(data):
+    """``iter(stream.loader(...))`` starts the worker processes at once (as ``iter(DataLoader)``
+    does), so they can work while the caller prepares; the batches are unchanged."""
+    import multiprocessing
+
+    ref = take(iter(MixtureStream(sources(data), W, batch_size=8, seed=3)), 6)
+    stream = MixtureStream(sources(data), W, batch_size=8, seed=3)
+    before = len(multiprocessing.active_children())
+    it = iter(stream.loader(num_workers=2))
+    assert len(multiprocessing.active_children()) >= before + 2
+    assert take(it, 6) == ref
+    del it
+    stream.close()
+
+
 def test_first_batch_reads_only_its_own_shards(tmp_path, monkeypatch):
     """A worker's first block is small (it doubles from there), so the first batch does not wait for
     the shards of a whole block."""

@@ -468,7 +468,8 @@ class MixtureStream(torch.utils.data.IterableDataset):
         ceil(prefetch_factor / batches_per_item) items). A plain ``DataLoader(stream,
         batch_size=None)`` also works (then call `observe` on each batch for telemetry): its
         workers return tensors, which cost a shared-memory segment per storage (~1 ms per batch on
-        a small VM; benchmarks/results/mixer.md)."""
+        a small VM; benchmarks/results/mixer.md). As with a DataLoader, ``iter()`` of the result
+        starts the workers."""
         if batches_per_item < 1:
             raise ValueError(f"batches_per_item must be >= 1, got {batches_per_item}")
         dataloader_kwargs.setdefault("batch_size", None)
@@ -624,6 +625,7 @@ class TrackedLoader:
             stream._ring_readers.append(self.ring)
 
     def __iter__(self):
+        """Start the workers now, as ``iter(DataLoader)`` does, and return the batches' iterator."""
         # read by the workers started by iter() (persistent workers keep what they saw first)
         per_item = self.per_item if self.to_tensors else 1
         self.stream._numpy_in_workers = self.to_tensors
@@ -636,6 +638,9 @@ class TrackedLoader:
             self.stream._numpy_in_workers = False
             self.stream._per_item = 1
             self.stream._ring = None
+        return self._serve(items, per_item)
+
+    def _serve(self, items: Iterator, per_item: int) -> Iterator[dict]:
         if not self.to_tensors:
             for batch in items:
                 if self.loader.num_workers > 0:
