@@ -506,7 +506,7 @@ class Run:
     @property
     def steady_samples_per_s(self) -> float:
         """Samples per second from the first received batch on (for information: it leaves out the
-        work a contender does before its first batch, e.g. fastmix's first block of 64 batches)."""
+        work a contender does before its first batch, e.g. fastmix's first block per worker)."""
         return self.steady_samples / self.steady_s if self.steady_s > 0 else float("nan")
 
 
@@ -890,7 +890,7 @@ def render(args, data: BenchData, results: list[Result], profile_md: str | None,
         "to the N-th sample, so it includes the first batch's latency (the `1st batch` column) but not "
         "construction (`setup`); `steady samples/s` starts at the first received batch and is for information "
         "only: it leaves out whatever a contender prepares before its first batch (fastmix plans and reads a "
-        "block of 64 batches per worker first). tokens = UTF-8 bytes + 1 per "
+        "first block of batches per worker). tokens = UTF-8 bytes + 1 per "
         "document, counted in the consumer loop for every contender. Deviation: `share` = max_k |realised "
         "share − w_k| over the N samples; `window N` = max_k |count_k − w_k·N| over every sliding "
         "window of N consecutive received samples (median over repetitions). With weights that are multiples "
