@@ -35,6 +35,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import _common  # noqa: E402  (benchmarks/: the script's own directory)
+
 os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # lets section 4 turn on deterministic cuBLAS
 
 from search_overhead import make_data  # noqa: E402  (K uniform Markov sources; target = source 0)
@@ -234,9 +236,7 @@ def main(argv=None):
         "",
     ]
     text = "\n".join(head + lines) + "\n"
-    out = Path(a.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(text)
+    _common.write_atomic(a.out, text)
     print(text)
 
 

@@ -33,6 +33,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import _common  # noqa: E402  (benchmarks/: the script's own directory)
 
 from fastmix_data.search import SearchConfig, run_search  # noqa: E402
 from fastmix_data.search.hypergrad import (  # noqa: E402
@@ -213,9 +214,7 @@ def main(argv=None):
         "",
     ]
     text = "\n".join(head + lines) + "\n"
-    out = Path(a.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(text)
+    _common.write_atomic(a.out, text)
     print(text)
 
 
