@@ -75,12 +75,17 @@ def test_ids_conversion_of_sliced_chunks():
         pa.chunked_array([pa.array([[1, 2], [], [3]]).slice(1), pa.array([[4, 5, 6]])]),
         pa.chunked_array([pa.array([[4, 5, 6], [1]], type=pa.large_list(pa.int64())).slice(1)]),
         pa.chunked_array([pa.FixedSizeListArray.from_arrays(pa.array([1, 2, 3, 4]), 2)]),
+        pa.chunked_array([pa.array(["ab", "", "héllo", "q"]).slice(1, 2)]),  # one sliced chunk
+        pa.chunked_array([], type=pa.string()),  # no chunks
+        pa.array(["a", "bcd"]),  # a plain Array
     ],
 )
 def test_row_token_lengths_from_offsets_match_arrow(col):
     is_text = pa.types.is_string(col.type) or pa.types.is_large_string(col.type)
     want = (pa.compute.binary_length if is_text else pa.compute.list_value_length)(col).to_pylist()
-    assert value_lengths(col).tolist() == want
+    got = value_lengths(col)
+    assert got.dtype == np.int64
+    assert got.tolist() == want
 
 
 def test_reading_a_shard_does_not_import_pandas(tmp_path):

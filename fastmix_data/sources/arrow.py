@@ -170,15 +170,20 @@ def table_from_shard_data(data: ShardData, columns: Columns) -> pa.Table:
 def value_lengths(col: pa.ChunkedArray | pa.Array) -> np.ndarray:
     """Per row, the UTF-8 bytes of a string column or the length of a list column (int64), from the
     offsets buffers (Arrow's to_numpy would import pandas into every DataLoader worker)."""
-    parts = [np.zeros(0, dtype=np.int64)]
-    for chunk in col.chunks if isinstance(col, pa.ChunkedArray) else [col]:
-        if pa.types.is_fixed_size_list(chunk.type):
-            parts.append(np.full(len(chunk), chunk.type.list_size, dtype=np.int64))
-            continue
-        wide = pa.types.is_large_string(chunk.type) or pa.types.is_large_list(chunk.type)
-        offsets = np.frombuffer(chunk.buffers()[1], dtype=np.int64 if wide else np.int32)
-        parts.append(np.diff(offsets[chunk.offset : chunk.offset + len(chunk) + 1]).astype(np.int64))
-    return np.concatenate(parts)
+    chunks = col.chunks if isinstance(col, pa.ChunkedArray) else [col]
+    if len(chunks) == 1:  # the usual case (one shard, one row group): no concatenation
+        return _chunk_lengths(chunks[0])
+    return np.concatenate([np.zeros(0, dtype=np.int64), *(_chunk_lengths(c) for c in chunks)])
+
+
+def _chunk_lengths(chunk: pa.Array) -> np.ndarray:
+    kind = chunk.type
+    if pa.types.is_fixed_size_list(kind):
+        return np.full(len(chunk), kind.list_size, dtype=np.int64)
+    wide = pa.types.is_large_string(kind) or pa.types.is_large_list(kind)
+    offsets = np.frombuffer(chunk.buffers()[1], dtype=np.int64 if wide else np.int32)
+    offsets = offsets[chunk.offset : chunk.offset + len(chunk) + 1].astype(np.int64)
+    return offsets[1:] - offsets[:-1]
 
 
 def needed_columns(columns: Columns) -> list[str]:
