@@ -248,7 +248,7 @@ def make_fastmix(data: BenchData, batch: int, cache_dir: str) -> Contender:
         open_,
         "Parquet shards; `MixtureStream(sources={domain: [files]}, weights, batch_size=32, seed)`, "
         "default shuffle (shard order and rows within each shard per epoch), `cache_shards=2`, default "
-        "`block_batches=64` (each worker plans and reads 64 of its batches in one pass, still claiming "
+        "`block_batches=128` (each worker plans and reads 128 of its batches in one pass, still claiming "
         "them one at a time for live weights); workers via `stream.loader(num_workers=2, prefetch_factor=2)` "
         "with its defaults: each worker sends 2 of its batches per DataLoader item (`batches_per_item=2`; "
         "`prefetch_factor` counts batches, so 2 batches in flight per worker as for the peers) through a "
@@ -685,7 +685,7 @@ def profile_fastmix(data: BenchData, batch: int, cache_dir: str, n: int, top: in
     _, t_claim = _common.timed(lambda: [stream.channel.claim(g) for g in range(nb)])
     stage_rows.append(("`WeightChannel.claim(g)` (uncontended)", f"{t_claim * 1e6 / nb:,.1f}"))
     block_rows = []
-    for block in (1, 8, 64):
+    for block in (1, 8, 64, 128, 256):
         rates = []
         for _ in range(3):
             stream = new_stream(block_batches=block)

@@ -41,7 +41,7 @@ log = logging.getLogger(__name__)
 
 STATE_FORMAT = "fastmix_data/stream-state"
 STATE_VERSION = 1
-BLOCK_BATCHES = 64  # default: batches a worker plans and reads in one pass (sample mode)
+BLOCK_BATCHES = 128  # default: batches a worker plans and reads in one pass (sample mode; see docs/stream.md)
 BLOCK_TOKENS = 1 << 22  # packing mode: a block holds at most this many tokens (32 MiB of int64)
 FIRST_BLOCK_BATCHES = 2  # a worker's first block; each next one doubles up to block_batches (first batch sooner)
 # Workers share decoded shards from this many on: with 2 the exchange costs about what it saves
@@ -106,8 +106,8 @@ class MixtureStream(torch.utils.data.IterableDataset):
         max_items: total items (over all ranks) the stream serves, then it ends (a budget).
         cache_shards: decoded shards kept per source and process.
         block_batches: batches each worker plans and reads in one pass (per-batch work is then
-            slicing). Default 64 in sample mode; in packing mode as many as hold 4M tokens (at most
-            64). It never delays a weight change: batches are still claimed one at a time, and a
+            slicing). Default 128 in sample mode; in packing mode as many as hold 4M tokens (at most
+            128). It never delays a weight change: batches are still claimed one at a time, and a
             change drops what was built ahead. A worker's first block is 2 batches, each next one
             twice the last up to ``block_batches``, so the first batch does not wait for a whole block.
         share_decoded: with ``SHARE_MIN_WORKERS`` (3) or more DataLoader workers, decode each
