@@ -886,7 +886,8 @@ def render(args, data: BenchData, results: list[Result], profile_md: str | None,
         "",
         f"Sample mode, batch size {args.batch_size} (a batch is a list of 32 `str`). Each cell: median "
         f"(min–max) over {args.repeats} repetitions (seeds 0…{args.repeats - 1}), repetitions interleaved across "
-        "contenders. Throughput (`samples/s`, `Mtokens/s`, the ratios) runs from the request of the first batch "
+        "contenders, in a seeded random order per repetition (the same cell measured first or last in a "
+        "sequence differed by 2–4 % on this VM). Throughput (`samples/s`, `Mtokens/s`, the ratios) runs from the request of the first batch "
         "to the N-th sample, so it includes the first batch's latency (the `1st batch` column) but not "
         "construction (`setup`); `steady samples/s` starts at the first received batch and is for information "
         "only: it leaves out whatever a contender prepares before its first batch (fastmix plans and reads a "
@@ -1147,7 +1148,10 @@ def main(argv=None) -> int:
         log.info("warm-up %s workers=%d", res.contender.name, res.workers)
         measure(res.contender, 1234, res.workers, min(args.samples, 3000))
     for rep in range(args.repeats):
-        for res in results:
+        # A seeded random order per repetition: a cell's place in the sequence (e.g. right after a
+        # 2-worker run) moves a 2-vCPU VM's timings by a few per cent, so no contender keeps one place.
+        for i in np.random.default_rng(rep).permutation(len(results)):
+            res = results[i]
             if res.skipped:
                 continue
             run = measure_quietly(res.contender, rep, res.workers, args)
