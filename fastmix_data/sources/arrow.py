@@ -140,14 +140,16 @@ def ids_of(col: pa.ChunkedArray, name: str, path: str) -> list[np.ndarray]:
 def shard_data_from_table(table: pa.Table, columns: Columns, path: str, raw_text: bool = False) -> ShardData:
     """Decode the selected columns of ``table`` into a :class:`ShardData` (``raw_text``: texts as
     UTF-8 memoryviews, see `texts_of`)."""
-    texts = texts_of(table.column(columns.text), columns.text, path, raw_text) if columns.text else None
-    ids = ids_of(table.column(columns.ids), columns.ids, path) if columns.ids else None
+    text_col = table.column(columns.text) if columns.text else None
+    ids_col = table.column(columns.ids) if columns.ids else None
+    texts = texts_of(text_col, columns.text, path, raw_text) if text_col is not None else None
+    ids = ids_of(ids_col, columns.ids, path) if ids_col is not None else None
     extra = {name: table.column(name).to_pylist() for name in columns.extra}
     row_tokens = None
-    if columns.ids:
-        row_tokens = value_lengths(table.column(columns.ids))
-    elif columns.text:
-        row_tokens = value_lengths(table.column(columns.text)) + 1
+    if ids_col is not None:
+        row_tokens = value_lengths(ids_col)
+    elif text_col is not None:
+        row_tokens = value_lengths(text_col) + 1
     return ShardData(texts=texts, ids=ids, extra=extra, row_tokens=row_tokens)
 
 
