@@ -626,6 +626,7 @@ def profile_fastmix(data: BenchData, batch: int, cache_dir: str, n: int, top: in
 
     Returns (Markdown section, full cProfile listing sorted by cumulative time)."""
     from fastmix_data import MixtureStream
+    from fastmix_data.stream.mixture import BLOCK_BATCHES as BLOCK_BATCHES_DEFAULT
 
     def new_stream(**kw):
         return MixtureStream(data.parquet, data.weights, batch_size=batch, seed=0, cache_dir=cache_dir, **kw)
@@ -684,27 +685,41 @@ def profile_fastmix(data: BenchData, batch: int, cache_dir: str, n: int, top: in
                            f"{t_mat * 1e6 / nb:,.1f}"))
     _, t_claim = _common.timed(lambda: [stream.channel.claim(g) for g in range(nb)])
     stage_rows.append(("`WeightChannel.claim(g)` (uncontended)", f"{t_claim * 1e6 / nb:,.1f}"))
-    block_rows = []
-    for block in (1, 8, 64, 128, 256):
-        rates = []
-        for _ in range(3):
+    blocks_tried = (1, 8, 64, 128, 256)
+    block_rounds = 9
+    rates: dict[int, list[float]] = {block: [] for block in blocks_tried}
+    for r in range(block_rounds):  # rounds, each in a seeded random order (see main)
+        for i in np.random.default_rng(r).permutation(len(blocks_tried)):
+            block = blocks_tried[i]
             stream = new_stream(block_batches=block)
             t0, got = time.perf_counter(), 0
             for b in stream:
                 got += len(b["text"])
                 if got >= n:
                     break
-            rates.append(got / (time.perf_counter() - t0))
-        block_rows.append((str(block), f"{statistics.median(rates):,.0f}"))
+            rates[block].append(got / (time.perf_counter() - t0))
+    default = BLOCK_BATCHES_DEFAULT
+    block_rows = []
+    for block in blocks_tried:
+        paired = [a / b for a, b in zip(rates[block], rates[default])]
+        block_rows.append(
+            (
+                f"{block}{' (default)' if block == default else ''}",
+                f"{statistics.median(rates[block]):,.0f} ({min(rates[block]):,.0f}–{max(rates[block]):,.0f})",
+                f"{statistics.median(paired):.3f}",
+            )
+        )
     out += [
         "",
         f"### Per-batch stage costs without the profiler ({nb:,} batches of {batch}; µs per batch)",
         "",
         _common.markdown_table(["stage", "µs per batch"], stage_rows, "lr"),
         "",
-        "In-process throughput by `block_batches` (batches planned and read in one pass; median of 3):",
+        f"In-process throughput by `block_batches` (batches planned and read in one pass; median (min–max) "
+        f"of {block_rounds} rounds, each round running every size once in a seeded random order; paired: "
+        "median over rounds of the ratio to the default in the same round):",
         "",
-        _common.markdown_table(["block_batches", "samples/s"], block_rows, "rr"),
+        _common.markdown_table(["block_batches", "samples/s", "paired vs default"], block_rows, "lrr"),
     ]
 
     # 3. The Parquet read: pyarrow's thread pool on small shards, path vs one whole-file read,
