@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import importlib
 import json
 import os
 
@@ -13,9 +14,11 @@ from shardgen import make_docs, write_parquet_source, write_wds_source
 
 from fastmix_data.errors import ManifestError
 from fastmix_data.export import build_manifest, stream_from_manifest
-from fastmix_data.export import resample as resample_mod
 from fastmix_data.export.resample import STATE_DIR, ResampleError, plan_layout, read_index, resample
 from fastmix_data.sources import open_source
+
+# the module (``fastmix_data.export.resample`` as an attribute is the function)
+resample_mod = importlib.import_module("fastmix_data.export.resample")
 
 
 @pytest.fixture

@@ -15,6 +15,11 @@ from fastmix_data.export.manifest import (
     write_manifest,
 )
 
+# Imported eagerly: a lazy ``__getattr__`` is shadowed as soon as anything imports the submodule of
+# the same name (the import system then sets ``fastmix_data.export.resample`` to the module), and
+# ``from fastmix_data.export import resample`` must always give the function (docs/manifest.md).
+from fastmix_data.export.resample import resample  # noqa: E402  (after the modules it builds on)
+
 __all__ = [
     "build_manifest",
     "load_manifest",
@@ -28,11 +33,3 @@ __all__ = [
     "validate_manifest",
     "write_manifest",
 ]
-
-
-def __getattr__(name: str):
-    if name == "resample":
-        from fastmix_data.export.resample import resample
-
-        return resample
-    raise AttributeError(name)

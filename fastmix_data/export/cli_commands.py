@@ -44,7 +44,9 @@ def parse_weights(spec: str) -> dict[str, float]:
             obj = obj["weights"]
         if not isinstance(obj, dict):
             raise FastMixDataError(f"weights file {spec} must hold a mapping source -> weight")
-        return {str(k): float(v) for k, v in obj.items()}
+        from fastmix_data.plan.weights import weight_value
+
+        return {str(k): weight_value(str(k), v, where=f"{spec}: weight of source") for k, v in obj.items()}
     try:
         return {k: float(v) for k, v in _pairs([spec], "weights").items()}
     except ValueError as exc:

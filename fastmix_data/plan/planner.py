@@ -155,9 +155,9 @@ class MixturePlan:
                 continue
             while True:
                 w = np.where(dropped | (self.totals == 0), 0.0, np.asarray(change.weights, dtype=np.float64))
-                if w.sum() <= 0:
+                w = _shares(w)
+                if w is None:
                     return segs, start
-                w = w / w.sum()
                 span = None if stop is None else stop - start
                 hit = self._first_exhaustion(w, draws, limits, span)
                 if hit is None:
@@ -253,6 +253,18 @@ class MixturePlan:
             if hi > seg.start:
                 total = seg.draws_before + prefix_counts(seg.weights, hi - seg.start)
         return total
+
+
+def _shares(w: np.ndarray) -> np.ndarray | None:
+    """``w / w.sum()`` (None when the sum is 0), scaled by the maximum first when the sum overflows."""
+    with np.errstate(over="ignore"):
+        total = w.sum()
+    if not total > 0:
+        return None
+    if not math.isfinite(total):
+        w = w / w.max()
+        total = w.sum()
+    return w / total
 
 
 def probe_seed(seed: int, probe_id: int) -> int:
