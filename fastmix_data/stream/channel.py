@@ -105,12 +105,16 @@ class WeightChannel:
 
         In the process that made the channel (the stream iterated with ``num_workers=0``) nothing
         else claims concurrently and `begin_change` runs in that same process, so an unchanged
-        history is checked with one unlocked header read and the claim is kept in memory."""
+        history is checked with one header read (under the thread lock only: `set_weights` may
+        run in another thread) and the claim is kept in memory."""
         if _pid[0] == self.owner_pid:
-            version, _, pending = self._read_header()
-            if not pending and version == self._local_version:
-                self._claimed_here = max(self._claimed_here, batch)
-                return None
+            # Under the thread lock, so that a `begin_change` from another thread either sees this
+            # claim or has set the pending flag before it (then the locked path below waits).
+            with self._thread_lock:
+                version, _, pending = self._read_header()
+                if not pending and version == self._local_version:
+                    self._claimed_here = max(self._claimed_here, batch)
+                    return None
         while True:
             with self._locked():
                 version, claimed, pending = self._read_header()

@@ -18,6 +18,7 @@ import hashlib
 import itertools
 import json
 import logging
+import threading
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
@@ -190,6 +191,7 @@ class MixtureStream(torch.utils.data.IterableDataset):
         self._tokens_observed = np.zeros(len(self.names), dtype=np.int64)
         self._samples_observed = np.zeros(len(self.names), dtype=np.int64)
         self.channel = WeightChannel(self.history, first_batch=0)
+        self._weights_lock = threading.Lock()  # serialises set_weights calls from threads
 
     # ------------------------------------------------------------------------------ basics
     @property
@@ -377,10 +379,18 @@ class MixtureStream(torch.utils.data.IterableDataset):
         for R = batches_per_item, see docs/stream.md). Under torch.distributed every rank must call
         this at the same point of its loop (it is a collective); rank 0's weights are used.
 
+        Thread-safe: calls from several threads are serialised (each returns the batch from which
+        its own weights apply; a later call that gets the same batch replaces the earlier one).
+
         Raises:
-            WeightsError: NaN, negative, all zero, unknown or missing sources.
+            WeightsError: NaN, negative, all zero, not numbers, unknown or missing sources.
         """
         requested = normalize_weights(weights, self.names)
+        with self._weights_lock:  # concurrent calls from threads: one change at a time
+            return self._publish(requested)
+
+    def _publish(self, requested: np.ndarray) -> int:
+        """Publish one change through the weight channel (callers hold ``_weights_lock``)."""
         started = self.channel.begin_change()
         try:
             effective = max(agree_max(started) + 1, agree_max(self._next_batch))
@@ -596,7 +606,12 @@ class MixtureStream(torch.utils.data.IterableDataset):
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()
         state["_ring_readers"] = []  # training-process side only (open maps)
+        del state["_weights_lock"]
         return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._weights_lock = threading.Lock()
 
     def manifest_plan(self) -> MixturePlan:
         """The pure plan behind this stream (for exporters)."""
