@@ -101,11 +101,11 @@ def open_source(
     for path, entry in entries.items():
         reader.check_safe(path, entry.stats)
     stats = {p: e.stats for p, e in entries.items()}
-    columns = resolve_columns(name, reader, stats, extra_fields)
     if all(s.rows == 0 for s in stats.values()):
         raise SourceError(
             f"source {name!r} is empty: its {len(stats)} shards hold zero rows ({found.paths[0]} ...)"
         )
+    columns = resolve_columns(name, reader, stats, extra_fields)
     shards = [
         ShardInfo(
             path=p, rows=e.stats.rows, tokens=shard_tokens(e.stats, columns), bytes=e.size, sha256=e.sha256

@@ -15,6 +15,16 @@ from fastmix_data.sources.reader import IDS, MISSING, TEXT, Candidate, Columns, 
 _EXPECTED = {TEXT: "text (a string per row)", IDS: "ids (a list of integers per row)"}
 
 
+def _kinds(stats: Mapping[str, ShardStats], column: str) -> dict[str, str]:
+    """Per shard, the kind of ``column``; zero-row shards that lack it are left out (an empty tar
+    has no members at all, and a shard without rows has no values to disagree with)."""
+    return {
+        p: s.columns.get(column, MISSING)
+        for p, s in stats.items()
+        if s.rows > 0 or column in s.columns
+    }
+
+
 def _all_columns(stats: Mapping[str, ShardStats]) -> list[str]:
     return sorted({c for s in stats.values() for c in s.columns})
 
@@ -34,9 +44,9 @@ def _resolve(
     source: str, role: str, cands: Sequence[Candidate], kind: str, stats: Mapping[str, ShardStats]
 ) -> str | None:
     for cand in cands:
-        by_shard = {p: s.columns.get(cand.name, MISSING) for p, s in stats.items()}
+        by_shard = _kinds(stats, cand.name)
         kinds = set(by_shard.values())
-        if kinds == {MISSING}:
+        if kinds <= {MISSING}:
             continue
         if cand.lenient and not kinds <= {kind, MISSING}:
             continue
@@ -74,8 +84,8 @@ def resolve_columns(
             f"present: {_all_columns(stats)}. Pass text_field= or ids_field= with one of those"
         )
     for name in extra:
-        by_shard = {p: s.columns.get(name, MISSING) for p, s in stats.items()}
-        if set(by_shard.values()) == {MISSING}:
+        by_shard = _kinds(stats, name)
+        if set(by_shard.values()) <= {MISSING}:
             raise SourceError(
                 f"source {source!r} has no column {name!r}; columns present: {_all_columns(stats)}"
             )
@@ -86,8 +96,9 @@ def resolve_columns(
 
 def shard_tokens(stats: ShardStats, columns: Columns) -> int | None:
     """Tokens of a shard: the ids lengths, else UTF-8 bytes plus one EOS per row, else None."""
+    # (a zero-row shard may lack the column: it holds no tokens)
     if columns.ids is not None:
-        return stats.ids_tokens[columns.ids]
+        return stats.ids_tokens.get(columns.ids, 0)
     if columns.text is not None:
-        return stats.text_bytes[columns.text] + stats.rows
+        return stats.text_bytes.get(columns.text, 0) + stats.rows
     return None

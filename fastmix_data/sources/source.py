@@ -69,8 +69,20 @@ class ShardedSource:
         return None if any(t is None for t in counts) else sum(counts)  # type: ignore[misc]
 
     def read_shard(self, index: int) -> ShardData:
-        """Decode shard ``index``; raise SourceError naming the file if it changed or is unreadable."""
+        """Decode shard ``index``; raise SourceError naming the file if it changed or is unreadable.
+
+        A zero-row shard (kept among non-empty ones) is only checked for changes, not decoded: it
+        may lack columns it has no values for (an empty tar has no members)."""
+        if self.shards[index].rows == 0:
+            return self._checked(index, lambda path: self._empty())
         return self._checked(index, lambda path: self.reader.read(path, self.columns))
+
+    def _empty(self) -> ShardData:
+        return ShardData(
+            texts=[] if self.columns.text else None,
+            ids=[] if self.columns.ids else None,
+            extra={n: [] for n in self.columns.extra},
+        )
 
     def read_shard_table(self, index: int) -> pa.Table:
         """Shard ``index`` decoded to an Arrow table of the source's text/ids columns (what DataLoader
@@ -83,7 +95,7 @@ class ShardedSource:
         if self.columns.extra:
             raise ValueError(f"source {self.name!r} has extra columns; its shards are not shared as Arrow")
         read_table = getattr(self.reader, "read_table", None)
-        if read_table is not None:
+        if read_table is not None and self.shards[index].rows > 0:
             return self._checked(index, lambda path: read_table(path, self.columns), rows=lambda t: t.num_rows)
         return table_from_shard_data(self.read_shard(index), self.columns)
 
