@@ -316,15 +316,18 @@ def test_malformed_field_types(written):
             validate_manifest(dict(m, **change), verify="none")
     bad = json.loads(json.dumps(m))
     bad["history"][0]["position"] = "zero"
-    with pytest.raises(ManifestError, match="malformed field"):
+    with pytest.raises(ManifestError, match=r"history\[0\]\.position is 'zero'; must be an integer"):
         validate_manifest(bad, verify="none")
 
 
 def test_edited_manifest_is_refused(written):
     _, path = written
-    _rewrite(
-        path, lambda o: o["sources"][0]["shards"][0].update(take=1)
-    )  # take is derived, not fingerprinted
+    original = path.read_text()
+    # take is derived, not fingerprinted: it is recomputed from the plan
+    _rewrite(path, lambda o: o["sources"][0]["shards"][0].update(take=1))
+    with pytest.raises(ManifestError, match=r"sources\[0\]\(code\)\.shards\[0\]\(code/part-00000\.parquet\)\.take"):
+        read_manifest(path)
+    path.write_text(original)
     read_manifest(path)
     _rewrite(path, lambda o: o["history"][0].update(weights=[0.9, 0.1]))
     with pytest.raises(ManifestError, match="fingerprint .* does not match"):

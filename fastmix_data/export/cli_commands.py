@@ -74,9 +74,14 @@ def cmd_manifest(args: argparse.Namespace) -> int:
         raise FastMixDataError("give at least one --sources name=PATH_OR_GLOB")
     history = None
     if args.history:
-        with open(args.history, encoding="utf-8") as f:
-            obj = json.load(f)
+        try:
+            with open(args.history, encoding="utf-8") as f:
+                obj = json.load(f)
+        except (OSError, ValueError) as exc:
+            raise FastMixDataError(f"--history {args.history}: cannot read it as JSON ({exc})") from None
         history = obj.get("history", obj) if isinstance(obj, dict) else obj
+        if not isinstance(history, list):
+            raise FastMixDataError(f"--history {args.history} must hold a list of {{position, weights}} entries")
     options = {
         k: v for k, v in (("text_field", args.text_field), ("ids_field", args.ids_field)) if v is not None
     }

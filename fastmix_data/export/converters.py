@@ -26,6 +26,14 @@ TARGETS = (
 HF_BUILDERS = {"parquet": "parquet", "hf": "arrow", "webdataset": "webdataset"}
 
 
+def _checked(manifest: Any) -> None:
+    """Refuse a manifest dict that is not valid field by field (its shards are not read): a
+    converter must never turn an edited ``take`` into another loader's mixture."""
+    from fastmix_data.export.manifest import validate_manifest
+
+    validate_manifest(manifest, verify="none")
+
+
 def _shares(manifest: Mapping[str, Any]) -> dict[str, float]:
     return {
         s["name"]: float(s["take"]) / max(int(manifest["budget"]["items"]), 1) for s in manifest["sources"]
@@ -54,6 +62,7 @@ def megatron_blend(
     budget, prefix = the shard path without its extension (for shards converted one to one).
     Sources (or shards) with nothing taken are left out.
     """
+    _checked(manifest)
     prefixes = dict(prefixes or {})
     unknown = sorted(set(prefixes) - {s["name"] for s in manifest["sources"]})
     if unknown:
@@ -75,6 +84,7 @@ def megatron_blend(
 
 def megatron_args(manifest: Mapping[str, Any], data_args_path: str) -> list[str]:
     """Megatron-LM arguments that train on the blend written at ``data_args_path``."""
+    _checked(manifest)
     args = [
         "--data-args-path",
         data_args_path,
@@ -126,6 +136,7 @@ def streaming_streams(
         {"streams": {stream name: {"local", "remote", "proportion" | "choose"}}, "epoch_size",
         "shuffle_seed"}; pass ``epoch_size`` to StreamingDataset with proportions.
     """
+    _checked(manifest)
     locals = dict(locals or {})
     n = max(int(manifest["budget"]["items"]), 1)
     streams: dict[str, dict] = {}
@@ -202,6 +213,7 @@ def hf_interleave(manifest: Mapping[str, Any]) -> dict:
         interleave with the probabilities, and take the first ``num_samples``. Sources with nothing
         taken are left out.
     """
+    _checked(manifest)
     shares = _shares(manifest)
     datasets, probs = [], []
     for s in manifest["sources"]:
@@ -237,6 +249,7 @@ def olmo_mixture(manifest: Mapping[str, Any], paths: Mapping[str, list[str]] | N
     tokens held (at least 1.0), rounded up at the 4th decimal. OLMo reads pre-tokenized numpy files:
     pass their ``paths`` per source (default: the manifest's shard paths).
     """
+    _checked(manifest)
     paths = dict(paths or {})
     configs = []
     tok_share = manifest["weights"]["realised_tokens"]
@@ -295,6 +308,7 @@ def wids_index(
         shards = [(os.path.join(out_dir, sh["path"]), int(sh["rows"])) for sh in index_or_manifest["shards"]]
         name = name or f"fastmix-{index_or_manifest['manifest_fingerprint'][:12]}"
     else:
+        _checked(index_or_manifest)
         for s in index_or_manifest["sources"]:
             if s["format"] != "webdataset":
                 continue

@@ -15,7 +15,7 @@ from typing import Any
 
 from fastmix_data.errors import ManifestError
 from fastmix_data.export._util import join_inside
-from fastmix_data.export.manifest import load_manifest, plan_fingerprint
+from fastmix_data.export.manifest import load_manifest, plan_fingerprint, validate_manifest
 from fastmix_data.plan.planner import Exhaustion, MixturePlan, WeightChange
 from fastmix_data.sources import READERS
 from fastmix_data.sources.base import ShardInfo
@@ -50,8 +50,10 @@ def _mds_root(path: str, root: str, cache: dict[str, str]) -> str:
 def manifest_sources(manifest: Mapping[str, Any], *, allow_unsafe: bool = False) -> list[ShardedSource]:
     """The manifest's sources, as `ShardedSource` objects built from its shard records.
 
-    ``manifest`` must be validated (:func:`load_manifest`): paths are joined under its root.
+    ``manifest`` is checked field by field (not its files: see :func:`load_manifest`); paths are
+    joined under its root.
     """
+    validate_manifest(manifest, verify="none")
     root = manifest["root"]
     out = []
     for src in manifest["sources"]:
@@ -91,7 +93,9 @@ def manifest_sources(manifest: Mapping[str, Any], *, allow_unsafe: bool = False)
 
 
 def manifest_plan(manifest: Mapping[str, Any]) -> MixturePlan:
-    """The pure plan a manifest describes (no I/O): the same function the stream serves from."""
+    """The pure plan a manifest describes (no I/O): the same function the stream serves from.
+    The manifest is checked field by field first (:func:`validate_manifest` with verify="none")."""
+    validate_manifest(manifest, verify="none")
     names = [s["name"] for s in manifest["sources"]]
     return MixturePlan(
         names,

@@ -31,9 +31,10 @@ from fastmix_data.export._util import (
     sha256_file,
     write_json_atomic,
 )
+from fastmix_data.export.manifest_check import check_counts, check_fields
 from fastmix_data.plan.order import SourceOrder
 from fastmix_data.plan.planner import Exhaustion, MixturePlan, WeightChange
-from fastmix_data.plan.weights import UNITS, normalize_weights, to_item_units
+from fastmix_data.plan.weights import UNITS, check_item_weights, normalize_weights, normalized, to_item_units
 from fastmix_data.sources import open_source
 from fastmix_data.sources.base import Source
 from fastmix_data.sources.safety import is_pipe
@@ -205,19 +206,12 @@ def _history(
         }
 
     def convert(change: Any, version: int) -> dict:
+        where = f"history entry at position {_position(change)}"
         if isinstance(change, WeightChange):
-            w = np.asarray(change.weights, dtype=np.float64)
-            return entry(version, change.position, None, w / w.sum())
-        if not isinstance(change, Mapping) or "position" not in change or "weights" not in change:
-            raise ManifestError(
-                f"weight history entry {version} must have 'position' and 'weights', got {change!r}"
-            )
+            w = np.asarray(check_item_weights(list(change.weights), names, where), dtype=np.float64)
+            return entry(version, change.position, None, normalized(w, where))
         if "requested" in change and change["requested"] is not None:  # a stream-state history entry
-            item_w = np.asarray(change["weights"], dtype=np.float64)
-            if len(item_w) != len(names):
-                raise WeightsError(
-                    f"history entry at position {change['position']} has {len(item_w)} weights for {names}"
-                )
+            item_w = np.asarray(check_item_weights(change["weights"], names, f"{where}: weights"))
             return entry(version, change["position"], normalize_weights(change["requested"], names), item_w)
         req = normalize_weights(change["weights"], names)
         return entry(version, change["position"], req, to_item_units(req, units, tpi))
@@ -240,7 +234,16 @@ def _history(
 
 
 def _position(change: Any) -> int:
-    return change.position if isinstance(change, WeightChange) else int(change.get("position", -1))
+    """The item position of a history entry (a `WeightChange` or a mapping with position and weights)."""
+    if isinstance(change, WeightChange):
+        position = change.position
+    elif not isinstance(change, Mapping) or "position" not in change or "weights" not in change:
+        raise ManifestError(f"a weight history entry must have 'position' and 'weights', got {change!r}"[:300])
+    else:
+        position = change["position"]
+    if not isinstance(position, (int, np.integer)) or isinstance(position, bool) or position < 0:
+        raise ManifestError(f"weight history position {position!r} must be an integer >= 0")
+    return int(position)
 
 
 def _plan(names, items_per_shard, seed, history: list[dict], policies, shuffle, limit) -> MixturePlan:
@@ -626,7 +629,7 @@ def validate_manifest(manifest: Any, *, root: str | None = None, verify: str = "
         raise ManifestError(f"manifest is missing fields: {shown}")
     try:
         return _check_contents(manifest, root, verify)
-    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+    except (KeyError, TypeError, ValueError, AttributeError, OverflowError, IndexError) as exc:
         raise ManifestError(f"manifest has a malformed field ({type(exc).__name__}: {exc})") from None
 
 
@@ -639,6 +642,7 @@ def _check_contents(manifest: Mapping[str, Any], root: str | None, verify: str) 
     dupes = sorted({n for n in names if names.count(n) > 1})
     if dupes:
         raise ManifestError(f"manifest lists sources {dupes} more than once")
+    check_fields(manifest)  # every field's type and range, whatever the fingerprint says
     if not manifest["history"] or int(manifest["history"][0]["position"]) != 0:
         raise ManifestError("manifest history must start with an entry at position 0")
     for i, h in enumerate(manifest["history"]):
@@ -667,6 +671,7 @@ def _check_contents(manifest: Mapping[str, Any], root: str | None, verify: str) 
             f"manifest fingerprint {manifest['fingerprint']!r} does not match its contents ({fp}); it was edited "
             "by hand or truncated — regenerate it rather than editing it"
         )
+    check_counts(out)  # the derived counts (take, epochs, shares), which the fingerprint leaves out
     problems: list[str] = []
     for src in out["sources"]:
         for sh in src["shards"]:
