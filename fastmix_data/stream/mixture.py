@@ -36,6 +36,7 @@ from fastmix_data.stream.channel import WeightChannel
 from fastmix_data.stream.distributed import agree_max, broadcast_floats, rank_and_world, worker_and_count
 from fastmix_data.stream.items import ItemSource, pick
 from fastmix_data.stream.shared_shards import SharedShards
+from fastmix_data.stream.state_check import changed_shards, check_state, shard_digests
 from fastmix_data.stream.tokenize import as_tokenizer
 
 log = logging.getLogger(__name__)
@@ -496,7 +497,8 @@ class MixtureStream(torch.utils.data.IterableDataset):
 
     # ------------------------------------------------------------------------------ state
     def state_dict(self) -> dict:
-        """Small JSON state: format version, fingerprint, next batch, weight history, probes."""
+        """Small JSON state: format version, fingerprint, next batch, weight history, probes, and
+        8 hex digits per shard (so that a refused resume names the shards that changed)."""
         if torch.utils.data.get_worker_info() is None:
             self._sync_history()
         return {
@@ -508,30 +510,33 @@ class MixtureStream(torch.utils.data.IterableDataset):
             "cursor": self._cursor if torch.utils.data.get_worker_info() is not None else None,
             "history": [dict(h) for h in self.history],
             "probes": [dict(p) for p in self.probes],
+            "shards": shard_digests(self.sources),  # names the changed shards if a resume is refused
         }
 
     def load_state_dict(self, state: Mapping, *, allow_fingerprint_mismatch: bool = False) -> None:
         """Continue exactly after the state's last consumed batch (O(#shards + #weight changes)).
 
         Raises:
-            StateError: not a stream state, an unknown version, or a fingerprint that differs from
-                this stream's (different sources, shards, seed, batch layout...) unless
-                ``allow_fingerprint_mismatch``.
+            StateError: not a stream state, an unknown version, a field missing, of the wrong type
+                or out of range (named), or a fingerprint that differs from this stream's
+                (different sources, shards, seed, batch layout...; the changed shards are named)
+                unless ``allow_fingerprint_mismatch``.
         """
         if not isinstance(state, Mapping) or state.get("format") != STATE_FORMAT:
             raise StateError(f"not a fastmix_data stream state (format {state.get('format') if isinstance(state, Mapping) else type(state)!r})")
         if state.get("version") != STATE_VERSION:
             raise StateError(f"stream state version {state.get('version')!r} is not supported (this build reads {STATE_VERSION})")
+        check_state(state, self.names, self.global_batch_items)  # every field, named when wrong
         if state["fingerprint"] != self.fingerprint() and not allow_fingerprint_mismatch:
             diff = _diff(state.get("config", {}), self._config_summary())
+            shards = changed_shards(state.get("shards"), self.sources)
             raise StateError(
                 "the saved stream state was made for a different stream; resuming would not continue the "
-                f"same sequence. Differences (saved -> now): {diff}. Pass allow_fingerprint_mismatch=True "
-                "to resume anyway."
+                f"same sequence. Differences (saved -> now): {diff}."
+                + (f" Changed shards: {'; '.join(shards)}." if shards else "")
+                + " Pass allow_fingerprint_mismatch=True to resume anyway."
             )
         history = state["history"]
-        if any(len(h["weights"]) != len(self.names) for h in history):
-            raise StateError(f"the state's weight history has vectors for a different number of sources than {self.names}")
         self._set_history(history)
         self.probes = [dict(p) for p in state.get("probes", [])]
         self._next_batch = int(state["next_batch"])
