@@ -391,7 +391,10 @@ def _write_mds(tmp_dir: str, chunks: Iterator[dict], names: list[str], columns: 
     """Write one MDS shard into ``tmp_dir`` (as shard.00000.mds); return its index.json entry."""
     from fastmix_data.sources.mds_compat import import_streaming
 
-    streaming = import_streaming()
+    try:
+        streaming = import_streaming()
+    except ImportError as exc:
+        raise ResampleError(f"MDS output cannot be written: {exc}; choose format='parquet' or 'webdataset'") from exc
     with streaming.MDSWriter(out=tmp_dir, columns=_mds_columns(columns, packing), size_limit=None) as writer:
         for ch in chunks:
             for row in _rows(ch, names):

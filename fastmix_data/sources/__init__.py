@@ -90,9 +90,12 @@ def open_source(
     reader: ShardReader = READERS[found.format](
         text_field=text_field, ids_field=ids_field, allow_unsafe=allow_unsafe, locations=found.mds_locations
     )
-    entries, skipped = build_index(
-        found.paths, reader, source_name=name, cache_dir=cache_dir, on_corrupt=on_corrupt
-    )
+    try:
+        entries, skipped = build_index(
+            found.paths, reader, source_name=name, cache_dir=cache_dir, on_corrupt=on_corrupt
+        )
+    except ImportError as exc:  # the format's optional dependency is missing or broken
+        raise SourceError(f"source {name!r} ({found.format}) cannot be read: {exc}") from exc
     if not entries:
         raise SourceError(
             f"source {name!r} has no readable shards: all {len(skipped)} were skipped as corrupt "

@@ -187,7 +187,7 @@ def build_index(
         def run(path: str) -> tuple[str, IndexEntry | BaseException]:
             try:
                 return path, _compute(reader, path)
-            except UnsafeInputError:
+            except (UnsafeInputError, ImportError):  # not the shard's fault: a setting or a broken install
                 raise
             except Exception as exc:  # any failure to decode is a corrupt shard
                 return path, exc
