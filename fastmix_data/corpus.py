@@ -54,6 +54,7 @@ import pyarrow.parquet as pq
 from tqdm import tqdm
 
 from fastmix_data.errors import SourceError, WeightsError
+from fastmix_data.leftovers import sweep_temp_files
 
 __all__ = [
     "CORPUS_FORMAT_VERSION",
@@ -590,6 +591,7 @@ def _assign_splits(
 @contextlib.contextmanager
 def _atomic(path: Path) -> Iterator[Path]:
     path.parent.mkdir(parents=True, exist_ok=True)
+    sweep_temp_files(path.parent)  # what killed builds left here
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         yield tmp

@@ -11,6 +11,7 @@ import tempfile
 from typing import Any
 
 from fastmix_data.errors import ManifestError
+from fastmix_data.leftovers import sweep_temp_files, temp_prefix
 
 _CHUNK = 1 << 22
 _SCALE = {"": 1, "k": 10**3, "m": 10**6, "b": 10**9, "g": 10**9, "t": 10**12}
@@ -85,7 +86,8 @@ def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> None:
     path = os.fspath(path)
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=directory)
+    sweep_temp_files(directory)  # what killed writers left here
+    fd, tmp = tempfile.mkstemp(prefix=temp_prefix(path), suffix=".tmp", dir=directory)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)

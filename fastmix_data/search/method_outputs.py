@@ -18,6 +18,7 @@ from pathlib import Path
 
 from torch import nn
 
+from ..leftovers import sweep_temp_files
 from .trainer import TRAJECTORY_FILE, write_json
 
 WEIGHTS_FILE = "weights.json"
@@ -30,6 +31,7 @@ PLOT_FILE = "trajectory.png"
 def _write_jsonl(path: Path, records: list[dict]) -> None:
     from .trainer import _clean, _json_default
 
+    sweep_temp_files(path.parent)  # what killed runs left here
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     with open(tmp, "w") as f:
         for r in records:

@@ -43,6 +43,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..leftovers import sweep_temp_files
 from .compute import ComputeMeter
 from .hypergrad import token_losses
 from .method_outputs import COMPUTE_FILE as COMPUTE_FILE
@@ -264,6 +265,7 @@ class ProxyCache:
         if self.dir is not None:
             d = self.dir / key
             d.mkdir(parents=True, exist_ok=True)
+            sweep_temp_files(d)  # what killed runs left here
             tmp = d / f".model.pt.tmp{os.getpid()}"
             torch.save({k: v.cpu() for k, v in model.state_dict().items()}, tmp)
             os.replace(tmp, d / "model.pt")

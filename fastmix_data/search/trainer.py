@@ -37,6 +37,7 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 from torch import nn
 
+from ..leftovers import sweep_temp_files
 from .fastmix import SIGNALS, FastMix
 from .hypergrad import (
     DEFAULT_CHUNK_TOKENS,
@@ -308,6 +309,7 @@ class SearchResult:
 
 
 def _atomic_write(path: Path, data: str | bytes) -> None:
+    sweep_temp_files(path.parent)  # what killed runs left here
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     mode = "wb" if isinstance(data, bytes) else "w"
     with open(tmp, mode) as f:
@@ -933,6 +935,7 @@ def run_search(
             "rng": {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None},
             "data": data.state_dict() if callable(getattr(data, "state_dict", None)) else None,
         }
+        sweep_temp_files(ckpt_path.parent)
         tmp = ckpt_path.with_name(f".{ckpt_path.name}.tmp{os.getpid()}")
         torch.save(ck, tmp)
         os.replace(tmp, ckpt_path)

@@ -24,6 +24,7 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from fastmix_data.errors import SourceError, UnsafeInputError
+from fastmix_data.leftovers import sweep_temp_files, temp_prefix
 from fastmix_data.sources.reader import ShardReader, ShardStats
 from fastmix_data.sources.safety import is_pipe
 
@@ -95,7 +96,8 @@ def _load_cache(path: Path) -> dict[str, IndexEntry]:
 def write_json_atomic(path: Path, obj: Any) -> None:
     """Write JSON to ``path`` via a temporary file in the same directory and ``os.replace``."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    sweep_temp_files(path.parent)  # what killed writers left here
+    fd, tmp = tempfile.mkstemp(prefix=temp_prefix(path), suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             json.dump(obj, f, indent=1, sort_keys=True)

@@ -32,6 +32,7 @@ from typing import Any
 
 import numpy as np
 
+from fastmix_data.leftovers import sweep_run_dirs
 from fastmix_data.stream.shared_shards import _shared_root
 
 _ACKED = struct.Struct("<q")  # header: batches of this ring the training process has taken
@@ -244,5 +245,7 @@ def _array(mm: mmap.mmap, at: int, dtype: str, shape: Any) -> np.ndarray:
 
 
 def ring_directory() -> str:
-    """A fresh ring directory name for one stream (made by the first worker that writes)."""
+    """A fresh ring directory name for one stream (made by the first worker that writes); rings of
+    killed processes are removed first (the pid in the name, see `fastmix_data.leftovers`)."""
+    sweep_run_dirs(_shared_root())
     return os.path.join(_shared_root(), f"fastmix-rings-{os.getpid()}-{os.urandom(4).hex()}")

@@ -27,6 +27,8 @@ import threading
 import time
 from contextlib import contextmanager
 
+from fastmix_data.leftovers import sweep_run_dirs
+
 _HEADER = struct.Struct("<qqq")  # history version, max claimed batch, pending flag
 
 _pid = [os.getpid()]  # this process's id, kept current across fork (`claim` runs once per batch)
@@ -42,7 +44,8 @@ class WeightChannel:
     """
 
     def __init__(self, history: list, first_batch: int = 0):
-        self.dir = tempfile.mkdtemp(prefix="fastmix-channel-")
+        sweep_run_dirs(tempfile.gettempdir())  # channels of killed processes
+        self.dir = tempfile.mkdtemp(prefix=f"fastmix-channel-{os.getpid()}-")  # the pid: see leftovers
         self.owner_pid = os.getpid()
         self._local_version = -1
         self._fds: tuple[int, int] | None = None  # (lock, claims) opened by this process

@@ -32,6 +32,8 @@ from collections.abc import Callable
 
 import pyarrow as pa
 
+from fastmix_data.leftovers import sweep_run_dirs
+
 _HEADER = struct.Struct("<QQQ")  # key hash (0: empty), generation (odd while written), payload bytes
 _PAYLOAD_AT = 64
 DEFAULT_BUDGET_BYTES = 256 << 20  # shared memory the slots may hold, in all
@@ -59,6 +61,7 @@ class SharedShards:
         self.enabled = enabled
         # Made by the first worker that shares a shard (a stream that never has 2+ workers leaves no
         # trace); the name is unique to this stream object in this process.
+        sweep_run_dirs(_shared_root())  # slots of killed processes (the pid in the name, see leftovers)
         self.dir = os.path.join(_shared_root(), f"fastmix-shards-{os.getpid()}-{id(self):x}-{os.urandom(4).hex()}")
         self.owner_pid = os.getpid()
         self._fds: dict[int, int] = {}
