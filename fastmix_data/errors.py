@@ -23,3 +23,8 @@ class ManifestError(FastMixDataError):
 
 class UnsafeInputError(FastMixDataError):
     """Input would need pickle, a `pipe:` URL or code execution; opting in is explicit."""
+
+
+class ConfigError(FastMixDataError, ValueError):
+    """A configuration value is invalid (a search or method config, a stream argument); the message
+    names the field and the value."""

@@ -43,10 +43,10 @@ def test_search_from_yaml_config(tiny):
     assert json.loads((tiny / "yout" / "weights.json").read_text())
 
 
-def test_search_refuses_bad_option(tiny):
-    with pytest.raises(ValueError, match="outer_every"):
-        main(["search", "--source", f"a={tiny / 'a'}", "--target", str(tiny / "t"), "--outer-every", "0",
-              "--max-steps", "3"])
+def test_search_refuses_bad_option(tiny, capsys):
+    rc = main(["search", "--source", f"a={tiny / 'a'}", "--target", str(tiny / "t"), "--outer-every", "0",
+               "--max-steps", "3"])
+    assert rc == 2 and "outer_every must be a positive integer, got 0" in capsys.readouterr().err
 
 
 def test_bad_source_is_a_clear_error(tiny, capsys):

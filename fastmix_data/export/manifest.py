@@ -35,7 +35,7 @@ from fastmix_data.export.manifest_check import check_counts, check_fields
 from fastmix_data.plan.order import SourceOrder
 from fastmix_data.plan.planner import Exhaustion, MixturePlan, WeightChange
 from fastmix_data.plan.weights import UNITS, check_item_weights, normalize_weights, normalized, to_item_units
-from fastmix_data.sources import open_source
+from fastmix_data.sources import check_options, open_source
 from fastmix_data.sources.base import Source
 from fastmix_data.sources.safety import is_pipe
 
@@ -155,6 +155,7 @@ def _open_sources(sources: Mapping[str, Any], options: Mapping[str, Any]) -> tup
                 raise ManifestError(f"source {name!r}: a dict spec needs a 'path' (directory, glob or list)")
             kw.update({k: v for k, v in spec.items() if k != "path"})
             spec = spec["path"]
+        check_options(name, kw)
         opened.append(open_source(name, spec, **kw))
         reader_opts.append(
             {
@@ -612,7 +613,9 @@ def validate_manifest(manifest: Any, *, root: str | None = None, verify: str = "
     missing: list[str] = []
     _require(manifest, _TOP_FIELDS, "", missing)
     if isinstance(manifest.get("budget"), Mapping):
-        _require(manifest["budget"], ("items",), "budget", missing)
+        _require(manifest["budget"], ("items", "tokens"), "budget", missing)
+    if isinstance(manifest.get("weights"), Mapping):  # what the converters and resample read
+        _require(manifest["weights"], ("realised_items", "realised_tokens"), "weights", missing)
     if isinstance(manifest.get("mode"), Mapping):
         _require(manifest["mode"], ("kind",), "mode", missing)
     for i, h in enumerate(manifest.get("history") or []):
@@ -622,6 +625,8 @@ def validate_manifest(manifest: Any, *, root: str | None = None, verify: str = "
             f"({src.get('name')})" if isinstance(src, Mapping) and "name" in src else ""
         )
         if _require(src, _SOURCE_FIELDS, where, missing):
+            if not isinstance(src.get("shards", []), list):
+                raise ManifestError(f"{where}.shards must be a list of shard records, got {src['shards']!r}"[:200])
             for j, sh in enumerate(src.get("shards") or []):
                 _require(sh, _SHARD_FIELDS, f"{where}.shards[{j}]", missing)
     if missing:

@@ -39,12 +39,16 @@ def _bad(where: str, value: Any, want: str) -> ManifestError:
     return ManifestError(f"{where} is {shown[:80]}{'...' if len(shown) > 80 else ''}; {want}")
 
 
+def _at(where: str, key: str) -> str:
+    return f"{where}.{key}" if where else key
+
+
 def _int(obj: Mapping, key: str, where: str, lo: int = 0, none: bool = False) -> int | None:
     v = obj[key]
     if v is None and none:
         return None
     if not isinstance(v, int) or isinstance(v, bool) or not lo <= v < MAX_COUNT:
-        raise _bad(f"{where}.{key}", v, f"must be an integer >= {lo}" + (" or null" if none else ""))
+        raise _bad(_at(where, key), v, f"must be an integer >= {lo}" + (" or null" if none else ""))
     return v
 
 
@@ -63,7 +67,7 @@ def _str(obj: Mapping, key: str, where: str, none: bool = False, choices: Sequen
         return None
     if not isinstance(v, str) or not v or (choices and v not in choices):
         want = f"must be one of {list(choices)}" if choices else "must be a non-empty string"
-        raise _bad(f"{where}.{key}", v, want + (" or null" if none else ""))
+        raise _bad(_at(where, key), v, want + (" or null" if none else ""))
     return v
 
 
@@ -94,7 +98,7 @@ def check_fields(m: Mapping[str, Any]) -> None:
     """
     if not isinstance(m["fingerprint"], str) or not _SHA256.match(m["fingerprint"]):
         raise _bad("fingerprint", m["fingerprint"], "must be 64 lower-case hex digits")
-    _int(m, "seed", "manifest", lo=-(MAX_COUNT - 1))
+    _int(m, "seed", "")
     if not isinstance(m["shuffle"], bool):
         raise _bad("shuffle", m["shuffle"], "must be true or false")
     mode = m["mode"]
@@ -104,7 +108,7 @@ def check_fields(m: Mapping[str, Any]) -> None:
         _str(mode, "tokenizer", "mode")
     elif "tokenizer" in mode:
         _str(mode, "tokenizer", "mode", none=True)
-    _str(m, "weight_units", "manifest", choices=UNITS)
+    _str(m, "weight_units", "", choices=UNITS)
     names = [_source_name(s, i) for i, s in enumerate(m["sources"])]
     _check_history(m["history"], names)
     _check_weights(m["weights"], names)

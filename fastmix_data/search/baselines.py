@@ -86,10 +86,9 @@ def simplex_grid(K: int, step: float = 0.1) -> list[tuple[float, ...]]:
     if not isinstance(K, int) or K < 1:
         raise ValueError(f"K must be a positive integer, got {K!r}")
     frac = Fraction(step).limit_denominator(10_000)
-    n = 1 / frac
-    if frac <= 0 or n.denominator != 1:
+    if frac <= 0 or (1 / frac).denominator != 1:  # (0 before dividing by it)
         raise ValueError(f"1/step must be a positive integer, got step={step}")
-    n = int(n)
+    n = int(1 / frac)
     out: list[tuple[float, ...]] = []
 
     def rec(prefix: list[int], left: int, slots: int) -> None:

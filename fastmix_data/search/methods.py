@@ -39,6 +39,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..errors import ConfigError
 from .aioli import AioliConfig, run_aioli
 from .baselines import GridConfig, NaturalConfig, StratifiedConfig, run_grid, run_natural, run_stratified
 from .doremi import DoReMiConfig, run_doremi
@@ -144,13 +145,17 @@ def build_config(name: str, config: Mapping[str, Any] | MethodConfig | None) -> 
     spec = _spec(name)
     if isinstance(config, MethodConfig):
         if not isinstance(config, spec.config):
-            raise TypeError(f"method {name!r} takes a {spec.config.__name__}, got {type(config).__name__}")
+            raise ConfigError(f"method {name!r} takes a {spec.config.__name__}, got {type(config).__name__}")
         return config.validate()
+    if config is not None and not isinstance(config, Mapping):
+        raise ConfigError(f"a method config must be a mapping, got {config!r}"[:200])
     config = dict(config or {})
-    unknown = sorted(k for k in config if k not in _SHARED and k != "train" and k not in METHODS)
+    unknown = sorted((k for k in config if k not in _SHARED and k != "train" and k not in METHODS), key=repr)
     if unknown:
-        raise ValueError(f"unknown method config key(s) {unknown}: use 'train', {sorted(_SHARED)} or a method "
+        raise ConfigError(f"unknown method config key(s) {unknown}: use 'train', {sorted(_SHARED)} or a method "
                          f"section {sorted(METHODS)}")
+    if not isinstance(config.get(name) or {}, Mapping):
+        raise ConfigError(f"the {name!r} section of the method config must be a mapping, got {config[name]!r}"[:200])
     section = dict(config.get(name) or {})
     train = {**_train_dict(config.get("train")), **_train_dict(section.pop("train", None))}
     d = {k: config[k] for k in _SHARED if k in config}
@@ -166,12 +171,12 @@ def _train_dict(t) -> dict:
         return t.to_dict()
     if isinstance(t, Mapping):
         return dict(t)
-    raise TypeError(f"'train' must be a mapping of TrainConfig fields, got {type(t).__name__}")
+    raise ConfigError(f"'train' must be a mapping of TrainConfig fields, got {type(t).__name__}")
 
 
 def _spec(name: str) -> MethodSpec:
-    if name not in METHODS:
-        raise ValueError(f"unknown mixture method {name!r}; choose one of {sorted(METHODS)}")
+    if not isinstance(name, str) or name not in METHODS:
+        raise ConfigError(f"unknown mixture method {name!r}; choose one of {sorted(METHODS)}")
     return METHODS[name]
 
 

@@ -15,6 +15,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..errors import ConfigError
+from .config_types import type_problems
 from .model import PRESETS, proxy_config
 from .trainer import DEFAULT_LR
 
@@ -60,10 +62,10 @@ class TrainConfig:
     device: str = "cpu"
 
     def validate(self) -> TrainConfig:
-        """Check every field; raise ``ValueError`` listing every problem."""
-        p = _train_problems(self)
+        """Check every field; raise `ConfigError` (a ``ValueError``) listing every problem."""
+        p = type_problems(self) or _train_problems(self)  # (ranges assume the right types)
         if p:
-            raise ValueError("invalid training config:\n  - " + "\n  - ".join(p))
+            raise ConfigError("invalid training config:\n  - " + "\n  - ".join(p))
         return self
 
     @property
@@ -156,18 +158,22 @@ class MethodConfig:
         return []
 
     def validate(self):
-        p = _train_problems(self.train) if isinstance(self.train, TrainConfig) else [
+        p = (type_problems(self.train) or _train_problems(self.train)) if isinstance(self.train, TrainConfig) else [
             f"train must be a TrainConfig, got {type(self.train).__name__}"]
-        if self.target_max_seqs is not None and (not isinstance(self.target_max_seqs, int) or self.target_max_seqs < 1):
-            p.append(f"target_max_seqs must be a positive integer or None, got {self.target_max_seqs!r}")
-        p += self.problems()
+        p += type_problems(self)
+        if not p:  # (the ranges below assume the right types)
+            if self.target_max_seqs is not None and self.target_max_seqs < 1:
+                p.append(f"target_max_seqs must be a positive integer or None, got {self.target_max_seqs!r}")
+            p += self.problems()
         if p:
-            raise ValueError(f"invalid {type(self).__name__}:\n  - " + "\n  - ".join(p))
+            raise ConfigError(f"invalid {type(self).__name__}:\n  - " + "\n  - ".join(p))
         return self
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any] | None = None, **overrides):
         """From a mapping whose ``train`` entry is a :class:`TrainConfig` or a mapping of its fields."""
+        if d is not None and not isinstance(d, Mapping):
+            raise ConfigError(f"a {cls.__name__} must be a mapping of its fields, got {d!r}"[:200])
         d = {**dict(d or {}), **overrides}
         train = d.get("train")
         if train is None or isinstance(train, Mapping):
@@ -184,11 +190,13 @@ class MethodConfig:
 
 def config_from_dict(cls, d: Mapping[str, Any] | None, **overrides):
     """``cls(**d, **overrides).validate()`` with unknown keys reported (used by every method config)."""
+    if d is not None and not isinstance(d, Mapping):
+        raise ConfigError(f"a {cls.__name__} must be a mapping of its fields, got {d!r}"[:200])
     d = {**dict(d or {}), **overrides}
     names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(k for k in d if k not in names)
+    unknown = sorted((k for k in d if k not in names), key=repr)
     if unknown:
-        raise ValueError(f"unknown {cls.__name__} key(s) {unknown}; known keys: {sorted(names)}")
+        raise ConfigError(f"unknown {cls.__name__} key(s) {unknown}; known keys: {sorted(names)}")
     if "betas" in d and isinstance(d["betas"], list):
         d["betas"] = tuple(d["betas"])
     return cls(**d).validate()

@@ -37,7 +37,9 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 from torch import nn
 
+from ..errors import ConfigError
 from ..leftovers import sweep_temp_files
+from .config_types import type_problems
 from .fastmix import SIGNALS, FastMix
 from .hypergrad import (
     DEFAULT_CHUNK_TOKENS,
@@ -134,8 +136,10 @@ class SearchConfig:
 
     # ------------------------------------------------------------------ validation
     def validate(self) -> SearchConfig:
-        """Check every field; raise ``ValueError`` listing every problem found."""
-        p: list[str] = []
+        """Check every field; raise `ConfigError` (a ``ValueError``) listing every problem found."""
+        p: list[str] = type_problems(self)
+        if p:  # the range checks below assume the right types
+            raise ConfigError("invalid search config:\n  - " + "\n  - ".join(p))
 
         def pos_int(name, allow_none=False, zero=False):
             v = getattr(self, name)
@@ -221,7 +225,7 @@ class SearchConfig:
         ):
             p.append(f"sources must be a list of source names, got {self.sources!r}")
         if p:
-            raise ValueError("invalid search config:\n  - " + "\n  - ".join(p))
+            raise ConfigError("invalid search config:\n  - " + "\n  - ".join(p))
         return self
 
     # ------------------------------------------------------------------ dict I/O
@@ -230,7 +234,11 @@ class SearchConfig:
         """Build from a (YAML/JSON) mapping. Unknown keys are an error (with suggestions); numbers
         given as strings (YAML reads ``1e-3`` as a string) and token counts like ``"20M"`` are
         accepted; lists become tuples where needed. The result is validated."""
+        if d is not None and not isinstance(d, Mapping):
+            raise ConfigError(f"a search config must be a mapping of its fields, got {d!r}"[:200])
         d = dict(d or {})
+        if not all(isinstance(k, str) for k in d):
+            raise ConfigError(f"search config keys must be field names (strings), got {sorted(map(repr, d))}")
         names = {f.name: f for f in dataclasses.fields(cls)}
         unknown = [k for k in d if k not in names]
         if unknown:
@@ -238,10 +246,13 @@ class SearchConfig:
             for k in unknown:
                 close = difflib.get_close_matches(k, names, n=1)
                 hints.append(f"{k!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
-            raise ValueError(f"unknown search config key(s): {', '.join(hints)}; known keys: {sorted(names)}")
+            raise ConfigError(f"unknown search config key(s): {', '.join(hints)}; known keys: {sorted(names)}")
         kw = {}
         for k, v in d.items():
-            kw[k] = _coerce(k, v, cls.__dataclass_fields__[k].default)
+            try:
+                kw[k] = _coerce(k, v, cls.__dataclass_fields__[k].default)
+            except (TypeError, ValueError, OverflowError) as exc:
+                raise ConfigError(f"invalid search config: {k} = {v!r}: {exc}"[:300]) from None
         return cls(**kw).validate()
 
     def to_dict(self) -> dict:
@@ -272,13 +283,13 @@ def _coerce(key: str, v, default):
             if s and s[-1] in _SUFFIX:
                 return int(float(s[:-1]) * _SUFFIX[s[-1]])
             return int(float(s))
-        except ValueError:
-            raise ValueError(f"{key} must be an integer or a count like '20M', got {v!r}") from None
+        except (ValueError, OverflowError):
+            raise ConfigError(f"{key} must be an integer or a count like '20M', got {v!r}") from None
     if isinstance(v, str) and (isinstance(default, float) or key in ("lr", "grad_clip")):
         try:
             return float(v)
         except ValueError:
-            raise ValueError(f"{key} must be a number, got {v!r}") from None
+            raise ConfigError(f"{key} must be a number, got {v!r}") from None
     if isinstance(v, float) and isinstance(default, int) and not isinstance(default, bool) and v.is_integer():
         return int(v)
     if key in ("betas", "z_betas") and isinstance(v, list):

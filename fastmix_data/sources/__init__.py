@@ -12,9 +12,10 @@ See docs/sources.md for each format's layout and the index cache file.
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
-from fastmix_data.errors import SourceError
+from fastmix_data.errors import SourceError, UnsafeInputError
 from fastmix_data.sources.base import ShardData, ShardInfo, Source
 from fastmix_data.sources.discover import FORMATS, Spec, discover
 from fastmix_data.sources.hf import HFReader
@@ -84,9 +85,11 @@ def open_source(
             mismatch, unknown column, empty source.
         UnsafeInputError: URL schemes, ``pipe:`` or pickle without ``allow_unsafe``.
     """
-    if on_corrupt not in ON_CORRUPT:
-        raise SourceError(f"on_corrupt={on_corrupt!r} for source {name!r}; use 'raise' or 'skip'")
-    found = discover(spec, format=format, allow_unsafe=allow_unsafe)
+    _check_arguments(name, spec, format, text_field, ids_field, extra_fields, cache_dir, on_corrupt, allow_unsafe)
+    try:
+        found = discover(spec, format=format, allow_unsafe=allow_unsafe)
+    except (SourceError, UnsafeInputError) as exc:  # name the source: a mixture has several
+        raise type(exc)(f"source {name!r}: {exc}") from None
     reader: ShardReader = READERS[found.format](
         text_field=text_field, ids_field=ids_field, allow_unsafe=allow_unsafe, locations=found.mds_locations
     )
@@ -116,3 +119,44 @@ def open_source(
         for p, e in entries.items()
     ]
     return ShardedSource(name, found.format, shards, reader, columns, skipped)
+
+
+OPTIONS = ("format", "text_field", "ids_field", "extra_fields", "cache_dir", "on_corrupt", "allow_unsafe")
+
+
+def check_options(name: str, options: Mapping[str, Any]) -> None:
+    """Refuse reader options `open_source` does not take (a source spec dict's keys, or
+    MixtureStream/build_manifest keyword arguments meant for the readers), naming them."""
+    unknown = sorted(set(options) - set(OPTIONS), key=str)
+    if unknown:
+        raise SourceError(f"source {name!r}: unknown reader option(s) {unknown}; the options are {list(OPTIONS)}")
+
+
+def _check_arguments(name, spec, format, text_field, ids_field, extra_fields, cache_dir, on_corrupt, allow_unsafe):
+    """Types of `open_source`'s arguments, each refused with a `SourceError` naming it."""
+
+    def bad(what: str, value: Any, want: str) -> SourceError:
+        return SourceError(f"source {name!r}: {what}={value!r} {want}"[:300])
+
+    if not isinstance(name, str) or not name:
+        raise SourceError(f"a source name must be a non-empty string, got {name!r}")
+    items = [spec] if isinstance(spec, (str, os.PathLike)) else spec
+    if not isinstance(items, Sequence) or not all(isinstance(x, (str, os.PathLike)) for x in items):
+        raise bad("spec", spec, "must be a directory, a glob, a shard path or a list of those")
+    if format is not None and format not in FORMATS:
+        raise bad("format", format, f"is unknown; use one of {', '.join(FORMATS)}")
+    for what, value in (("text_field", text_field), ("ids_field", ids_field)):
+        if value is not None and (not isinstance(value, str) or not value):
+            raise bad(what, value, "must be a column name or None")
+    if (
+        isinstance(extra_fields, str)
+        or not isinstance(extra_fields, Sequence)
+        or not all(isinstance(x, str) and x for x in extra_fields)
+    ):
+        raise bad("extra_fields", extra_fields, "must be a list of column names")
+    if cache_dir is not None and not isinstance(cache_dir, (str, os.PathLike)):
+        raise bad("cache_dir", cache_dir, "must be a directory path or None")
+    if not isinstance(on_corrupt, str) or on_corrupt not in ON_CORRUPT:
+        raise SourceError(f"on_corrupt={on_corrupt!r} for source {name!r}; use 'raise' or 'skip'")
+    if not isinstance(allow_unsafe, bool):
+        raise bad("allow_unsafe", allow_unsafe, "must be True or False")

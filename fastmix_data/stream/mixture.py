@@ -26,10 +26,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from fastmix_data.errors import StateError, WeightsError
+from fastmix_data.errors import ConfigError, SourceError, StateError, WeightsError
 from fastmix_data.plan.planner import Exhaustion, MixturePlan, PlanSlice, WeightChange, probe_seed
 from fastmix_data.plan.weights import UNITS, normalize_weights, to_item_units
-from fastmix_data.sources import open_source
+from fastmix_data.sources import check_options, open_source
 from fastmix_data.sources.base import Source
 from fastmix_data.stream.batch_ring import RingReader, RingWriter, ring_directory
 from fastmix_data.stream.channel import WeightChannel
@@ -59,8 +59,11 @@ def _open_all(sources: Mapping[str, Any], **opts) -> list[Source]:
             continue
         kw = dict(opts)
         if isinstance(spec, Mapping):
+            if "path" not in spec:
+                raise SourceError(f"source {name!r}: a dict spec needs a 'path' (directory, glob or list)")
             kw.update({k: v for k, v in spec.items() if k != "path"})
             spec = spec["path"]
+        check_options(name, kw)
         out.append(open_source(name, spec, **kw))
     return out
 
@@ -82,11 +85,27 @@ def _exhaustion(spec: Any, name: str) -> Exhaustion:
         return Exhaustion()
     if isinstance(spec, Exhaustion):
         return spec
-    if isinstance(spec, str):
-        return Exhaustion(spec)
     if isinstance(spec, Mapping):
-        return Exhaustion(spec.get("policy", "repeat"), spec.get("max_epochs"))
-    raise ValueError(f"source {name!r}: exhaustion must be a policy name or {{'policy':..,'max_epochs':..}}, got {spec!r}")
+        out = Exhaustion(spec.get("policy", "repeat"), spec.get("max_epochs"))
+    elif isinstance(spec, str):
+        out = Exhaustion(spec)
+    else:
+        raise ConfigError(f"source {name!r}: exhaustion must be a policy name or {{'policy':..,'max_epochs':..}}, got {spec!r}")
+    if out.max_epochs is not None and (not isinstance(out.max_epochs, int) or isinstance(out.max_epochs, bool)):
+        raise ConfigError(f"source {name!r}: exhaustion max_epochs must be an integer, got {out.max_epochs!r}")
+    try:
+        out.validate(name)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    return out
+
+
+def _check_int(name: str, value: Any, lo: int, optional: bool = False) -> None:
+    """Refuse a non-integer (bool, float, str) or too small stream argument, naming it."""
+    if value is None and optional:
+        return
+    if not isinstance(value, (int, np.integer)) or isinstance(value, (bool, np.bool_)) or value < lo:
+        raise ConfigError(f"{name} must be an integer >= {lo}{' or None' if optional else ''}, got {value!r}")
 
 
 class MixtureStream(torch.utils.data.IterableDataset):
@@ -139,21 +158,23 @@ class MixtureStream(torch.utils.data.IterableDataset):
         **source_options: Any,
     ):
         super().__init__()
-        if not sources:
-            raise WeightsError("a MixtureStream needs at least one source")
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if not isinstance(sources, Mapping) or not sources:
+            raise WeightsError(f"a MixtureStream needs a mapping of at least one source, got {sources!r}"[:200])
+        _check_int("batch_size", batch_size, 1)
+        _check_int("seed", seed, 0)
+        _check_int("seq_len", seq_len, 1, optional=True)
+        _check_int("block_batches", block_batches, 1, optional=True)
+        _check_int("cache_shards", cache_shards, 1)
+        _check_int("max_items", max_items, 1, optional=True)
         if block_batches is None:
             per_batch = batch_size * (1 if seq_len is None else seq_len + 1)
             block_batches = BLOCK_BATCHES if seq_len is None else max(1, min(BLOCK_BATCHES, BLOCK_TOKENS // per_batch))
-        if block_batches < 1:
-            raise ValueError(f"block_batches must be >= 1, got {block_batches}")
-        if seq_len is not None and seq_len < 1:
-            raise ValueError(f"seq_len must be >= 1, got {seq_len}")
         if weight_units not in UNITS:
             raise WeightsError(f"unknown weight_units {weight_units!r}; use one of {UNITS}")
+        if exhaustion is not None and not isinstance(exhaustion, Mapping):
+            raise ConfigError(f"exhaustion must be a mapping {{source: policy}}, got {exhaustion!r}"[:200])
         exhaustion = dict(exhaustion or {})
-        unknown = sorted(set(exhaustion) - set(sources))
+        unknown = sorted(set(exhaustion) - set(sources), key=str)
         if unknown:
             raise WeightsError(f"exhaustion names unknown sources {unknown}; sources are {list(sources)}")
         self.names = list(sources)
@@ -169,10 +190,12 @@ class MixtureStream(torch.utils.data.IterableDataset):
         self._ring_readers: list[RingReader] = []
         self.tokenizer = as_tokenizer(tokenizer, eos_id)
         detected = rank_and_world()
+        _check_int("rank", rank, 0, optional=True)
+        _check_int("world_size", world_size, 1, optional=True)
         self.rank = detected[0] if rank is None else int(rank)
         self.world_size = detected[1] if world_size is None else int(world_size)
         if not 0 <= self.rank < self.world_size:
-            raise ValueError(f"rank {self.rank} is outside world_size {self.world_size}")
+            raise ConfigError(f"rank {self.rank} is outside world_size {self.world_size}")
         self.sources = _open_all(sources, **source_options)
         self.items = [ItemSource(s, self.seed, seq_len, self.tokenizer, cache_shards, shuffle) for s in self.sources]
         self.shared = _shared_shards(self.sources, self.items) if share_decoded else None
@@ -231,7 +254,7 @@ class MixtureStream(torch.utils.data.IterableDataset):
 
     def fingerprint(self) -> str:
         """Hex digest of everything that determines the stream's content (not its weights)."""
-        return hashlib.sha256(json.dumps(self._config_summary(), sort_keys=True).encode()).hexdigest()
+        return _config_digest(self._config_summary())
 
     def _config_summary(self) -> dict:
         return {
@@ -482,7 +505,7 @@ class MixtureStream(torch.utils.data.IterableDataset):
         a small VM; benchmarks/results/mixer.md). As with a DataLoader, ``iter()`` of the result
         starts the workers."""
         if batches_per_item < 1:
-            raise ValueError(f"batches_per_item must be >= 1, got {batches_per_item}")
+            raise ConfigError(f"batches_per_item must be >= 1, got {batches_per_item}")
         dataloader_kwargs.setdefault("batch_size", None)
         workers = dataloader_kwargs.get("num_workers", 0)
         convert = workers > 0 and "collate_fn" not in dataloader_kwargs
@@ -527,6 +550,11 @@ class MixtureStream(torch.utils.data.IterableDataset):
         if state.get("version") != STATE_VERSION:
             raise StateError(f"stream state version {state.get('version')!r} is not supported (this build reads {STATE_VERSION})")
         check_state(state, self.names, self.global_batch_items)  # every field, named when wrong
+        if not allow_fingerprint_mismatch and "config" in state and state["fingerprint"] != _config_digest(state["config"]):
+            raise StateError(
+                "stream state field fingerprint does not match the state's own config: the state was edited "
+                "or damaged; use an unmodified state"
+            )
         if state["fingerprint"] != self.fingerprint() and not allow_fingerprint_mismatch:
             diff = _diff(state.get("config", {}), self._config_summary())
             shards = changed_shards(state.get("shards"), self.sources)
@@ -771,6 +799,15 @@ def _flat_rows(rows: list) -> tuple[np.ndarray, np.ndarray]:
     rows = [np.zeros(0, dtype=np.int64) if r is None else r for r in rows]
     flat = np.concatenate(rows).astype(np.int64, copy=False) if rows else np.zeros(0, dtype=np.int64)
     return flat, np.fromiter((len(r) for r in rows), dtype=np.int64, count=len(rows))
+
+
+def _config_digest(config: Any) -> str:
+    """The fingerprint of a stream configuration (`MixtureStream._config_summary`)."""
+    try:
+        text = json.dumps(config, sort_keys=True)
+    except (TypeError, ValueError):  # not JSON (an edited state): matches no fingerprint
+        return ""
+    return hashlib.sha256(text.encode()).hexdigest()
 
 
 def _diff(saved: Mapping, now: Mapping) -> str:

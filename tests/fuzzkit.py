@@ -1,0 +1,227 @@
+"""Shared generators of the fuzz, fault and crash suites (tests/test_fuzz_*.py, test_faults_*.py,
+test_crash_*.py).
+
+- **Budget.** ``FASTMIX_FUZZ=long`` runs every property with ``LONG_FACTOR`` times its examples and a
+  fresh random seed (printed by hypothesis on failure), and the crash tests at more kill points;
+  the default (CI) budget is small and derandomised, so CI is reproducible. ``FASTMIX_FUZZ_EXAMPLES=N``
+  sets the examples per property exactly. See docs/robustness.md.
+- **Mutations** of real JSON documents (states, manifests, configs): drop, duplicate, retype, negate,
+  huge, NaN/inf, zero, empty, applied at any path of the document, one to three at a time.
+- **Values** that users pass where numbers are expected: every JSON type, NaN/inf, huge and tiny
+  floats, huge ints, booleans, numeric strings, numpy and torch scalars.
+- **Processes** for the crash tests: start a command in its own process group and SIGKILL the group.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from fractions import Fraction
+from typing import Any
+
+from hypothesis import HealthCheck, settings
+from hypothesis import strategies as st
+
+LONG = os.environ.get("FASTMIX_FUZZ", "").lower() == "long"
+LONG_FACTOR = 25
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def fuzz_settings(examples: int) -> settings:
+    """Hypothesis settings for a property worth ``examples`` examples in CI."""
+    exact = int(os.environ.get("FASTMIX_FUZZ_EXAMPLES", "0"))
+    n = exact or (examples * LONG_FACTOR if LONG else examples)
+    return settings(
+        max_examples=n,
+        deadline=None,
+        derandomize=not LONG,
+        database=None,
+        suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture, HealthCheck.data_too_large],
+    )
+
+
+def kill_points(ci: int, long: int) -> int:
+    """How many random kill points a crash test tries."""
+    return long if LONG else ci
+
+
+# ------------------------------------------------------------------------------------------ values
+ODD_NUMBERS = [
+    0, -1, 1, -0.0, 1e-320, 1e308, -1e308, 10**30, -(10**30), 2**63, float("nan"), float("inf"),
+    float("-inf"), True, False, "0.5", "1", "", "nan", None, [], {}, [1.0], {"x": 1}, 2.5,
+]  # fmt: skip
+
+
+def scalars() -> st.SearchStrategy:
+    """Anything a user might put where a number is expected."""
+    import numpy as np
+
+    return st.one_of(
+        st.floats(allow_nan=True, allow_infinity=True),
+        st.integers(min_value=-(10**40), max_value=10**40),
+        st.sampled_from(ODD_NUMBERS),
+        st.booleans(),
+        st.text(max_size=6),
+        st.none(),
+        st.builds(np.float64, st.floats(allow_nan=True, allow_infinity=True)),
+        st.builds(np.int64, st.integers(min_value=-(2**62), max_value=2**62)),
+        st.builds(np.float32, st.floats(width=32)),
+        st.builds(Fraction, st.integers(-5, 5), st.integers(1, 5)),
+        st.builds(np.bool_, st.booleans()),
+    )
+
+
+# ------------------------------------------------------------------------------------------ mutations
+OPS = ("drop", "duplicate", "retype", "negate", "huge", "nan", "inf", "zero", "empty")
+RETYPES = ("a string", True, None, 3.5, [], {}, 7)
+
+
+def paths(obj: Any, prefix: tuple = ()) -> Iterator[tuple]:
+    """Every path (tuple of keys / indices) to a node of a JSON document, the root excluded."""
+    if isinstance(obj, dict):
+        items = obj.items()
+    elif isinstance(obj, list):
+        items = enumerate(obj)
+    else:
+        return
+    for key, value in items:
+        yield (*prefix, key)
+        yield from paths(value, (*prefix, key))
+
+
+def _parent(doc: Any, path: tuple) -> Any:
+    for key in path[:-1]:
+        doc = doc[key]
+    return doc
+
+
+def _changed(value: Any, op: str, retype: Any) -> Any:
+    if op == "retype":
+        return retype if type(retype) is not type(value) else "retyped"
+    if op == "negate":
+        if isinstance(value, bool):
+            return not value
+        if isinstance(value, (int, float)):
+            return -value if value else -1
+        return f"-{value}" if isinstance(value, str) else value
+    if op == "huge":
+        if isinstance(value, float):
+            return 1e308
+        if isinstance(value, str):  # long, but bounded however often it is applied
+            return ((value or "x") * (1 + 1000 // max(len(value), 1)))[:1000]
+        if isinstance(value, list):
+            return (value or [0]) * (1 + 50 // max(len(value), 1))
+        return 10**30
+    if op == "nan":
+        return float("nan")
+    if op == "inf":
+        return float("inf")
+    if op == "zero":
+        return [0.0] * len(value) if isinstance(value, list) else (0 if not isinstance(value, str) else "0")
+    if op == "empty":
+        return type(value)() if isinstance(value, (list, dict, str)) else None
+    raise AssertionError(op)
+
+
+def mutate(doc: Any, path: tuple, op: str, retype: Any = None) -> Any:
+    """A deep copy of ``doc`` with ``op`` applied at ``path``."""
+    doc = copy.deepcopy(doc)
+    parent, key = _parent(doc, path), path[-1]
+    if op == "drop":
+        del parent[key]
+    elif op == "duplicate":
+        if isinstance(parent, list):
+            parent.insert(key, copy.deepcopy(parent[key]))
+        else:
+            parent[f"{key}_copy"] = copy.deepcopy(parent[key])
+            parent[key] = copy.deepcopy(parent[key])
+    else:
+        parent[key] = _changed(parent[key], op, retype)
+    return doc
+
+
+@st.composite
+def mutations(draw, doc: Any, max_mutations: int = 3) -> tuple[Any, list[tuple]]:
+    """(mutated copy of ``doc``, [(path, op), ...]): one to ``max_mutations`` mutations."""
+    applied = []
+    for _ in range(draw(st.integers(1, max_mutations))):
+        candidates = list(paths(doc))
+        if not candidates:
+            break
+        path = draw(st.sampled_from(candidates))
+        op = draw(st.sampled_from(OPS))
+        doc = mutate(doc, path, op, draw(st.sampled_from(RETYPES)))
+        applied.append((path, op))
+    return doc, applied
+
+
+def path_names(path: tuple) -> list[str]:
+    """The names a message about ``path`` may use: its string keys (innermost first), and the form
+    ``key[i]`` for indices."""
+    names = [str(k) for k in reversed(path) if isinstance(k, str)]
+    return names or ["["]
+
+
+def names_field(message: str, path: tuple, also: tuple[str, ...] = ()) -> bool:
+    """True when ``message`` names a key on ``path`` (or one of ``also``)."""
+    lowered = message.lower()
+    return any(n.lower() in lowered for n in (*path_names(path), *also))
+
+
+def is_finite_number(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+# ------------------------------------------------------------------------------------------ processes
+def start(args: list[str], env: dict | None = None, log: str | None = None) -> subprocess.Popen:
+    """Start ``python args...`` in its own process group (so a kill takes its children too)."""
+    out = open(log, "ab") if log else subprocess.DEVNULL  # noqa: SIM115 - closed by the child's exit
+    return subprocess.Popen(
+        [sys.executable, *args],
+        env={**os.environ, **(env or {}), "PYTHONPATH": os.pathsep.join([os.path.join(ROOT, "tests"), ROOT])},
+        stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+    )  # fmt: skip
+
+
+def kill_group(proc: subprocess.Popen) -> None:
+    """SIGKILL the process group of ``proc`` (as a crash of the node would) and reap it."""
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait()
+
+
+def wait_for(predicate, timeout: float, proc: subprocess.Popen | None = None, what: str = "") -> None:
+    """Poll ``predicate`` until true; fail after ``timeout`` s or when ``proc`` exits first."""
+    end = time.monotonic() + timeout
+    while not predicate():
+        if proc is not None and proc.poll() is not None and not predicate():
+            raise AssertionError(f"process exited with {proc.returncode} before {what}")
+        if time.monotonic() > end:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.02)
+
+
+def lines(path: str) -> int:
+    try:
+        with open(path, "rb") as f:
+            return f.read().count(b"\n")
+    except FileNotFoundError:
+        return 0
+
+
+def our_leftovers(directory: str, pid: int) -> list[str]:
+    """Names in ``directory`` that belong to process ``pid`` (run dirs and temporary files)."""
+    pat = re.compile(rf"^(fastmix-(channel|rings|shards)-{pid}-|\..*\.{pid}\.[a-z0-9_]{{8}}\.tmp$|\..*\.tmp-?{pid}$)")
+    try:
+        return [n for n in os.listdir(directory) if pat.match(n)]
+    except OSError:
+        return []
