@@ -225,3 +225,176 @@ def our_leftovers(directory: str, pid: int) -> list[str]:
         return [n for n in os.listdir(directory) if pat.match(n)]
     except OSError:
         return []
+
+
+# ------------------------------------------------------------------------------------------ file faults
+FORMATS = ("parquet", "webdataset", "mds", "hf")
+
+
+def write_format(fmt: str, directory, docs: list[str], shards: int = 4) -> tuple[str, list[str]]:
+    """A source of ``fmt`` in ``directory`` written by the real library, several row groups / members
+    / samples / batches per shard; returns (spec for open_source, shard paths in source order)."""
+    import glob
+    import json
+
+    from shardgen import write_hf_source, write_mds_source, write_parquet_source, write_wds_source
+
+    directory = os.fspath(directory)
+    if fmt == "parquet":
+        write_parquet_source(directory, docs, shards=shards, row_group_size=3)
+        return directory, sorted(glob.glob(os.path.join(directory, "*.parquet")))
+    if fmt == "webdataset":
+        write_wds_source(directory, docs, shards=shards, ids_member="input_ids.npy")
+        return os.path.join(directory, "*.tar"), sorted(glob.glob(os.path.join(directory, "*.tar")))
+    if fmt == "mds":
+        write_mds_source(directory, docs, shards=shards)
+        with open(os.path.join(directory, "index.json")) as f:
+            names = [s["raw_data"]["basename"] for s in json.load(f)["shards"]]
+        return directory, [os.path.join(directory, n) for n in names]
+    write_hf_source(directory, docs, shards=shards)
+    with open(os.path.join(directory, "state.json")) as f:
+        names = [e["filename"] for e in json.load(f)["_data_files"]]
+    return directory, sorted(os.path.join(directory, n) for n in names)
+
+
+def regions(fmt: str, path: str) -> dict[str, int]:
+    """Truncation points of one shard, by region: inside the header, at an inner boundary (row
+    group, tar member, MDS sample, Arrow message), inside a payload, and in the footer / end marker."""
+    size = os.path.getsize(path)
+    if fmt == "parquet":
+        import pyarrow.parquet as pq
+
+        md = pq.ParquetFile(path).metadata
+        col0, col1 = md.row_group(0).column(0), md.row_group(1).column(0)
+        start0 = col0.dictionary_page_offset or col0.data_page_offset
+        start1 = col1.dictionary_page_offset or col1.data_page_offset
+        with open(path, "rb") as f:
+            f.seek(size - 8)
+            footer = int.from_bytes(f.read(4), "little")
+        return {"header": 2, "page": (start0 + start1) // 2, "row-group-boundary": start1,
+                "footer-metadata": size - 8 - footer // 2, "footer-magic": size - 2}  # fmt: skip
+    if fmt == "webdataset":
+        import tarfile
+
+        with tarfile.open(path) as tar:
+            members = tar.getmembers()
+        end = members[-1].offset_data + -(-members[-1].size // 512) * 512
+        return {"header": 100, "member-data": members[0].offset_data + 3, "member-boundary": members[2].offset,
+                "end-marker": end, "end-marker-half": end + 512}  # fmt: skip
+    if fmt == "mds":
+        import numpy as np
+
+        with open(path, "rb") as f:
+            data = f.read()
+        count = int(np.frombuffer(data, np.uint32, count=1)[0])
+        offsets = np.frombuffer(data, np.uint32, count=count + 1, offset=4)
+        return {"header": 2, "offset-table": 4 + 4 * (count // 2), "sample-boundary": int(offsets[count // 2]),
+                "sample-data": int(offsets[count // 2]) + 1, "last-byte": size - 1}  # fmt: skip
+    import pyarrow as pa
+
+    with open(path, "rb") as f:
+        src = pa.BufferReader(f.read())
+    reader = pa.ipc.MessageReader.open_stream(src)
+    ends = []
+    while (msg := _next_message(reader)) is not None:
+        ends.append((msg.type, src.tell()))
+    schema_end = ends[0][1]
+    return {"schema": 6, "schema-boundary": schema_end, "batch-data": (schema_end + ends[1][1]) // 2,
+            "batch-boundary": ends[-1][1], "end-marker-half": size - 4}  # fmt: skip
+
+
+def _next_message(reader):
+    try:
+        return reader.read_next_message()
+    except StopIteration:
+        return None
+
+
+def truncate_at(path: str, offset: int) -> None:
+    with open(path, "r+b") as f:
+        f.truncate(offset)
+
+
+def flip_bits(path: str, seed: int, count: int = 3) -> list[int]:
+    """Flip ``count`` random bits of the file in place (same size); returns the byte offsets."""
+    import random
+
+    rng = random.Random(seed)
+    size = os.path.getsize(path)
+    where = sorted(rng.randrange(size) for _ in range(count))
+    with open(path, "r+b") as f:
+        for off in where:
+            f.seek(off)
+            byte = f.read(1)[0]
+            f.seek(off)
+            f.write(bytes([byte ^ (1 << rng.randrange(8))]))
+    return where
+
+
+def add_empty_shard(fmt: str, directory, after: int = 1) -> str:
+    """Add a valid zero-row shard that sorts after shard ``after``, written by the format's own
+    library; returns its path."""
+    import json
+
+    import pyarrow as pa
+
+    directory = os.fspath(directory)
+    if fmt == "parquet":
+        import pyarrow.parquet as pq
+
+        path = os.path.join(directory, f"part-{after:05d}x-empty.parquet")
+        pq.write_table(pa.table({"text": pa.array([], pa.string())}), path)
+    elif fmt == "webdataset":
+        import webdataset as wds
+
+        path = os.path.join(directory, f"shard-{after:05d}x-empty.tar")
+        with wds.TarWriter(path):
+            pass
+    elif fmt == "hf":
+        path = os.path.join(directory, f"data-{after:05d}x-empty.arrow")
+        with open(os.path.join(directory, "state.json")) as f:
+            first = json.load(f)["_data_files"][0]["filename"]
+        schema = pa.ipc.open_stream(pa.memory_map(os.path.join(directory, first))).schema
+        with pa.OSFile(path, "wb") as f, pa.ipc.new_stream(f, schema):
+            pass
+        with open(os.path.join(directory, "state.json")) as f:
+            state = json.load(f)
+        state["_data_files"].insert(after + 1, {"filename": os.path.basename(path)})
+        with open(os.path.join(directory, "state.json"), "w") as f:
+            json.dump(state, f)
+    else:
+        raise ValueError("MDS: write the empty shard with write_mds_with_empty_shard")
+    return path
+
+
+def write_mds_with_empty_shard(directory, docs: list[str], shards: int = 4, empty_at: int = 2) -> tuple[str, list[str]]:
+    """An MDS dataset (streaming.MDSWriter) whose shard ``empty_at`` holds no samples."""
+    import json
+
+    from shardgen import split_evenly
+
+    from fastmix_data.sources.mds_compat import import_streaming
+
+    streaming = import_streaming()
+    groups = split_evenly(list(docs), shards)
+    groups.insert(empty_at, [])
+    with streaming.MDSWriter(out=os.fspath(directory), columns={"text": "str"}, size_limit=None) as w:
+        for group in groups:
+            for doc in group:
+                w.write({"text": doc})
+            w.flush_shard()
+            w._reset_cache()
+    with open(os.path.join(directory, "index.json")) as f:
+        names = [s["raw_data"]["basename"] for s in json.load(f)["shards"]]
+    return os.fspath(directory), [os.path.join(directory, n) for n in names]
+
+
+def drop_dac_capabilities() -> None:
+    """preexec_fn: remove CAP_DAC_OVERRIDE and CAP_DAC_READ_SEARCH from the bounding set, so that a
+    root child obeys file permissions (raises OSError where the container does not allow it)."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    for cap in (1, 2):  # CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH
+        if libc.prctl(24, cap, 0, 0, 0) != 0:  # PR_CAPBSET_DROP
+            raise OSError(ctypes.get_errno(), "prctl(PR_CAPBSET_DROP)")

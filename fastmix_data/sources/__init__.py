@@ -114,7 +114,8 @@ def open_source(
     columns = resolve_columns(name, reader, stats, extra_fields)
     shards = [
         ShardInfo(
-            path=p, rows=e.stats.rows, tokens=shard_tokens(e.stats, columns), bytes=e.size, sha256=e.sha256
+            path=p, rows=e.stats.rows, tokens=shard_tokens(e.stats, columns), bytes=e.size, sha256=e.sha256,
+            mtime_ns=e.mtime_ns or None,
         )
         for p, e in entries.items()
     ]
@@ -144,7 +145,7 @@ def _check_arguments(name, spec, format, text_field, ids_field, extra_fields, ca
     if not isinstance(items, Sequence) or not all(isinstance(x, (str, os.PathLike)) for x in items):
         raise bad("spec", spec, "must be a directory, a glob, a shard path or a list of those")
     if format is not None and format not in FORMATS:
-        raise bad("format", format, f"is unknown; use one of {', '.join(FORMATS)}")
+        raise SourceError(f"source {name!r}: unknown format {format!r}; use one of {', '.join(FORMATS)}")
     for what, value in (("text_field", text_field), ("ids_field", ids_field)):
         if value is not None and (not isinstance(value, str) or not value):
             raise bad(what, value, "must be a column name or None")

@@ -28,6 +28,8 @@ class ShardInfo:
             None when the shard has neither.
         bytes: size of the shard on disk, in bytes.
         sha256: hex digest of the shard's bytes.
+        mtime_ns: modification time when it was indexed (None when unknown, e.g. from a manifest):
+            a shard rewritten in place with the same size is still noticed before it is read.
     """
 
     path: str
@@ -35,6 +37,7 @@ class ShardInfo:
     tokens: int | None
     bytes: int
     sha256: str
+    mtime_ns: int | None = None
 
 
 @dataclass

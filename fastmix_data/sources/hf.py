@@ -47,8 +47,19 @@ def hf_shard_paths(root: str) -> list[str]:
     return sorted(os.path.join(root, n) for n in os.listdir(root) if n.endswith(".arrow"))
 
 
+EOS = b"\xff\xff\xff\xff\x00\x00\x00\x00"  # the Arrow IPC stream's end-of-stream marker
+
+
 def _read_table(path: str) -> pa.Table:
+    """The whole Arrow stream; it must end with its end-of-stream marker: a stream cut at a record
+    batch boundary otherwise reads as a shorter, valid stream (rows lost without an error)."""
     with pa.memory_map(path, "r") as source:
+        size = source.size()
+        if size < len(EOS) or source.read_at(len(EOS), size - len(EOS)) != EOS:
+            raise SourceError(
+                f"{path} does not end with the Arrow end-of-stream marker (truncated or still being written); "
+                "re-save the dataset with Dataset.save_to_disk"
+            )
         return pa.ipc.open_stream(source).read_all()
 
 

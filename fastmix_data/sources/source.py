@@ -21,13 +21,16 @@ from fastmix_data.sources.safety import is_pipe
 
 
 def check_unchanged(info: ShardInfo, where: str, since: str, advice: str = "") -> None:
-    """Raise SourceError naming the shard if it is missing or its size differs from ``info``."""
+    """Raise SourceError naming the shard if it is missing, or its size (or, when ``info`` knows it,
+    its modification time: a same-size rewrite) differs from ``info``."""
     try:
-        size = os.stat(info.path).st_size
+        st = os.stat(info.path)
     except OSError as exc:
         raise SourceError(f"{where} cannot be read ({exc}); restore the file") from exc
-    if size != info.bytes:
-        raise SourceError(f"{where} changed since {since} ({size} bytes now, {info.bytes} then){advice}")
+    if st.st_size != info.bytes:
+        raise SourceError(f"{where} changed since {since} ({st.st_size} bytes now, {info.bytes} then){advice}")
+    if info.mtime_ns is not None and st.st_mtime_ns != info.mtime_ns:
+        raise SourceError(f"{where} was rewritten since {since} (same size, new modification time){advice}")
 
 
 class ShardedSource:
