@@ -38,7 +38,7 @@ def stream(a: dict) -> None:
     schedule = {int(k): v for k, v in a["schedule"].items()}
     log = open(os.path.join(a["out"], f"served-{rank}.jsonl"), "a")  # noqa: SIM115
     _started()
-    for batch in s.loader(num_workers=2, prefetch_factor=2):
+    for batch in s.loader(num_workers=2, prefetch_factor=2) if step < a["total"] else []:
         items = list(zip(*(batch[k].tolist() for k in ("source", "shard", "item", "epoch"))))
         log.write(json.dumps({"step": step, "batch": batch["batch_index"], "version": batch["weight_version"],
                               "items": items}) + "\n")  # fmt: skip
@@ -48,7 +48,7 @@ def stream(a: dict) -> None:
             s.set_weights(schedule[step])
         if step % a["ckpt_every"] == 0:
             write_json_atomic(os.path.join(a["out"], "ckpt", f"step-{step}-rank-{rank}.json"), s.state_dict())
-        if step == a["total"]:
+        if step >= a["total"]:
             break
     with open(os.path.join(a["out"], f"final-{rank}.json"), "w") as f:
         json.dump(s.state_dict(), f)

