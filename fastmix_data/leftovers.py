@@ -67,53 +67,48 @@ def _dead_and_ours(path: str, pid: int) -> bool:
     return owner == os.geteuid() and not pid_alive(pid)
 
 
-def sweep_temp_files(directory: str | os.PathLike) -> list[str]:
-    """Remove the temporary files that dead processes' atomic writes left in ``directory`` (once per
-    directory per process). Returns the removed paths."""
-    directory = os.fspath(directory)
-    if not _first_time(directory, "temp"):
+def _sweep(directory: str, kind: str, pid_of, is_kind, remove) -> list[str]:
+    """Remove the entries of ``directory`` whose name gives a pid (``pid_of``) that is dead and that
+    are ``is_kind`` and ours; once per directory and kind per process."""
+    if not _first_time(directory, kind):
         return []
-    removed = []
     try:
         names = os.listdir(directory)
     except OSError:
         return []
+    removed = []
     for name in names:
-        match = TEMP_FILE.match(name)
-        if match is None:
-            continue
+        pid = pid_of(name)
         path = os.path.join(directory, name)
-        pid = int(match.group(1) or match.group(2))
-        if os.path.isfile(path) and _dead_and_ours(path, pid):
+        if pid is not None and is_kind(path) and _dead_and_ours(path, pid):
             try:
-                os.unlink(path)
+                remove(path)
             except OSError:
                 continue
             removed.append(path)
     if removed:
-        log.info("removed %d temporary file(s) left by dead processes in %s", len(removed), directory)
+        log.info("removed %d %s leftover(s) of dead processes in %s", len(removed), kind, directory)
     return removed
+
+
+def _temp_pid(name: str) -> int | None:
+    match = TEMP_FILE.match(name)
+    return None if match is None else int(match.group(1) or match.group(2))
+
+
+def _run_dir_pid(name: str) -> int | None:
+    match = RUN_DIR.match(name)
+    return None if match is None else int(match.group(1))
+
+
+def sweep_temp_files(directory: str | os.PathLike) -> list[str]:
+    """Remove the temporary files that dead processes' atomic writes left in ``directory`` (once per
+    directory per process). Returns the removed paths."""
+    return _sweep(os.fspath(directory), "temp", _temp_pid, os.path.isfile, os.unlink)
 
 
 def sweep_run_dirs(root: str | os.PathLike) -> list[str]:
     """Remove ``fastmix-{channel,rings,shards}-<pid>-*`` directories under ``root`` whose process is
     dead (once per root per process). Returns the removed paths."""
-    root = os.fspath(root)
-    if not _first_time(root, "run"):
-        return []
-    removed = []
-    try:
-        names = os.listdir(root)
-    except OSError:
-        return []
-    for name in names:
-        match = RUN_DIR.match(name)
-        if match is None:
-            continue
-        path = os.path.join(root, name)
-        if os.path.isdir(path) and not os.path.islink(path) and _dead_and_ours(path, int(match.group(1))):
-            shutil.rmtree(path, ignore_errors=True)
-            removed.append(path)
-    if removed:
-        log.info("removed %d directories left by dead processes in %s", len(removed), root)
-    return removed
+    is_dir = lambda path: os.path.isdir(path) and not os.path.islink(path)  # noqa: E731
+    return _sweep(os.fspath(root), "run", _run_dir_pid, is_dir, shutil.rmtree)

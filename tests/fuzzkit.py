@@ -52,6 +52,36 @@ def kill_points(ci: int, long: int) -> int:
     return long if LONG else ci
 
 
+class KillPoints:
+    """The random kill points of a crash test: ``ci`` (``long`` with FASTMIX_FUZZ=long) of them must
+    land while the job works; one that lands after the job finished (a loaded machine) is replaced,
+    up to 4x as many attempts. ``FASTMIX_CRASH_SEED`` replays a run (the seed is in ``self.seed``)::
+
+        points = KillPoints(1, 4, default_seed=5)
+        for attempt in points:
+            ...kill at points.rng's choice...; if the job had finished: continue
+            points.landed(); ...check...
+    """
+
+    def __init__(self, ci: int, long: int, default_seed: int):
+        import random
+
+        self.wanted = kill_points(ci, long)
+        self.seed = int(os.environ.get("FASTMIX_CRASH_SEED", "0")) or (random.randrange(1 << 30) if LONG else default_seed)
+        self.rng = random.Random(self.seed)
+        self.count = 0
+
+    def __iter__(self) -> Iterator[int]:
+        for attempt in range(4 * self.wanted):
+            if self.count == self.wanted:
+                return
+            yield attempt
+        assert self.count == self.wanted, f"every kill came after the job had finished (FASTMIX_CRASH_SEED={self.seed})"
+
+    def landed(self) -> None:
+        self.count += 1
+
+
 # ------------------------------------------------------------------------------------------ values
 ODD_NUMBERS = [
     0, -1, 1, -0.0, 1e-320, 1e308, -1e308, 10**30, -(10**30), 2**63, float("nan"), float("inf"),
@@ -197,6 +227,16 @@ def kill_group(proc: subprocess.Popen) -> None:
     except ProcessLookupError:
         pass
     proc.wait()
+
+
+def kill_when(proc: subprocess.Popen, ready, rng, what: str, timeout: float = 180, jitter: float = 0.05) -> None:
+    """Wait until ``ready()`` (the random point the test chose), then a random jitter of up to
+    ``jitter`` s, then SIGKILL the process group."""
+    try:
+        wait_for(ready, timeout, proc, what)
+        time.sleep(rng.uniform(0.0, jitter))
+    finally:
+        kill_group(proc)
 
 
 def wait_for(predicate, timeout: float, proc: subprocess.Popen | None = None, what: str = "") -> None:

@@ -10,12 +10,10 @@ import glob
 import hashlib
 import json
 import os
-import random
-import time
 
 import pyarrow.parquet as pq
 import pytest
-from fuzzkit import LONG, kill_group, kill_points, our_leftovers, start, wait_for
+from fuzzkit import KillPoints, kill_when, our_leftovers, start
 from shardgen import make_docs, write_parquet_source, write_wds_source
 
 from fastmix_data.export import build_manifest, resample, write_manifest
@@ -25,18 +23,6 @@ from fastmix_data.sources import open_source
 PROGRAM = os.path.join(os.path.dirname(__file__), "crash_programs.py")
 SHARD_ITEMS = 40
 COUNT = 1600 // SHARD_ITEMS  # output shards
-
-
-def _seed() -> int:
-    return int(os.environ.get("FASTMIX_CRASH_SEED", "0")) or (random.randrange(1 << 30) if LONG else 5)
-
-
-def _started(log: str) -> bool:
-    try:
-        with open(log) as f:
-            return "started" in f.read()
-    except FileNotFoundError:
-        return False
 
 
 def _indexed(log: str) -> int:
@@ -74,35 +60,28 @@ def test_sigkill_of_resample_then_rerun_is_byte_identical(manifest_path, tmp_pat
     reference = tmp_path / "reference"
     resample(manifest_path, reference, format=fmt, shard_items=SHARD_ITEMS, progress=False)
     expected = _files(str(reference))
-    rng = random.Random(_seed())
-    runs = 0
-    for point in range(kill_points(1, 4) * 4):
-        if runs == kill_points(1, 4):
-            break
+    points = KillPoints(1, 4, default_seed=5)
+    rng = points.rng
+    for point in points:
         out, log = str(tmp_path / f"out{point}"), str(tmp_path / f"log{point}")
         args = {"manifest": manifest_path, "out": out, "format": fmt, "workers": 2, "shard_items": SHARD_ITEMS}
         proc = start([PROGRAM, "resample", json.dumps(args)], log=log)
         done_dir = os.path.join(out, STATE_DIR, "done")
         k = rng.randrange(1, COUNT - 1)  # after k finished shards, while both workers write
-        try:
-            wait_for(lambda d=done_dir, k=k: len(glob.glob(os.path.join(d, "*.json"))) >= k, 180, proc, f"{k} shards")
-            time.sleep(rng.uniform(0.0, 0.05))
-        finally:
-            kill_group(proc)
+        kill_when(proc, lambda d=done_dir, k=k: len(glob.glob(os.path.join(d, "*.json"))) >= k, rng, f"{k} shards")
         if os.path.exists(os.path.join(out, "index.json")):  # a loaded machine finished first: another point
             continue
-        runs += 1
+        points.landed()
         # No partial file under a final name: whatever is visible is a whole shard.
         for path in glob.glob(os.path.join(out, "part-*.parquet")):
             assert pq.read_table(path).num_rows == SHARD_ITEMS, path
         for path in glob.glob(os.path.join(out, "shard-*.tar")):
             assert open_source("check", path, cache_dir=tmp_path / "check-cache").shards[0].rows == SHARD_ITEMS
         resample(manifest_path, out, format=fmt, shard_items=SHARD_ITEMS, progress=False)
-        assert _files(out) == expected, f"seed {_seed()} point {point}"
+        assert _files(out) == expected, f"FASTMIX_CRASH_SEED={points.seed} attempt {point}"
         tmp_dir = os.path.join(out, STATE_DIR, "tmp")
         assert not os.path.isdir(tmp_dir) or not os.listdir(tmp_dir)  # the killed writers' temporaries are gone
         assert our_leftovers(os.path.join(out, STATE_DIR, "done"), proc.pid) == []
-    assert runs == kill_points(1, 4), "every kill came after the resample had finished"
 
 
 def test_sigkill_of_index_building_then_reopen_is_identical(tmp_path):
@@ -111,22 +90,16 @@ def test_sigkill_of_index_building_then_reopen_is_identical(tmp_path):
         write_parquet_source(tmp_path / f"s{k}", make_docs(240, seed=k, prefix=f"s{k}"), shards=12)
         sources[f"s{k}"] = str(tmp_path / f"s{k}")
     clean = {n: open_source(n, spec, cache_dir=tmp_path / "clean-cache").shards for n, spec in sources.items()}
-    rng = random.Random(_seed())
-    runs = 0
-    for point in range(kill_points(2, 6) * 4):
-        if runs == kill_points(2, 6):
-            break
+    points = KillPoints(2, 6, default_seed=5)
+    rng = points.rng
+    for point in points:
         cache, log = str(tmp_path / f"cache{point}"), str(tmp_path / f"log{point}")
         proc = start([PROGRAM, "index", json.dumps({"sources": sources, "cache": cache})], log=log)
         k = rng.randrange(0, len(sources) - 1)  # after k sources were indexed, during the next
-        try:
-            wait_for(lambda log=log, k=k: _indexed(log) >= k, 120, proc, f"{k} sources indexed")
-            time.sleep(rng.uniform(0.0, 0.05))
-        finally:
-            kill_group(proc)
+        kill_when(proc, lambda log=log, k=k: _indexed(log) >= k, rng, f"{k} sources indexed")
         if _indexed(log) == len(sources):  # a loaded machine finished before the kill: try another point
             continue
-        runs += 1
+        points.landed()
         for path in glob.glob(os.path.join(cache, "*.json")):  # atomic: whole or absent
             with open(path) as f:
                 json.load(f)
@@ -134,4 +107,3 @@ def test_sigkill_of_index_building_then_reopen_is_identical(tmp_path):
         strip = lambda shards: [(s.path, s.rows, s.tokens, s.bytes, s.sha256) for s in shards]  # noqa: E731
         assert {n: strip(s) for n, s in again.items()} == {n: strip(s) for n, s in clean.items()}
         assert our_leftovers(cache, proc.pid) == []
-    assert runs == kill_points(2, 6), "every kill came after indexing had finished"

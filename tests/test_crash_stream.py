@@ -13,10 +13,9 @@ from __future__ import annotations
 import glob
 import json
 import os
-import random
 
 import pytest
-from fuzzkit import LONG, kill_group, kill_points, lines, our_leftovers, start, wait_for
+from fuzzkit import KillPoints, kill_group, lines, our_leftovers, start, wait_for
 from shardgen import make_docs, write_parquet_source, write_wds_source
 
 from fastmix_data import MixtureStream
@@ -100,19 +99,15 @@ def _one_crash(srcs, out, kill_after: int):
 
 @pytest.mark.slow
 def test_sigkill_then_resume_serves_the_uninterrupted_sequence(srcs, tmp_path):
-    seed = int(os.environ.get("FASTMIX_CRASH_SEED", "0")) or (random.randrange(1 << 30) if LONG else 17)
-    rng = random.Random(seed)
-    runs = 0
-    for point in range(kill_points(1, 4) * 4):
-        if runs == kill_points(1, 4):
-            break
-        kill_after = rng.randrange(CKPT_EVERY + 1, TOTAL - 6)
-        print(f"FASTMIX_CRASH_SEED={seed}: kill after {kill_after} batches")
+    points = KillPoints(1, 4, default_seed=17)
+    for point in points:
+        kill_after = points.rng.randrange(CKPT_EVERY + 1, TOTAL - 6)
+        print(f"FASTMIX_CRASH_SEED={points.seed}: kill after {kill_after} batches")
         out = str(tmp_path / f"run{point}")
         dead, resume, before, after, final = _one_crash(srcs, out, kill_after)
         if resume is None or resume >= TOTAL:  # a loaded machine ran past the kill point: try another
             continue
-        runs += 1
+        points.landed()
         for rank in range(WORLD):
             steps = [r["step"] for r in before[rank] + after[rank]]
             assert steps == list(range(TOTAL)), (rank, kill_after, resume)  # nothing lost, nothing twice
@@ -128,4 +123,3 @@ def test_sigkill_then_resume_serves_the_uninterrupted_sequence(srcs, tmp_path):
             assert our_leftovers("/dev/shm", pid) == []
             assert our_leftovers(os.path.join(out, "ckpt"), pid) == []
         assert not glob.glob(os.path.join(out, "tmp", "fastmix-*"))  # the resumed job cleaned up after itself
-    assert runs == kill_points(1, 4), "every kill came after the job had finished"

@@ -168,24 +168,6 @@ def _open_sources(sources: Mapping[str, Any], options: Mapping[str, Any]) -> tup
     return opened, reader_opts
 
 
-def _exhaustion(spec: Any, name: str) -> Exhaustion:
-    if spec is None:
-        out = Exhaustion()
-    elif isinstance(spec, Exhaustion):
-        out = spec
-    elif isinstance(spec, str):
-        out = Exhaustion(spec)
-    elif isinstance(spec, Mapping):
-        out = Exhaustion(spec.get("policy", "repeat"), spec.get("max_epochs"))
-    else:
-        raise ManifestError(f"source {name!r}: exhaustion must be a policy name or a dict, got {spec!r}")
-    try:
-        out.validate(name)
-    except ValueError as exc:
-        raise ManifestError(str(exc)) from None
-    return out
-
-
 def _item_sources(sources: Sequence[Source], seed: int, seq_len: int | None, tokenizer: Any, shuffle: bool):
     from fastmix_data.stream.items import ItemSource  # same items per shard as the live stream
 
@@ -357,7 +339,7 @@ def build_manifest(
     names = list(sources)
     tpi = np.array([it.mean_tokens_per_item() for it in items], dtype=np.float64)
     hist = _history(names, weights, history, weight_units, tpi)
-    policies = [_exhaustion(exhaustion.get(n), n) for n in names]
+    policies = [Exhaustion.of(exhaustion.get(n), n, ManifestError) for n in names]
     per_shard = [it.items_per_shard for it in items]
     if units == "tokens":
         if seq_len is not None:

@@ -13,6 +13,7 @@ before them, so they are recomputed, not stored (O(#changes * K log N)).
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -61,10 +62,32 @@ class Exhaustion:
         return self.max_epochs if self.max_epochs is not None else 1
 
     def validate(self, source: str) -> None:
-        if self.policy not in POLICIES:
+        if not isinstance(self.policy, str) or self.policy not in POLICIES:
             raise ValueError(f"source {source!r}: unknown exhaustion policy {self.policy!r}; use one of {POLICIES}")
-        if self.max_epochs is not None and self.max_epochs < 1:
-            raise ValueError(f"source {source!r}: max_epochs must be >= 1, got {self.max_epochs}")
+        if self.max_epochs is not None and (
+            not isinstance(self.max_epochs, int) or isinstance(self.max_epochs, bool) or self.max_epochs < 1
+        ):
+            raise ValueError(f"source {source!r}: max_epochs must be an integer >= 1, got {self.max_epochs!r}")
+
+    @classmethod
+    def of(cls, spec: object, source: str, error: type[Exception] = ValueError) -> Exhaustion:
+        """The policy of ``spec``: None (repeat), a policy name, ``{"policy", "max_epochs"}`` or an
+        `Exhaustion`; validated. Raises ``error`` naming the source (the caller's error class)."""
+        if spec is None:
+            return cls()
+        if isinstance(spec, Exhaustion):
+            out = spec
+        elif isinstance(spec, str):
+            out = cls(spec)
+        elif isinstance(spec, Mapping):
+            out = cls(spec.get("policy", "repeat"), spec.get("max_epochs"))
+        else:
+            raise error(f"source {source!r}: exhaustion must be a policy name or {{'policy', 'max_epochs'}}, got {spec!r}")
+        try:
+            out.validate(source)
+        except ValueError as exc:
+            raise error(str(exc)) from None
+        return out
 
 
 @dataclass(frozen=True)

@@ -80,26 +80,6 @@ def _shared_shards(sources: Sequence[Source], items: Sequence[ItemSource]) -> Sh
     return SharedShards.for_shards(largest, min_slots=4 * len(sources))
 
 
-def _exhaustion(spec: Any, name: str) -> Exhaustion:
-    if spec is None:
-        return Exhaustion()
-    if isinstance(spec, Exhaustion):
-        return spec
-    if isinstance(spec, Mapping):
-        out = Exhaustion(spec.get("policy", "repeat"), spec.get("max_epochs"))
-    elif isinstance(spec, str):
-        out = Exhaustion(spec)
-    else:
-        raise ConfigError(f"source {name!r}: exhaustion must be a policy name or {{'policy':..,'max_epochs':..}}, got {spec!r}")
-    if out.max_epochs is not None and (not isinstance(out.max_epochs, int) or isinstance(out.max_epochs, bool)):
-        raise ConfigError(f"source {name!r}: exhaustion max_epochs must be an integer, got {out.max_epochs!r}")
-    try:
-        out.validate(name)
-    except ValueError as exc:
-        raise ConfigError(str(exc)) from None
-    return out
-
-
 def _check_int(name: str, value: Any, lo: int, optional: bool = False) -> None:
     """Refuse a non-integer (bool, float, str) or too small stream argument, naming it."""
     if value is None and optional:
@@ -200,7 +180,7 @@ class MixtureStream(torch.utils.data.IterableDataset):
         self.items = [ItemSource(s, self.seed, seq_len, self.tokenizer, cache_shards, shuffle) for s in self.sources]
         self.shared = _shared_shards(self.sources, self.items) if share_decoded else None
         self.tokens_per_item = np.array([it.mean_tokens_per_item() for it in self.items])
-        self.policies = [_exhaustion(exhaustion.get(n), n) for n in self.names]
+        self.policies = [Exhaustion.of(exhaustion.get(n), n, ConfigError) for n in self.names]
         requested = normalize_weights(weights, self.names)
         first = self._history_entry(0, 0, requested, time.time())
         self.plan = MixturePlan(
