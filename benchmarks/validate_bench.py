@@ -54,12 +54,15 @@ def main() -> int:
         t0 = time.process_time()
         if which.endswith("convert"):
             megatron_blend(m)
+        elif which == "checks alone":
+            checks[0](m)
+            checks[1](m)
         else:
             validate_manifest(m, verify="none")
         return time.process_time() - t0
 
     uptime_start = os.getloadavg()
-    cells = ["with checks", "without checks", "with checks convert", "without checks convert"]
+    cells = ["with checks", "without checks", "with checks convert", "without checks convert", "checks alone"]
     times: dict[str, list[float]] = {c: [] for c in cells}
     for r in range(args.repeats):
         order = cells if r % 2 == 0 else cells[::-1]  # alternate the order: no cell always runs first
@@ -78,6 +81,8 @@ def main() -> int:
         ["megatron_blend (validates first)", Summary.of(times["without checks convert"]).fmt(1e-3, 1),
          Summary.of(times["with checks convert"]).fmt(1e-3, 1), ratio("with checks convert", "without checks convert").fmt(1, 2),
          f"{statistics.median(times['with checks convert']) * 1e3 - statistics.median(times['without checks convert']) * 1e3:.1f}"],
+        ["check_fields + check_counts alone", "–", Summary.of(times["checks alone"]).fmt(1e-3, 1), "–",
+         f"{statistics.median(times['checks alone']) * 1e3:.1f}"],
     ]  # fmt: skip
     machine = machine_info()
     text = "\n".join([
