@@ -28,3 +28,11 @@ class UnsafeInputError(FastMixDataError):
 class ConfigError(FastMixDataError, ValueError):
     """A configuration value is invalid (a search or method config, a stream argument); the message
     names the field and the value."""
+
+
+class CoordinationError(FastMixDataError):
+    """The ranks of a job cannot agree (no store to reach them, or they disagree on the stream)."""
+
+
+class PublishError(FastMixDataError):
+    """A weight publisher or a follower is misconfigured (bad URI, remote address without a token)."""

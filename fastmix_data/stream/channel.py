@@ -1,16 +1,23 @@
-"""The weight channel: how `set_weights` in the training process reaches every DataLoader worker.
+"""The weight channel: how weight changes in the training process reach every DataLoader worker.
 
 A small directory holds ``history.json`` (the weight history, replaced atomically) and ``claims``
-(a 24-byte header: history version, highest batch index any worker has started, pending flag).
-Every access holds an exclusive ``fcntl.flock`` on ``lock``.
+(a 40-byte header: history version, highest batch index any worker has started, pending flag,
+grant, wanted). Every write holds an exclusive ``fcntl.flock`` on ``lock``.
 
 Protocol. A worker, before producing global batch g, *claims* it: under the lock it waits while a
-change is pending, raises the claimed high-water mark to g, and reads the history if its version
-changed. `publish` (the training process) first marks a change pending and reads the local
-high-water mark H, then (across ranks) agrees on E = max_r H_r + 1, then appends the change at batch
-E and clears the flag. Every batch claimed before the change has index <= H < E, every batch claimed
-after sees the new history; a batch's content is a pure function of the history entries at or
-before it, so all workers and ranks serve the same sequence whatever their timing.
+change is pending or while g is at or past the *grant*, raises the claimed high-water mark to g, and
+reads the history if its version changed. `set_weights` (the training process) first marks a change
+pending and reads the local high-water mark H, then (across ranks) agrees on E = max_r H_r + 1, then
+appends the change at batch E and clears the flag. Every batch claimed before the change has index
+<= H < E, every batch claimed after sees the new history; a batch's content is a pure function of
+the history entries at or before it, so all workers and ranks serve the same sequence whatever their
+timing.
+
+The grant serves a stream that follows a publisher (:mod:`fastmix_data.live`): there, no process may
+claim a batch at or past the grant until the training process has asked the job-wide ledger for more
+(`install`), and the ledger places every change at or past every grant it has given, so no pause is
+needed. A claimer blocked by the grant records the batch in ``wanted`` so that the training process
+knows to ask. Without following the grant is unlimited.
 """
 
 from __future__ import annotations
@@ -25,11 +32,13 @@ import struct
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from contextlib import contextmanager
 
 from fastmix_data.leftovers import sweep_run_dirs
 
-_HEADER = struct.Struct("<qqq")  # history version, max claimed batch, pending flag
+_HEADER = struct.Struct("<qqqqq")  # history version, max claimed batch, pending flag, grant, wanted
+UNLIMITED = 1 << 62  # the grant of a channel that does not follow a publisher
 
 _pid = [os.getpid()]  # this process's id, kept current across fork (`claim` runs once per batch)
 os.register_at_fork(after_in_child=lambda: _pid.__setitem__(0, os.getpid()))
@@ -41,23 +50,31 @@ class WeightChannel:
     Args:
         history: the initial history (JSON-serialisable list).
         first_batch: the first batch that will be served (claims start below it).
+        gated: claims need a grant (`install`); the grant starts at ``first_batch``.
     """
 
-    def __init__(self, history: list, first_batch: int = 0):
+    def __init__(self, history: list, first_batch: int = 0, gated: bool = False):
         sweep_run_dirs(tempfile.gettempdir())  # channels of killed processes
         self.dir = tempfile.mkdtemp(prefix=f"fastmix-channel-{os.getpid()}-")  # the pid: see leftovers
         self.owner_pid = os.getpid()
+        self.gated = gated
+        #: called in the owner process with the batch a claim waits for, when it is past the grant
+        self.refill: Callable[[int], None] | None = None
         self._local_version = -1
         self._fds: tuple[int, int] | None = None  # (lock, claims) opened by this process
         self._header: mmap.mmap | None = None  # ``claims`` mapped read-only by this process
         self._fd_pid = -1
         self._thread_lock = threading.Lock()
+        self._lock_pid = _pid[0]
         self._claimed_here = first_batch - 1  # claims kept in memory by the owner process (see claim)
         self._write_history(history, version=0)
         with open(self._path("claims"), "wb") as f:
-            f.write(_HEADER.pack(0, first_batch - 1, 0))
+            f.write(_HEADER.pack(0, first_batch - 1, 0, self._initial_grant(first_batch), -1))
         open(self._path("lock"), "wb").close()
         atexit.register(self.close)
+
+    def _initial_grant(self, first_batch: int) -> int:
+        return first_batch if self.gated else UNLIMITED
 
     def _path(self, name: str) -> str:
         return os.path.join(self.dir, name)
@@ -73,6 +90,8 @@ class WeightChannel:
 
     @contextmanager
     def _locked(self):
+        if self._lock_pid != _pid[0]:  # forked while another thread held it: a fresh lock
+            self._thread_lock, self._lock_pid = threading.Lock(), _pid[0]
         with self._thread_lock:
             lock_fd, _ = self._open_fds()
             fcntl.flock(lock_fd, fcntl.LOCK_EX)
@@ -81,15 +100,15 @@ class WeightChannel:
             finally:
                 fcntl.flock(lock_fd, fcntl.LOCK_UN)
 
-    def _read_header(self) -> tuple[int, int, int]:
+    def _read_header(self) -> tuple[int, int, int, int, int]:
         """The header as last written by any process: read through a shared mapping of ``claims``
         (no system call; `claim` reads it once per batch)."""
         if self._fd_pid != _pid[0] or self._fds is None:
             self._open_fds()
         return _HEADER.unpack_from(self._header, 0)
 
-    def _write_header(self, version: int, claimed: int, pending: int) -> None:
-        os.pwrite(self._open_fds()[1], _HEADER.pack(version, claimed, pending), 0)
+    def _write_header(self, version: int, claimed: int, pending: int, grant: int, wanted: int) -> None:
+        os.pwrite(self._open_fds()[1], _HEADER.pack(version, claimed, pending, grant, wanted), 0)
 
     def _write_history(self, history: list, version: int) -> None:
         tmp = self._path(f"history.json.tmp{os.getpid()}")
@@ -107,62 +126,88 @@ class WeightChannel:
         """Claim ``batch`` before producing it; return the history if it changed since last call.
 
         In the process that made the channel (the stream iterated with ``num_workers=0``) nothing
-        else claims concurrently and `begin_change` runs in that same process, so an unchanged
-        history is checked with one header read (under the thread lock only: `set_weights` may
-        run in another thread) and the claim is kept in memory."""
-        if _pid[0] == self.owner_pid:
+        else claims concurrently and changes are made in that same process (or, through the thread
+        lock, in another of its threads), so an unchanged history is checked with one header read
+        (under the thread lock only: `set_weights` or a follower's grants may run in another thread)
+        and the claim is kept in memory."""
+        owner = _pid[0] == self.owner_pid
+        if owner:
             # Under the thread lock, so that a `begin_change` from another thread either sees this
             # claim or has set the pending flag before it (then the locked path below waits).
             with self._thread_lock:
-                version, _, pending = self._read_header()
-                if not pending and version == self._local_version:
+                version, _, pending, grant, _ = self._read_header()
+                if not pending and version == self._local_version and batch < grant:
                     self._claimed_here = max(self._claimed_here, batch)
                     return None
+        delay = 0.0005
         while True:
             with self._locked():
-                version, claimed, pending = self._read_header()
-                if not pending:
+                version, claimed, pending, grant, wanted = self._read_header()
+                if not pending and batch < grant:
                     if batch > claimed:
-                        self._write_header(version, batch, 0)
+                        self._write_header(version, batch, 0, grant, wanted)
                     if version != self._local_version:
                         v, history = self._read_history()
                         self._local_version = v
                         return history
                     return None
-            time.sleep(0.0005)
+                if batch >= grant and batch > wanted:
+                    self._write_header(version, claimed, pending, grant, batch)
+            if batch >= grant and owner and self.refill is not None:
+                self.refill(batch)  # may return before the job is ready: then wait as workers do
+            time.sleep(delay)
+            delay = min(2 * delay, 0.005)
 
     # ------------------------------------------------------------------------------- trainer
     def begin_change(self) -> int:
         """Mark a change pending (workers pause before their next claim); return max claimed batch."""
         with self._locked():
-            version, claimed, _ = self._read_header()
-            self._write_header(version, claimed, 1)
+            version, claimed, _, grant, wanted = self._read_header()
+            self._write_header(version, claimed, 1, grant, wanted)
             return max(claimed, self._claimed_here) if os.getpid() == self.owner_pid else claimed
 
     def finish_change(self, history: list) -> int:
         """Publish ``history`` and clear the pending flag; return the new version."""
         with self._locked():
-            version, claimed, _ = self._read_header()
+            version, claimed, _, grant, wanted = self._read_header()
             self._write_history(history, version + 1)
-            self._write_header(version + 1, claimed, 0)
+            self._write_header(version + 1, claimed, 0, grant, wanted)
             return version + 1
 
-    def reset(self, history: list, first_batch: int) -> None:
-        """Replace history and claims (after load_state_dict, before iterating)."""
+    def install(self, history: list | None, grant: int) -> None:
+        """Raise the grant to ``grant`` and, when ``history`` is given, publish it first (a gated
+        channel: the ledger's history and grant, read together)."""
         with self._locked():
-            version, _, _ = self._read_header()
+            version, claimed, pending, old_grant, wanted = self._read_header()
+            if history is not None:
+                version += 1
+                self._write_history(history, version)
+            self._write_header(version, claimed, pending, max(old_grant, grant), wanted)
+
+    def progress(self) -> tuple[int, int, int]:
+        """(max claimed batch, max batch a claim waits for (-1: none), grant); no lock taken."""
+        _, claimed, _, grant, wanted = self._read_header()
+        if _pid[0] == self.owner_pid:
+            claimed = max(claimed, self._claimed_here)
+        return claimed, wanted, grant
+
+    def reset(self, history: list, first_batch: int) -> None:
+        """Replace history and claims (after load_state_dict, before iterating); a gated channel's
+        grant goes back to ``first_batch``."""
+        with self._locked():
+            version = self._read_header()[0]
             self._write_history(history, version + 1)
-            self._write_header(version + 1, first_batch - 1, 0)
+            self._write_header(version + 1, first_batch - 1, 0, self._initial_grant(first_batch), -1)
             self._claimed_here = first_batch - 1
 
     def adopt(self, history: list) -> None:
         """Install a restored history if the channel's is older (a worker restoring its state)."""
         with self._locked():
-            version, claimed, pending = self._read_header()
+            version, claimed, pending, grant, wanted = self._read_header()
             _, current = self._read_history()
             if current != history and (len(current) < len(history) or current == history[: len(current)]):
                 self._write_history(history, version + 1)
-                self._write_header(version + 1, claimed, pending)
+                self._write_header(version + 1, claimed, pending, grant, wanted)
 
     def max_claimed(self) -> int:
         with self._locked():
@@ -186,9 +231,11 @@ class WeightChannel:
         state["_fds"] = None
         state["_header"] = None
         state["_fd_pid"] = -1
+        state["refill"] = None  # the training process's hook (a thread, store connections)
         del state["_thread_lock"]
         return state
 
     def __setstate__(self, state):
         self.__dict__.update(state)
         self._thread_lock = threading.Lock()
+        self._lock_pid = _pid[0]

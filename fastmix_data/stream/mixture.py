@@ -33,7 +33,7 @@ from fastmix_data.sources import check_options, open_source
 from fastmix_data.sources.base import Source
 from fastmix_data.stream.batch_ring import RingReader, RingWriter, ring_directory
 from fastmix_data.stream.channel import WeightChannel
-from fastmix_data.stream.distributed import agree_max, broadcast_floats, rank_and_world, worker_and_count
+from fastmix_data.stream.distributed import Coordinator, rank_and_world, stream_namespace, worker_and_count
 from fastmix_data.stream.items import ItemSource, pick
 from fastmix_data.stream.shared_shards import SharedShards
 from fastmix_data.stream.state_check import changed_shards, check_state, shard_digests
@@ -42,7 +42,8 @@ from fastmix_data.stream.tokenize import as_tokenizer
 log = logging.getLogger(__name__)
 
 STATE_FORMAT = "fastmix_data/stream-state"
-STATE_VERSION = 1
+STATE_VERSION = 2  # 2: history entries of a following stream carry "publisher" (docs/stream.md)
+READABLE_STATE_VERSIONS = (1, 2)
 BLOCK_BATCHES = 128  # default: batches a worker plans and reads in one pass (sample mode; see docs/stream.md)
 BLOCK_TOKENS = 1 << 22  # packing mode: a block holds at most this many tokens (32 MiB of int64)
 FIRST_BLOCK_BATCHES = 2  # a worker's first block; each next one doubles up to block_batches (first batch sooner)
@@ -114,6 +115,10 @@ class MixtureStream(torch.utils.data.IterableDataset):
         share_decoded: with ``SHARE_MIN_WORKERS`` (3) or more DataLoader workers, decode each
             shard once between them and pass it on through shared memory
             (:mod:`fastmix_data.stream.shared_shards`).
+        follow: a URI or :class:`fastmix_data.live.Follow`: the weights come from a publisher
+            (``WeightPublisher``, ``fastmix-data search --publish``), and every rank and worker
+            switches at one recorded global batch without the training loop calling anything
+            (docs/live.md). ``set_weights`` is then refused.
     """
 
     def __init__(
@@ -135,6 +140,7 @@ class MixtureStream(torch.utils.data.IterableDataset):
         max_items: int | None = None,
         block_batches: int | None = None,
         share_decoded: bool = True,
+        follow: Any = None,
         **source_options: Any,
     ):
         super().__init__()
@@ -194,8 +200,14 @@ class MixtureStream(torch.utils.data.IterableDataset):
         self._observed: dict[int, float] = {}
         self._tokens_observed = np.zeros(len(self.names), dtype=np.int64)
         self._samples_observed = np.zeros(len(self.names), dtype=np.int64)
-        self.channel = WeightChannel(self.history, first_batch=0)
         self._weights_lock = threading.Lock()  # serialises set_weights calls from threads
+        self._coordinator = Coordinator(self.rank, self.world_size, stream_namespace() if self.world_size > 1 else "")
+        self.follower = None
+        self.channel = WeightChannel(self.history, first_batch=0, gated=follow is not None)
+        if follow is not None:
+            from fastmix_data.live.follower import Follow, Follower
+
+            self.follower = Follower(self, Follow.of(follow))
 
     # ------------------------------------------------------------------------------ basics
     @property
@@ -381,15 +393,23 @@ class MixtureStream(torch.utils.data.IterableDataset):
         (with a plain DataLoader: at most num_workers * prefetch_factor batches after the last one
         the training loop received; with `loader`, num_workers * R * (ceil(prefetch_factor / R) + 1)
         for R = batches_per_item, see docs/stream.md). Under torch.distributed every rank must call
-        this at the same point of its loop (it is a collective); rank 0's weights are used.
+        this at the same point of its loop (it is a collective, carried by the job's c10d store, never
+        by the training's process group); rank 0's weights are used.
 
         Thread-safe: calls from several threads are serialised (each returns the batch from which
         its own weights apply; a later call that gets the same batch replaces the earlier one).
 
         Raises:
-            WeightsError: NaN, negative, all zero, not numbers, unknown or missing sources.
+            WeightsError: NaN, negative, all zero, not numbers, unknown or missing sources; a following
+                stream.
+            CoordinationError: several ranks and no store to reach them (no process group, no torchrun).
         """
         requested = normalize_weights(weights, self.names)
+        if self.channel.gated:
+            raise WeightsError(
+                "this stream follows published weights (follow=); publish the change instead "
+                "(fastmix_data.live.WeightPublisher)"
+            )
         with self._weights_lock:  # concurrent calls from threads: one change at a time
             return self._publish(requested)
 
@@ -397,8 +417,9 @@ class MixtureStream(torch.utils.data.IterableDataset):
         """Publish one change through the weight channel (callers hold ``_weights_lock``)."""
         started = self.channel.begin_change()
         try:
-            effective = max(agree_max(started) + 1, agree_max(self._next_batch))
-            requested = np.asarray(broadcast_floats([float(x) for x in requested]))
+            mine = {"started": started, "next": self._next_batch, "weights": [float(x) for x in requested]}
+            agreed = self._coordinator.reduce(mine, _agree_change)
+            effective, requested = agreed["effective"], np.asarray(agreed["weights"])
             self._sync_history()
             if effective < self.history[-1]["batch"]:
                 effective = self.history[-1]["batch"]
@@ -527,8 +548,8 @@ class MixtureStream(torch.utils.data.IterableDataset):
         """
         if not isinstance(state, Mapping) or state.get("format") != STATE_FORMAT:
             raise StateError(f"not a fastmix_data stream state (format {state.get('format') if isinstance(state, Mapping) else type(state)!r})")
-        if state.get("version") != STATE_VERSION:
-            raise StateError(f"stream state version {state.get('version')!r} is not supported (this build reads {STATE_VERSION})")
+        if state.get("version") not in READABLE_STATE_VERSIONS:
+            raise StateError(f"stream state version {state.get('version')!r} is not supported (this build reads {READABLE_STATE_VERSIONS})")
         check_state(state, self.names, self.global_batch_items)  # every field, named when wrong
         if not allow_fingerprint_mismatch and "config" in state and state["fingerprint"] != _config_digest(state["config"]):
             raise StateError(
@@ -551,6 +572,8 @@ class MixtureStream(torch.utils.data.IterableDataset):
         self._resume_cursor = state.get("cursor")
         if torch.utils.data.get_worker_info() is None:
             self.channel.reset(self.history, self._next_batch)
+            if self.follower is not None:
+                self.follower.reset(self.history)
         else:
             self.channel.adopt(self.history)
 
@@ -560,7 +583,9 @@ class MixtureStream(torch.utils.data.IterableDataset):
 
         Returns a dict with, per source: requested and realised shares in samples and tokens,
         samples and tokens served, epochs completed; plus the weight-update latency per change
-        (in batches, and seconds until the first batch with the new version was received).
+        (in batches, and seconds until the first batch with the new version was received, from the
+        decision and, for a followed change, from its publication); ``follow``: the follower's
+        telemetry (docs/live.md), None when not following.
         """
         if torch.utils.data.get_worker_info() is None:
             self._sync_history()
@@ -591,11 +616,13 @@ class MixtureStream(torch.utils.data.IterableDataset):
         latency = []
         for h in self.history[1:]:
             seen = self._observed.get(h["version"])
+            published = (h.get("publisher") or {}).get("published")
             latency.append(
                 {
                     "version": h["version"],
                     "effective_batch": h["batch"],
                     "latency_seconds": None if seen is None else max(0.0, seen - h["time"]),
+                    "since_publish_seconds": None if seen is None or published is None else max(0.0, seen - published),
                 }
             )
         return {
@@ -605,11 +632,14 @@ class MixtureStream(torch.utils.data.IterableDataset):
             "sources": per_source,
             "weight_updates": latency,
             "ended_at": self.plan.end,
+            "follow": self.follower.stats() if self.follower is not None else None,
         }
 
     def close(self) -> None:
         """Remove the stream's temporary files (weight channel, shared decoded shards) now rather
         than at interpreter exit. The stream cannot serve DataLoader workers afterwards."""
+        if self.follower is not None:
+            self.follower.close()
         self.channel.close()
         if self.shared is not None:
             self.shared.close()
@@ -620,6 +650,7 @@ class MixtureStream(torch.utils.data.IterableDataset):
         state = self.__dict__.copy()
         state["_ring_readers"] = []  # training-process side only (open maps)
         del state["_weights_lock"]
+        state["follower"] = None  # ditto (threads, store connections); workers follow through the channel
         return state
 
     def __setstate__(self, state: dict) -> None:
@@ -698,6 +729,15 @@ class TrackedLoader:
 
 
 META_KEYS = ("source", "shard", "item", "epoch", "num_tokens")  # the rows of a packed batch's "_meta"
+
+
+def _agree_change(payloads: list[dict]) -> dict:
+    """Where a `set_weights` change applies, from every rank's claims and position, with rank 0's
+    weights (run on rank 0 by `Coordinator.reduce`)."""
+    return {
+        "effective": max(max(p["started"] for p in payloads) + 1, max(p["next"] for p in payloads)),
+        "weights": payloads[0]["weights"],
+    }
 
 
 def _as_is(batch: dict) -> dict:
