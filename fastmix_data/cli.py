@@ -48,6 +48,12 @@ def _add_search_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", help="output directory (default search_out)")
     p.add_argument("--manifest-out", help="also write the manifest of the final mixture here")
     p.add_argument("--manifest-budget", default="1B_tokens", help="budget of that manifest, e.g. 10B_tokens")
+    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt when it exists (fastmix)")
+    p.add_argument("--publish", metavar="URI", help="publish every new mixture for following jobs: tcp://127.0.0.1:PORT "
+                   "(port 0: any free port) or a directory / fsspec URL (docs/live.md)")
+    p.add_argument("--publish-allow-remote", action="store_true",
+                   help="let --publish listen on a non-loopback address (needs $FASTMIX_DATA_TOKEN)")
+    p.add_argument("--publish-run-id", help="run id of the published updates (default: kept in OUT/publisher.json)")
     for f in dataclasses.fields(SearchConfig):
         flag = "--" + f.name.replace("_", "-")
         p.add_argument(flag, dest=f"cfg_{f.name}", default=None, metavar=f.name.upper(),
@@ -82,13 +88,14 @@ def cmd_search(args: argparse.Namespace) -> int:
         raise SystemExit("no sources: give --source NAME=PATH or 'sources:' in --config")
     if target is None:
         raise SystemExit("no target: give --target PATH or 'target:' in --config")
+    sink = _publisher(args, out)
     if method == "fastmix":
         config = SearchConfig.from_dict(cfg)
         seed = config.seed
         stream = MixtureStream(sources, {n: 1.0 for n in sources}, batch_size=batch_size, seq_len=seq_len,
                                seed=config.seed, **source_options)
         tgt = target_batches(target, seq_len, batch_size, seed=config.seed)
-        weights = run_search(stream, tgt, config, out_dir=out).weights
+        weights = run_search(stream, tgt, config, out_dir=out, sink=sink, resume="auto" if args.resume else False).weights
     else:
         from fastmix_data.search.methods import run_method
 
@@ -100,7 +107,9 @@ def cmd_search(args: argparse.Namespace) -> int:
                 train[key] = cfg[key]
         seed = int(train.get("seed", 0))
         method_cfg = {"train": train, "progress": bool(cfg.get("progress", True)), **method_options}
-        weights = run_method(method, sources, target, method_cfg, out_dir=out).weights
+        weights = run_method(method, sources, target, method_cfg, out_dir=out, sink=sink).weights
+    if sink is not None:  # a search that crashes leaves its publisher silent: followers report it lost
+        sink.close()
     print(json.dumps({"weights": weights, "out": str(out)}, indent=2))
     if args.manifest_out:
         from fastmix_data.export.manifest import build_manifest, write_manifest
@@ -110,6 +119,20 @@ def cmd_search(args: argparse.Namespace) -> int:
         write_manifest(manifest, args.manifest_out)
         print(f"manifest written to {args.manifest_out}")
     return 0
+
+
+def _publisher(args: argparse.Namespace, out: Path):
+    """The `WeightPublisher` of ``--publish`` (None without it); its URI is printed and kept in
+    OUT/publisher.json."""
+    if not args.publish:
+        return None
+    from fastmix_data.live import WeightPublisher
+
+    out.mkdir(parents=True, exist_ok=True)
+    pub = WeightPublisher(args.publish, state_dir=out, run_id=args.publish_run_id,
+                          allow_remote=args.publish_allow_remote)
+    print(json.dumps({"publishing": pub.uri, "run_id": pub.run_id, "next_seq": pub.seq + 1}), flush=True)
+    return pub
 
 
 def _common_root(sources: dict[str, Any]) -> str:

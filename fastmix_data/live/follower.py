@@ -20,6 +20,7 @@ seen). A publisher whose heartbeat stops for ``dead_after_s`` is reported lost (
 
 from __future__ import annotations
 
+import atexit
 import dataclasses
 import hashlib
 import logging
@@ -27,7 +28,7 @@ import threading
 import time
 from typing import Any
 
-from fastmix_data.errors import PublishError, WeightsError
+from fastmix_data.errors import CoordinationError, PublishError, WeightsError
 from fastmix_data.live import wire
 from fastmix_data.live.ledger import LocalLedger, StoreLedger
 from fastmix_data.live.transport import TransportUnavailable, open_transport, token_from_env
@@ -110,6 +111,7 @@ class Follower:
             self._threads.append(threading.Thread(target=self._poll_loop, name="fastmix-follow", daemon=True))
         for t in self._threads:
             t.start()
+        atexit.register(self.close)  # before the channel's own exit handler removes its files
 
     def _make_ledger(self):
         if self.stream.world_size == 1:
@@ -165,18 +167,21 @@ class Follower:
         while not self._stop.wait(GRANT_TICK_S):
             try:
                 self.refill()
+            except CoordinationError as e:  # the ranks disagree: every claim of this rank raises it
+                log.error("rank %d: %s", self.stream.rank, e)
+                self.stream.channel.fail(str(e))
+                return
             except Exception:  # a store hiccup: claims wait, the next tick asks again
                 log.exception("rank %d: asking the ledger for batches failed; retrying", self.stream.rank)
                 self._stop.wait(1.0)
 
     # ------------------------------------------------------------------------- publisher
     def _poll_loop(self) -> None:
-        while not self._stop.is_set():
+        while not self._stop.wait(self.cfg.poll_s):
             try:
                 self.poll()
             except Exception:
                 log.exception("following %s: unexpected error; retrying", self.cfg.uri)
-            self._stop.wait(self.cfg.poll_s)
 
     def poll(self) -> None:
         """Read the publisher once: heartbeat, then the update when the heartbeat names a new one."""

@@ -20,7 +20,7 @@ Store layout under ``<namespace>/s<session>/`` (JSON values)::
 
 A rank's history is ``base.history + change/0 … change/n-1``. ``base`` starts as the longest of
 the ranks' histories (after a resume they may differ in changes that no rank had reached; the
-shorter must be a prefix of the longer), and nothing is granted before every rank has joined.
+shorter must be a prefix of the longer, wall-clock ``time`` stamps aside), and nothing is granted before every rank has joined.
 """
 
 from __future__ import annotations
@@ -47,12 +47,17 @@ def merge_bases(a: dict, b: dict) -> dict:
             "layout...); every rank must construct the same MixtureStream, in the same order"
         )
     short, long_ = sorted((a["history"], b["history"]), key=len)
-    if long_[: len(short)] != short:
+    if any(_strip_time(x) != _strip_time(y) for x, y in zip(short, long_)):
         raise CoordinationError(
             "the ranks resumed from weight histories that disagree before their last common change; load every "
             "rank from states saved at the same checkpoint"
         )
     return {"history": long_, "next_batch": max(a["next_batch"], b["next_batch"]), "fingerprint": a["fingerprint"]}
+
+
+def _strip_time(entry: dict) -> dict:
+    """An entry without its wall-clock ``time`` (each rank stamps the entries it made itself)."""
+    return {k: v for k, v in entry.items() if k != "time"}
 
 
 class LocalLedger:

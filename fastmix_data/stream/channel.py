@@ -35,10 +35,12 @@ import time
 from collections.abc import Callable
 from contextlib import contextmanager
 
+from fastmix_data.errors import CoordinationError
 from fastmix_data.leftovers import sweep_run_dirs
 
 _HEADER = struct.Struct("<qqqqq")  # history version, max claimed batch, pending flag, grant, wanted
 UNLIMITED = 1 << 62  # the grant of a channel that does not follow a publisher
+FAILED = 2  # pending flag: the job cannot go on; every claim raises the reason kept in ``error.txt``
 
 _pid = [os.getpid()]  # this process's id, kept current across fork (`claim` runs once per batch)
 os.register_at_fork(after_in_child=lambda: _pid.__setitem__(0, os.getpid()))
@@ -143,6 +145,9 @@ class WeightChannel:
         while True:
             with self._locked():
                 version, claimed, pending, grant, wanted = self._read_header()
+                if pending == FAILED:
+                    with open(self._path("error.txt")) as f:
+                        raise CoordinationError(f.read())
                 if not pending and batch < grant:
                     if batch > claimed:
                         self._write_header(version, batch, 0, grant, wanted)
@@ -183,6 +188,14 @@ class WeightChannel:
                 version += 1
                 self._write_history(history, version)
             self._write_header(version, claimed, pending, max(old_grant, grant), wanted)
+
+    def fail(self, reason: str) -> None:
+        """Make every claim, in every process, raise `CoordinationError` with ``reason``."""
+        with open(self._path("error.txt"), "w") as f:
+            f.write(reason)
+        with self._locked():
+            version, claimed, _, grant, wanted = self._read_header()
+            self._write_header(version, claimed, FAILED, grant, wanted)
 
     def progress(self) -> tuple[int, int, int]:
         """(max claimed batch, max batch a claim waits for (-1: none), grant); no lock taken."""

@@ -39,8 +39,11 @@ _PAYLOAD_AT = 64
 DEFAULT_BUDGET_BYTES = 256 << 20  # shared memory the slots may hold, in all
 
 
+SHM_ENV = "FASTMIX_DATA_SHM"  # a directory to use instead of /dev/shm (e.g. one per simulated host in tests)
+
+
 def _shared_root() -> str:
-    shm = "/dev/shm"
+    shm = os.environ.get(SHM_ENV) or "/dev/shm"
     return shm if os.path.isdir(shm) and os.access(shm, os.W_OK) else tempfile.gettempdir()
 
 
