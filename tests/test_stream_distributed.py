@@ -4,6 +4,7 @@ sequence, and the same switch batch on every rank after `set_weights`."""
 from __future__ import annotations
 
 import os
+import tempfile
 
 import pytest
 import torch
@@ -24,11 +25,16 @@ def _items(batch):
 
 def _rank_main(rank, world, init_file, srcs, out):
     os.environ["FASTMIX_DATA_CACHE"] = out + "-cache"
+    os.environ["TMPDIR"] = f"{out}-tmp{rank}"  # each rank as on its own host
+    os.makedirs(os.environ["TMPDIR"])
+    tempfile.tempdir = None
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     stream = MixtureStream(srcs, W, batch_size=B, seed=5)
     assert (stream.rank, stream.world_size) == (rank, world)
+    assert stream.channel.dir.startswith(os.environ["TMPDIR"])
     got, effective = [], None
-    for batch in stream.loader(num_workers=2, prefetch_factor=2):
+    # workers forked as under torchrun (in a spawned rank the default would spawn them: slow imports)
+    for batch in stream.loader(num_workers=2, prefetch_factor=2, multiprocessing_context="fork"):
         got.append((batch["batch_index"], batch["weight_version"], _items(batch)))
         if len(got) == 3:
             effective = stream.set_weights(NEW if rank == 0 else {"a": 1.0, "b": 0.0})  # rank 0 wins
