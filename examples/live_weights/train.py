@@ -11,8 +11,9 @@ embedded``: rank 0 starts it). Nothing in the loop below touches the weights: ea
 batches it trained on (``rank<r>.jsonl``: step, global batch, weight version, a digest of the
 tokens), and the follower logs where each change applies.
 
-Checkpoints (``ckpt/rank<r>.pt``, every ``--checkpoint-every`` steps) hold the model, optimiser and
-the stream's state with its weight history; ``--resume`` continues from them and keeps following.
+Checkpoints (``ckpt/step-N/rank<r>.pt`` and ``ckpt/latest``, every ``--checkpoint-every`` steps)
+hold the model, optimiser and the stream's state with its weight history; ``--resume`` continues
+from the latest complete one and keeps following.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 import time
 from pathlib import Path
 
@@ -48,7 +50,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=300, help="training steps (optimiser steps, one batch each)")
     p.add_argument("--until-publisher-done", action="store_true",
                    help="after --steps, go on until the search has finished and its last weights are served")
-    p.add_argument("--max-steps", type=int, default=100_000, help="hard stop for --until-publisher-done")
+    p.add_argument("--max-steps", type=int, default=100_000, help="hard stop (also for --until-publisher-done)")
+    p.add_argument("--stop-file", help="stop (every rank at the same step) once this file exists")
     p.add_argument("--batch-size", type=int, default=8, help="sequences per rank per step")
     p.add_argument("--seq-len", type=int, default=64)
     p.add_argument("--workers", type=int, default=2)
@@ -82,26 +85,54 @@ def follow_uri(args, rank: int, out: Path) -> tuple[str, EmbeddedSearch | None]:
     return search.uri, search
 
 
-def save_checkpoint(path: Path, step: int, model, opt, stream) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
+def save_checkpoint(ckpt: Path, rank: int, step: int, model, opt, stream) -> None:
+    """Every rank writes ``step-N/rank<r>.pt``; once all have, rank 0 points ``latest`` at N (a job
+    killed halfway through a save resumes from the previous complete one) and drops older ones."""
+    folder = ckpt / f"step-{step:08d}"
+    folder.mkdir(exist_ok=True)
+    tmp = folder / f".rank{rank}.tmp"
     torch.save({"step": step, "model": model.state_dict(), "opt": opt.state_dict(),
                 "stream": json.dumps(stream.state_dict())}, tmp)
-    os.replace(tmp, path)
+    os.replace(tmp, folder / f"rank{rank}.pt")
+    dist.barrier()
+    if rank == 0:
+        (ckpt / ".latest.tmp").write_text(str(step))
+        os.replace(ckpt / ".latest.tmp", ckpt / "latest")
+        for old in ckpt.glob("step-*"):
+            if old != folder:
+                shutil.rmtree(old, ignore_errors=True)
+
+
+def load_checkpoint(ckpt: Path, rank: int, device) -> dict | None:
+    if not (ckpt / "latest").exists():
+        return None
+    step = int((ckpt / "latest").read_text())
+    return torch.load(ckpt / f"step-{step:08d}" / f"rank{rank}.pt", map_location=device, weights_only=True)
 
 
 def digest(tokens: torch.Tensor) -> str:
     return hashlib.sha1(tokens.contiguous().numpy().tobytes()).hexdigest()[:16]
 
 
-def publisher_done(stream, device) -> bool:
-    """True on every rank once rank 0 has seen the search finish and serves its last change (one
-    all_reduce on the training group: the loop, not the stream, decides when to stop)."""
+def publisher_done(stream) -> bool:
+    """Rank 0 (the deciding rank) has seen the search finish and serves its last change."""
     follow = stream.stats()["follow"]
     last = stream.state_dict()["history"][-1]
-    done = follow.get("publisher") == "finished" and follow.get("seen_seq") == follow.get("applied_seq") \
+    return follow.get("publisher") == "finished" and follow.get("seen_seq") == follow.get("applied_seq") \
         and stream._next_batch > last["batch"]
-    flag = torch.tensor([1 if done else 0], device=device)
-    dist.all_reduce(flag, op=dist.ReduceOp.MAX)  # only rank 0 (the deciding rank) knows
+
+
+def should_stop(args, step: int, stream, device) -> bool:
+    """The same answer on every rank (an all_reduce on the training group when ranks may differ:
+    the loop, not the stream, decides when to stop, and DDP needs equal step counts)."""
+    if step >= args.max_steps:
+        return True
+    local = step >= args.steps and (not args.until_publisher_done or publisher_done(stream))
+    local = local or bool(args.stop_file and os.path.exists(args.stop_file))
+    if not (args.stop_file or (args.until_publisher_done and step >= args.steps)):
+        return local  # a step count: the same on every rank already
+    flag = torch.tensor([1 if local else 0], device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
     return bool(flag.item())
 
 
@@ -119,16 +150,18 @@ def main(argv=None) -> None:
     model = build_proxy(proxy_config(args.model), seed=args.seed).to(device)
     ddp = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     opt = torch.optim.AdamW(ddp.parameters(), lr=1e-3)
-    ckpt = out / "ckpt" / f"rank{rank}.pt"
+    ckpt = out / "ckpt"
     step = 0
-    if args.resume and ckpt.exists():
-        state = torch.load(ckpt, map_location=device, weights_only=True)
+    state = load_checkpoint(ckpt, rank, device) if args.resume else None
+    if state is not None:
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["opt"])
         stream.load_state_dict(json.loads(state["stream"]))
         step = state["step"]
         log.info("resumed at step %d, next global batch %d", step, stream._next_batch)
-    logf = open(out / f"rank{rank}.jsonl", "a")  # noqa: SIM115
+    logf = open(out / f"rank{rank}.jsonl", "a+")  # noqa: SIM115
+    if logf.tell():  # a killed run may have left half a line
+        logf.write("\n")
     t0 = time.time()
     for batch in stream.loader(num_workers=args.workers, persistent_workers=args.workers > 0):
         tokens = batch["tokens"]
@@ -144,9 +177,8 @@ def main(argv=None) -> None:
         if args.step_sleep_s:
             time.sleep(args.step_sleep_s)
         if step % args.checkpoint_every == 0:
-            save_checkpoint(ckpt, step, model, opt, stream)
-        if step >= args.steps and (not args.until_publisher_done or step >= args.max_steps
-                                   or publisher_done(stream, device)):
+            save_checkpoint(ckpt, rank, step, model, opt, stream)
+        if should_stop(args, step, stream, device):
             break
     stats = stream.stats()
     history = stream.state_dict()["history"]
