@@ -124,17 +124,28 @@ class Follower:
 
     def _start_state(self, history: list) -> None:
         """Counters and positions as of ``history`` (construction, and `reset` after a resume)."""
-        last = _publisher_of(history)
-        self.run_id = self.cfg.run_id or (last["run_id"] if last else None)
-        self.applied_seq = last["seq"] if last else 0
-        self.seen_seq = self.applied_seq
-        self._last_read: tuple[int, str | None] | None = (self.applied_seq, None) if last else None
+        self.run_id = self.cfg.run_id
+        self.applied_seq = self.seen_seq = 0
+        self._last_read: tuple[int, str | None] | None = None
         self._pending: tuple[dict, Any] | None = None  # accepted, waiting for the job to join
         self._joined = False
         self._installed = len(history)
         self._beat: tuple[str, int] | None = None
         self._beat_at = time.monotonic()
         self.publisher = "unseen"
+        self._adopt(history)
+
+    def _adopt(self, history: list) -> None:
+        """Take the run and the applied seq from ``history``'s last followed change: a resumed or
+        restored history (also one restored inside DataLoader workers) or another rank's decision."""
+        last = _publisher_of(history)
+        if last is None or (last["run_id"] == self.run_id and last["seq"] <= self.applied_seq):
+            return
+        self.run_id = self.cfg.run_id or last["run_id"]
+        self.applied_seq = last["seq"]
+        self.seen_seq = max(self.seen_seq, last["seq"])
+        if self._last_read is None or self._last_read[0] < last["seq"]:
+            self._last_read = (last["seq"], None)
 
     # ------------------------------------------------------------------------- grants
     def refill(self, batch: int | None = None) -> None:
@@ -147,7 +158,8 @@ class Follower:
             if not self._joined:
                 if wanted < 0 and batch is None:
                     return  # nothing iterates yet (a later load_state_dict may still change the history)
-                _, history = channel._read_history()
+                _, history = channel._read_history()  # restored in workers, perhaps
+                self._adopt(history)
                 self.ledger.join(history, max(self.stream._next_batch, 0), self.stream.fingerprint())
                 self._joined = True
             if grant - need > self.cfg.lookahead // 2 or not self.ledger.ready():
@@ -158,6 +170,7 @@ class Follower:
         changed = len(history) != self._installed
         self.stream.channel.install(history if changed else None, grant)
         if changed:
+            self._adopt(history)
             for entry in history[self._installed:]:
                 log.info("rank %d: weights v%d %s apply from global batch %d", self.stream.rank, entry["version"],
                          entry["requested"], entry["batch"])
@@ -276,7 +289,10 @@ class Follower:
         stream = self.stream
         meta = {"run_id": doc["run_id"], "seq": doc["seq"], "published": doc["time"]}
 
-        def make(version: int, batch: int) -> dict:
+        def make(version: int, batch: int, history: list) -> dict | None:
+            last = _publisher_of(history)
+            if last is not None and last["run_id"] == doc["run_id"] and last["seq"] >= doc["seq"]:
+                return None  # the job has it already (restored with a state, or decided before)
             entry = stream._history_entry(version, batch, requested, time.time())
             entry["publisher"] = meta
             return entry
@@ -284,10 +300,12 @@ class Follower:
         with self._lock:
             entry, grant, history = self.ledger.decide(make)
             self._install(grant, history)
-        self._pending = None
-        self.run_id = self.run_id or doc["run_id"]
-        self.applied_seq = doc["seq"]
-        self.counts["applied"] += 1
+            self._pending = None
+            if entry is None:  # read before this rank joined with a history that has it: not news
+                return
+            self.run_id = self.run_id or doc["run_id"]
+            self.applied_seq = doc["seq"]
+            self.counts["applied"] += 1
 
     # ------------------------------------------------------------------------- lifecycle
     def reset(self, history: list) -> None:

@@ -32,7 +32,8 @@ from typing import Any
 
 from fastmix_data.errors import CoordinationError
 
-MakeEntry = Callable[[int, int], dict]  # (new history version, effective batch) -> history entry
+#: (new history version, effective batch, current history) -> the new entry, or None for no change
+MakeEntry = Callable[[int, int, list], "dict | None"]
 
 
 def merge_bases(a: dict, b: dict) -> dict:
@@ -84,11 +85,12 @@ class LocalLedger:
             self._grant = max(self._grant, need + self.lookahead)
             return self._grant, list(self._history)
 
-    def decide(self, make: MakeEntry) -> tuple[dict, int, list]:
+    def decide(self, make: MakeEntry) -> tuple[dict | None, int, list]:
         with self._lock:
             last = self._history[-1]
-            entry = json.loads(json.dumps(make(last["version"] + 1, max(self._grant, last["batch"] + 1))))
-            self._history.append(entry)
+            entry = make(last["version"] + 1, max(self._grant, last["batch"] + 1), list(self._history))
+            if entry is not None:
+                self._history.append(json.loads(json.dumps(entry)))
             return entry, self._grant, list(self._history)
 
 
@@ -168,15 +170,18 @@ class StoreLedger:
                 if self.store.compare_set(self._key("sched"), raw, new) == new:
                     return need + self.lookahead, history
 
-    def decide(self, make: MakeEntry) -> tuple[dict, int, list]:
-        """Append the change ``make(version, E)`` at E = max(grant, last change + 1); return it, the
-        grant and the new history."""
+    def decide(self, make: MakeEntry) -> tuple[dict | None, int, list]:
+        """Append the change ``make(version, E, history)`` at E = max(grant, last change + 1) (no
+        change when it returns None); return it, the grant and the new history."""
         with self._lock:
             while True:
                 raw, sched = self._sched()
                 history = self._pull(sched)
                 last = history[-1]
-                entry = json.loads(json.dumps(make(last["version"] + 1, max(sched["grant"], last["batch"] + 1))))
+                entry = make(last["version"] + 1, max(sched["grant"], last["batch"] + 1), history)
+                if entry is None:
+                    return None, sched["grant"], history
+                entry = json.loads(json.dumps(entry))
                 if sched["tail"] is not None:  # keep "change/0 … change/n-2 exist" true for n + 1
                     self.store.set(self._key(f"change/{sched['n'] - 1}"), json.dumps(sched["tail"]))
                 new = json.dumps({"grant": sched["grant"], "n": sched["n"] + 1, "tail": entry}).encode()
