@@ -260,3 +260,18 @@ def write_atomic(path: str, text: str) -> None:
     with open(tmp, "w") as f:
         f.write(text)
     os.replace(tmp, path)
+
+
+KEEP_MARKER = "<!-- Everything below this line is hand-written and kept when the benchmark rewrites the report. -->"
+
+
+def kept_analysis(path: str, marker: str = KEEP_MARKER) -> str:
+    """The hand-written part of an existing report (from ``marker`` on), to append to a rewritten one;
+    a new report gets the marker alone."""
+    try:
+        with open(path) as f:
+            old = f.read()
+    except OSError:
+        return "\n" + marker + "\n"
+    at = old.find(marker)
+    return "\n" + (old[at:] if at >= 0 else marker + "\n")
