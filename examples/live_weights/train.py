@@ -23,6 +23,7 @@ import hashlib
 import json
 import logging
 import os
+import shlex
 import shutil
 import time
 from pathlib import Path
@@ -80,7 +81,7 @@ def follow_uri(args, rank: int, out: Path) -> tuple[str, EmbeddedSearch | None]:
         if not args.follow:
             raise SystemExit("--search sidecar needs --follow URI (where the search publishes)")
         return args.follow, None
-    search = EmbeddedSearch.start(args.search_args.split(), out / "search", publish=args.follow or "tcp://127.0.0.1:0",
+    search = EmbeddedSearch.start(shlex.split(args.search_args), out / "search", publish=args.follow or "tcp://127.0.0.1:0",
                                   log_path=out / "search.log")
     return search.uri, search
 
