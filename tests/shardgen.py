@@ -215,3 +215,11 @@ def read_all(source) -> tuple[list[str] | None, list[list[int]] | None]:
         if data.ids is not None:
             ids = (ids or []) + [a.tolist() for a in data.ids]
     return texts, ids
+
+
+def write_ab_sources(root: Path, n_a: int = 60, n_b: int = 60, shards_a: int = 2, shards_b: int = 2) -> dict:
+    """Source "a" (Parquet, docs "a …") and source "b" (WebDataset, docs "b …") under ``root``;
+    returns the ``sources`` mapping of a MixtureStream."""
+    write_parquet_source(root / "a", make_docs(n_a, prefix="a"), shards=shards_a)
+    write_wds_source(root / "b", make_docs(n_b, prefix="b"), shards=shards_b)
+    return {"a": str(root / "a"), "b": str(root / "b" / "*.tar")}

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from shardgen import make_docs, write_parquet_source, write_wds_source
+from shardgen import write_ab_sources
 
 from fastmix_data import MixtureStream
 
@@ -100,8 +100,19 @@ def _descendants(pid: int) -> list[int]:
     return out
 
 
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
 def _kill_job(proc: subprocess.Popen) -> None:
-    """kill -9 of the whole job: the agent, the ranks and their DataLoader workers, at once."""
+    """kill -9 of the whole job: the agent, the ranks and their DataLoader workers, at once (nothing
+    when it has exited: torchrun waits for its ranks)."""
+    if proc.poll() is not None:
+        return
     pids = _descendants(proc.pid)
     for pid in pids:
         try:
@@ -110,7 +121,7 @@ def _kill_job(proc: subprocess.Popen) -> None:
             pass
     proc.wait()
     deadline = time.monotonic() + 30
-    while any(os.path.exists(f"/proc/{pid}") and open(f"/proc/{pid}/stat").read().split()[2] != "Z" for pid in pids):
+    while any(_alive(pid) for pid in pids if pid != proc.pid):
         assert time.monotonic() < deadline, "the job's processes did not die"
         time.sleep(0.05)
 
@@ -131,16 +142,24 @@ def _replay(srcs, history, upto: int) -> dict[int, list[str]]:
             return out
 
 
+@pytest.fixture
+def processes():
+    """Jobs and publishers a test starts; at its end (a failed test too) every process of theirs is
+    killed, ranks and DataLoader workers included (they would train on, orphaned)."""
+    started: list[subprocess.Popen] = []
+    yield started
+    for proc in started:
+        _kill_job(proc)
+
+
 @pytest.mark.slow
-def test_example_job_survives_kill_and_resume_and_a_dead_publisher(tmp_path):
-    write_parquet_source(tmp_path / "a", make_docs(120, prefix="a"), shards=3)
-    write_wds_source(tmp_path / "b", make_docs(120, prefix="b"), shards=3)
-    srcs = {"a": str(tmp_path / "a"), "b": str(tmp_path / "b" / "*.tar")}
+def test_example_job_survives_kill_and_resume_and_a_dead_publisher(tmp_path, processes):
+    srcs = write_ab_sources(tmp_path, 120, 120, shards_a=3, shards_b=3)
     job, log, control, state = tmp_path / "job", tmp_path / "job.log", tmp_path / "control", tmp_path / "search"
     control.mkdir()
     pub, uri = _publisher(state, control)
-
     run1 = _job(srcs, uri, job, log)
+    processes += [pub, run1]
     _until(lambda: len(_rows(job, 0)) >= 3, "the job to train", [run1, pub])
     (control / "publish-1.json").write_text(json.dumps({"a": 0.9, "b": 0.1}))
     _until(lambda: _served(job, 1), "v1 on both ranks", [run1, pub])
@@ -156,6 +175,7 @@ def test_example_job_survives_kill_and_resume_and_a_dead_publisher(tmp_path):
     assert ckpt[0]["step"] == ckpt[1]["step"] >= first_v2
 
     run2 = _job(srcs, uri, job, log, "--resume")
+    processes.append(run2)
     _until(lambda: min(len(_rows(job, r)) for r in (0, 1)) > max(len(before[r]) for r in (0, 1)) + 3,
            "the resumed job to train", [run2, pub])
     (control / "publish-3.json").write_text(json.dumps({"a": 0.5, "b": 0.5}))

@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
-from shardgen import make_docs, write_parquet_source, write_wds_source
+from shardgen import make_docs, write_ab_sources, write_parquet_source
 
 from fastmix_data import MixtureStream
 from fastmix_data.errors import PublishError, WeightsError
@@ -27,10 +27,7 @@ HERE = Path(__file__).parent
 
 @pytest.fixture(scope="module")
 def srcs(tmp_path_factory):
-    root = tmp_path_factory.mktemp("live-data")
-    write_parquet_source(root / "a", make_docs(80, prefix="a"), shards=3)
-    write_wds_source(root / "b", make_docs(80, prefix="b"), shards=2)
-    return {"a": str(root / "a"), "b": str(root / "b" / "*.tar")}
+    return write_ab_sources(tmp_path_factory.mktemp("live-data"), 80, 80, shards_a=3)
 
 
 def _items(batch) -> list:
@@ -176,11 +173,23 @@ def _start_publisher(uri: str, state: Path, control: Path) -> tuple[subprocess.P
     return proc, json.loads(state_file.read_text())["uri"]
 
 
-def test_a_dead_publisher_leaves_the_last_weights_and_a_restarted_one_continues(srcs, tmp_path, caplog):
+@pytest.fixture
+def processes():
+    """Processes a test starts; whatever still runs at its end (a failed test) is killed."""
+    started: list[subprocess.Popen] = []
+    yield started
+    for proc in started:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def test_a_dead_publisher_leaves_the_last_weights_and_a_restarted_one_continues(srcs, tmp_path, caplog, processes):
     caplog.set_level(logging.INFO, logger="fastmix_data.live.follower")
     state, control = tmp_path / "search", tmp_path / "control"
     control.mkdir()
     proc, uri = _start_publisher("tcp://127.0.0.1:0", state, control)
+    processes.append(proc)
     stream = MixtureStream(srcs, W, batch_size=4, seed=3, weight_units="tokens",
                            follow=Follow(uri, poll_s=0.05, dead_after_s=1.0))
     it = iter(stream)
@@ -195,6 +204,7 @@ def test_a_dead_publisher_leaves_the_last_weights_and_a_restarted_one_continues(
     assert got[-1]["weight_version"] == 1 and stream.weights == pytest.approx({"a": 0.8, "b": 0.2})
 
     proc, uri2 = _start_publisher(uri, state, control)  # same address, same search directory
+    processes.append(proc)
     assert uri2 == uri
     (control / "publish-2.json").write_text(json.dumps({"a": 0.3, "b": 0.7}))
     _until(lambda: got[-1]["weight_version"] == 2, "seq 2 to be served", step=lambda: got.append(next(it)))

@@ -11,7 +11,7 @@ import time
 import pytest
 import torch
 import torch.multiprocessing as mp
-from shardgen import make_docs, write_parquet_source, write_wds_source
+from shardgen import write_ab_sources
 
 from fastmix_data import MixtureStream
 from fastmix_data.live import Follow, WeightPublisher
@@ -22,10 +22,7 @@ W = {"a": 0.5, "b": 0.5}
 
 @pytest.fixture(scope="module")
 def srcs(tmp_path_factory):
-    root = tmp_path_factory.mktemp("integrations")
-    write_parquet_source(root / "a", make_docs(60, prefix="a"), shards=2)
-    write_wds_source(root / "b", make_docs(60, prefix="b"), shards=2)
-    return {"a": str(root / "a"), "b": str(root / "b" / "*.tar")}
+    return write_ab_sources(tmp_path_factory.mktemp("integrations"))
 
 
 def _stream(srcs, **kw) -> MixtureStream:

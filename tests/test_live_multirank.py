@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from shardgen import make_docs, write_parquet_source, write_wds_source
+from shardgen import write_ab_sources
 
 from fastmix_data import MixtureStream
 from fastmix_data.live import Follow, WeightPublisher
@@ -106,17 +106,20 @@ def _publish_when_ranks_progress(port: int, pub: WeightPublisher, procs) -> None
 @pytest.mark.slow
 @pytest.mark.parametrize("mode, transport, workers", [("nccl-like", "tcp", 2), ("no-group", "file", 0)])
 def test_two_ranks_follow_without_the_training_group(tmp_path, mode, transport, workers):
-    write_parquet_source(tmp_path / "a", make_docs(60, prefix="a"), shards=3)
-    write_wds_source(tmp_path / "b", make_docs(40, prefix="b"), shards=2)
-    srcs = {"a": str(tmp_path / "a"), "b": str(tmp_path / "b" / "*.tar")}
+    srcs = write_ab_sources(tmp_path, 60, 40, shards_a=3)
     server = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)  # the job's store
     pub = WeightPublisher("tcp://127.0.0.1:0" if transport == "tcp" else str(tmp_path / "pub"), units="samples")
     out = str(tmp_path)
     procs = mp.start_processes(_rank_main, args=(2, server.port, mode, srcs, pub.uri, workers, out), nprocs=2,
                                join=False, start_method="spawn")
-    _publish_when_ranks_progress(server.port, pub, procs)
-    procs.join()
-    pub.close(linger_s=0)
+    try:
+        _publish_when_ranks_progress(server.port, pub, procs)
+        procs.join()
+    finally:  # a failed test leaves no rank running
+        for proc in procs.processes:
+            if proc.is_alive():
+                proc.kill()
+        pub.close(linger_s=0)
     r0, r1 = (torch.load(f"{out}/rank{r}.pt") for r in range(2))
 
     if mode == "nccl-like":
