@@ -41,7 +41,7 @@ def prepare_data(out: Path, seed: int) -> tuple[dict[str, str], Path]:
 
 def search_args(sources: dict[str, str], target: Path, args) -> list[str]:
     argv = ["--target", str(target), "--seq-len", str(args.seq_len), "--batch-size", "8", "--model", "cpu",
-            "--max-tokens", str(args.max_tokens), "--outer-every", "10", "--warmup-steps", "30", "--z-lr", "0.05",
+            "--max-tokens", str(args.max_tokens), "--outer-every", "10", "--warmup-steps", "20", "--z-lr", "0.05",
             "--progress", "false", "--plot", "false"]
     for name, path in sources.items():
         argv += ["--source", f"{name}={path}"]
@@ -65,10 +65,12 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out", default="live_out")
     p.add_argument("--search", choices=("sidecar", "embedded"), default="sidecar")
-    p.add_argument("--max-tokens", type=int, default=400_000, help="search budget in proxy tokens")
+    p.add_argument("--max-tokens", type=int, default=100_000, help="search budget in proxy tokens")
     p.add_argument("--steps", type=int, default=200, help="job steps at least (then until the search is done)")
     p.add_argument("--seq-len", type=int, default=64)
     p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--step-sleep-s", type=float, default=0.05,
+                   help="added to each job step: on 2 shared cores it stands for a GPU step and leaves CPU to the search")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()
     out = Path(args.out).resolve()
@@ -78,7 +80,8 @@ def main() -> None:
     argv = search_args(sources, target, args)
     job = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(HERE / "train.py"),
            "--out", str(out / "job"), "--steps", str(args.steps), "--until-publisher-done", "--seq-len", str(args.seq_len),
-           "--workers", str(args.workers), "--model", "tiny", "--seed", str(args.seed)]
+           "--workers", str(args.workers), "--model", "tiny", "--seed", str(args.seed),
+           "--step-sleep-s", str(args.step_sleep_s)]
     for name, path in sources.items():
         job += ["--source", f"{name}={path}"]
     sidecar = None

@@ -36,7 +36,8 @@ from fastmix_data.plan.weights import normalize_weights
 
 log = logging.getLogger(__name__)
 
-GRANT_TICK_S = 0.002  # how often the grants thread looks at the rank's claims
+GRANT_TICK_S = 0.002  # how often the grants thread looks at the rank's claims (an mmap read)
+IDLE_TICK_S = 0.02  # ... before the stream is first iterated
 
 
 @dataclasses.dataclass
@@ -177,7 +178,7 @@ class Follower:
             self._installed = len(history)
 
     def _grants_loop(self) -> None:
-        while not self._stop.wait(GRANT_TICK_S):
+        while not self._stop.wait(GRANT_TICK_S if self._joined else IDLE_TICK_S):
             try:
                 self.refill()
             except CoordinationError as e:  # the ranks disagree: every claim of this rank raises it
