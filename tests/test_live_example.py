@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -17,7 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from shardgen import write_ab_sources
+from shardgen import make_docs, write_ab_sources, write_parquet_source
 
 from fastmix_data import MixtureStream
 
@@ -213,3 +214,28 @@ def test_example_job_survives_kill_and_resume_and_a_dead_publisher(tmp_path, pro
         again = {row["batch"]: row["digest"] for row in after[r]}
         redone = [row for row in before[r] if row["step"] > ckpt[r]["step"] and row["batch"] < history[3]["batch"]]
         assert redone and all(again[row["batch"]] == row["digest"] for row in redone)
+
+
+@pytest.mark.slow
+def test_example_job_with_the_search_embedded_on_rank_0(tmp_path, processes):
+    """The same job with one flag changed: rank 0 starts the search itself; both ranks follow it and
+    end on its final weights."""
+    srcs = write_ab_sources(tmp_path, 80, 80)
+    write_parquet_source(tmp_path / "target", make_docs(30, seed=3, prefix="a"), shards=1)
+    search = ["--source", f"a={srcs['a']}", "--source", f"b={srcs['b']}", "--target", str(tmp_path / "target"),
+              "--seq-len", str(L), "--batch-size", "4", "--model", "tiny", "--max-steps", "24", "--warmup-steps", "4",
+              "--outer-every", "4", "--progress", "false", "--plot", "false"]
+    job, log = tmp_path / "job", tmp_path / "job.log"
+    run = _job(srcs, "tcp://127.0.0.1:0", job, log, "--search", "embedded", "--search-args", shlex.join(search),
+               "--steps", "5", "--until-publisher-done", "--workers", "0")
+    processes.append(run)
+    assert run.wait(300) == 0, log.read_text(errors="replace")[-3000:]
+    finals = [json.loads((job / f"rank{r}-final.json").read_text()) for r in (0, 1)]
+    assert finals[0]["switches"] == finals[1]["switches"] and len(finals[0]["switches"]) >= 2
+    found = json.loads((job / "search" / "weights.json").read_text())
+    found = found.get("weights", found)
+    last = json.loads((job / "search" / "publisher.json").read_text())["seq"]
+    for f in finals:  # the job ends with the search's final weights (updates a poll apart may be superseded)
+        assert f["weights"] == pytest.approx(found)
+        seqs = [h["publisher"]["seq"] for h in f["history"][1:]]
+        assert seqs == sorted(set(seqs)) and seqs[-1] == last
