@@ -43,6 +43,12 @@ def _until(cond, what: str, timeout: float = 60.0, step=None):
         step() if step is not None else time.sleep(0.01)
 
 
+def _take(it, out: list) -> None:
+    """One more batch, at the pace of a (very short) training step."""
+    out.append(next(it))
+    time.sleep(0.005)
+
+
 def _replay(srcs, history, n, **kw):
     """The first ``n`` batches of a plain stream given ``history``: what a follower must serve."""
     ref = MixtureStream(srcs, W, batch_size=4, seed=3, **kw)
@@ -58,7 +64,7 @@ def test_switch_is_recorded_and_a_resume_replays_it_then_keeps_following(srcs, t
     it = iter(stream.loader(num_workers=2))
     got = [next(it) for _ in range(3)]
     pub.set_weights({"a": 0.9, "b": 0.1})
-    _until(lambda: got[-1]["weight_version"] == 1, "the change to be served", step=lambda: got.append(next(it)))
+    _until(lambda: got[-1]["weight_version"] == 1, "the change to be served", step=lambda: _take(it, got))
     got += [next(it) for _ in range(2)]
     state = stream.state_dict()
     history = state["history"]
@@ -75,7 +81,7 @@ def test_switch_is_recorded_and_a_resume_replays_it_then_keeps_following(srcs, t
     again = [next(rit) for _ in range(4)]
     assert [_items(b) for b in again] == after
     pub.set_weights({"a": 0.2, "b": 0.8})  # the resumed job keeps following
-    _until(lambda: again[-1]["weight_version"] == 2, "the next change", step=lambda: again.append(next(rit)))
+    _until(lambda: again[-1]["weight_version"] == 2, "the next change", step=lambda: _take(rit, again))
     rhist = resumed.state_dict()["history"]
     assert rhist[:2] == history and rhist[2]["publisher"]["seq"] == 2
     assert resumed.stats()["follow"]["duplicates"] == 0  # re-reading seq 1 after the resume is not news
@@ -195,7 +201,7 @@ def test_a_dead_publisher_leaves_the_last_weights_and_a_restarted_one_continues(
     it = iter(stream)
     got = [next(it)]
     (control / "publish-1.json").write_text(json.dumps({"a": 0.8, "b": 0.2}))
-    _until(lambda: got[-1]["weight_version"] == 1, "seq 1 to be served", step=lambda: got.append(next(it)))
+    _until(lambda: got[-1]["weight_version"] == 1, "seq 1 to be served", step=lambda: _take(it, got))
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     _until(lambda: stream.stats()["follow"]["publisher"] == "lost", "the publisher to be reported lost")
@@ -207,7 +213,7 @@ def test_a_dead_publisher_leaves_the_last_weights_and_a_restarted_one_continues(
     processes.append(proc)
     assert uri2 == uri
     (control / "publish-2.json").write_text(json.dumps({"a": 0.3, "b": 0.7}))
-    _until(lambda: got[-1]["weight_version"] == 2, "seq 2 to be served", step=lambda: got.append(next(it)))
+    _until(lambda: got[-1]["weight_version"] == 2, "seq 2 to be served", step=lambda: _take(it, got))
     follow = stream.stats()["follow"]
     assert follow["applied_seq"] == 2 and follow["unreachable"] > 0
     assert any("publisher is back" in r.getMessage() for r in caplog.records)

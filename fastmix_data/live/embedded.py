@@ -20,7 +20,7 @@ from fastmix_data.errors import PublishError
 from fastmix_data.live.publisher import STATE_FILE
 from fastmix_data.stream.distributed import rank_and_world, require_store
 
-URI_KEY = "embedded_search/uri"
+URI_KEY = "embedded_search/{name}/uri"
 
 
 class EmbeddedSearch:
@@ -32,18 +32,21 @@ class EmbeddedSearch:
 
     @classmethod
     def start(cls, search_args: list[str], out_dir: str | os.PathLike, *, publish: str = "tcp://127.0.0.1:0",
-              on_rank: int = 0, log_path: str | os.PathLike | None = None, timeout_s: float = 300.0) -> EmbeddedSearch:
+              on_rank: int = 0, log_path: str | os.PathLike | None = None, timeout_s: float = 300.0,
+              name: str = "search") -> EmbeddedSearch:
         """Start ``fastmix-data search <search_args> --out <out_dir> --publish <publish> --resume`` on
-        rank ``on_rank`` and return, on every rank, once it publishes (a collective).
+        rank ``on_rank`` and return, on every rank, once it publishes (a collective; ``name`` tells
+        several embedded searches of one job apart).
 
         Raises:
             PublishError: the search exited or did not start publishing within ``timeout_s``.
         """
         rank, world = rank_and_world()
         store = require_store(rank, world, "sharing the embedded search's URI") if world > 1 else None
+        key = URI_KEY.format(name=name)
         if rank != on_rank:
-            store.wait([URI_KEY])
-            return cls(store.get(URI_KEY).decode(), None)
+            store.wait([key])
+            return cls(store.get(key).decode(), None)
         state = Path(out_dir) / STATE_FILE
         before = state.stat().st_mtime_ns if state.exists() else -1
         argv = [sys.executable, "-m", "fastmix_data.cli", "search", *search_args, "--out", str(out_dir),
@@ -52,7 +55,7 @@ class EmbeddedSearch:
         process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)
         uri = _wait_for_uri(state, before, process, timeout_s)
         if store is not None:
-            store.set(URI_KEY, uri)
+            store.set(key, uri)
         return cls(uri, process)
 
     def running(self) -> bool:
