@@ -131,7 +131,7 @@ class Follower:
         self._pending: tuple[dict, Any] | None = None  # accepted, waiting for the job to join
         self._joined = False
         self._installed = len(history)
-        self._beat: tuple[str, int] | None = None
+        self._beat: tuple | None = None
         self._beat_at = time.monotonic()
         self.publisher = "unseen"
         self._adopt(history)
@@ -227,7 +227,7 @@ class Follower:
             return True  # the update is checked (and rejected, if need be) on its own
         if self.run_id is not None and doc["run_id"] != self.run_id:
             return True
-        beat = (doc["run_id"], doc["beat"])
+        beat = (doc["run_id"], doc["beat"], doc["time"])  # time too: a restarted publisher counts beats anew
         if beat != self._beat:
             self._beat, self._beat_at = beat, time.monotonic()
             if self.publisher == "lost":
