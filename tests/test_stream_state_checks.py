@@ -53,6 +53,10 @@ def _state(srcs):
         (lambda s: s.update(cursor={"next": 3, "worker": 2, "num_workers": 2}), r"cursor\.worker"),
         (lambda s: s.update(probes=[{"id": 0}]), r"probes\[0\]\.steps"),
         (lambda s: s["history"][0].update(requested={"a": 1.0}), r"history\[0\]\.requested"),
+        (lambda s: s["history"][1].update(publisher={"run_id": "", "seq": 1}), r"history\[1\]\.publisher"),
+        (lambda s: s["history"][1].update(publisher={"run_id": "r", "seq": -1}), r"history\[1\]\.publisher\.seq"),
+        (lambda s: s["history"][1].update(publisher={"run_id": "r", "seq": 1, "published": "x"}),
+         r"history\[1\]\.publisher\.published"),
     ],
 )
 def test_a_bad_field_is_named(srcs, edit, field):

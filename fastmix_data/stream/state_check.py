@@ -91,6 +91,18 @@ def _check_history(history: Any, names: Sequence[str], batch_items: int) -> None
         t = h.get("time", 0.0)
         if not isinstance(t, (int, float)) or isinstance(t, bool) or not math.isfinite(t):
             raise _bad(f"{where}.time", t, "must be a finite number (seconds since the epoch)")
+        if h.get("publisher") is not None:
+            _check_publisher(h["publisher"], f"{where}.publisher")
+
+
+def _check_publisher(pub: Any, where: str) -> None:
+    """A followed change's record of its publication (docs/live.md): run id, seq, publish time."""
+    if not isinstance(pub, Mapping) or not isinstance(pub.get("run_id"), str) or not pub["run_id"]:
+        raise _bad(where, pub, "must be null or {run_id: non-empty string, seq, published}")
+    _int(pub, "seq", where)
+    t = pub.get("published", 0.0)
+    if not isinstance(t, (int, float)) or isinstance(t, bool) or not math.isfinite(t):
+        raise _bad(f"{where}.published", t, "must be a finite number (seconds since the epoch)")
 
 
 def _check_probes(probes: Any, names: Sequence[str]) -> None:
