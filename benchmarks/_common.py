@@ -254,12 +254,10 @@ def markdown_table(header: Sequence[str], rows: Iterable[Sequence[object]], alig
 
 
 def write_atomic(path: str, text: str) -> None:
-    """Write ``text`` to ``path`` via a temporary file and rename."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
+    """Write ``text`` to ``path`` atomically (:func:`fastmix_data.io.write_text_atomic`)."""
+    from fastmix_data.io import write_text_atomic
+
+    write_text_atomic(path, text)
 
 
 KEEP_MARKER = "<!-- Everything below this line is hand-written and kept when the benchmark rewrites the report. -->"

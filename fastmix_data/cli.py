@@ -166,6 +166,28 @@ def cmd_build_corpus(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_index(args: argparse.Namespace) -> int:
+    """Index one source (listing, footers and entries in parallel) and write its index file."""
+    from fastmix_data.sources import index_source
+    from fastmix_data.storage import redact
+
+    options: dict[str, Any] = {"verify": args.verify, "on_corrupt": args.on_corrupt}
+    if args.format:
+        options["format"] = args.format
+    if args.text_field:
+        options["text_field"] = None if args.text_field == "none" else args.text_field
+    if args.ids_field:
+        options["ids_field"] = None if args.ids_field == "none" else args.ids_field
+    if args.cache_dir:
+        options["cache_dir"] = args.cache_dir
+    doc = index_source(args.name or "source", args.spec if len(args.spec) > 1 else args.spec[0], out=args.out, **options)
+    rows = sum(s["rows"] for s in doc["shards"])
+    size = sum(s["size"] for s in doc["shards"])
+    print(f"{redact(args.out)}: {doc['source_format']} index of {len(doc['shards'])} shards, {rows:,} rows, "
+          f"{size:,} bytes under {redact(doc['root'])} ({len(doc['skipped'])} skipped)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fastmix-data", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
@@ -186,6 +208,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True)
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_build_corpus)
+
+    p = sub.add_parser(
+        "index",
+        help="index a source once (local or s3://, gs://, az://, hf://, http(s):// URLs) and write its index "
+        "file, which jobs load with open_source(..., index_file=) instead of listing the store",
+    )
+    p.add_argument("spec", nargs="+", help="directory, glob, shard file or URL (object, prefix or glob); several allowed")
+    p.add_argument("--out", required=True, help="index file to write: a local path or a URL (written atomically)")
+    p.add_argument("--name", help="source name used in messages")
+    p.add_argument("--format", choices=["parquet", "webdataset", "mds", "hf"])
+    p.add_argument("--text-field", help="text column (default text; 'none' to disable)")
+    p.add_argument("--ids-field", help="token-ids column (default input_ids; 'none' to disable)")
+    p.add_argument("--verify", default="auto", choices=["auto", "sha256", "size"],
+                   help="auto: sha256 of local shards, size + ETag/version of remote ones; sha256: hash every "
+                   "shard (downloads remote ones whole); size: no hashing")
+    p.add_argument("--on-corrupt", default="raise", choices=["raise", "skip"])
+    p.add_argument("--cache-dir", help="node-local cache directory (index entries; remote shards under shards/)")
+    p.set_defaults(func=cmd_index)
 
     try:
         from fastmix_data.export.cli_commands import add_export_parsers

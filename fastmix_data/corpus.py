@@ -54,7 +54,7 @@ import pyarrow.parquet as pq
 from tqdm import tqdm
 
 from fastmix_data.errors import SourceError, WeightsError
-from fastmix_data.leftovers import sweep_temp_files
+from fastmix_data.io import atomic_path
 
 __all__ = [
     "CORPUS_FORMAT_VERSION",
@@ -584,21 +584,14 @@ def _assign_splits(
 
 
 # --------------------------------------------------------------------------------------------------
-# Writers (atomic: temporary name in the same folder, then os.replace)
+# Writers (atomic: fastmix_data.io.atomic_path, a temporary name in the same folder, then a rename)
 # --------------------------------------------------------------------------------------------------
 
 
 @contextlib.contextmanager
 def _atomic(path: Path) -> Iterator[Path]:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    sweep_temp_files(path.parent)  # what killed builds left here
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        yield tmp
-        os.replace(tmp, path)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
+    with atomic_path(path) as tmp:
+        yield Path(tmp)
 
 
 def _write_parquet(path: Path, texts: list[str], domains: list[str] | str) -> None:

@@ -34,3 +34,35 @@ def _one_torch_thread():
     import torch
 
     torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="session")
+def moto_endpoint():
+    """A real S3 server (moto's server mode) on 127.0.0.1 and a free port, for the whole session."""
+    from remote_servers import moto_server
+
+    with moto_server() as endpoint:
+        yield endpoint
+
+
+@pytest.fixture
+def s3(moto_endpoint, monkeypatch, request):
+    """The loopback S3 server with fake credentials in the environment (as the AWS chain reads
+    them) and a bucket of this test's own; ``s3.put(local_dir, prefix)`` uploads a directory and
+    returns its ``s3://`` URL."""
+    import hashlib
+
+    from remote_servers import s3_env, upload_dir
+
+    for key, value in s3_env(moto_endpoint).items():
+        monkeypatch.setenv(key, value)
+
+    class S3:
+        endpoint = moto_endpoint
+        bucket = "t-" + hashlib.sha256(request.node.nodeid.encode()).hexdigest()[:20]
+
+        def put(self, local, prefix: str = "data") -> str:
+            upload_dir(self.endpoint, local, self.bucket, prefix)
+            return f"s3://{self.bucket}/{prefix}"
+
+    return S3()

@@ -81,12 +81,15 @@ def test_cache_file_format_and_no_temp_files(tmp_path, index_cache):
     open_source("s", tmp_path / "d")
     (cache_file,) = index_cache.iterdir()
     obj = json.loads(cache_file.read_text())
-    assert obj["version"] == 1 and obj["format"] == "parquet"
+    assert obj["version"] == 2 and obj["format"] == "parquet"
     entry = obj["shards"][str(path)]
     st = os.stat(path)
     assert entry["size"] == st.st_size and entry["mtime_ns"] == st.st_mtime_ns
     assert entry["rows"] == 2 and entry["text_bytes"] == {"text": 8} and entry["columns"] == {"text": "text"}
     assert len(entry["sha256"]) == 64
+    layout = entry["layout"]  # footer and column-chunk byte ranges, rows per row group
+    assert layout["rows"] == [2] and layout["footer"][0] + layout["footer"][1] == st.st_size
+    assert set(layout["chunks"]) == {"text"} and 4 <= layout["chunks"]["text"][0][0] < layout["footer"][0]
 
 
 def test_unreadable_cache_file_is_rebuilt(tmp_path, hash_calls, index_cache):

@@ -1,29 +1,20 @@
-"""Small helpers shared by the exporters: atomic writes, size and budget parsing, path checks."""
+"""Small helpers shared by the exporters: budget parsing, path checks (atomic writes and hashing live
+in :mod:`fastmix_data.io`, byte sizes in :func:`fastmix_data.storage.parse_size`)."""
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
 import json
 import os
 import re
-import tempfile
 from typing import Any
 
 from fastmix_data.errors import ManifestError
-from fastmix_data.leftovers import sweep_temp_files, temp_prefix
+from fastmix_data.storage.cache import parse_size as storage_parse_size
 
-_CHUNK = 1 << 22
 _SCALE = {"": 1, "k": 10**3, "m": 10**6, "b": 10**9, "g": 10**9, "t": 10**12}
-_BYTES = {
-    "": 1, "b": 1,
-    "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
-    "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40,
-}  # fmt: skip
 _BUDGET = re.compile(
     r"^\s*([0-9]+(?:\.[0-9]*)?(?:e[0-9]+)?)\s*([kmbgt]?)\s*[_ ]?\s*(tokens|samples|sequences|items)\s*$", re.I
 )
-_SIZE = re.compile(r"^\s*([0-9]+(?:\.[0-9]*)?)\s*([kmgt]?i?b?)\s*$", re.I)
 BUDGET_UNITS = {"tokens": "tokens", "samples": "items", "sequences": "items", "items": "items"}
 
 
@@ -55,59 +46,16 @@ def parse_budget(budget: str | int) -> tuple[str, int]:
 
 
 def parse_size(size: str | int) -> int:
-    """``"256MB"`` -> 256_000_000, ``"1GiB"`` -> 2**30, an int -> bytes."""
-    if isinstance(size, int) and not isinstance(size, bool):
-        value = size
-    else:
-        match = _SIZE.match(str(size))
-        if not match or match.group(2).lower() not in _BYTES:
-            raise ManifestError(f"cannot parse size {size!r}; use e.g. '256MB', '1GiB' or a number of bytes")
-        value = int(float(match.group(1)) * _BYTES[match.group(2).lower()])
-    if value <= 0:
-        raise ManifestError(f"size {size!r} must be positive")
-    return value
-
-
-def sha256_file(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
+    """``"256MB"`` -> 256_000_000, ``"1GiB"`` -> 2**30, an int -> bytes (ManifestError if invalid)."""
+    try:
+        return storage_parse_size(size)
+    except ValueError as exc:
+        raise ManifestError(str(exc)) from None
 
 
 def canonical_json(obj: Any) -> bytes:
     """Deterministic JSON bytes (sorted keys, no spaces, no NaN) for fingerprints."""
     return json.dumps(obj, sort_keys=True, separators=(",", ":"), allow_nan=False).encode("utf-8")
-
-
-def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> None:
-    """Write ``data`` to a temporary file beside ``path``, fsync it, then ``os.replace``."""
-    path = os.fspath(path)
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    sweep_temp_files(directory)  # what killed writers left here
-    fd, tmp = tempfile.mkstemp(prefix=temp_prefix(path), suffix=".tmp", dir=directory)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-
-
-def write_json_atomic(path: str | os.PathLike, obj: Any, indent: int | None = 1) -> None:
-    """Atomic JSON write that keeps the dict's key order (readable manifests)."""
-    text = json.dumps(obj, indent=indent, allow_nan=False, ensure_ascii=False) + "\n"
-    write_bytes_atomic(path, text.encode("utf-8"))
-
-
-def write_text_atomic(path: str | os.PathLike, text: str) -> None:
-    write_bytes_atomic(path, text.encode("utf-8"))
 
 
 def relative_inside(root: str, path: str, what: str) -> str:

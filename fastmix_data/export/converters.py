@@ -332,7 +332,7 @@ def wids_index(
 
 def convert(manifest: Mapping[str, Any], target: str, out: str | None = None, **options: Any) -> str:
     """Render ``manifest`` for ``target`` (one of TARGETS) as text (written atomically to ``out`` if given)."""
-    from fastmix_data.export._util import write_text_atomic
+    from fastmix_data.io import write_text_atomic
 
     if target == "megatron":
         text = (

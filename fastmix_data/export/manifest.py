@@ -23,21 +23,16 @@ from typing import Any
 import numpy as np
 
 from fastmix_data.errors import ManifestError, WeightsError
-from fastmix_data.export._util import (
-    canonical_json,
-    join_inside,
-    parse_budget,
-    relative_inside,
-    sha256_file,
-    write_json_atomic,
-)
+from fastmix_data.export._util import canonical_json, join_inside, parse_budget, relative_inside
 from fastmix_data.export.manifest_check import check_counts, check_fields
+from fastmix_data.io import sha256_file, write_json_atomic
 from fastmix_data.plan.order import SourceOrder
 from fastmix_data.plan.planner import Exhaustion, MixturePlan, WeightChange
 from fastmix_data.plan.weights import UNITS, check_item_weights, normalize_weights, normalized, to_item_units
 from fastmix_data.sources import check_options, open_source
 from fastmix_data.sources.base import Source
 from fastmix_data.sources.safety import is_pipe
+from fastmix_data.storage import is_url, redact
 
 FORMAT = "fastmix_data/manifest"
 VERSION = 1
@@ -436,10 +431,11 @@ def assemble(
 ) -> dict:
     """Compute the manifest dict from opened sources, their item counts and the plan's inputs."""
     for src in sources:
-        pipes = [s.path for s in src.shards if is_pipe(s.path)]
+        pipes = [s.path for s in src.shards if is_pipe(s.path) or is_url(s.path)]
         if pipes:
             raise ManifestError(
-                f"source {src.name!r} reads a pipe: URL ({pipes[0]}); manifests list local files only"
+                f"source {src.name!r} reads {redact(pipes[0])}, which is not a local file; manifests list "
+                "local files only (download the shards, or open them from local disk)"
             )
     if root is None:
         dirs = [os.path.dirname(s.path) for src in sources for s in src.shards]

@@ -36,9 +36,10 @@ import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
 from fastmix_data.errors import ManifestError, SourceError
-from fastmix_data.export._util import canonical_json, parse_size, sha256_file, write_json_atomic
+from fastmix_data.export._util import canonical_json, parse_size
 from fastmix_data.export.from_manifest import manifest_plan, manifest_sources
 from fastmix_data.export.manifest import load_manifest
+from fastmix_data.io import publish_file, sha256_file, write_json_atomic
 from fastmix_data.sources.arrow import integers, value_lengths
 from fastmix_data.sources.source import check_unchanged
 
@@ -534,11 +535,9 @@ def _write_one(i: int, progress: Any = None) -> dict:
             inner = os.path.join(tmp, entry["raw_data"]["basename"])
             entry["raw_data"]["basename"] = name
             tmp_dir, tmp = tmp, inner
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
         digest = sha256_file(tmp)
         size = os.path.getsize(tmp)
-        os.replace(tmp, final)
+        publish_file(tmp, final)
     finally:
         if layout.format == "mds" and entry is not None:
             shutil.rmtree(tmp_dir, ignore_errors=True)

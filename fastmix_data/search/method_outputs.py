@@ -18,7 +18,8 @@ from pathlib import Path
 
 from torch import nn
 
-from ..leftovers import sweep_temp_files
+from fastmix_data.io import write_text_atomic
+
 from .trainer import TRAJECTORY_FILE, write_json
 
 WEIGHTS_FILE = "weights.json"
@@ -31,12 +32,7 @@ PLOT_FILE = "trajectory.png"
 def _write_jsonl(path: Path, records: list[dict]) -> None:
     from .trainer import _clean, _json_default
 
-    sweep_temp_files(path.parent)  # what killed runs left here
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "w") as f:
-        for r in records:
-            f.write(json.dumps(_clean(r), default=_json_default) + "\n")
-    os.replace(tmp, path)
+    write_text_atomic(path, "".join(json.dumps(_clean(r), default=_json_default) + "\n" for r in records))
 
 
 def plot_weights(records: list[dict], names: list[str], path: str | os.PathLike, *, title: str,

@@ -43,7 +43,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..leftovers import sweep_temp_files
+from fastmix_data.io import atomic_path
+
 from .compute import ComputeMeter
 from .hypergrad import token_losses
 from .method_outputs import COMPUTE_FILE as COMPUTE_FILE
@@ -265,10 +266,8 @@ class ProxyCache:
         if self.dir is not None:
             d = self.dir / key
             d.mkdir(parents=True, exist_ok=True)
-            sweep_temp_files(d)  # what killed runs left here
-            tmp = d / f".model.pt.tmp{os.getpid()}"
-            torch.save({k: v.cpu() for k, v in model.state_dict().items()}, tmp)
-            os.replace(tmp, d / "model.pt")
+            with atomic_path(d / "model.pt") as tmp:
+                torch.save({k: v.cpu() for k, v in model.state_dict().items()}, tmp)
             write_json(d / "meta.json", {"description": dict(description), "compute": compute})
         return model, compute, False
 

@@ -37,8 +37,9 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 from torch import nn
 
+from fastmix_data.io import atomic_path, write_bytes_atomic
+
 from ..errors import ConfigError
-from ..leftovers import sweep_temp_files
 from .config_types import type_problems
 from .fastmix import SIGNALS, FastMix
 from .hypergrad import (
@@ -320,14 +321,7 @@ class SearchResult:
 
 
 def _atomic_write(path: Path, data: str | bytes) -> None:
-    sweep_temp_files(path.parent)  # what killed runs left here
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    mode = "wb" if isinstance(data, bytes) else "w"
-    with open(tmp, mode) as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    write_bytes_atomic(path, data if isinstance(data, bytes) else data.encode("utf-8"))
 
 
 def _json_default(o):
@@ -946,10 +940,8 @@ def run_search(
             "rng": {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None},
             "data": data.state_dict() if callable(getattr(data, "state_dict", None)) else None,
         }
-        sweep_temp_files(ckpt_path.parent)
-        tmp = ckpt_path.with_name(f".{ckpt_path.name}.tmp{os.getpid()}")
-        torch.save(ck, tmp)
-        os.replace(tmp, ckpt_path)
+        with atomic_path(ckpt_path) as tmp:
+            torch.save(ck, tmp)
         outs.flush()
         st["time"]["io"] += time.perf_counter() - t0
 

@@ -18,6 +18,7 @@ from fastmix_data.sources.arrow import needed_columns, schema_kinds, shard_data_
 from fastmix_data.sources.base import ShardData
 from fastmix_data.sources.reader import Columns, NamedColumnsReader, ShardStats
 from fastmix_data.sources.safety import inside_root
+from fastmix_data.storage import ShardFiles, is_url, redact, urls
 
 MARKERS = ("state.json", "dataset_info.json")
 
@@ -26,8 +27,11 @@ def is_hf_dir(path: str) -> bool:
     return any(os.path.isfile(os.path.join(path, m)) for m in MARKERS)
 
 
-def hf_shard_paths(root: str) -> list[str]:
-    """The Arrow files of a ``save_to_disk`` directory, as ``load_from_disk`` would find them."""
+def hf_shard_paths(root: str, remote=None) -> list[str]:
+    """The Arrow files of a ``save_to_disk`` directory (or URL prefix, read with ``remote``, a
+    :class:`fastmix_data.storage.RemoteFS`), as ``load_from_disk`` would find them."""
+    if is_url(root):
+        return _remote_shard_paths(root, remote)
     if os.path.isfile(os.path.join(root, "dataset_dict.json")):
         splits = sorted(d for d in os.listdir(root) if is_hf_dir(os.path.join(root, d)))
         raise SourceError(
@@ -48,6 +52,17 @@ def hf_shard_paths(root: str) -> list[str]:
 
 
 EOS = b"\xff\xff\xff\xff\x00\x00\x00\x00"  # the Arrow IPC stream's end-of-stream marker
+
+
+def _remote_shard_paths(root: str, remote) -> list[str]:
+    from fastmix_data.storage import RemoteFS
+
+    state = urls.join(root, "state.json")
+    try:
+        files = [entry["filename"] for entry in json.loads((remote or RemoteFS()).read(state))["_data_files"]]
+    except (ValueError, KeyError, TypeError) as exc:
+        raise SourceError(f"cannot parse {redact(state)} ({exc}); re-save the dataset with Dataset.save_to_disk") from exc
+    return sorted(urls.join(root, name) for name in files)
 
 
 def _read_table(path: str) -> pa.Table:
@@ -73,9 +88,11 @@ class HFReader(NamedColumnsReader):
 
     format = "hf"
     extensions = (".arrow",)
+    files = ShardFiles()  # set per source by open_source
 
     def inspect(self, path: str) -> ShardStats:
-        table = _read_table(path)
+        with self.files.local_file(path) as local:
+            table = _read_table(local)
         kinds = schema_kinds(table.schema)
         return stats_from_table(path, table, kinds, self.text_candidates, self.ids_candidates)
 
@@ -84,7 +101,8 @@ class HFReader(NamedColumnsReader):
 
     def read_table(self, path: str, columns: Columns):
         """The needed columns as an Arrow table."""
-        return _read_table(path).select(needed_columns(columns))
+        with self.files.local_file(path) as local:
+            return _read_table(local).select(needed_columns(columns))
 
     def check_safe(self, path: str, stats: ShardStats) -> None:
         """Arrow files never need pickle."""

@@ -25,12 +25,19 @@ from fastmix_data.sources.base import ShardData
 from fastmix_data.sources.mds_compat import import_streaming
 from fastmix_data.sources.reader import IDS, TEXT, Candidate, Columns, ShardStats, candidates
 from fastmix_data.sources.safety import inside_root
+from fastmix_data.storage import ShardFiles, is_url, redact, urls
 
 INDEX = "index.json"
 
 
-def load_index(root: str) -> list[dict[str, Any]]:
-    """The shard entries of ``root/index.json`` (parsed once per process while the file is unchanged)."""
+_REMOTE_INDEXES: dict[str, list[dict[str, Any]]] = {}
+
+
+def load_index(root: str, remote=None) -> list[dict[str, Any]]:
+    """The shard entries of ``root/index.json`` (parsed once per process while the file is unchanged;
+    for a URL root, once per process, read with ``remote``, a :class:`fastmix_data.storage.RemoteFS`)."""
+    if is_url(root):
+        return _load_remote_index(root, remote)
     path = os.path.join(root, INDEX)
     try:
         st = os.stat(path)
@@ -56,18 +63,41 @@ def _load_index(path: str, mtime_ns: int, size: int) -> list[dict[str, Any]]:
     return shards
 
 
-def _shard_basename(root: str, entry: dict[str, Any]) -> str:
+def _load_remote_index(root: str, remote) -> list[dict[str, Any]]:
+    url = urls.join(root, INDEX)
+    hit = _REMOTE_INDEXES.get(url)
+    if hit is not None:
+        return hit
+    from fastmix_data.storage import RemoteFS
+
+    try:
+        obj = json.loads((remote or RemoteFS()).read(url))
+        shards = obj["shards"]
+        if obj.get("version") != 2 or not isinstance(shards, list):
+            raise ValueError(f"unsupported index version {obj.get('version')!r}")
+    except (ValueError, KeyError, TypeError) as exc:
+        raise SourceError(f"cannot read MDS index {redact(url)} ({exc}); re-create it with streaming.MDSWriter") from exc
+    _REMOTE_INDEXES[url] = shards
+    return shards
+
+
+def _shard_basename(root: str, entry: dict[str, Any], present=None) -> str:
     raw = entry.get("raw_data") or {}
     zipped = entry.get("zip_data") or {}
-    if raw.get("basename") and (os.path.exists(os.path.join(root, raw["basename"])) or not zipped):
+    exists = (lambda name: urls.join(root, name) in present) if present is not None else (
+        lambda name: os.path.exists(os.path.join(root, name)))
+    if raw.get("basename") and (exists(raw["basename"]) or not zipped):
         return raw["basename"]
     if zipped.get("basename"):
         return zipped["basename"]
     raise SourceError(f"an entry of {os.path.join(root, INDEX)} names no shard file; re-create the index")
 
 
-def mds_shard_locations(root: str) -> dict[str, tuple[str, int]]:
-    """Absolute shard path -> (dataset root, position in index.json), for one MDS directory."""
+def mds_shard_locations(root: str, remote=None, present=None) -> dict[str, tuple[str, int]]:
+    """Absolute shard path (or URL) -> (dataset root, position in index.json), for one MDS directory
+    or URL prefix (``present``: the URLs listed under it, to tell raw from compressed shard files)."""
+    if is_url(root):
+        return _remote_locations(root.rstrip("/"), remote, present or set())
     root = os.path.abspath(root)
     entries = load_index(root)
     out: dict[str, tuple[str, int]] = {}
@@ -77,6 +107,17 @@ def mds_shard_locations(root: str) -> dict[str, tuple[str, int]]:
                 f"shard {i} of {os.path.join(root, INDEX)} has format {entry.get('format')!r}; only 'mds' is supported"
             )
         out[inside_root(root, _shard_basename(root, entry))] = (root, i)
+    return out
+
+
+def _remote_locations(root: str, remote, present) -> dict[str, tuple[str, int]]:
+    out: dict[str, tuple[str, int]] = {}
+    for i, entry in enumerate(load_index(root, remote)):
+        if entry.get("format") != "mds":
+            raise SourceError(
+                f"shard {i} of {redact(urls.join(root, INDEX))} has format {entry.get('format')!r}; only 'mds' is supported"
+            )
+        out[urls.join(root, _shard_basename(root, entry, present))] = (root, i)
     return out
 
 
@@ -110,6 +151,7 @@ class MDSReader:
 
     format = "mds"
     extensions = (".mds",)
+    files = ShardFiles()  # set per source by open_source
 
     def __init__(
         self,
@@ -135,7 +177,7 @@ class MDSReader:
             root, position = self.locations[path]
         except KeyError:
             raise SourceError(f"{path} is not listed in any MDS index.json of this source") from None
-        return root, load_index(root)[position]
+        return root, load_index(root, self.files.storage.remote if self.files.storage else None)[position]
 
     def _decoded(self, path: str) -> tuple[dict[str, Any], list[dict[str, Any]]]:
         """(index entry, decoded samples) of one shard file."""
@@ -143,8 +185,7 @@ class MDSReader:
         root, entry = self._entry(path)
         reader = fmt.reader_from_json(root, None, entry)
         self._check_encodings(path, dict(zip(reader.column_names, reader.column_encodings)))
-        with open(path, "rb") as f:
-            data = f.read()
+        data = self.files.read_bytes(path)
         raw_info = entry.get("raw_data") or {}
         if os.path.basename(path) != os.path.basename(raw_info.get("basename", "")):
             data = import_streaming().base.compression.decompress(entry["compression"], data)

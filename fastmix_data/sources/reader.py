@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from fastmix_data.sources.base import ShardData
+from fastmix_data.storage import ShardFiles
 
 TEXT = "text"
 IDS = "ids"
@@ -46,20 +47,26 @@ class ShardStats:
         columns: every column name -> kind (``"text"``, ``"ids"`` or a type name).
         text_bytes: for each text-kind candidate column, the UTF-8 byte count summed over rows.
         ids_tokens: for each ids-kind candidate column, the sequence lengths summed over rows.
+        layout: Parquet only: where the footer and each row group's column chunks lie in the file
+            (see :func:`fastmix_data.sources.parquet.layout_of`); None for other formats.
     """
 
     rows: int
     columns: dict[str, str]
     text_bytes: dict[str, int] = field(default_factory=dict)
     ids_tokens: dict[str, int] = field(default_factory=dict)
+    layout: dict[str, Any] | None = None
 
     def to_json(self) -> dict[str, Any]:
-        return {
+        out = {
             "rows": self.rows,
             "columns": self.columns,
             "text_bytes": self.text_bytes,
             "ids_tokens": self.ids_tokens,
         }
+        if self.layout is not None:
+            out["layout"] = self.layout
+        return out
 
     @classmethod
     def from_json(cls, obj: dict[str, Any]) -> ShardStats:
@@ -68,6 +75,7 @@ class ShardStats:
             columns={str(k): str(v) for k, v in obj["columns"].items()},
             text_bytes={str(k): int(v) for k, v in obj["text_bytes"].items()},
             ids_tokens={str(k): int(v) for k, v in obj["ids_tokens"].items()},
+            layout=obj.get("layout"),
         )
 
 
@@ -87,9 +95,15 @@ class Columns:
 
 
 class ShardReader(Protocol):
-    """One format's reader. Implementations hold configuration only (picklable, no open files)."""
+    """One format's reader. Implementations hold configuration only (picklable, no open files).
+
+    Readers get a shard's bytes from ``files`` (a :class:`fastmix_data.storage.ShardFiles`), never
+    from ``open`` or fsspec directly, so that local paths and URLs read alike (remote shards through
+    the node-local cache, checked against their indexed identity).
+    """
 
     format: str
+    files: ShardFiles
     text_candidates: tuple[Candidate, ...]
     ids_candidates: tuple[Candidate, ...]
 
@@ -126,6 +140,8 @@ def candidates(field_name: str | None, default: str, aliases: tuple[str, ...] = 
 class NamedColumnsReader:
     """Configuration shared by readers of named columns (Parquet, HF Arrow): the text and ids
     column candidates. Holds configuration only, so readers stay picklable."""
+
+    files = ShardFiles()  # set per source by open_source (remote shards); local reads need nothing
 
     def __init__(self, text_field: str | None = "text", ids_field: str | None = "input_ids", **_: Any):
         self.text_candidates: tuple[Candidate, ...] = candidates(text_field, "text")

@@ -1,8 +1,9 @@
-"""Safety checks on source specs: local paths only, no escaping the dataset root, no pickle.
+"""Safety checks on source specs: nothing that executes, no escaping the dataset root, no pickle.
 
-Opting in (``allow_unsafe=True``) enables ``pipe:`` URLs (a shell command whose stdout is a tar) and
-pickled members/columns. Remote schemes (``http:``, ``s3:`` ...) are never read directly: download
-the shards, or wrap the download in a ``pipe:`` command and opt in.
+URLs (``s3://``, ``gs://``, ``az://``, ``hf://``, ``http(s)://`` ...) are data: they are read through
+:mod:`fastmix_data.storage` without any opt-in, but one carrying credentials is refused (they would
+end up in states, manifests and logs). Opting in (``allow_unsafe=True``) enables only ``pipe:`` URLs
+(a shell command whose stdout is a tar) and pickled members/columns.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import os
 import re
 
 from fastmix_data.errors import UnsafeInputError
+from fastmix_data.storage.urls import check_no_credentials
 
 PIPE_PREFIX = "pipe:"
 FILE_PREFIX = "file://"
@@ -24,10 +26,11 @@ def is_pipe(path: str) -> bool:
 
 
 def check_location(spec: str, allow_unsafe: bool) -> str:
-    """Return the local path for ``spec`` (``file://`` stripped), or the ``pipe:`` URL when allowed.
+    """Return the local path for ``spec`` (``file://`` stripped), the URL, or the ``pipe:`` URL when
+    allowed.
 
     Raises:
-        UnsafeInputError: a ``pipe:`` URL without ``allow_unsafe``, or any other URL scheme.
+        UnsafeInputError: a ``pipe:`` URL without ``allow_unsafe``; a URL with credentials in it.
     """
     if spec.startswith(FILE_PREFIX):
         return spec[len(FILE_PREFIX) :]
@@ -38,12 +41,8 @@ def check_location(spec: str, allow_unsafe: bool) -> str:
                 "open_source if you trust it (WebDataset sources only)"
             )
         return spec
-    match = _SCHEME.match(spec)
-    if match:
-        raise UnsafeInputError(
-            f"{spec!r} uses the URL scheme {match.group(1)!r}; only local files are read. Download "
-            "the shards first, or wrap the download in a 'pipe:' command and pass allow_unsafe=True"
-        )
+    if _SCHEME.match(spec):
+        check_no_credentials(spec)
     return spec
 
 

@@ -18,6 +18,8 @@ from fastmix_data.sources.arrow import shard_data_from_table, table_from_shard_d
 from fastmix_data.sources.base import ShardData, ShardInfo
 from fastmix_data.sources.reader import Columns, ShardReader
 from fastmix_data.sources.safety import is_pipe
+from fastmix_data.storage import Storage, is_url, redact
+from fastmix_data.storage.urls import common_dir, relative_name
 
 
 def check_unchanged(info: ShardInfo, where: str, since: str, advice: str = "") -> None:
@@ -42,6 +44,7 @@ class ShardedSource:
         shards: readable shards in path order, with rows, tokens, bytes and sha256.
         columns: the text/ids/extra columns read from every shard.
         skipped: ``(path, reason)`` of shards left out by ``on_corrupt="skip"``.
+        storage: remote settings (cache, prefetch, retries) when any shard is a URL, else None.
     """
 
     def __init__(
@@ -52,6 +55,7 @@ class ShardedSource:
         reader: ShardReader,
         columns: Columns,
         skipped: Sequence[tuple[str, str]] = (),
+        storage: Storage | None = None,
     ):
         self.name = name
         self.format = format
@@ -59,6 +63,12 @@ class ShardedSource:
         self.reader = reader
         self.columns = columns
         self.skipped = list(skipped)
+        self.storage = storage
+
+    @property
+    def remote(self) -> bool:
+        """True when the shards are URLs (read through the storage layer)."""
+        return self.storage is not None and any(is_url(s.path) for s in self.shards[:1])
 
     @property
     def rows(self) -> int:
@@ -109,10 +119,53 @@ class ShardedSource:
             index, lambda path: shard_data_from_table(table, self.columns, path, raw_text), stat=False
         )
 
+    # ------------------------------------------------------------------ remote: prefetch
+    def _request(self, index: int):
+        """(cache key, bytes, fetch job) of what `read_shard` fetches for a remote shard."""
+        path = self.shards[index].path
+        ranges = None
+        if self.format == "parquet":
+            ranges = self.reader.ranges(path, self.columns)  # type: ignore[attr-defined]
+        return self.reader.files.cache_request(path, ranges)
+
+    def fetch_bytes(self, index: int) -> int:
+        """Bytes `read_shard` downloads for shard ``index`` (Parquet: footer and needed column chunks)."""
+        return self._request(index)[1] if self.remote else 0
+
+    def prefetch(self, indices: Sequence[int], after: Sequence[str] = ()) -> list[str]:
+        """Fetch these shards into the node-local cache in the background, in this order, once the
+        cache entries ``after`` are fetched (the stream's block hook calls it; see
+        :mod:`fastmix_data.storage.prefetch`). Returns their cache keys. No-op (``[]``) for local
+        sources or without a cache."""
+        if not self.remote or self.storage.cache is None:  # type: ignore[union-attr]
+            return []
+        from fastmix_data.storage.prefetch import prefetcher
+
+        pool = prefetcher()
+        cache = self.storage.cache  # type: ignore[union-attr]
+        keys = []
+        for i in indices:
+            key, _, job = self._request(i)
+            keys.append(key)
+            if pool.holds(key):
+                continue
+            pin = cache.pin(key)  # already on this node: pin it here, no background job (warm cache)
+            if pin is not None:
+                pool.keep(key, pin)
+            else:
+                pool.submit(key, job, after)
+        return keys
+
+    def _release(self, index: int) -> None:
+        if self.remote and self.storage.cache is not None:  # type: ignore[union-attr]
+            from fastmix_data.storage.prefetch import prefetcher
+
+            prefetcher().release(self._request(index)[0])
+
     def _checked(self, index: int, read, rows=lambda data: data.rows, stat: bool = True):
         info = self.shards[index]
-        where = f"shard {info.path} of source {self.name!r}"
-        if stat and not is_pipe(info.path):
+        where = f"shard {redact(info.path)} of source {self.name!r}"
+        if stat and not is_pipe(info.path) and not is_url(info.path):
             check_unchanged(info, where, "it was indexed", "; re-open the source to re-index it")
         try:
             data = read(info.path)
@@ -122,6 +175,9 @@ class ShardedSource:
             raise SourceError(
                 f"{where} is unreadable ({type(exc).__name__}: {exc}); replace the file"
             ) from exc
+        finally:
+            if stat:
+                self._release(index)
         if rows(data) != info.rows:
             raise SourceError(
                 f"{where} has {rows(data)} rows but was indexed with {info.rows}; re-open the source"
@@ -129,11 +185,20 @@ class ShardedSource:
         return data
 
     def fingerprint(self) -> str:
-        """Hex sha256 of (format, columns, shard paths, sizes, sha256s); the name is not included."""
+        """Hex sha256 of (format, columns, and per shard: its name relative to the shards' common
+        directory or URL prefix, bytes, rows, tokens, sha256 or ``""``); the source name is not
+        included. Independent of where the shards live, so the same files on local disk, in S3 or
+        over http give the same fingerprint when both were indexed alike (both with sha256, or both
+        without: ``verify="size"``)."""
+        paths = [s.path for s in self.shards]
+        root = None if any(is_pipe(p) for p in paths) else common_dir(paths)
         obj = {
             "format": self.format,
             "columns": [self.columns.text, self.columns.ids, list(self.columns.extra)],
-            "shards": [[s.path, s.bytes, s.sha256] for s in self.shards],
+            "shards": [
+                [s.path if root is None else relative_name(s.path, root), s.bytes, s.rows, s.tokens, s.sha256]
+                for s in self.shards
+            ],
         }
         return hashlib.sha256(json.dumps(obj, separators=(",", ":")).encode()).hexdigest()
 

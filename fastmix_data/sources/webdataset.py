@@ -29,6 +29,7 @@ from fastmix_data.sources.base import ShardData
 from fastmix_data.sources.reader import IDS, TEXT, Candidate, Columns, ShardStats, candidates
 from fastmix_data.sources.safety import is_pipe, unsafe_member
 from fastmix_data.sources.tarscan import iter_members
+from fastmix_data.storage import ShardFiles
 
 # The header np.save writes for a 1-D integer array; anything else goes through np.load.
 _NPY_1D_INT = re.compile(
@@ -48,8 +49,9 @@ def _ids_candidates(ids_field: str | None) -> tuple[Candidate, ...]:
     return tuple(Candidate(n, lenient=True) for n in names)
 
 
-def read_bytes(path: str) -> bytes:
-    """The raw bytes of a local tar, or of a ``pipe:`` command's stdout (already allowed)."""
+def read_bytes(path: str, files: ShardFiles | None = None) -> bytes:
+    """The raw bytes of a tar (local, or remote through ``files``), or of a ``pipe:`` command's
+    stdout (already allowed)."""
     if is_pipe(path):
         from webdataset.gopen import gopen
 
@@ -58,6 +60,8 @@ def read_bytes(path: str) -> bytes:
             return stream.read()
         finally:
             stream.close()  # checks the command's exit status
+    if files is not None:
+        return files.read_bytes(path)
     with open(path, "rb") as f:
         return f.read()
 
@@ -145,6 +149,7 @@ class WebDatasetReader:
 
     format = "webdataset"
     extensions = (".tar",)
+    files = ShardFiles()  # set per source by open_source
 
     def __init__(
         self,
@@ -168,10 +173,10 @@ class WebDatasetReader:
 
     def fetch(self, path: str) -> bytes:
         """The shard's raw bytes (used to index ``pipe:`` shards, which cannot be read twice cheaply)."""
-        return read_bytes(path)
+        return read_bytes(path, self.files)
 
     def inspect(self, path: str) -> ShardStats:
-        return self.inspect_data(path, read_bytes(path))
+        return self.inspect_data(path, read_bytes(path, self.files))
 
     def inspect_data(self, path: str, data: bytes) -> ShardStats:
         text_names = {c.name for c in self.text_candidates}
@@ -214,7 +219,7 @@ class WebDatasetReader:
         texts: list[str] | None = [] if columns.text else None
         ids: list[np.ndarray] | None = [] if columns.ids else None
         extra: dict[str, list] = {n: [] for n in columns.extra}
-        for sample in samples(path, read_bytes(path), suffixes=set(wanted)):
+        for sample in samples(path, read_bytes(path, self.files), suffixes=set(wanted)):
             missing = [n for n in wanted if n not in sample]
             if missing:
                 raise SourceError(f"sample {sample['__key__']!r} of {path} has no member {missing[0]!r}")

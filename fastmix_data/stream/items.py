@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from fastmix_data.errors import SourceError
-from fastmix_data.leftovers import sweep_temp_files
+from fastmix_data.io import write_json_atomic
 from fastmix_data.plan.order import _permutation, stable_key
 from fastmix_data.sources.base import ShardData, Source
 from fastmix_data.stream.tokenize import ByteTokenizer, CallableTokenizer
@@ -149,12 +149,7 @@ class ItemSource:
                 changed = True
             out.append(cached[key])
         if changed and cache_file:
-            os.makedirs(os.path.dirname(cache_file), exist_ok=True)
-            sweep_temp_files(os.path.dirname(cache_file))  # what killed writers left here
-            tmp = os.path.join(os.path.dirname(cache_file), f".{os.path.basename(cache_file)}.tmp{os.getpid()}")
-            with open(tmp, "w") as f:
-                json.dump(cached, f)
-            os.replace(tmp, cache_file)
+            write_json_atomic(cache_file, cached, indent=None, fsync=False)  # a cache: losing it costs a recount
         return out
 
     def _token_cache_path(self) -> str | None:

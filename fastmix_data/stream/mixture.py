@@ -31,6 +31,7 @@ from fastmix_data.plan.planner import Exhaustion, MixturePlan, PlanSlice, Weight
 from fastmix_data.plan.weights import UNITS, normalize_weights, to_item_units
 from fastmix_data.sources import check_options, open_source
 from fastmix_data.sources.base import Source
+from fastmix_data.storage.prefetch import prefetch_block
 from fastmix_data.stream.batch_ring import RingReader, RingWriter, ring_directory
 from fastmix_data.stream.channel import WeightChannel
 from fastmix_data.stream.distributed import Coordinator, rank_and_world, stream_namespace, worker_and_count
@@ -309,6 +310,7 @@ class MixtureStream(torch.utils.data.IterableDataset):
                 indices = [g + j * workers for j in range(block)]
                 block = min(2 * block, self.block_batches)
                 sl = self._plan_block(indices)
+                prefetch_block(self.sources, self.plan.orders, sl)  # remote sources: fetch this block's and the next shards
                 whole = indices[: len(sl.position) // self.batch_size]
                 ahead.extend(self._materialise(sl, whole, rotation=(worker, workers)))
                 if not ahead:

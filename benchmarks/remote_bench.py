@@ -1,0 +1,411 @@
+"""Remote streaming benchmark: fastmix_data over a loopback S3 server with injected latency, against
+MosaicML Streaming (MDS with ``remote=``) and litdata (its optimized format), and against itself on
+local disk; plus the index benchmark (100,000 shards: index time and memory, then planning the first
+block from the index file).
+
+Setup (all on 127.0.0.1, free ports): moto's S3 server in a child process; a proxy in another child
+process that adds ``--latency`` seconds (default 20 ms) to every request; the same rows written as
+Parquet (fastmix), MDS (``streaming.MDSWriter``) and litdata chunks (``litdata.optimize``), uploaded
+with boto3. Every contender reads one epoch through the proxy with a 2-worker torch DataLoader and a
+fresh local cache (cold); fastmix also runs again on its filled cache (warm) and from local disk.
+Contenders run interleaved, in a seeded random order per repetition.
+
+    python benchmarks/remote_bench.py                    # full run -> benchmarks/results/remote.md
+    python benchmarks/remote_bench.py --quick            # smoke run (small data, 1 repetition, 2,000 index shards)
+
+Reported per contender: samples/s over the epoch, time to first batch, bytes fetched through the
+proxy (shard objects only; listings and index files apart), bytes the cache holds afterwards.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(HERE.parent / "tests"))
+
+import _common  # noqa: E402
+from remote_servers import (  # noqa: E402
+    http_process,
+    moto_process,
+    proxy_counters,
+    proxy_process,
+    s3_env,
+    upload_dir,
+)
+
+BUCKET = "bench"
+WORDS = ("alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu nu xi omicron pi rho sigma tau "
+         "upsilon phi chi psi omega data mixture stream shard cache prefetch weight token model").split()
+
+
+def make_docs(n: int, seed: int = 0) -> list[str]:
+    rng = random.Random(seed)
+    return [f"doc {i}: " + " ".join(rng.choice(WORDS) for _ in range(rng.randint(40, 200))) for i in range(n)]
+
+
+# ----------------------------------------------------------------------------------------- data
+def write_copies(work: Path, docs: list[str], shards: int) -> None:
+    """Parquet (fastmix), MDS (Mosaic) and litdata copies of ``docs`` under ``work``."""
+    from shardgen import write_mds_source, write_parquet_source
+
+    if (work / "data.json").exists() and json.loads((work / "data.json").read_text()) == [len(docs), shards]:
+        return
+    shutil.rmtree(work / "pq", ignore_errors=True)
+    shutil.rmtree(work / "mds", ignore_errors=True)
+    shutil.rmtree(work / "lit", ignore_errors=True)
+    write_parquet_source(work / "pq", docs, shards=shards)
+    write_mds_source(work / "mds", docs, shards=shards)
+    import litdata
+
+    per_chunk = -(-len(docs) // shards)
+    # start_method="fork": optimize() otherwise switches the whole process to "spawn" (force=True),
+    # and every later DataLoader would start its workers from scratch
+    litdata.optimize(fn=_lit_item, inputs=docs, output_dir=str(work / "lit"), chunk_size=per_chunk, num_workers=1,
+                     verbose=False, mode="overwrite", start_method="fork")
+    (work / "data.json").write_text(json.dumps([len(docs), shards]))
+
+
+def _lit_item(doc: str) -> dict:
+    return {"text": doc}
+
+
+# ----------------------------------------------------------------------------------------- contenders
+def _epoch(loader, samples: int, count) -> tuple[float, float, int]:
+    """(seconds to the first batch, seconds for the epoch, samples seen)."""
+    t0 = time.perf_counter()
+    first = None
+    seen = 0
+    for batch in loader:
+        if first is None:
+            first = time.perf_counter() - t0
+        seen += count(batch)
+        if seen >= samples:
+            break
+    return first or float("nan"), time.perf_counter() - t0, seen
+
+
+def run_fastmix(spec: dict, samples: int, workers: int, seed: int):
+    from fastmix_data.stream.mixture import MixtureStream
+
+    stream = MixtureStream({"pq": spec}, {"pq": 1.0}, batch_size=32, seed=seed)
+    try:
+        return _epoch(stream.loader(num_workers=workers), samples, lambda b: len(b["text"]))
+    finally:
+        stream.close()
+
+
+def run_mosaic(remote: str, local: str, samples: int, workers: int, seed: int):
+    import torch
+
+    from fastmix_data.sources.mds_compat import import_streaming
+
+    streaming = import_streaming()
+    streaming.base.util.clean_stale_shared_memory()
+    ds = streaming.StreamingDataset(remote=remote, local=local, shuffle=True, shuffle_seed=seed, batch_size=32)
+    loader = torch.utils.data.DataLoader(ds, batch_size=32, num_workers=workers)
+    return _epoch(loader, samples, lambda b: len(b["text"]))
+
+
+def run_litdata(remote: str, cache: str, endpoint: str, samples: int, workers: int, seed: int):
+    import litdata
+    from litdata.streaming import downloader
+
+    # The loopback server speaks plain http; litdata's obstore path refuses http unless told
+    downloader._OBSTORE_CLIENT_OPTIONS = {**(downloader._OBSTORE_CLIENT_OPTIONS or {}), "allow_http": True}
+
+    ds = litdata.StreamingDataset(remote, cache_dir=cache, shuffle=True, seed=seed,
+                                  storage_options={"endpoint_url": endpoint})
+    loader = litdata.StreamingDataLoader(ds, batch_size=32, num_workers=workers)
+    return _epoch(loader, samples, lambda b: len(b["text"]))
+
+
+def run_child(name: str, **kw) -> tuple[float, float, int]:
+    """Run contender ``name`` in a child process (its epoch is timed there, after its imports)."""
+    kw["spec"] = {k: str(v) for k, v in kw["spec"].items()}
+    proc = subprocess.run([sys.executable, __file__, "--child", name, json.dumps(kw)], capture_output=True, text=True)
+    if proc.returncode:  # recorded and reported; the other runs go on
+        lines = [x for x in proc.stderr.strip().splitlines() if x.strip()]
+        print(f"{name} failed: {lines[-1] if lines else proc.returncode}", flush=True)
+        return None
+    return tuple(json.loads(proc.stdout.strip().splitlines()[-1]))
+
+
+def child_main(name: str, kw: dict) -> None:
+    samples, workers, seed = kw["samples"], kw["workers"], kw["seed"]
+    if name.startswith("fastmix"):
+        out = run_fastmix(kw["spec"], samples, workers, seed)
+    elif name == "mosaic":
+        out = run_mosaic(f"s3://{BUCKET}/mds", kw["local"], samples, workers, seed)
+    else:
+        out = run_litdata(f"s3://{BUCKET}/lit", kw["local"], kw["proxy"], samples, workers, seed)
+    print(json.dumps(list(out)))
+
+
+def du(path: Path) -> int:
+    return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file()) if Path(path).exists() else 0
+
+
+def throughput(args, work: Path, endpoint: str) -> dict:
+    from fastmix_data.sources import index_source, open_source
+
+    env = s3_env(endpoint)
+    os.environ.update(env)
+    for name in ("pq", "mds", "lit"):
+        upload_dir(endpoint, work / name, BUCKET, name)
+    index_url = f"s3://{BUCKET}/indexes/pq.json"
+    index_source("pq", f"s3://{BUCKET}/pq", out=index_url, cache_dir=work / "index-cache")
+    plan_bytes = sum(open_source("pq", index_file=index_url, cache_dir=work / "tmp-cache").fetch_bytes(i)
+                     for i in range(args.shards))
+    shutil.rmtree(work / "tmp-cache", ignore_errors=True)
+    results: dict[str, list[dict]] = {}
+    failures: dict[str, list[int]] = {}
+    with proxy_process(endpoint, args.latency) as proxy:
+        os.environ["AWS_ENDPOINT_URL"] = os.environ["S3_ENDPOINT_URL"] = proxy
+        fm_cache = work / "fm-cache"
+        names = ["fastmix-cold", "fastmix-warm", "fastmix-local", "mosaic", "litdata"]
+        for rep in range(args.repeats):
+            order = names[:]
+            random.Random(rep).shuffle(order)
+            if order.index("fastmix-warm") < order.index("fastmix-cold"):  # warm needs a filled cache
+                i, j = order.index("fastmix-warm"), order.index("fastmix-cold")
+                order[i], order[j] = order[j], order[i]
+            for name in order:
+                local = Path(tempfile.mkdtemp(prefix=f"{name}-", dir=work))
+                if name == "fastmix-cold":
+                    shutil.rmtree(fm_cache / "shards", ignore_errors=True)
+                spec = {"path": f"s3://{BUCKET}/pq", "index_file": index_url, "cache_dir": fm_cache}
+                proxy_counters(proxy, reset=True)
+                _common.wait_for_quiet(threshold=args.max_busy, timeout=args.quiet_timeout)
+                if name == "fastmix-local":
+                    spec = {"path": str(work / "pq")}
+                # each run in a fresh process: peers keep process-wide state between datasets
+                # (Mosaic's shared memory, litdata's start method, fsspec's clients)
+                outcome = run_child(name, spec=spec, local=str(local), proxy=proxy, samples=args.samples,
+                                    workers=args.workers, seed=rep)
+                if outcome is None:
+                    failures.setdefault(name, []).append(rep)
+                    shutil.rmtree(local, ignore_errors=True)
+                    continue
+                first, total, seen = outcome
+                if name.startswith("fastmix"):
+                    cache = du(fm_cache / "shards") if name != "fastmix-local" else 0
+                else:
+                    cache = du(local)
+                counters = proxy_counters(proxy)
+                fetched = sum(n for p, n in counters["bytes_by_path"].items()
+                              if "/indexes/" not in p and p.count("/") >= 2)
+                results.setdefault(name, []).append({"first": first, "total": total, "samples": seen,
+                                                     "fetched": fetched, "cache": cache})
+                print(f"rep {rep} {name:14s} {seen / total:9.0f} samples/s  first batch {first:6.2f} s  "
+                      f"fetched {fetched:,} B  cache {cache:,} B", flush=True)
+                shutil.rmtree(local, ignore_errors=True)
+    os.environ["AWS_ENDPOINT_URL"] = os.environ["S3_ENDPOINT_URL"] = endpoint
+    return {"results": results, "plan_bytes": plan_bytes, "failures": failures}
+
+
+# ----------------------------------------------------------------------------------------- index
+_INDEX_CHILD = """
+import json, resource, sys, time
+sys.path.insert(0, sys.argv[1])
+mode, url, out, cache = sys.argv[2:6]
+from fastmix_data.sources import index_source, open_source
+from fastmix_data.stream.mixture import MixtureStream
+base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+t = time.perf_counter()
+if mode == "index":
+    doc = index_source("idx", url, out=out, cache_dir=cache)
+    result = {"shards": len(doc["shards"])}
+else:
+    stream = MixtureStream({"idx": {"path": url, "index_file": out, "cache_dir": cache}}, {"idx": 1.0},
+                           batch_size=32, seed=0)
+    opened = time.perf_counter() - t
+    block = stream._plan_block(list(range(128)))
+    result = {"shards": len(stream.sources[0].shards), "open_s": opened, "planned_items": len(block.position)}
+result["seconds"] = time.perf_counter() - t
+result["rss_base_mb"] = base / 1024
+result["rss_peak_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+print(json.dumps(result))
+"""
+
+
+def index_bench(args, work: Path) -> dict:
+    """Index ``--index-shards`` tiny Parquet shards served over http on loopback (a child process;
+    an HTTP listing has no sizes, so every shard costs a HEAD and a GET), write the index file into
+    the served directory, then load it over http and plan the first block (each step in a fresh
+    process, for its peak memory)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    root = work / "index-served"
+    shards = root / "shards"
+    n = args.index_shards
+    t = time.perf_counter()
+    marker = root / f".made-{n}"
+    if not marker.exists():
+        shutil.rmtree(root, ignore_errors=True)
+        for i in range(n):
+            folder = shards / f"{i // 1000:03d}"
+            if i % 1000 == 0:
+                folder.mkdir(parents=True, exist_ok=True)
+            pq.write_table(pa.table({"text": [f"shard {i} row {j}" for j in range(4)]}), folder / f"part-{i:06d}.parquet")
+        marker.touch()
+    make_s = time.perf_counter() - t
+    cache = str(work / "index-bench-cache")
+    shutil.rmtree(cache, ignore_errors=True)
+    steps: dict = {"make_s": make_s}
+    with http_process(root) as base:
+        url, out = f"{base}shards/", str(root / "index.json")
+        for mode, where in (("index", out), ("plan", f"{base}index.json")):
+            proc = subprocess.run([sys.executable, "-c", _INDEX_CHILD, str(HERE.parent), mode, url, where, cache],
+                                  capture_output=True, text=True, env={**os.environ, "TQDM_DISABLE": "1"})
+            if proc.returncode:
+                raise SystemExit(proc.stderr[-3000:])
+            steps[mode] = json.loads(proc.stdout.strip().splitlines()[-1])
+            print(mode, steps[mode], flush=True)
+    steps["index_file_bytes"] = os.path.getsize(out)
+    return steps
+
+
+# ----------------------------------------------------------------------------------------- report
+def _ratio(a: list[float], b: list[float]) -> _common.Summary:
+    return _common.Summary.of(x / y for x, y in zip(a, b))
+
+
+def report(args, tp: dict | None, idx: dict | None, load: tuple[str, str], revision: str) -> str:
+    lines = [
+        "# Remote streaming: fastmix_data vs MosaicML Streaming and litdata over a loopback S3",
+        "",
+        f"Date: {_common.today()}  ",
+        f"Command: `{_common.command_line()}`  ",
+        f"Revision: {revision}  ",
+        f"Machine: {json.dumps(_common.machine_info())}  ",
+        f"Versions: {json.dumps(_common.versions(['mosaicml-streaming', 'litdata', 's3fs', 'moto', 'pyarrow', 'torch']))}  ",
+        f"Load (uptime) at start: `{load[0]}`; at end: `{load[1]}`",
+        "",
+    ]
+    if tp is not None:
+        res = tp["results"]
+        lines += [
+            f"## Throughput: one epoch of {args.samples:,} samples in {args.shards} shards, {args.workers} DataLoader "
+            f"workers, batch 32, {args.latency * 1000:.0f} ms added to every request, {args.repeats} repetitions",
+            "",
+            "median (min–max) over the repetitions. *fetched*: bytes of shard objects through the proxy; "
+            f"the plan needs {tp['plan_bytes']:,} B of fastmix's Parquet (footers and text column chunks of "
+            "every shard, once).",
+            "",
+        ]
+        rows = []
+        for name, runs in res.items():
+            rows.append([
+                name,
+                _common.Summary.of(r["samples"] / r["total"] for r in runs).fmt(),
+                _common.Summary.of(r["first"] for r in runs).fmt(digits=2),
+                _common.Summary.of(r["fetched"] for r in runs).fmt(),
+                _common.Summary.of(r["cache"] for r in runs).fmt(),
+            ])
+        lines.append(_common.markdown_table(["contender", "samples/s", "first batch (s)", "fetched (B)",
+                                             "cache on disk (B)"], rows))
+        for name, reps in tp["failures"].items():
+            lines.append(f"\n{name} failed in repetition(s) {reps} (error in the log); its figures are over the others.")
+        rate = {n: [r["samples"] / r["total"] for r in runs] for n, runs in res.items()}
+        peers = [p for p in ("mosaic", "litdata") if p in rate]
+        n_rep = min(len(v) for v in rate.values())
+        rate = {n: v[:n_rep] for n, v in rate.items()}  # pairs: the first runs of each (a failure shortens one)
+        lines += ["", "Paired ratios (per repetition, then min / median / max):", ""]
+        for peer in peers:
+            lines.append(f"- fastmix cold / {peer}: {_ratio(rate['fastmix-cold'], rate[peer]).fmt(digits=2)}")
+        best = [max(rate[p][i] for p in peers) for i in range(len(rate["fastmix-cold"]))]
+        lines.append(f"- fastmix cold / fastest peer (target >= 1): {_ratio(rate['fastmix-cold'], best).fmt(digits=2)}")
+        lines.append(f"- fastmix warm / fastmix local disk (target >= 0.9): "
+                     f"{_ratio(rate['fastmix-warm'], rate['fastmix-local']).fmt(digits=2)}")
+        fetched = [r["fetched"] for r in res["fastmix-cold"]]
+        lines.append(f"- fastmix cold bytes fetched / plan bytes (target <= 1): "
+                     f"{_common.Summary.of(f / tp['plan_bytes'] for f in fetched).fmt(digits=3)}")
+        lines.append("")
+    if idx is not None:
+        lines += [
+            f"## Index: {args.index_shards:,} Parquet shards (4 rows each) over http on loopback (no added latency)",
+            "",
+            f"The shards ({idx['make_s']:.0f} s to write, not part of the figures) are served by `http.server` "
+            "(with Range and ETag) in a child process; an HTTP listing has no sizes, so each shard costs a HEAD "
+            "and one GET (the whole tiny file: footer and text column). Index file: "
+            f"{idx['index_file_bytes']:,} bytes. Each step ran in a fresh process; RSS is its peak (`ru_maxrss`) "
+            "and the baseline after imports.",
+            "",
+            _common.markdown_table(
+                ["step", "seconds", "peak RSS (MB)", "RSS after imports (MB)"],
+                [
+                    ["`index_source` (list, HEAD and read each shard, write the index file)",
+                     f"{idx['index']['seconds']:.1f}", f"{idx['index']['rss_peak_mb']:.0f}",
+                     f"{idx['index']['rss_base_mb']:.0f}"],
+                    ["load the index file + open the stream (no listing)", f"{idx['plan']['open_s']:.1f}", "", ""],
+                    ["... + plan the first block (128 batches of 32)", f"{idx['plan']['seconds']:.1f}",
+                     f"{idx['plan']['rss_peak_mb']:.0f}", f"{idx['plan']['rss_base_mb']:.0f}"],
+                ],
+            ),
+            "",
+        ]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    if len(sys.argv) > 1 and sys.argv[1] == "--child":
+        child_main(sys.argv[2], json.loads(sys.argv[3]))
+        return
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--samples", type=int, default=24_000, help="rows in the data set (one epoch is read)")
+    ap.add_argument("--shards", type=int, default=12)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--latency", type=float, default=0.02, help="seconds added to every request")
+    ap.add_argument("--index-shards", type=int, default=100_000)
+    ap.add_argument("--skip-throughput", action="store_true")
+    ap.add_argument("--skip-index", action="store_true")
+    ap.add_argument("--max-busy", type=float, default=0.5, help="wait before each run until others use <= this CPU share")
+    ap.add_argument("--quiet-timeout", type=float, default=20.0, help="stop waiting for a quiet machine after this (s)")
+    ap.add_argument("--quick", action="store_true", help="4,000 samples, 1 repetition, 2,000 index shards")
+    ap.add_argument("--workdir", default=os.path.join(tempfile.gettempdir(), "fastmix_bench", "remote"))
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    if args.quick:
+        args.samples, args.repeats, args.index_shards = 4000, 1, 2000
+    out = args.out or (str(HERE / "results" / "remote.md") if not args.quick else os.path.join(args.workdir, "remote-quick.md"))
+    work = Path(args.workdir)
+    work.mkdir(parents=True, exist_ok=True)
+    os.environ["FASTMIX_DATA_CACHE"] = str(work / "index-cache")
+    os.environ.setdefault("TQDM_DISABLE", "1")
+    revision = _common.git_revision(str(HERE.parent))
+    load_start = os.getloadavg()
+    tp = idx = None
+    with moto_process() as endpoint:
+        if not args.skip_throughput:
+            write_copies(work, make_docs(args.samples), args.shards)
+            tp = throughput(args, work, endpoint)
+    if not args.skip_index:
+        idx = index_bench(args, work)
+    load = (f"{load_start[0]:.2f}, {load_start[1]:.2f}, {load_start[2]:.2f}",
+            "{:.2f}, {:.2f}, {:.2f}".format(*os.getloadavg()))
+    text = report(args, tp, idx, load, revision)
+    marker = "<!-- Everything below this line is hand-written"
+    if os.path.exists(out):
+        old = Path(out).read_text()
+        if marker in old:
+            text += "\n" + old[old.index(marker):]
+    _common.write_atomic(out, text + "\n")
+    print(f"wrote {out}; peak RSS of this process {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MB")
+
+
+if __name__ == "__main__":
+    main()

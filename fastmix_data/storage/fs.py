@@ -1,0 +1,210 @@
+"""fsspec filesystems for URLs, object identity (size + ETag/version), listing, range reads, uploads.
+
+One filesystem object per (protocol, options) and process, made by fsspec (which caches instances
+and drops them in a forked child, so DataLoader workers get their own). Credentials come from the
+store's usual chain, untouched by us: for S3 the AWS environment variables, ``~/.aws`` profiles
+(``AWS_PROFILE``) and instance/container roles (botocore); for GCS ``GOOGLE_APPLICATION_CREDENTIALS``
+or the metadata server (gcsfs); for Azure ``AZURE_STORAGE_*`` or ``DefaultAzureCredential``
+(adlfs); for ``hf://`` ``HF_TOKEN`` or the cached login (huggingface_hub). ``storage_options``
+passed by the caller go to fsspec as they are and are never logged, stored or put in a message.
+
+The S3 endpoint may be set with ``AWS_ENDPOINT_URL_S3``, ``AWS_ENDPOINT_URL`` or ``S3_ENDPOINT_URL``
+(the variable MosaicML Streaming reads), for S3-compatible stores and the loopback test server.
+The client libraries' own retries are switched off (botocore: one attempt; s3fs: one try) so that
+:mod:`fastmix_data.storage.retry` alone decides, with backoff and jitter.
+
+Packages per scheme (``pip install 'fastmix_data[remote]'`` brings s3fs and aiohttp):
+``s3://`` s3fs; ``gs://``/``gcs://`` gcsfs; ``az://``/``abfs://`` adlfs; ``hf://`` huggingface_hub;
+``http(s)://`` aiohttp (fsspec's HTTP filesystem).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from fastmix_data.errors import SourceError
+from fastmix_data.storage.retry import RetryPolicy, call
+from fastmix_data.storage.urls import check_no_credentials, has_glob, redact, scheme_of
+
+_PACKAGES = {"s3": "s3fs", "s3a": "s3fs", "gs": "gcsfs", "gcs": "gcsfs", "az": "adlfs", "abfs": "adlfs",
+             "abfss": "adlfs", "hf": "huggingface_hub", "http": "aiohttp", "https": "aiohttp"}
+_VERSION_KEYS = ("VersionId", "version_id", "generation", "ETag", "etag", "md5Hash", "blob_id", "lfs_sha256",
+                 "Last-Modified", "LastModified", "last_modified", "mtime", "created")
+_ENDPOINT_VARS = ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL", "S3_ENDPOINT_URL")
+CONNECT_TIMEOUT_S = 10
+READ_TIMEOUT_S = 60
+
+
+@dataclass(frozen=True)
+class ObjectInfo:
+    """What the store says about one object.
+
+    Attributes:
+        url: the object's URL (as the source names it).
+        size: bytes.
+        version: the store's version id when versioning is on, else its ETag (S3, GCS, Azure), else
+            ``Last-Modified`` (plain HTTP servers); ``""`` when the store reports none.
+    """
+
+    url: str
+    size: int
+    version: str
+
+
+def version_of(info: Mapping[str, Any]) -> str:
+    """The identity string of an fsspec ``info()``/``ls()`` entry (see :class:`ObjectInfo`)."""
+    for key in _VERSION_KEYS:
+        value = info.get(key)
+        if value not in (None, ""):
+            return str(value).strip('"')
+    return ""
+
+
+def _defaults(scheme: str) -> dict[str, Any]:
+    if scheme in ("s3", "s3a"):
+        opts: dict[str, Any] = {
+            "config_kwargs": {
+                "retries": {"total_max_attempts": 1, "mode": "standard"},
+                "connect_timeout": CONNECT_TIMEOUT_S,
+                "read_timeout": READ_TIMEOUT_S,
+            },
+        }
+        endpoint = next((os.environ[v] for v in _ENDPOINT_VARS if os.environ.get(v)), None)
+        if endpoint:
+            opts["client_kwargs"] = {"endpoint_url": endpoint}
+        return opts
+    if scheme in ("http", "https"):
+        return {"client_kwargs": {}}
+    return {}
+
+
+def filesystem(url: str, storage_options: Mapping[str, Any] | None = None):
+    """``(fs, path)`` for ``url``: the fsspec filesystem (cached per process) and the path in it.
+
+    Raises:
+        SourceError: the scheme's package is missing (names the package to install).
+        UnsafeInputError: credentials in the URL.
+    """
+    import fsspec
+
+    check_no_credentials(url)
+    scheme = scheme_of(url) or "file"
+    options = _defaults(scheme)
+    for key, value in (storage_options or {}).items():
+        if isinstance(value, Mapping) and isinstance(options.get(key), Mapping):
+            options[key] = {**options[key], **value}
+        else:
+            options[key] = value
+    try:
+        fs, path = fsspec.core.url_to_fs(url, **options)
+    except (ImportError, ValueError) as exc:
+        if isinstance(exc, ValueError) and "protocol" not in str(exc).lower():
+            raise
+        package = _PACKAGES.get(scheme, f"an fsspec implementation of {scheme!r}")
+        raise SourceError(f"reading {redact(url)} needs {package}: pip install {package}") from exc
+    if hasattr(fs, "retries"):
+        fs.retries = 1  # s3fs's own loop; retry.call owns retries
+    return fs, path
+
+
+class RemoteFS:
+    """Remote calls on one store with retries: stat, list, read (whole or ranges), upload.
+
+    Args:
+        storage_options: passed to fsspec (credentials, endpoint...); never logged.
+        retry: the retry policy (default :class:`RetryPolicy()`).
+    """
+
+    def __init__(self, storage_options: Mapping[str, Any] | None = None, retry: RetryPolicy | None = None):
+        self.storage_options = dict(storage_options or {})
+        self.retry = retry or RetryPolicy()
+
+    def __repr__(self) -> str:  # never show the options: they may hold credentials
+        return f"RemoteFS(options={sorted(self.storage_options)}, retry={self.retry})"
+
+    def fs(self, url: str):
+        return filesystem(url, self.storage_options)
+
+    def stat(self, url: str) -> ObjectInfo:
+        """Size and version of one object (one HEAD request)."""
+        fs, path = self.fs(url)
+
+        def head():
+            fs.invalidate_cache(path)
+            return fs.info(path)
+
+        info = call(head, url, "stat", self.retry)
+        if info.get("type") == "directory":
+            raise SourceError(f"{redact(url)} is a directory (prefix), not an object")
+        return ObjectInfo(url, int(info["size"]), version_of(info))
+
+    def list(self, url: str) -> list[ObjectInfo]:
+        """Every object under the prefix ``url`` (recursively) or matching the glob ``url``, with
+        sizes and versions from the listing itself (no HEAD per object); sorted by URL."""
+        fs, path = self.fs(url)
+        if has_glob(url):
+            found = call(lambda: fs.glob(path, detail=True), url, "list", self.retry)
+        else:
+            found = call(lambda: fs.find(path, detail=True), url, "list", self.retry)
+        out = []
+        for name, info in found.items():
+            if info.get("type") == "directory":
+                continue
+            full = name if "://" in name else fs.unstrip_protocol(name)
+            out.append(ObjectInfo(full, int(info.get("size") or 0), version_of(info)))
+        return sorted(out, key=lambda o: o.url)
+
+    def read(self, url: str, start: int | None = None, end: int | None = None) -> bytes:
+        """Bytes ``[start, end)`` of an object (the whole object when both are None)."""
+        fs, path = self.fs(url)
+        if start is None and end is None:
+            return call(lambda: fs.cat_file(path), url, "read", self.retry)
+        return call(lambda: fs.cat_file(path, start=start, end=end), url, "read", self.retry)
+
+    def read_ranges(self, url: str, ranges: Sequence[tuple[int, int]]) -> list[bytes]:
+        """Byte ranges ``[(offset, length), ...]`` of one object, fetched concurrently by fsspec."""
+        if not ranges:
+            return []
+        fs, path = self.fs(url)
+        starts = [int(o) for o, _ in ranges]
+        ends = [int(o) + int(n) for o, n in ranges]
+
+        def fetch():
+            parts = fs.cat_ranges([path] * len(ranges), starts, ends, on_error="raise")
+            for p in parts:
+                if isinstance(p, BaseException):
+                    raise p
+            return parts
+
+        return call(fetch, url, "read ranges of", self.retry)
+
+    def download(self, url: str, local: str) -> None:
+        """Copy an object to the local file ``local`` (streamed, not held in memory)."""
+        fs, path = self.fs(url)
+        call(lambda: fs.get_file(path, local), url, "download", self.retry)
+
+    def upload(self, local: str, url: str, atomic_put: bool) -> None:
+        """Publish the local file at ``url``: one upload when the store makes objects visible only
+        when complete (``atomic_put``), else upload to a temporary key and move it into place."""
+        fs, path = self.fs(url)
+        if atomic_put:
+            call(lambda: fs.put_file(local, path), url, "upload to", self.retry)
+            return
+        tmp = f"{path}.tmp-{os.urandom(6).hex()}"
+        try:
+            call(lambda: fs.put_file(local, tmp), url, "upload to", self.retry)
+            call(lambda: fs.mv(tmp, path), url, "publish", self.retry)
+        except BaseException:
+            try:
+                fs.rm(tmp)
+            except Exception:  # the temporary key may not exist; the original error matters
+                pass
+            raise
+
+    def open(self, url: str):
+        """A read-only file object over the object (fsspec, read-ahead buffered)."""
+        fs, path = self.fs(url)
+        return call(lambda: fs.open(path, "rb"), url, "open", self.retry)

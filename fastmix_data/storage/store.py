@@ -1,0 +1,331 @@
+"""`Storage`: remote reads through the node-local cache, checked against the indexed identity.
+
+A :class:`Storage` is the picklable handle a source carries to its DataLoader workers: the fsspec
+options (never shown), the retry policy, the shard cache (directory and byte budget) and the
+prefetch distance. :class:`ShardFiles` is what a format reader sees: bytes of a shard by path,
+whole or as byte ranges, local or remote alike.
+
+Every download first asks the store for the object's size and version (one HEAD) and refuses an
+object that differs from the index (:class:`ShardChangedError`, naming the shard): the same rule as
+a local file whose size changed. A cached copy is keyed by (URL, size, version, ranges), so it is
+always the indexed version. With ``verify="sha256"`` the sha256 of every whole-object download is
+checked against the index too.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from fastmix_data.errors import SourceError
+from fastmix_data.storage.cache import Pin, ShardCache, entry_key
+from fastmix_data.storage.fs import ObjectInfo, RemoteFS
+from fastmix_data.storage.retry import RetryPolicy
+from fastmix_data.storage.urls import is_url, redact
+
+DEFAULT_PREFETCH = 4  # shards per source fetched ahead of the ones the current block reads
+
+
+class ShardChangedError(SourceError):
+    """A remote shard's size or version differs from the index."""
+
+
+@dataclass(frozen=True)
+class Expected:
+    """The indexed identity of a remote shard: bytes, version (ETag / version id) and, when it was
+    computed, sha256 (``""`` otherwise)."""
+
+    size: int
+    version: str
+    sha256: str = ""
+
+
+class RangeFile:
+    """A read-only file over some byte ranges of an object, held in memory (what pyarrow reads
+    Parquet column chunks from). Reads outside the ranges go to ``fallback(offset, length)``.
+
+    Args:
+        size: the object's size in bytes.
+        ranges: ``[(offset, length)]`` sorted, non-overlapping.
+        data: the ranges' bytes concatenated.
+        fallback: fetches bytes not in ``data`` (counted in ``fallback_bytes``).
+    """
+
+    def __init__(self, size: int, ranges: Sequence[tuple[int, int]], data: bytes, fallback=None):
+        self.size = int(size)
+        self.pos = 0
+        self.closed = False
+        self.fallback = fallback
+        self.fallback_bytes = 0
+        self._parts: list[tuple[int, int, int]] = []  # (offset, length, position in data)
+        at = 0
+        for offset, length in ranges:
+            self._parts.append((int(offset), int(length), at))
+            at += int(length)
+        self._data = memoryview(data)
+
+    # the file protocol pyarrow's PythonFile uses
+    def seek(self, offset: int, whence: int = 0) -> int:
+        self.pos = offset if whence == 0 else (self.pos + offset if whence == 1 else self.size + offset)
+        return self.pos
+
+    def tell(self) -> int:
+        return self.pos
+
+    def seekable(self) -> bool:
+        return True
+
+    def readable(self) -> bool:
+        return True
+
+    def writable(self) -> bool:
+        return False
+
+    def close(self) -> None:
+        self.closed = True
+
+    def read(self, n: int = -1) -> bytes:
+        if n is None or n < 0:
+            n = self.size - self.pos
+        n = max(0, min(n, self.size - self.pos))
+        out = self._slice(self.pos, n)
+        self.pos += n
+        return out
+
+    def sparse_buffer(self):
+        """The object as one in-memory buffer of ``size`` bytes: the fetched ranges in place, zeros
+        elsewhere (for small objects: a reader then decodes from memory without per-read calls)."""
+        import pyarrow as pa
+
+        buf = bytearray(self.size)
+        for offset, length, at in self._parts:
+            buf[offset : offset + length] = self._data[at : at + length]
+        return pa.py_buffer(buf)
+
+    def _slice(self, start: int, n: int) -> bytes:
+        for offset, length, at in self._parts:
+            if offset <= start and start + n <= offset + length:
+                return bytes(self._data[at + start - offset : at + start - offset + n])
+        if self.fallback is None:
+            raise OSError(f"bytes [{start}, {start + n}) were not fetched")
+        self.fallback_bytes += n
+        return self.fallback(start, n)
+
+
+class Storage:
+    """Remote I/O settings of a source, picklable.
+
+    Args:
+        cache_dir: the shard cache directory (default :func:`~fastmix_data.storage.cache.default_shard_cache_dir`);
+            ``False`` reads remote shards straight into memory without a local copy (streamed).
+        cache_limit: the cache's byte budget (int or ``"20GB"``; default 80 % of the free space).
+        storage_options: fsspec options (credentials, endpoint, ...). Never logged or stored.
+        retry: retry policy for remote calls.
+        prefetch: shards per source the stream fetches ahead of those its current block reads
+            (default 4; 0 disables prefetch).
+    """
+
+    def __init__(
+        self,
+        cache_dir: str | os.PathLike | bool | None = None,
+        cache_limit: int | str | None = None,
+        storage_options: Mapping[str, Any] | None = None,
+        retry: RetryPolicy | None = None,
+        prefetch: int = DEFAULT_PREFETCH,
+    ):
+        if prefetch < 0:
+            raise ValueError(f"prefetch must be >= 0 shards, got {prefetch}")
+        self.remote = RemoteFS(storage_options, retry)
+        self.cache = None if cache_dir is False else ShardCache(None if cache_dir in (None, True) else cache_dir, cache_limit)
+        self.prefetch = int(prefetch)
+        self.streamed_bytes = 0  # bytes read without the cache (cache_dir=False), this process
+
+    def __repr__(self) -> str:
+        where = "no cache" if self.cache is None else f"cache {self.cache.directory}"
+        return f"Storage({where}, prefetch={self.prefetch}, {self.remote!r})"
+
+    # ------------------------------------------------------------------ identity
+    def stat(self, url: str) -> ObjectInfo:
+        return self.remote.stat(url)
+
+    def check(self, url: str, expect: Expected, where: str = "") -> None:
+        """Refuse ``url`` when its size or version now differs from ``expect``.
+
+        Raises:
+            ShardChangedError: naming the shard, the indexed and current size/version.
+        """
+        now = self.stat(url)
+        if now.size != expect.size or (expect.version and now.version and now.version != expect.version):
+            raise ShardChangedError(
+                f"{where or 'shard ' + redact(url)} changed since it was indexed ({now.size} bytes, "
+                f"version {now.version!r} now; {expect.size} bytes, version {expect.version!r} then); "
+                "re-open the source to re-index it"
+            )
+
+    # ------------------------------------------------------------------ reads
+    def fetch(self, url: str, expect: Expected, ranges: Sequence[tuple[int, int]] | None = None, where: str = "") -> Pin:
+        """The object's bytes (or its ``ranges`` concatenated) pinned in the cache, downloaded when
+        missing (one download per node). Close the pin once read."""
+        if self.cache is None:
+            raise ValueError("fetch needs a cache; this Storage streams (cache_dir=False)")
+        size = expect.size if ranges is None else sum(int(n) for _, n in ranges)
+        key = entry_key(url, expect.size, expect.version, ranges)
+
+        def fill(part: str) -> None:
+            self.check(url, expect, where)
+            if ranges is None:
+                self.remote.download(url, part)
+                if expect.sha256:
+                    self._verify_sha256(part, url, expect, where)
+            else:
+                with open(part, "wb") as f:
+                    for chunk in self.remote.read_ranges(url, ranges):
+                        f.write(chunk)
+
+        return self.cache.get(key, size, fill)
+
+    def read_bytes(self, url: str, expect: Expected, where: str = "") -> bytes:
+        """The whole object, through the cache (or streamed when the cache is off)."""
+        if self.cache is None:
+            self.check(url, expect, where)
+            data = self.remote.read(url)
+            self.streamed_bytes += len(data)
+            if len(data) != expect.size:
+                raise ShardChangedError(f"{where or redact(url)} returned {len(data)} bytes, the index says {expect.size}")
+            return data
+        with self.fetch(url, expect, None, where) as pin:
+            return pin.read()
+
+    def read_ranges(self, url: str, expect: Expected, ranges: Sequence[tuple[int, int]], where: str = "") -> RangeFile:
+        """A :class:`RangeFile` over ``ranges`` of the object (sorted, merged), through the cache."""
+        ranges = merge_ranges(ranges)
+
+        def fallback(offset: int, length: int) -> bytes:
+            return self.remote.read(url, offset, offset + length)
+
+        if self.cache is None:
+            self.check(url, expect, where)
+            parts = self.remote.read_ranges(url, ranges)
+            data = b"".join(parts)
+            self.streamed_bytes += len(data)
+        else:
+            with self.fetch(url, expect, ranges, where) as pin:
+                data = pin.read()
+        return RangeFile(expect.size, ranges, data, fallback)
+
+    @contextlib.contextmanager
+    def local_file(self, url: str, expect: Expected, where: str = "") -> Iterator[str]:
+        """A local path holding the whole object while the block runs (the cache entry, pinned;
+        a temporary file when the cache is off)."""
+        if self.cache is not None:
+            with self.fetch(url, expect, None, where) as pin:
+                yield pin.path
+            return
+        fd, tmp = tempfile.mkstemp(prefix=".fastmix-shard-")
+        os.close(fd)
+        try:
+            self.check(url, expect, where)
+            self.remote.download(url, tmp)
+            yield tmp
+        finally:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+
+    @staticmethod
+    def _verify_sha256(path: str, url: str, expect: Expected, where: str) -> None:
+        from fastmix_data.io import sha256_file
+
+        got = sha256_file(path)
+        if got != expect.sha256:
+            raise ShardChangedError(
+                f"{where or redact(url)} has sha256 {got[:16]}… but the index says {expect.sha256[:16]}…; "
+                "re-open the source to re-index it"
+            )
+
+    def fetched_bytes(self) -> int:
+        """Bytes this process downloaded from stores (cache fills and streamed reads)."""
+        return self.streamed_bytes + (self.cache.downloaded_bytes if self.cache is not None else 0)
+
+
+def merge_ranges(ranges: Sequence[tuple[int, int]]) -> list[tuple[int, int]]:
+    """``[(offset, length)]`` sorted, with touching or overlapping ranges merged."""
+    out: list[list[int]] = []
+    for offset, length in sorted((int(o), int(n)) for o, n in ranges if int(n) > 0):
+        if out and offset <= out[-1][0] + out[-1][1]:
+            out[-1][1] = max(out[-1][1], offset + length - out[-1][0])
+        else:
+            out.append([offset, length])
+    return [(o, n) for o, n in out]
+
+
+class ShardFiles:
+    """The bytes of a source's shards, for its format reader: local files are read directly, remote
+    ones through :class:`Storage` and checked against their indexed identity.
+
+    Args:
+        storage: remote settings (None: the source is local only).
+        expected: URL -> :class:`Expected` for every remote shard of the source.
+        layouts: path -> Parquet layout from the index (see :func:`fastmix_data.sources.parquet.layout_of`).
+    """
+
+    def __init__(
+        self,
+        storage: Storage | None = None,
+        expected: Mapping[str, Expected] | None = None,
+        layouts: Mapping[str, dict] | None = None,
+    ):
+        self.storage = storage
+        self.expected = dict(expected or {})
+        self.layouts = dict(layouts or {})
+
+    def __repr__(self) -> str:
+        return f"ShardFiles({len(self.expected)} remote shards, {self.storage!r})"
+
+    def is_remote(self, path: str) -> bool:
+        return is_url(path)
+
+    def _remote(self, path: str) -> tuple[Storage, Expected]:
+        if self.storage is None:
+            raise SourceError(f"{redact(path)} is remote but the source has no storage settings; re-open it")
+        try:
+            return self.storage, self.expected[path]
+        except KeyError:
+            raise SourceError(f"{redact(path)} is not an indexed shard of this source; re-open it") from None
+
+    def read_bytes(self, path: str) -> bytes:
+        """A shard's bytes."""
+        if not is_url(path):
+            with open(path, "rb") as f:
+                return f.read()
+        storage, expect = self._remote(path)
+        return storage.read_bytes(path, expect)
+
+    def read_ranges(self, path: str, ranges: Sequence[tuple[int, int]]) -> RangeFile:
+        """A remote shard's byte ranges as a file object (see :class:`RangeFile`)."""
+        storage, expect = self._remote(path)
+        return storage.read_ranges(path, expect, ranges)
+
+    def cache_request(self, path: str, ranges: Sequence[tuple[int, int]] | None) -> tuple[str, int, Callable[[], Pin]]:
+        """(cache key, bytes, fetch job) of a remote shard's bytes (``ranges`` None: whole), as the
+        reads above will ask for them: what the prefetcher runs ahead of the stream."""
+        storage, expect = self._remote(path)
+        if storage.cache is None:
+            raise ValueError("prefetch needs the shard cache")
+        merged = None if ranges is None else merge_ranges(ranges)
+        size = expect.size if merged is None else sum(n for _, n in merged)
+        key = entry_key(path, expect.size, expect.version, merged)
+        return key, size, lambda: storage.fetch(path, expect, merged)
+
+    @contextlib.contextmanager
+    def local_file(self, path: str) -> Iterator[str]:
+        """A local path with the shard's bytes while the block runs."""
+        if not is_url(path):
+            yield path
+            return
+        storage, expect = self._remote(path)
+        with storage.local_file(path, expect) as local:
+            yield local

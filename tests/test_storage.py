@@ -1,0 +1,210 @@
+"""fastmix_data.storage and fastmix_data.io: URLs, retries through a fault-injecting proxy, the
+node-local cache (budget, pins, one download per node), atomic writes to paths and to S3."""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import time
+
+import pytest
+from remote_servers import Faults, fault_proxy, http_server
+
+from fastmix_data.errors import SourceError, UnsafeInputError
+from fastmix_data.io import atomic_path, sha256_file, write_bytes_atomic, write_json_atomic
+from fastmix_data.storage import (
+    CacheBudgetError,
+    RemoteError,
+    RemoteFS,
+    RetryPolicy,
+    ShardCache,
+    read_bytes,
+    redact,
+    stat,
+)
+from fastmix_data.storage.cache import entry_key, parse_size
+from fastmix_data.storage.urls import check_no_credentials, common_dir, join, relative_name
+
+FAST = RetryPolicy(tries=4, base_delay=0.01, max_delay=0.05)
+
+
+# ---------------------------------------------------------------------------------------- urls
+def test_redact_hides_userinfo_and_query_values():
+    assert redact("s3://key:secret@bucket/a.tar") == "s3://***@bucket/a.tar"
+    assert redact("https://h/x.tar?sig=abc&v=1") == "https://h/x.tar?sig=***&v=***"
+    assert redact("/local/path") == "/local/path"
+
+
+def test_credentials_in_url_refused():
+    with pytest.raises(UnsafeInputError, match="storage_options"):
+        check_no_credentials("gs://b/x?X-Goog-Signature=zzz")
+    check_no_credentials("s3://bucket/prefix/a.parquet")  # plain URLs are data
+
+
+def test_join_refuses_escapes_and_common_dir():
+    assert join("s3://b/data", "sub/x.mds") == "s3://b/data/sub/x.mds"
+    for bad in ("../x", "/etc/passwd", "s3://other/x"):
+        with pytest.raises(UnsafeInputError):
+            join("s3://b/data", bad)
+    assert common_dir(["s3://b/d/a/1.tar", "s3://b/d/b/2.tar"]) == "s3://b/d"
+    assert common_dir(["s3://b/d/1.tar", "s3://c/d/2.tar"]) == ""
+    assert relative_name("s3://b/d/a/1.tar", "s3://b/d") == "a/1.tar"
+
+
+def test_parse_size():
+    assert parse_size("2MiB") == 2 << 20 and parse_size("1GB") == 10**9 and parse_size(5) == 5
+    with pytest.raises(ValueError):
+        parse_size("lots")
+
+
+# ---------------------------------------------------------------------------------------- retries
+def test_jitter_stays_under_the_exponential_cap():
+    policy = RetryPolicy(tries=6, base_delay=0.1, max_delay=0.5)
+    for attempt in range(1, 8):
+        cap = min(0.5, 0.1 * 2 ** (attempt - 1))
+        assert all(0 <= policy.delay(attempt) <= cap for _ in range(50))
+
+
+@pytest.fixture
+def served(tmp_path):
+    (tmp_path / "blob.bin").write_bytes(bytes(range(256)) * 40)
+    with http_server(tmp_path) as url:
+        yield url
+
+
+def test_5xx_and_dropped_connections_are_retried(served):
+    faults = Faults(fail_status=2, status=503, drop=1)
+    with fault_proxy(served, faults) as url:
+        data = RemoteFS(retry=FAST).read(url + "blob.bin")
+    assert data == bytes(range(256)) * 40
+    assert faults.failed == 2 and faults.dropped == 1
+
+
+def test_last_try_names_url_status_and_what_to_do(served):
+    faults = Faults(fail_status=100, status=503)
+    with fault_proxy(served, faults) as url, pytest.raises(RemoteError) as info:
+        RemoteFS(retry=FAST).read(url + "blob.bin")
+    msg = str(info.value)
+    assert "blob.bin" in msg and "HTTP 503" in msg and "4 tries" in msg and "retry later" in msg
+    assert info.value.status == 503 and faults.failed == 4
+
+
+def test_not_found_is_not_retried(served):
+    faults = Faults()
+    with fault_proxy(served, faults) as url, pytest.raises(RemoteError, match="1 try.*check the URL"):
+        RemoteFS(retry=FAST).stat(url + "missing.bin")
+    assert faults.requests <= 2  # one HEAD (fsspec may follow with one GET); never retried
+
+
+# ---------------------------------------------------------------------------------------- cache
+def _filler(payload: bytes, calls: list | None = None):
+    def fill(path: str) -> None:
+        if calls is not None:
+            calls.append(path)
+        with open(path, "wb") as f:
+            f.write(payload)
+
+    return fill
+
+
+def test_cache_hit_miss_and_lru_eviction(tmp_path):
+    cache = ShardCache(tmp_path, limit=250)
+    calls: list = []
+    for name in ("a", "b"):
+        cache.get(name, 100, _filler(name.encode() * 100, calls)).close()
+    os.utime(tmp_path / "blobs" / "a", ns=(1, 1))  # a is the least recently used
+    with cache.get("b", 100, _filler(b"", calls)) as pin:  # hit: no fill
+        assert pin.read() == b"b" * 100
+    cache.get("c", 100, _filler(b"c" * 100, calls)).close()  # evicts a, keeps b
+    assert len(calls) == 3 and cache.hits == 1
+    assert sorted(os.listdir(tmp_path / "blobs")) == ["b", "c"] and cache.bytes_on_disk() == 200
+
+
+def test_pinned_entries_are_never_evicted(tmp_path):
+    cache = ShardCache(tmp_path, limit=250)
+    pins = [cache.get(k, 100, _filler(b"x" * 100)) for k in ("a", "b")]
+    with pytest.raises(CacheBudgetError, match="200 bytes are pinned"):
+        cache.get("c", 100, _filler(b"c" * 100))
+    assert sorted(os.listdir(tmp_path / "blobs")) == ["a", "b"]
+    pins[0].close()
+    cache.get("c", 100, _filler(b"c" * 100)).close()  # a is free now
+    assert sorted(os.listdir(tmp_path / "blobs")) == ["b", "c"]
+    pins[1].close()
+
+
+def test_entry_larger_than_budget_is_a_clear_error(tmp_path):
+    with pytest.raises(CacheBudgetError, match="raise cache_limit"):
+        ShardCache(tmp_path, limit=10).get("k", 11, _filler(b"x" * 11))
+
+
+def test_short_download_is_refused(tmp_path):
+    with pytest.raises(SourceError, match="expected 10"):
+        ShardCache(tmp_path, limit=100).get("k", 10, _filler(b"x" * 3))
+    assert not os.listdir(tmp_path / "blobs")
+
+
+def _get_in_process(directory: str, log: str, out: multiprocessing.Queue) -> None:
+    def fill(path: str) -> None:
+        with open(log, "a") as f:
+            f.write(f"{os.getpid()}\n")
+        time.sleep(0.3)  # the others arrive while this download runs
+        with open(path, "wb") as f:
+            f.write(b"shard" * 1000)
+
+    with ShardCache(directory, limit=10**6).get(entry_key("s3://b/x", 5000, "v1", None), 5000, fill) as pin:
+        out.put(pin.read() == b"shard" * 1000)
+
+
+def test_one_download_per_node_across_processes(tmp_path):
+    ctx = multiprocessing.get_context("fork")
+    out = ctx.Queue()
+    log = str(tmp_path / "downloads.log")
+    procs = [ctx.Process(target=_get_in_process, args=(str(tmp_path / "c"), log, out)) for _ in range(4)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(30)
+    assert [out.get(timeout=5) for _ in procs] == [True] * 4
+    with open(log) as f:
+        assert len(f.read().split()) == 1
+
+
+# ---------------------------------------------------------------------------------------- io
+def test_atomic_local_writes_leave_no_temporary_files(tmp_path):
+    target = tmp_path / "sub" / "x.json"
+    write_json_atomic(target, {"a": 1})
+    with pytest.raises(RuntimeError), atomic_path(tmp_path / "sub" / "y.bin") as tmp:
+        with open(tmp, "wb") as f:
+            f.write(b"half")
+        raise RuntimeError("writer crashed")
+    assert sorted(os.listdir(tmp_path / "sub")) == ["x.json"]
+    assert target.read_text() == '{\n "a": 1\n}\n'
+
+
+def test_atomic_write_and_hash_on_s3(s3, tmp_path):
+    s3.put(_one_file(tmp_path), "seed")  # creates the bucket
+    url = f"s3://{s3.bucket}/out/report.bin"
+    write_bytes_atomic(url, b"payload" * 100)
+    assert read_bytes(url) == b"payload" * 100
+    assert stat(url).size == 700 and stat(url).version
+    local = tmp_path / "copy.bin"
+    local.write_bytes(b"payload" * 100)
+    assert sha256_file(url) == sha256_file(local)
+
+
+def _one_file(tmp_path):
+    d = tmp_path / "seed"
+    d.mkdir()
+    (d / "x").write_bytes(b"x")
+    return d
+
+
+def test_joiner_matches_join_and_refuses_the_same():
+    from fastmix_data.storage.urls import joiner
+
+    one = joiner("s3://b/data")
+    assert one("sub/x.mds") == join("s3://b/data", "sub/x.mds") == "s3://b/data/sub/x.mds"
+    assert one("./x.mds") == join("s3://b/data", "./x.mds")
+    for bad in ("../x", "/etc/passwd", "s3://other/x", "a/../../x"):
+        with pytest.raises(UnsafeInputError):
+            one(bad)
