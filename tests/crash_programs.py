@@ -25,7 +25,7 @@ def stream(a: dict) -> None:
     import torch.distributed as dist
 
     from fastmix_data import MixtureStream
-    from fastmix_data.export._util import write_json_atomic
+    from fastmix_data.io import write_json_atomic
 
     rank, world = a["rank"], a["world"]
     dist.init_process_group("gloo", init_method=f"file://{a['init']}", rank=rank, world_size=world)

@@ -27,10 +27,12 @@ IMPORTS_ONLY = {
     "docs/corpus.md#0": "builds the whole stdlib corpus (covered by tests/test_corpus.py)",
     "docs/methods.md#0": "runs a MixMin proxy search on the stdlib corpus (tests/test_search_methods_*.py)",
     "docs/search.md#0": "`sources={...}` is a placeholder; runs a FastMix search",
-    "README.md#1": "`sources`, `weights` are placeholders; follows a publisher that is not running",
+    "README.md#1": "reads s3://my-bucket (tests/test_remote_sources.py streams from a loopback S3 for real)",
+    "README.md#2": "`sources`, `weights` are placeholders; follows a publisher that is not running",
     "docs/live.md#0": "`sources` is a placeholder; its training loop runs forever",
     "docs/live.md#1": "starts a search on the rank (tests/test_live_example.py runs the embedded mode)",
     "docs/live.md#2": "`model`, `opt` are the user's (tests/test_live_integrations.py trains with accelerate)",
+    "docs/sources.md#1": "reads s3://my-bucket (tests/test_remote_sources.py streams from a loopback S3 for real)",
 }
 SCALE = {"docs/manifest.md#0": {'"10B_tokens"': '"30k_tokens"'}}
 

@@ -15,7 +15,7 @@ import pytest
 from shardgen import make_docs, write_parquet_source
 
 from fastmix_data import leftovers
-from fastmix_data.export._util import write_json_atomic
+from fastmix_data.io import write_json_atomic
 
 
 @pytest.fixture

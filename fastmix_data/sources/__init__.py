@@ -97,10 +97,13 @@ def _index(name, spec, format, reader_opts, storage, cache_dir, on_corrupt, allo
         raise type(exc)(f"source {name!r}: {exc}") from None
     reader: ShardReader = READERS[found.format](**reader_opts, locations=found.mds_locations)
     reader.files = ShardFiles(storage)
-    entries, skipped = build_index(
-        found.paths, reader, source_name=name, cache_dir=cache_dir, on_corrupt=on_corrupt,
-        objects=found.objects, storage=storage, verify=verify,
-    )
+    try:
+        entries, skipped = build_index(
+            found.paths, reader, source_name=name, cache_dir=cache_dir, on_corrupt=on_corrupt,
+            objects=found.objects, storage=storage, verify=verify,
+        )
+    except ImportError as exc:  # the format's optional dependency is missing or broken
+        raise SourceError(f"source {name!r} ({found.format}) cannot be read: {exc}") from exc
     return found.format, reader, entries, skipped
 
 
@@ -211,11 +214,8 @@ def _open(name, spec, format, text_field, ids_field, extra_fields, cache_dir, on
         with _gc_paused():
             fmt, reader, entries, skipped = _from_index_file(name, index_file, reader_opts, storage, format)
     else:  # (indexing downloads and decodes: the collector stays on)
-        try:
-            fmt, reader, entries, skipped = _index(name, spec, format, reader_opts, storage, cache_dir, on_corrupt,
-                                                   allow_unsafe, verify)
-        except ImportError as exc:  # the format's optional dependency is missing or broken
-            raise SourceError(f"source {name!r} cannot be read: {exc}") from exc
+        fmt, reader, entries, skipped = _index(name, spec, format, reader_opts, storage, cache_dir, on_corrupt,
+                                               allow_unsafe, verify)
     with _gc_paused():
         return _finish(name, spec, fmt, reader, entries, skipped, storage, extra_fields, verify, index_file)
 
