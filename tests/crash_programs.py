@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
 
 
 def _started() -> None:
@@ -68,6 +69,7 @@ def index(a: dict) -> None:
 
     _started()
     for name, spec in a["sources"].items():
+        time.sleep(a.get("pace", 0.0))  # a floor under each source's time, so a kill lands before the end
         open_source(name, spec, cache_dir=a["cache"])
         print(f"indexed {name}", flush=True)
 

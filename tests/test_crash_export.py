@@ -94,9 +94,10 @@ def test_sigkill_of_index_building_then_reopen_is_identical(tmp_path):
     rng = points.rng
     for point in points:
         cache, log = str(tmp_path / f"cache{point}"), str(tmp_path / f"log{point}")
-        proc = start([PROGRAM, "index", json.dumps({"sources": sources, "cache": cache})], log=log)
+        pace = 0.1  # each source waits this long first: >= 2 sources left take longer than the jitter below
+        proc = start([PROGRAM, "index", json.dumps({"sources": sources, "cache": cache, "pace": pace})], log=log)
         k = rng.randrange(0, len(sources) - 1)  # after k sources were indexed, during the next
-        kill_when(proc, lambda log=log, k=k: _indexed(log) >= k, rng, f"{k} sources indexed")
+        kill_when(proc, lambda log=log, k=k: _indexed(log) >= k, rng, f"{k} sources indexed", jitter=pace + 0.1)
         if _indexed(log) == len(sources):  # a loaded machine finished before the kill: try another point
             continue
         points.landed()
