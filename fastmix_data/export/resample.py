@@ -22,7 +22,6 @@ import glob
 import hashlib
 import json
 import logging
-import multiprocessing
 import os
 import shutil
 import socket
@@ -33,8 +32,8 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-from tqdm.auto import tqdm
 
+from fastmix_data.engine import Job, LocalEngine, RayEngine, TaskOutcome, get_engine
 from fastmix_data.errors import ManifestError, SourceError
 from fastmix_data.export._util import canonical_json, parse_size
 from fastmix_data.export.from_manifest import manifest_plan, manifest_sources
@@ -467,18 +466,41 @@ def _prepare(out_dir: str, run: dict, manifest: Mapping[str, Any]) -> None:
         write_json_atomic(copy, dict(manifest, root=manifest["root"]))
 
 
-_CTX: dict[str, Any] = {}
+@dataclass
+class _TaskState:
+    """Per worker process: what every output-shard task needs (the materialiser is built lazily:
+    a rerun whose shards are all finished never plans or opens an input shard)."""
+
+    manifest: Mapping[str, Any]
+    out_dir: str
+    layout: Layout
+    run: dict
+    opts: dict
+    _mat: Materialiser | None = None
+
+    @property
+    def materialiser(self) -> Materialiser:
+        if self._mat is None:
+            self._mat = Materialiser(self.manifest, **self.opts)
+        return self._mat
 
 
-def _init_worker(
-    manifest: Mapping[str, Any], out_dir: str, layout: Layout, run: dict, opts: dict, workers: int = 1
-) -> None:
-    if workers > 1:  # share the cores: Arrow's decode threads per worker process
-        pa.set_cpu_count(max(1, (os.cpu_count() or 1) // workers))
-    _CTX.clear()
-    _CTX.update(
-        materialiser=Materialiser(manifest, **opts), out_dir=out_dir, layout=layout, run=run, pid=os.getpid(),
-    )  # fmt: skip
+def _task_setup(context: dict) -> _TaskState:
+    if context["arrow_threads"]:  # share the cores: Arrow's decode threads per worker process
+        pa.set_cpu_count(context["arrow_threads"])
+    return _TaskState(
+        context["manifest"], context["out_dir"], context["layout"], context["run"], context["opts"]
+    )
+
+
+def _shard_task(state: _TaskState, i: int) -> TaskOutcome:
+    """Output shard ``i``, idempotently: verified and skipped when finished, else written and published."""
+    name = state.layout.name(i)
+    marker = _finished(state.out_dir, name, state.run)
+    if marker is not None:
+        return TaskOutcome(marker, bytes_read=marker["bytes"], skipped=True)
+    marker, read = _write_one(state, i)
+    return TaskOutcome(marker, bytes_read=read, bytes_written=marker["bytes"])
 
 
 def _marker_path(out_dir: str, name: str) -> str:
@@ -501,43 +523,49 @@ def _finished(out_dir: str, name: str, run: dict) -> dict | None:
     return marker
 
 
-def _write_one(i: int, progress: Any = None) -> dict:
-    ctx = _CTX
-    mat: Materialiser = ctx["materialiser"]
-    layout: Layout = ctx["layout"]
-    out_dir = ctx["out_dir"]
+def _publish(tmp: str, out_dir: str, name: str) -> tuple[int, str]:
+    """Make a finished temporary file visible as ``out_dir/name`` in one atomic step.
+
+    The one place an output shard becomes visible: fsync, hash, rename. Returns (bytes, sha256).
+    """
+    digest = sha256_file(tmp)
+    size = os.path.getsize(tmp)
+    publish_file(tmp, os.path.join(out_dir, name))
+    return size, digest
+
+
+def _clear_stale_temps(tmp_root: str, name: str) -> None:
+    # ours: a shard has one writer at a time (a retried or rerun task replaces a dead attempt's file)
+    for stale in glob.glob(os.path.join(tmp_root, glob.escape(name) + ".*")):
+        shutil.rmtree(stale, ignore_errors=True) if os.path.isdir(stale) else os.unlink(stale)
+
+
+def _write_one(state: _TaskState, i: int) -> tuple[dict, int]:
+    """Write output shard ``i`` to a temporary file, publish it, record its done-marker.
+
+    Returns (the marker, bytes of the input shards it read from)."""
+    mat = state.materialiser
+    layout, out_dir = state.layout, state.out_dir
     name = layout.name(i)
     a, b = layout.bounds(i)
     tmp_root = os.path.join(out_dir, STATE_DIR, "tmp")
-    for stale in glob.glob(
-        os.path.join(tmp_root, glob.escape(name) + ".*")
-    ):  # ours: shards are owned by one writer
-        shutil.rmtree(stale, ignore_errors=True) if os.path.isdir(stale) else os.unlink(stale)
+    _clear_stale_temps(tmp_root, name)
     tmp = os.path.join(tmp_root, f"{name}.{socket.gethostname()}.{os.getpid()}.tmp")
     counts = mat.new_counts()
-
-    def chunks() -> Iterator[dict]:
-        for ch in mat.chunks(a, b, counts):
-            yield ch
-            if progress is not None:
-                progress(len(ch["position"]))
-
-    final = os.path.join(out_dir, name)
+    chunks = mat.chunks(a, b, counts)
     entry = None
     try:
         if layout.format == "parquet":
-            _write_parquet(tmp, chunks(), mat.names, mat.columns)
+            _write_parquet(tmp, chunks, mat.names, mat.columns)
         elif layout.format == "webdataset":
-            _write_webdataset(tmp, chunks(), mat.names, mat.columns)
+            _write_webdataset(tmp, chunks, mat.names, mat.columns)
         else:
             os.makedirs(tmp)
-            entry = _write_mds(tmp, chunks(), mat.names, mat.columns, mat.seq_len is not None)
+            entry = _write_mds(tmp, chunks, mat.names, mat.columns, mat.seq_len is not None)
             inner = os.path.join(tmp, entry["raw_data"]["basename"])
             entry["raw_data"]["basename"] = name
             tmp_dir, tmp = tmp, inner
-        digest = sha256_file(tmp)
-        size = os.path.getsize(tmp)
-        publish_file(tmp, final)
+        size, digest = _publish(tmp, out_dir, name)
     finally:
         if layout.format == "mds" and entry is not None:
             shutil.rmtree(tmp_dir, ignore_errors=True)
@@ -546,7 +574,7 @@ def _write_one(i: int, progress: Any = None) -> dict:
         elif os.path.exists(tmp):
             os.unlink(tmp)
     marker = {
-        "run": ctx["run"]["run"],
+        "run": state.run["run"],
         "index": i,
         "path": name,
         "start": a,
@@ -563,11 +591,13 @@ def _write_one(i: int, progress: Any = None) -> dict:
     if entry is not None:
         marker["mds"] = entry
     write_json_atomic(_marker_path(out_dir, name), marker, indent=None)
-    return marker
-
-
-def _worker_task(i: int) -> dict:
-    return _write_one(i)
+    read = sum(
+        int(sh["bytes"])
+        for s, c in zip(state.manifest["sources"], counts["shards"])
+        for sh, n in zip(s["shards"], c)
+        if n
+    )
+    return marker, read
 
 
 def _assign(count: int, rank: int, world: int) -> range:
@@ -579,7 +609,7 @@ def resample(
     out_dir: str | os.PathLike,
     format: str = "parquet",
     shard_size: str | int = "256MB",
-    workers: int = 1,
+    workers: int | None = None,
     rank: int | None = None,
     world_size: int | None = None,
     *,
@@ -590,6 +620,8 @@ def resample(
     eos_id: int | None = None,
     allow_unsafe: bool = False,
     progress: bool | None = None,
+    engine: str | LocalEngine | RayEngine = "local",
+    ray_address: str | None = None,
 ) -> dict:
     """Write the manifest's items (global positions 0..budget, in order) as new shards in ``out_dir``.
 
@@ -600,18 +632,24 @@ def resample(
         format: "parquet", "webdataset" or "mds".
         shard_size: target bytes per output shard ("256MB", "1GiB", int), estimated from the
             manifest, or ``shard_items`` items per shard exactly.
-        workers: processes on this machine.
+        workers: processes on this machine (local engine, default 1), or Ray tasks at once (ray
+            engine, default: the cluster's CPUs).
         rank, world_size: this process's share of the output shards (default: torch.distributed,
             else the RANK / WORLD_SIZE environment, else 0 / 1). Ranks write disjoint shards.
+            The ray engine runs every shard from one driver (world_size 1).
         verify: check of the input shards before reading ("none", "size", "sha256").
         tokenizer, eos_id: the manifest's packing tokenizer (default: bytes).
-        progress: show a tqdm bar (default: when attached to a terminal).
+        progress: show a tqdm bar over the output shards (default: when attached to a terminal).
+        engine: "local" (default), "ray" (one Ray task per output shard, retried when its worker
+            dies), or an engine object (:class:`fastmix_data.engine.RayEngine`).
+        ray_address: the Ray cluster for ``engine="ray"`` (see ``RayEngine``).
 
     Returns:
         The output index (also in ``out_dir/index.json``; see docs/manifest.md) with
         ``"complete": True`` once every shard of every rank exists (under torch.distributed, on
         every rank); without torch.distributed a rank that finishes before the others gets
-        ``{"complete": False, "written": [its shards], "missing": n}``.
+        ``{"complete": False, "written": [its shards], "missing": n}``. ``"stats"`` holds this
+        call's telemetry (tasks, skipped, retries, bytes read/written, seconds; not in index.json).
 
     Raises:
         ResampleError: ``out_dir`` holds another run or unrelated files; the written composition
@@ -620,67 +658,48 @@ def resample(
     """
     from fastmix_data.stream.distributed import rank_and_world
 
+    eng = get_engine(engine, workers, ray_address=ray_address)
     m = load_manifest(manifest, verify=verify, root=root)
     layout = plan_layout(m, format, shard_size, shard_items)
     columns = output_columns(m)
     run = _run_record(m, layout, columns)
     if rank is None or world_size is None:
-        detected = rank_and_world()
+        detected = (0, 1) if eng.name == "ray" else rank_and_world()
         rank = detected[0] if rank is None else int(rank)
         world_size = detected[1] if world_size is None else int(world_size)
     if not 0 <= rank < world_size:
         raise ResampleError(f"rank {rank} is outside world_size {world_size}")
+    if eng.name == "ray" and world_size != 1:
+        raise ResampleError(
+            f"engine='ray' runs every output shard from one driver; got world_size {world_size}. "
+            "Run one resample command, not one per rank"
+        )
     out_dir = os.path.abspath(os.fspath(out_dir))
     _prepare(out_dir, run, m)
     opts = {"tokenizer": tokenizer, "eos_id": eos_id, "allow_unsafe": allow_unsafe}
+    parallel = eng.name == "ray" or (eng.workers > 1 and layout.count > 1)
+    context = {
+        "manifest": m, "out_dir": out_dir, "layout": layout, "run": run, "opts": opts,
+        "arrow_threads": eng.threads_per_task() if parallel else None,
+    }  # fmt: skip
     mine = list(_assign(layout.count, rank, world_size))
-    done = {i: mk for i in mine if (mk := _finished(out_dir, layout.name(i), run)) is not None}
-    todo = [i for i in mine if i not in done]
-    if done:
-        log.info(
-            "resample: %d of this rank's %d shards already finished; skipping them", len(done), len(mine)
-        )
-    items_todo = sum(layout.bounds(i)[1] - layout.bounds(i)[0] for i in todo)
-    bar = tqdm(
-        total=items_todo,
-        desc=f"resample {format}",
-        unit="item",
-        unit_scale=True,
-        disable=None if progress is None else not progress,
+    markers, stats = eng.run(
+        Job(_task_setup, _shard_task, context), mine, desc=f"resample {format}", progress=progress
     )
-    written: list[dict] = []
-    with bar:
-        if todo and (workers <= 1 or len(todo) == 1):
-            _init_worker(m, out_dir, layout, run, opts)
-            for i in todo:
-                written.append(_write_one(i, progress=bar.update))
-        elif todo:
-            ctx = multiprocessing.get_context(
-                "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
-            )
-            # contiguous blocks: a worker's shards read neighbouring input shards (each read ~once)
-            chunk = -(-len(todo) // workers)
-            with ctx.Pool(
-                min(workers, len(todo)),
-                initializer=_init_worker,
-                initargs=(m, out_dir, layout, run, opts, min(workers, len(todo))),
-            ) as pool:
-                for marker in pool.imap_unordered(_worker_task, todo, chunksize=chunk):
-                    written.append(marker)
-                    bar.update(marker["rows"])
-    _CTX.clear()
+    log.info("%s", stats.summary("resample"))
     if _is_dist():  # torchrun: rank 0 writes the index once every rank has written its shards
         _barrier()
         if rank != 0:
             _barrier()
-            return dict(read_index(out_dir), complete=True)
+            return dict(read_index(out_dir), complete=True, stats=stats.to_json())
         try:
-            return finalize(out_dir, m, layout, run)
+            return dict(finalize(out_dir, m, layout, run), stats=stats.to_json())
         finally:
             _barrier()
-    result = finalize(out_dir, m, layout, run)
+    result = finalize(out_dir, m, layout, run, markers if world_size == 1 else None)
     if not result.get("complete", True):
-        result["written"] = sorted(mk["path"] for mk in written)
+        result["written"] = sorted(mk["path"] for mk in markers if mk is not None)
+    result["stats"] = stats.to_json()
     return result
 
 
@@ -699,8 +718,14 @@ def _barrier() -> None:
         dist.barrier()
 
 
-def finalize(out_dir: str, manifest: Mapping[str, Any], layout: Layout, run: dict) -> dict:
-    """Write ``out_dir/index.json`` when every output shard has its done-marker; check composition."""
+def finalize(
+    out_dir: str, manifest: Mapping[str, Any], layout: Layout, run: dict, markers: list[dict] | None = None
+) -> dict:
+    """Write ``out_dir/index.json`` when every output shard has its done-marker; check composition.
+
+    ``markers``: every shard's marker in shard order, when the caller has them (else read from disk)."""
+    if markers is not None and len(markers) == layout.count:
+        return _write_index(out_dir, manifest, layout, run, markers)
     markers = []
     for i in range(layout.count):
         try:
@@ -711,6 +736,12 @@ def finalize(out_dir: str, manifest: Mapping[str, Any], layout: Layout, run: dic
         if mk.get("run") != run["run"]:
             return {"complete": False, "missing": layout.count - len(markers)}
         markers.append(mk)
+    return _write_index(out_dir, manifest, layout, run, markers)
+
+
+def _write_index(
+    out_dir: str, manifest: Mapping[str, Any], layout: Layout, run: dict, markers: list[dict]
+) -> dict:
     names = [s["name"] for s in manifest["sources"]]
     items = {n: sum(mk["sources"][n] for mk in markers) for n in names}
     tokens = {n: sum(mk["tokens"][n] for mk in markers) for n in names}
