@@ -65,6 +65,37 @@ def _report(text: str) -> None:
     print(text, file=sys.stderr)
 
 
+def _engine(args: argparse.Namespace) -> Any:
+    from fastmix_data.engine import get_engine
+
+    if args.engine == "local":
+        return "local"
+    return get_engine("ray", getattr(args, "workers", None), ray_address=args.ray_address)
+
+
+def _stats_line(stats: dict) -> str:
+    retried = ", ".join(f"{k}: {v}" for k, v in sorted(stats["retried_tasks"].items())[:5])
+    return (
+        f"{stats['tasks']} tasks ({stats['skipped']} already done) on {stats['engine']} with {stats['workers']} "
+        f"worker(s) in {stats['seconds']:.1f} s; {stats['retries']} retried attempt(s){f' ({retried})' if retried else ''}; "
+        f"read {stats['bytes_read'] / 1e6:,.1f} MB ({stats['read_mb_per_s']:,.1f} MB/s), "
+        f"wrote {stats['bytes_written'] / 1e6:,.1f} MB ({stats['write_mb_per_s']:,.1f} MB/s)"
+    )
+
+
+def add_engine_flags(p: argparse.ArgumentParser) -> None:
+    """``--engine local|ray`` and ``--ray-address`` (shared by index, manifest and resample)."""
+    p.add_argument(
+        "--engine", choices=("local", "ray"), default="local",
+        help="run the work on this machine (default) or as Ray tasks on a cluster (pip install 'fastmix-data[ray]')",
+    )  # fmt: skip
+    p.add_argument(
+        "--ray-address", default=None,
+        help="Ray cluster to use with --engine ray (default: RAY_ADDRESS, else the cluster `ray start` "
+        "started on this machine, else a new local one)",
+    )  # fmt: skip
+
+
 def cmd_manifest(args: argparse.Namespace) -> int:
     """Build a manifest offline from sources, weights and a budget; write it atomically."""
     from fastmix_data.export.manifest import build_manifest, summary, write_manifest
@@ -96,6 +127,7 @@ def cmd_manifest(args: argparse.Namespace) -> int:
         exhaustion=_exhaustion(args.exhaustion),
         history=history,
         shuffle=not args.no_shuffle,
+        engine=_engine(args),
         **options,
     )
     write_manifest(manifest, args.out)
@@ -118,7 +150,9 @@ def cmd_resample(args: argparse.Namespace) -> int:
         verify=args.verify,
         root=args.root,
         progress=None,
+        engine=_engine(args),
     )
+    _report(_stats_line(result["stats"]))
     if result.get("complete"):
         comp = result["composition"]
         _report(
@@ -179,6 +213,7 @@ def add_export_parsers(subparsers: Any) -> None:
     p.add_argument("--ids-field", default=None)
     p.add_argument("--no-shuffle", action="store_true")
     p.add_argument("--out", required=True)
+    add_engine_flags(p)
     p.set_defaults(func=cmd_manifest)
 
     p = subparsers.add_parser("resample", help="materialise a manifest as new shards")
@@ -191,11 +226,15 @@ def add_export_parsers(subparsers: Any) -> None:
     p.add_argument(
         "--shard-items", type=int, default=None, help="exact items per output shard (overrides --shard-size)"
     )
-    p.add_argument("--workers", type=int, default=1)
+    p.add_argument(
+        "--workers", type=int, default=None,
+        help="local processes (default 1), or Ray tasks at once (default: the cluster's CPUs)",
+    )  # fmt: skip
     p.add_argument("--verify", choices=("none", "size", "sha256"), default="size")
     p.add_argument(
         "--root", default=None, help="the input shards' root, if moved since the manifest was made"
     )
+    add_engine_flags(p)
     p.set_defaults(func=cmd_resample)
 
     from fastmix_data.export.converters import TARGETS

@@ -289,6 +289,7 @@ def build_manifest(
     shuffle: bool = True,
     tokenizer: Any = None,
     eos_id: int | None = None,
+    engine: Any = "local",
     **source_options: Any,
 ) -> dict:
     """The manifest of a mixture over a budget, from the plan and the cached shard index only.
@@ -306,6 +307,8 @@ def build_manifest(
         history: later weight changes, each {"position": item position, "weights": {...}} in
             ``weight_units`` (or stream-state history entries, or `WeightChange` in item units); a
             first entry at position 0 replaces ``weights``.
+        engine: where shards missing from the index cache are indexed: "local" (threads), "ray"
+            (one Ray task per shard) or an engine object; the manifest is the same bytes either way.
         source_options: reader options for every source (text_field, ids_field, cache_dir, ...).
 
     Returns:
@@ -328,7 +331,7 @@ def build_manifest(
     if unknown:
         raise ManifestError(f"exhaustion names unknown sources {unknown}; sources are {list(sources)}")
     units, amount = parse_budget(budget)
-    opened, reader_opts = _open_sources(sources, source_options)
+    opened, reader_opts = _open_sources(sources, dict(source_options, engine=engine))
     tok = as_tokenizer(tokenizer, eos_id)
     items = _item_sources(opened, seed, seq_len, tok, shuffle)
     names = list(sources)

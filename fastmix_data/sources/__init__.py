@@ -87,7 +87,7 @@ def _from_index_file(name: str, location, reader_opts: dict, storage: Storage, f
     return fmt, reader, entries, [tuple(x) for x in doc.get("skipped", [])]
 
 
-def _index(name, spec, format, reader_opts, storage, cache_dir, on_corrupt, allow_unsafe, verify):
+def _index(name, spec, format, reader_opts, storage, cache_dir, on_corrupt, allow_unsafe, verify, engine):
     """(format, reader, entries, skipped): discover ``spec``, then index it (cached)."""
     try:
         found = discover(spec, format=format, allow_unsafe=allow_unsafe, remote=storage.remote)
@@ -100,7 +100,7 @@ def _index(name, spec, format, reader_opts, storage, cache_dir, on_corrupt, allo
     try:
         entries, skipped = build_index(
             found.paths, reader, source_name=name, cache_dir=cache_dir, on_corrupt=on_corrupt,
-            objects=found.objects, storage=storage, verify=verify,
+            objects=found.objects, storage=storage, verify=verify, engine=engine,
         )
     except ImportError as exc:  # the format's optional dependency is missing or broken
         raise SourceError(f"source {name!r} ({found.format}) cannot be read: {exc}") from exc
@@ -125,6 +125,7 @@ def open_source(
     remote_cache: bool = True,
     storage_options: Mapping[str, Any] | None = None,
     retry: RetryPolicy | None = None,
+    engine: str | Any = "local",
 ) -> ShardedSource:
     """Open a sharded source: discover its shards, index them (cached), check their schema.
 
@@ -155,6 +156,8 @@ def open_source(
         remote_cache: False reads remote shards into memory without a local copy (no prefetch).
         storage_options: fsspec options (credentials, endpoint, ...); never logged or stored.
         retry: retry policy of remote calls (default ``RetryPolicy()``: 6 tries, backoff from 0.2 s).
+        engine: where shards missing from the index cache are indexed: ``"local"`` (threads,
+            default), ``"ray"`` (one Ray task per shard) or an engine object (:mod:`fastmix_data.engine`).
 
     Returns:
         A picklable :class:`ShardedSource` (implements :class:`Source`).
@@ -165,7 +168,8 @@ def open_source(
         UnsafeInputError: ``pipe:`` or pickle without ``allow_unsafe``; credentials inside a URL.
     """
     source, _ = _open(name, spec, format, text_field, ids_field, extra_fields, cache_dir, on_corrupt,
-                      allow_unsafe, verify, index_file, cache_limit, prefetch, remote_cache, storage_options, retry)
+                      allow_unsafe, verify, index_file, cache_limit, prefetch, remote_cache, storage_options, retry,
+                      engine)
     return source
 
 
@@ -173,13 +177,13 @@ def index_source(name: str, spec: Spec, out: str | os.PathLike | None = None, **
     """Index a source (as :func:`open_source` with ``options``) and return its index document,
     written to ``out`` (a path or URL) when given. See docs/sources.md, "Index files"."""
     keys = ("format", "text_field", "ids_field", "extra_fields", "cache_dir", "on_corrupt", "allow_unsafe",
-            "verify", "index_file", "cache_limit", "prefetch", "remote_cache", "storage_options", "retry")
+            "verify", "index_file", "cache_limit", "prefetch", "remote_cache", "storage_options", "retry", "engine")
     unknown = sorted(set(options) - set(keys))
     if unknown:
         raise TypeError(f"index_source got unknown options {unknown}")
     defaults = dict(format=None, text_field="text", ids_field="input_ids", extra_fields=(), cache_dir=None,
                     on_corrupt="raise", allow_unsafe=False, verify="auto", index_file=None, cache_limit=None,
-                    prefetch=DEFAULT_PREFETCH, remote_cache=True, storage_options=None, retry=None)
+                    prefetch=DEFAULT_PREFETCH, remote_cache=True, storage_options=None, retry=None, engine="local")
     opts = {**defaults, **options}
     source, doc = _open(name, spec, *(opts[k] for k in keys))
     if out is not None:
@@ -201,7 +205,7 @@ def _gc_paused():
 
 
 def _open(name, spec, format, text_field, ids_field, extra_fields, cache_dir, on_corrupt, allow_unsafe, verify,
-          index_file, cache_limit, prefetch, remote_cache, storage_options, retry) -> tuple[ShardedSource, dict]:
+          index_file, cache_limit, prefetch, remote_cache, storage_options, retry, engine) -> tuple[ShardedSource, dict]:
     _check_arguments(name, spec, format, text_field, ids_field, extra_fields, cache_dir, on_corrupt, allow_unsafe,
                      index_file)
     if verify not in VERIFY:
@@ -215,7 +219,7 @@ def _open(name, spec, format, text_field, ids_field, extra_fields, cache_dir, on
             fmt, reader, entries, skipped = _from_index_file(name, index_file, reader_opts, storage, format)
     else:  # (indexing downloads and decodes: the collector stays on)
         fmt, reader, entries, skipped = _index(name, spec, format, reader_opts, storage, cache_dir, on_corrupt,
-                                               allow_unsafe, verify)
+                                               allow_unsafe, verify, engine)
     with _gc_paused():
         return _finish(name, spec, fmt, reader, entries, skipped, storage, extra_fields, verify, index_file)
 
@@ -257,7 +261,7 @@ def _finish(name, spec, fmt, reader, entries, skipped, storage, extra_fields, ve
 
 
 OPTIONS = ("format", "text_field", "ids_field", "extra_fields", "cache_dir", "on_corrupt", "allow_unsafe",
-           "verify", "index_file", "cache_limit", "prefetch", "remote_cache", "storage_options", "retry")
+           "verify", "index_file", "cache_limit", "prefetch", "remote_cache", "storage_options", "retry", "engine")
 
 
 def check_options(name: str, options: Mapping[str, Any]) -> None:

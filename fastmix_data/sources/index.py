@@ -23,8 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tqdm.auto import tqdm
-
+from fastmix_data.engine import Job, TaskOutcome, get_engine
 from fastmix_data.errors import SourceError, UnsafeInputError
 from fastmix_data.io import sha256_bytes, sha256_file, write_json_atomic
 from fastmix_data.sources.reader import ShardReader, ShardStats
@@ -181,6 +180,7 @@ def build_index(
     objects: Mapping[str, ObjectInfo] | None = None,
     storage=None,
     verify: str = "auto",
+    engine: Any = "local",
 ) -> tuple[dict[str, IndexEntry], list[tuple[str, str]]]:
     """Index entries of ``paths``, from the cache where fresh, computing the rest in threads.
 
@@ -197,6 +197,8 @@ def build_index(
         storage: the source's :class:`~fastmix_data.storage.Storage` (remote shards only).
         verify: ``"auto"`` (sha256 of local files, identity only for URLs), ``"sha256"`` (hash every
             shard, downloading remote ones whole), ``"size"`` (identity only: size + mtime or version).
+        engine: ``"local"`` (threads) or ``"ray"`` (one Ray task per shard to index), or an engine object
+            (:mod:`fastmix_data.engine`). The entries are the same whatever the engine.
 
     Returns:
         (entries by path for readable shards, [(path, reason)] of skipped shards).
@@ -217,7 +219,9 @@ def build_index(
     todo = [p for p in paths if p not in entries]
     failures: dict[str, BaseException] = {}
     if todo:
-        failures = _compute_all(todo, reader, source_name, objects, verify, max_workers or default_workers, entries)
+        failures = _compute_all(
+            todo, reader, source_name, objects, verify, max_workers or default_workers, entries, engine
+        )
         todo_set = set(todo)
         computed = {p: e for p, e in entries.items() if p in todo_set and not is_pipe(p)}
         if computed:
@@ -226,30 +230,44 @@ def build_index(
     return {p: entries[p] for p in paths if p in entries}, skipped
 
 
-def _compute_all(todo, reader, source_name, objects, verify, workers, entries) -> dict[str, BaseException]:
+def _compute_all(todo, reader, source_name, objects, verify, workers, entries, engine) -> dict[str, BaseException]:
+    """Entries of ``todo`` (into ``entries``) as engine tasks, one per shard; returns the failures."""
+    if engine in (None, "local"):
+        eng = get_engine("local", max(1, min(workers, len(todo))), threads=True)
+    else:
+        eng = get_engine(engine)
+    context = (reader, {p: objects[p] for p in todo if p in objects}, verify)
+    results, stats = eng.run(
+        Job(_same, _index_task, context), todo, desc=f"indexing {source_name}",
+        progress=len(todo) >= PROGRESS_MIN_SHARDS,
+    )  # fmt: skip
+    log.info("%s", stats.summary(f"index {source_name!r}"))
     failures: dict[str, BaseException] = {}
-    bar = tqdm(total=len(todo), desc=f"indexing {source_name}", unit="shard",
-               disable=len(todo) < PROGRESS_MIN_SHARDS, leave=False)
-
-    def run(path: str) -> tuple[str, IndexEntry | BaseException]:
-        try:
-            if is_url(path):
-                return path, _compute_remote(reader, path, objects[path], verify)
-            return path, _compute_local(reader, path, verify)
-        except (UnsafeInputError, CacheBudgetError, ImportError):  # not the shard's fault: a setting or an install
-            raise
-        except Exception as exc:  # any failure to decode is a corrupt shard
-            return path, exc
-        finally:
-            bar.update(1)
-
-    with bar, ThreadPoolExecutor(max_workers=max(1, min(workers, len(todo)))) as pool:
-        for path, result in pool.map(run, todo):
-            if isinstance(result, IndexEntry):
-                entries[path] = result
-            else:
-                failures[path] = result
+    for path, result in zip(todo, results):
+        if isinstance(result, IndexEntry):
+            entries[path] = result
+        else:
+            failures[path] = result
     return failures
+
+
+def _same(context: Any) -> Any:
+    return context
+
+
+def _index_task(context: tuple, path: str) -> TaskOutcome:
+    """One shard's entry (an engine task); a corrupt shard's error is the value, not raised."""
+    reader, objects, verify = context
+    try:
+        if is_url(path):
+            entry = _compute_remote(reader, path, objects[path], verify)
+        else:
+            entry = _compute_local(reader, path, verify)
+    except (UnsafeInputError, CacheBudgetError, ImportError):  # not the shard's fault: a setting or an install
+        raise
+    except Exception as exc:  # any failure to decode is a corrupt shard
+        return TaskOutcome(exc)
+    return TaskOutcome(entry, bytes_read=entry.size if entry.sha256 else 0)
 
 
 def _report_failures(paths, failures, source_name, on_corrupt) -> list[tuple[str, str]]:
