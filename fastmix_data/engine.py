@@ -45,12 +45,21 @@ class TaskOutcome:
         bytes_read: input bytes the task read (0 when unknown).
         bytes_written: output bytes it published.
         skipped: the output already existed and was verified; nothing was written.
+        seconds: wall time of the task function (set by the engine).
     """
 
     value: Any
     bytes_read: int = 0
     bytes_written: int = 0
     skipped: bool = False
+    seconds: float = 0.0
+
+
+def _timed(job: Job, state: Any, task: Any) -> TaskOutcome:
+    t0 = time.perf_counter()
+    outcome = job.task(state, task)
+    outcome.seconds = time.perf_counter() - t0
+    return outcome
 
 
 @dataclass(frozen=True)
@@ -78,6 +87,7 @@ class RunStats:
     bytes_read: int = 0
     bytes_written: int = 0
     seconds: float = 0.0
+    task_seconds: float = 0.0
 
     @property
     def total_retries(self) -> int:
@@ -87,12 +97,14 @@ class RunStats:
         self.bytes_read += outcome.bytes_read
         self.bytes_written += outcome.bytes_written
         self.skipped += bool(outcome.skipped)
+        self.task_seconds += outcome.seconds
 
     def to_json(self) -> dict[str, Any]:
         return {
             "engine": self.engine, "workers": self.workers, "tasks": self.tasks, "skipped": self.skipped,
             "retries": self.total_retries, "retried_tasks": dict(self.retries), "bytes_read": self.bytes_read,
             "bytes_written": self.bytes_written, "seconds": round(self.seconds, 3),
+            "task_seconds": round(self.task_seconds, 3),
             "read_mb_per_s": round(self.bytes_read / 1e6 / max(self.seconds, 1e-9), 2),
             "write_mb_per_s": round(self.bytes_written / 1e6 / max(self.seconds, 1e-9), 2),
         }  # fmt: skip
@@ -139,7 +151,7 @@ def _pool_init(key: str, job: Job) -> None:
 
 def _pool_task(args: tuple[str, Job, int, Any]) -> tuple[int, TaskOutcome]:
     key, job, i, task = args
-    return i, job.task(_state_for(key, job, None), task)
+    return i, _timed(job, _state_for(key, job, None), task)
 
 
 class LocalEngine:
@@ -189,11 +201,11 @@ class LocalEngine:
         if workers <= 1:
             state = _state_for(key, job, job.context)
             for i, task in enumerate(tasks):
-                yield i, job.task(state, task)
+                yield i, _timed(job, state, task)
         elif self.threads:
             state = job.setup(job.context)
             with ThreadPoolExecutor(max_workers=workers) as pool:
-                yield from enumerate(pool.map(lambda t: job.task(state, t), tasks))
+                yield from enumerate(pool.map(lambda t: _timed(job, state, t), tasks))
         else:
             method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
             chunk = -(-len(tasks) // workers)
@@ -234,7 +246,7 @@ def _ray_task(key: str, job: Job, boxed_context: list, task: Any, attempts: Any)
     ray.get(attempts.started.remote(str(task)))
     # the context travels boxed so that Ray does not fetch it for every task; fetched once per worker
     state = _STATE["state"] if _STATE.get("key") == key else _state_for(key, job, ray.get(boxed_context[0]))
-    return job.task(state, task)
+    return _timed(job, state, task)
 
 
 class RayEngine:
