@@ -127,11 +127,13 @@ def _bar(total: int, desc: str, progress: bool | None) -> tqdm:
 
 def _postfix(bar: tqdm, stats: RunStats, t0: float) -> None:
     s = max(time.perf_counter() - t0, 1e-9)
-    bar.set_postfix_str(
-        f"retries {stats.total_retries}, read {stats.bytes_read / 1e6 / s:,.1f} MB/s, "
-        f"wrote {stats.bytes_written / 1e6 / s:,.1f} MB/s",
-        refresh=False,
-    )
+    parts = [f"retries {stats.total_retries}"]
+    parts += [
+        f"{what} {n / 1e6 / s:,.1f} MB/s"
+        for what, n in (("read", stats.bytes_read), ("wrote", stats.bytes_written))
+        if n
+    ]
+    bar.set_postfix_str(", ".join(parts), refresh=False)
 
 
 # ------------------------------------------------------------------------------------------ local

@@ -67,7 +67,7 @@ def cluster():
         ray_bin = os.path.join(os.path.dirname(sys.executable), "ray")
         node = subprocess.Popen(
             [ray_bin, "start", "--block", f"--address={gcs}", "--num-cpus=1", "--node-ip-address=127.0.0.1",
-             "--disable-usage-stats"],
+             f"--temp-dir={temp_dir}", "--disable-usage-stats"],  # its address file goes there, not /tmp/ray
             stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
         )  # fmt: skip
         _wait_for("the second node", lambda: sum(n["Alive"] for n in ray.nodes()) == 2, node)

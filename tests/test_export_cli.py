@@ -71,7 +71,14 @@ def test_manifest_resample_convert(corpus, tmp_path, capsys):
         )
         == 0
     )
-    assert "token share" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "token share" in err
+    assert "tasks (0 already done) on local with 1 worker(s)" in err and "0 retried attempt(s)" in err
+    assert _run(["resample", "--manifest", str(out), "--out", str(res), "--format", "webdataset",
+                 "--shard-items", "50", "--engine", "local", "--workers", "2"]) == 0  # fmt: skip
+    err = capsys.readouterr().err
+    n = len(json.loads((res / "index.json").read_text())["shards"])
+    assert f"{n} tasks ({n} already done) on local with 2 worker(s)" in err and "wrote 0.0 MB" in err
     assert (
         _run(
             ["convert", "--manifest", str(out), "--to", "megatron", "--prefix", "code=/m/code", "web=/m/web"]
