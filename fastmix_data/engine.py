@@ -291,7 +291,7 @@ class RayEngine:
         """Initialise Ray once per process (keeps a cluster the caller already connected to)."""
         ray = import_ray()
         if not ray.is_initialized():
-            kwargs: dict[str, Any] = {"address": self.address, "log_to_driver": False}
+            kwargs: dict[str, Any] = {"address": self.address}
             if self.num_cpus is not None:
                 kwargs["num_cpus"] = self.num_cpus
             if self.address in (None, "local"):
@@ -317,24 +317,37 @@ class RayEngine:
         )
         pending: dict[Any, int] = {}
         todo = iter(enumerate(tasks))
-        with _bar(len(tasks), desc, progress) as bar:
-            while True:
-                while len(pending) < window and (nxt := next(todo, None)) is not None:
-                    pending[remote.remote(key, light, boxed, nxt[1], attempts)] = nxt[0]
-                if not pending:
-                    break
-                (ref,), _ = ray.wait(list(pending), num_returns=1)
-                i = pending.pop(ref)
-                outcome = _get(ray, ref)
-                values[i] = outcome.value
-                stats.add(outcome)
+        try:
+            with _bar(len(tasks), desc, progress) as bar:
+                while True:
+                    while len(pending) < window and (nxt := next(todo, None)) is not None:
+                        pending[remote.remote(key, light, boxed, nxt[1], attempts)] = nxt[0]
+                    if not pending:
+                        break
+                    for ref in _ready(ray, list(pending)):
+                        i = pending.pop(ref)
+                        outcome = _get(ray, ref)
+                        values[i] = outcome.value
+                        stats.add(outcome)
+                        bar.update(1)
+                    _postfix(bar, stats, t0)
+                stats.retries = ray.get(attempts.retries.remote())
                 _postfix(bar, stats, t0)
-                bar.update(1)
-            stats.retries = ray.get(attempts.retries.remote())
-            _postfix(bar, stats, t0)
-        ray.kill(attempts)
+        finally:
+            for ref in pending:  # a task failed: stop the rest (their outputs are atomic anyway)
+                ray.cancel(ref, force=True)
+            ray.kill(attempts)
         stats.seconds = time.perf_counter() - t0
         return values, stats
+
+
+def _ready(ray: Any, refs: list) -> list:
+    """The finished tasks among ``refs``: waits for one, then takes every other one already done."""
+    ready, rest = ray.wait(refs, num_returns=1)
+    if rest:
+        more, _ = ray.wait(rest, num_returns=len(rest), timeout=0)
+        ready += more
+    return ready
 
 
 def _get(ray: Any, ref: Any) -> TaskOutcome:

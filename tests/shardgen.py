@@ -188,6 +188,24 @@ def write_hf_source(
     return directory
 
 
+def write_code_web(root: Path) -> Path:
+    """The resample tests' corpus: code (150 Parquet docs, 3 shards) and web (100 WebDataset docs, 2 tars)."""
+    write_parquet_source(root / "code", make_docs(150, prefix="code"), shards=3)
+    write_wds_source(root / "web", make_docs(100, prefix="web", seed=1), shards=2)
+    return root
+
+
+def code_web_manifest(root: Path) -> dict:
+    """The manifest of :func:`write_code_web`'s corpus: 600 items, weights 0.3/0.7, then 0.7/0.3 from 200."""
+    from fastmix_data.export import build_manifest
+
+    history = [{"position": 200, "weights": {"code": 0.7, "web": 0.3}}]
+    return build_manifest(
+        {"code": str(root / "code"), "web": str(root / "web")}, {"code": 0.3, "web": 0.7}, 600,
+        root=root, seed=4, history=history,
+    )  # fmt: skip
+
+
 def truncate(path: str | os.PathLike, keep: float | int = 0.5) -> None:
     """Cut a file to ``keep`` bytes (int) or that fraction of its size (float)."""
     size = os.path.getsize(path)

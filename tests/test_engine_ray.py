@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 import pytest
-from shardgen import make_docs, write_parquet_source, write_wds_source
+from shardgen import code_web_manifest, write_code_web
 
 from fastmix_data.engine import RayEngine
 from fastmix_data.export import build_manifest, write_manifest
@@ -52,9 +52,11 @@ def _wait_for(what: str, check, proc: subprocess.Popen | None = None):
 @pytest.fixture(scope="module")
 def cluster():
     """A local Ray cluster (2 CPUs) with a second node (1 CPU) joined on loopback by ``ray start``."""
-    saved = {k: os.environ.get(k) for k in ("PYTHONPATH", "RAY_AUTH_MODE")}
+    saved = {k: os.environ.get(k) for k in ("PYTHONPATH", "RAY_AUTH_MODE", "RAY_memory_monitor_refresh_ms")}
     os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (TESTS, saved["PYTHONPATH"]) if p)  # ray_hooks
     os.environ["RAY_AUTH_MODE"] = "disabled"  # a short-lived test cluster; no token file in $HOME
+    # other jobs on a shared machine can fill its memory: Ray's monitor would kill our tasks for it
+    os.environ["RAY_memory_monitor_refresh_ms"] = "0"
     temp_dir = tempfile.mkdtemp(prefix="fmray")  # short: Ray puts Unix sockets under it
     log = open(os.path.join(temp_dir, "node.log"), "w")
     node = None
@@ -85,19 +87,12 @@ def cluster():
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
-    root = tmp_path_factory.mktemp("corpus")
-    write_parquet_source(root / "code", make_docs(150, prefix="code"), shards=3)
-    write_wds_source(root / "web", make_docs(100, prefix="web", seed=1), shards=2)
-    return root
+    return write_code_web(tmp_path_factory.mktemp("corpus"))
 
 
 @pytest.fixture(scope="module")
 def manifest(corpus):
-    history = [{"position": 200, "weights": {"code": 0.7, "web": 0.3}}]
-    return build_manifest(
-        {"code": str(corpus / "code"), "web": str(corpus / "web")}, {"code": 0.3, "web": 0.7}, 600,
-        root=corpus, seed=4, history=history,
-    )  # fmt: skip
+    return code_web_manifest(corpus)
 
 
 def _digests(out: Path) -> dict[str, str]:
@@ -112,7 +107,7 @@ def _digests(out: Path) -> dict[str, str]:
 def test_same_bytes_as_local_for_any_number_of_ray_workers(cluster, manifest, tmp_path, fmt):
     local = resample(manifest, tmp_path / "local", format=fmt, shard_items=100, progress=False)
     assert local["stats"]["engine"] == "local"
-    for workers in (1, None):  # one task at a time; all 3 CPUs of both nodes
+    for workers in (1, None) if fmt == "parquet" else (None,):  # one task at a time; all 3 CPUs, 2 nodes
         out = tmp_path / f"ray-{workers}"
         index = resample(
             manifest, out, format=fmt, shard_items=100, progress=False, engine=RayEngine(cluster, workers)
@@ -196,3 +191,14 @@ def test_a_killed_driver_rerun_resumes_with_identical_output(cluster, manifest, 
     assert {n: os.stat(out / n).st_mtime_ns for n in others} == mtimes  # finished shards were skipped
     assert _digests(out) == _digests(local)
     assert json.loads((out / "index.json").read_text())["items"] == 600
+
+
+def test_a_task_error_ends_the_run_with_its_own_exception(cluster):
+    from test_engine import JOB  # tests/ is on the workers' PYTHONPATH (the fixture)
+
+    from fastmix_data.errors import FastMixDataError
+
+    values, stats = RayEngine(cluster).run(JOB, [1, 2, 3], progress=False)
+    assert [v[0] for v in values] == [3, 6, 9] and stats.engine == "ray" and stats.total_retries == 0
+    with pytest.raises(FastMixDataError, match="bad key -1"):
+        RayEngine(cluster, max_retries=3).run(JOB, [1, -1, 2], progress=False)

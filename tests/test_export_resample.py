@@ -10,7 +10,7 @@ import os
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-from shardgen import make_docs, write_parquet_source, write_wds_source
+from shardgen import code_web_manifest, make_docs, write_code_web, write_parquet_source, write_wds_source
 
 from fastmix_data.errors import ManifestError
 from fastmix_data.export import build_manifest, stream_from_manifest
@@ -23,18 +23,12 @@ resample_mod = importlib.import_module("fastmix_data.export.resample")
 
 @pytest.fixture
 def corpus(tmp_path):
-    write_parquet_source(tmp_path / "code", make_docs(150, prefix="code"), shards=3)
-    write_wds_source(tmp_path / "web", make_docs(100, prefix="web", seed=1), shards=2)
-    return tmp_path
+    return write_code_web(tmp_path)
 
 
 @pytest.fixture
 def manifest(corpus):
-    history = [{"position": 200, "weights": {"code": 0.7, "web": 0.3}}]
-    return build_manifest(
-        {"code": str(corpus / "code"), "web": str(corpus / "web")}, {"code": 0.3, "web": 0.7}, 600,
-        root=corpus, seed=4, history=history,
-    )  # fmt: skip
+    return code_web_manifest(corpus)
 
 
 def _stream_items(m, batch_size=20):
