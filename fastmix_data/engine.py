@@ -137,7 +137,7 @@ def _postfix(bar: tqdm, stats: RunStats, t0: float) -> None:
 
 
 # ------------------------------------------------------------------------------------------ local
-_STATE: dict[str, Any] = {}  # per process: {"key": job key, "state": setup(context)}
+_STATE: dict[str, Any] = {}  # per pool or Ray worker process: {"key": job key, "state": setup(context)}
 
 
 def _state_for(key: str, job: Job, context: Any) -> Any:
@@ -194,14 +194,13 @@ class LocalEngine:
                 stats.add(outcome)
                 _postfix(bar, stats, t0)
                 bar.update(1)
-        _STATE.clear()
         stats.seconds = time.perf_counter() - t0
         return values, stats
 
     def _outcomes(self, key: str, job: Job, tasks: Sequence[Hashable]):
         workers = min(self.workers, len(tasks))
-        if workers <= 1:
-            state = _state_for(key, job, job.context)
+        if workers <= 1:  # this process: a local state (another thread may run another job)
+            state = job.setup(job.context)
             for i, task in enumerate(tasks):
                 yield i, _timed(job, state, task)
         elif self.threads:
