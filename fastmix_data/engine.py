@@ -303,8 +303,9 @@ class RayEngine:
     ) -> tuple[list[Any], RunStats]:
         """Run ``job`` over ``tasks`` as Ray tasks; values in task order and the run's stats."""
         ray = self.connect()
-        window = self.workers or max(1, int(ray.cluster_resources().get("CPU", 1) // self.cpus_per_task))
-        stats = RunStats(self.name, window, len(tasks))
+        slots = self.workers or max(1, int(ray.cluster_resources().get("CPU", 1) // self.cpus_per_task))
+        window = self.workers or 2 * slots  # queued beyond the free CPUs: no idle gap between tasks
+        stats = RunStats(self.name, slots, len(tasks))
         values: list[Any] = [None] * len(tasks)
         t0 = time.perf_counter()
         key = uuid.uuid4().hex
