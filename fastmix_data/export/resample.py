@@ -17,7 +17,6 @@ See docs/manifest.md ("Resampled shards").
 
 from __future__ import annotations
 
-import contextlib
 import glob
 import hashlib
 import json
@@ -35,10 +34,12 @@ import pyarrow.parquet as pq
 
 from fastmix_data.engine import Job, LocalEngine, RayEngine, TaskOutcome, get_engine
 from fastmix_data.errors import ManifestError, SourceError
+from fastmix_data.export import outdir
 from fastmix_data.export._util import canonical_json, parse_size
 from fastmix_data.export.from_manifest import manifest_plan, manifest_sources
 from fastmix_data.export.manifest import load_manifest
-from fastmix_data.io import publish_file, sha256_file, write_json_atomic
+from fastmix_data.export.outdir import STATE_DIR
+from fastmix_data.io import sha256_file
 from fastmix_data.sources.arrow import integers, value_lengths
 from fastmix_data.sources.source import check_unchanged
 
@@ -48,7 +49,6 @@ OUTPUT_FORMATS = ("parquet", "webdataset", "mds")
 INDEX_FORMAT = "fastmix_data/resampled"
 INDEX_VERSION = 1
 INDEX = "index.json"
-STATE_DIR = ".fastmix-resample"
 CHUNK = 1 << 16  # positions planned and written at a time (one Parquet row group)
 TAR_MTIME = 0  # fixed member mtime: tars are byte-identical across runs
 
@@ -424,46 +424,38 @@ def _run_record(manifest: Mapping[str, Any], layout: Layout, columns: dict) -> d
 
 
 def _prepare(out_dir: str, run: dict, manifest: Mapping[str, Any]) -> None:
-    state = os.path.join(out_dir, STATE_DIR)
-    run_file = os.path.join(state, "run.json")
-
-    def check_existing() -> bool:
-        try:
-            with open(run_file, encoding="utf-8") as f:
-                old = json.load(f)
-        except FileNotFoundError:
-            return False
-        except (OSError, ValueError) as exc:
+    run_file = outdir.join(out_dir, STATE_DIR, "run.json")
+    try:
+        old = outdir.read_json(run_file)
+    except FileNotFoundError:
+        old = None
+    except (OSError, ValueError) as exc:
+        raise ResampleError(
+            f"{run_file} is unreadable ({exc}); delete {out_dir} or choose another out_dir"
+        ) from None
+    if old is not None and old.get("run") != run["run"]:
+        diff = [
+            f"{k}: {old.get(k)!r} there, {run[k]!r} now"
+            for k in ("manifest_fingerprint", "output_format", "items", "items_per_shard", "columns")
+            if old.get(k) != run[k]
+        ]
+        raise ResampleError(
+            f"{out_dir} already holds another resample run ({'; '.join(diff) or 'different run'}); nothing was "
+            "changed. Choose another out_dir, or delete that one to start over"
+        )
+    if old is None:
+        others = sorted(outdir.names(out_dir) - {STATE_DIR})
+        if others:
             raise ResampleError(
-                f"{run_file} is unreadable ({exc}); delete {out_dir} or choose another out_dir"
-            ) from None
-        if old.get("run") != run["run"]:
-            diff = [
-                f"{k}: {old.get(k)!r} there, {run[k]!r} now"
-                for k in ("manifest_fingerprint", "output_format", "items", "items_per_shard", "columns")
-                if old.get(k) != run[k]
-            ]
-            raise ResampleError(
-                f"{out_dir} already holds another resample run ({'; '.join(diff) or 'different run'}); nothing was "
-                "changed. Choose another out_dir, or delete that one to start over"
+                f"{out_dir} is not empty ({', '.join(others[:5])}) and holds no fastmix_data resample run; "
+                "nothing was changed. Choose an empty or new out_dir"
             )
-        return True
-
-    if not check_existing():
-        if os.path.isdir(out_dir):
-            others = sorted(set(os.listdir(out_dir)) - {STATE_DIR})
-            if others and not check_existing():
-                raise ResampleError(
-                    f"{out_dir} is not empty ({', '.join(others[:5])}) and holds no fastmix_data resample run; "
-                    "nothing was changed. Choose an empty or new out_dir"
-                )
-        os.makedirs(os.path.join(state, "done"), exist_ok=True)
-        write_json_atomic(run_file, run)
-    os.makedirs(os.path.join(state, "tmp"), exist_ok=True)
-    os.makedirs(os.path.join(state, "done"), exist_ok=True)
-    copy = os.path.join(out_dir, "manifest.json")
-    if not os.path.exists(copy):
-        write_json_atomic(copy, dict(manifest, root=manifest["root"]))
+        outdir.prepare(out_dir)
+        outdir.write_json(run_file, run)
+    outdir.prepare(out_dir)
+    copy = outdir.join(out_dir, "manifest.json")
+    if outdir.size(copy) is None:
+        outdir.write_json(copy, dict(manifest, root=manifest["root"]))
 
 
 @dataclass
@@ -504,20 +496,22 @@ def _shard_task(state: _TaskState, i: int) -> TaskOutcome:
 
 
 def _marker_path(out_dir: str, name: str) -> str:
-    return os.path.join(out_dir, STATE_DIR, "done", name + ".json")
+    return outdir.join(out_dir, STATE_DIR, "done", name + ".json")
 
 
 def _finished(out_dir: str, name: str, run: dict) -> dict | None:
     """The done-marker of shard ``name`` when its file still hashes to the recorded sha256."""
     try:
-        with open(_marker_path(out_dir, name), encoding="utf-8") as f:
-            marker = json.load(f)
+        marker = outdir.read_json(_marker_path(out_dir, name))
     except (OSError, ValueError):
         return None
-    path = os.path.join(out_dir, name)
-    if marker.get("run") != run["run"] or not os.path.isfile(path):
+    path = outdir.join(out_dir, name)
+    if not isinstance(marker, dict) or marker.get("run") != run["run"]:
         return None
-    if os.path.getsize(path) != marker.get("bytes") or sha256_file(path) != marker.get("sha256"):
+    size = outdir.size(path)
+    if size is None:
+        return None
+    if size != marker.get("bytes") or outdir.sha256(path) != marker.get("sha256"):
         log.warning("resample: %s does not match its progress record; rewriting it", path)
         return None
     return marker
@@ -526,11 +520,11 @@ def _finished(out_dir: str, name: str, run: dict) -> dict | None:
 def _publish(tmp: str, out_dir: str, name: str) -> tuple[int, str]:
     """Make a finished temporary file visible as ``out_dir/name`` in one atomic step.
 
-    The one place an output shard becomes visible: fsync, hash, rename. Returns (bytes, sha256).
+    The one place an output shard becomes visible (:func:`outdir.publish`). Returns (bytes, sha256).
     """
     digest = sha256_file(tmp)
     size = os.path.getsize(tmp)
-    publish_file(tmp, os.path.join(out_dir, name))
+    outdir.publish(tmp, outdir.join(out_dir, name))
     return size, digest
 
 
@@ -548,7 +542,7 @@ def _write_one(state: _TaskState, i: int) -> tuple[dict, int]:
     layout, out_dir = state.layout, state.out_dir
     name = layout.name(i)
     a, b = layout.bounds(i)
-    tmp_root = os.path.join(out_dir, STATE_DIR, "tmp")
+    tmp_root = outdir.temp_dir(out_dir)
     _clear_stale_temps(tmp_root, name)
     tmp = os.path.join(tmp_root, f"{name}.{socket.gethostname()}.{os.getpid()}.tmp")
     counts = mat.new_counts()
@@ -590,7 +584,7 @@ def _write_one(state: _TaskState, i: int) -> tuple[dict, int]:
     }
     if entry is not None:
         marker["mds"] = entry
-    write_json_atomic(_marker_path(out_dir, name), marker, indent=None)
+    outdir.write_json(_marker_path(out_dir, name), marker, indent=None)
     read = sum(
         int(sh["bytes"])
         for s, c in zip(state.manifest["sources"], counts["shards"])
@@ -674,7 +668,7 @@ def resample(
             f"engine='ray' runs every output shard from one driver; got world_size {world_size}. "
             "Run one resample command, not one per rank"
         )
-    out_dir = os.path.abspath(os.fspath(out_dir))
+    out_dir = outdir.location(out_dir)
     _prepare(out_dir, run, m)
     opts = {"tokenizer": tokenizer, "eos_id": eos_id, "allow_unsafe": allow_unsafe}
     parallel = eng.name == "ray" or (eng.workers > 1 and layout.count > 1)
@@ -729,8 +723,7 @@ def finalize(
     markers = []
     for i in range(layout.count):
         try:
-            with open(_marker_path(out_dir, layout.name(i)), encoding="utf-8") as f:
-                mk = json.load(f)
+            mk = outdir.read_json(_marker_path(out_dir, layout.name(i)))
         except (OSError, ValueError):
             return {"complete": False, "missing": layout.count - len(markers)}
         if mk.get("run") != run["run"]:
@@ -808,23 +801,21 @@ def _write_index(
         "composition": composition,
     }
     if layout.format == "mds":
-        write_json_atomic(
-            os.path.join(out_dir, INDEX),
+        outdir.write_json(
+            outdir.join(out_dir, INDEX),
             {"version": 2, "shards": [mk["mds"] for mk in markers], "fastmix_data": index},
         )
     else:
-        write_json_atomic(os.path.join(out_dir, INDEX), index)
-    with contextlib.suppress(OSError):
-        os.rmdir(os.path.join(out_dir, STATE_DIR, "tmp"))
+        outdir.write_json(outdir.join(out_dir, INDEX), index)
+    outdir.finish(out_dir)
     return dict(index, complete=True)
 
 
 def read_index(out_dir: str | os.PathLike) -> dict:
     """The resample index of ``out_dir`` (unwrapped from the MDS index.json for MDS output)."""
-    path = os.path.join(os.fspath(out_dir), INDEX)
+    path = outdir.join(outdir.location(out_dir), INDEX)
     try:
-        with open(path, encoding="utf-8") as f:
-            obj = json.load(f)
+        obj = outdir.read_json(path)
     except (OSError, ValueError) as exc:
         raise ResampleError(f"cannot read resample index {path}: {exc}") from None
     obj = obj.get("fastmix_data", obj)
