@@ -33,6 +33,7 @@ IMPORTS_ONLY = {
     "docs/live.md#1": "starts a search on the rank (tests/test_live_example.py runs the embedded mode)",
     "docs/live.md#2": "`model`, `opt` are the user's (tests/test_live_integrations.py trains with accelerate)",
     "docs/sources.md#1": "reads s3://my-bucket (tests/test_remote_sources.py streams from a loopback S3 for real)",
+    "docs/manifest.md#1": "needs a Ray cluster and /shared data (tests/test_engine_ray.py makes these calls on a local one)",
 }
 SCALE = {"docs/manifest.md#0": {'"10B_tokens"': '"30k_tokens"'}}
 
