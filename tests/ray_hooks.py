@@ -8,13 +8,14 @@ shard is half-written. Later attempts write normally. Without a trap file nothin
 
 from __future__ import annotations
 
+import importlib
 import os
 import time
 from pathlib import Path
 
 
 def install() -> None:
-    from fastmix_data.export import resample as mod
+    mod = importlib.import_module("fastmix_data.export.resample")  # the module (the package's name is the function)
 
     real = mod._write_parquet
 
