@@ -180,6 +180,10 @@ def cmd_index(args: argparse.Namespace) -> int:
         options["ids_field"] = None if args.ids_field == "none" else args.ids_field
     if args.cache_dir:
         options["cache_dir"] = args.cache_dir
+    if args.engine == "ray":
+        from fastmix_data.engine import RayEngine
+
+        options["engine"] = RayEngine(args.ray_address)
     doc = index_source(args.name or "source", args.spec if len(args.spec) > 1 else args.spec[0], out=args.out, **options)
     rows = sum(s["rows"] for s in doc["shards"])
     size = sum(s["size"] for s in doc["shards"])
@@ -225,6 +229,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "shard (downloads remote ones whole); size: no hashing")
     p.add_argument("--on-corrupt", default="raise", choices=["raise", "skip"])
     p.add_argument("--cache-dir", help="node-local cache directory (index entries; remote shards under shards/)")
+    from fastmix_data.export.cli_commands import add_engine_flags
+
+    add_engine_flags(p)  # --engine ray: one Ray task per shard to index
     p.set_defaults(func=cmd_index)
 
     try:

@@ -50,9 +50,14 @@ def _wait_for(what: str, check, proc: subprocess.Popen | None = None):
 
 
 @pytest.fixture(scope="module")
-def cluster():
-    """A local Ray cluster (2 CPUs) with a second node (1 CPU) joined on loopback by ``ray start``."""
-    saved = {k: os.environ.get(k) for k in ("PYTHONPATH", "RAY_AUTH_MODE", "RAY_memory_monitor_refresh_ms")}
+def cluster(moto_endpoint):
+    """A local Ray cluster (2 CPUs) with a second node (1 CPU) joined on loopback by ``ray start``;
+    its workers reach the loopback S3 server (they inherit the environment set here)."""
+    from remote_servers import s3_env
+
+    s3 = s3_env(moto_endpoint)
+    saved = {k: os.environ.get(k) for k in ("PYTHONPATH", "RAY_AUTH_MODE", "RAY_memory_monitor_refresh_ms", *s3)}
+    os.environ.update(s3)
     os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (TESTS, saved["PYTHONPATH"]) if p)  # ray_hooks
     os.environ["RAY_AUTH_MODE"] = "disabled"  # a short-lived test cluster; no token file in $HOME
     # other jobs on a shared machine can fill its memory: Ray's monitor would kill our tasks for it
@@ -202,3 +207,33 @@ def test_a_task_error_ends_the_run_with_its_own_exception(cluster):
     assert [v[0] for v in values] == [3, 6, 9] and stats.engine == "ray" and stats.total_retries == 0
     with pytest.raises(FastMixDataError, match="bad key -1"):
         RayEngine(cluster, max_retries=3).run(JOB, [1, -1, 2], progress=False)
+
+
+def test_resample_to_s3_on_ray_same_bytes(cluster, manifest, tmp_path):
+    from remote_servers import upload_dir
+
+    from fastmix_data.storage import list_objects, read_bytes
+
+    bucket = "ray-" + hashlib.sha256(str(tmp_path).encode()).hexdigest()[:16]
+    upload_dir(os.environ["AWS_ENDPOINT_URL"], tmp_path, bucket, "empty")  # creates the bucket
+    url = f"s3://{bucket}/mix"
+    resample(manifest, tmp_path / "local", format="webdataset", shard_items=100, progress=False)
+    index = resample(manifest, url, format="webdataset", shard_items=100, progress=False, engine=RayEngine(cluster))
+    assert index["complete"] and index["stats"]["engine"] == "ray" and index["stats"]["tasks"] == 6
+    visible = {o.url.rsplit("/", 1)[1]: o.url for o in list_objects(url + "/") if "/." not in o.url}
+    assert {n: hashlib.sha256(read_bytes(u)).hexdigest() for n, u in visible.items()} == _digests(tmp_path / "local")
+
+
+def test_index_command_on_ray(cluster, corpus, tmp_path):
+    command = [sys.executable, os.path.join(TESTS, "ray_driver.py"), cluster, "index", str(corpus / "code"),
+               "--out", str(tmp_path / "code.index.json"), "--cache-dir", str(tmp_path / "cache"), "--engine", "ray"]  # fmt: skip
+    ray_run = subprocess.run(command, capture_output=True, text=True, timeout=DEADLINE)
+    assert ray_run.returncode == 0, ray_run.stderr[-3000:]
+    local = subprocess.run(
+        [sys.executable, "-m", "fastmix_data.cli", "index", str(corpus / "code"), "--out", str(tmp_path / "local.json"),
+         "--cache-dir", str(tmp_path / "cache-local")],
+        capture_output=True, text=True, timeout=DEADLINE,
+    )  # fmt: skip
+    assert local.returncode == 0, local.stderr[-3000:]
+    assert "3 shards" in ray_run.stdout
+    assert (tmp_path / "code.index.json").read_bytes() == (tmp_path / "local.json").read_bytes()
