@@ -39,9 +39,8 @@ import _common  # noqa: E402  (benchmarks/: the script's own directory)
 
 os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # lets section 4 turn on deterministic cuBLAS
 
-from search_overhead import make_data  # noqa: E402  (K uniform Markov sources; target = source 0)
+from search_overhead import make_data, run_fastmix, search_config  # noqa: E402  (K Markov sources; target = source 0)
 
-from fastmix_data.search import SearchConfig, run_search  # noqa: E402
 from fastmix_data.search.hypergrad import head_gradient, per_token_source, source_head_scores  # noqa: E402
 from fastmix_data.search.model import build_proxy, proxy_config  # noqa: E402
 
@@ -57,12 +56,12 @@ def search(batches, target, names, **kw):
 
 
 def search_result(batches, target, names, **kw):
-    """One run_search over the given batches (outer step every 20 micro-batches, after 20)."""
-    c = SearchConfig(max_steps=len(batches), outer_every=20, warmup_steps=20, progress=False, plot=False,
-                     checkpoint_every=None, **kw)
+    """One FastMix search over the given batches (outer step every 20 micro-batches, after 20)."""
+    B, L = batches[0]["tokens"].shape[0], batches[0]["tokens"].shape[1] - 1
+    c = search_config(len(batches), B, L, **kw)
     if torch.cuda.is_available():
         torch.cuda.synchronize()
-    return run_search(batches, target if kw.get("hypergrad") != "none" else None, c, source_names=names)
+    return run_fastmix(batches, target, names, c)
 
 
 # ---------------------------------------------------------------------------- 1. numerics

@@ -35,7 +35,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import _common  # noqa: E402  (benchmarks/: the script's own directory)
 
-from fastmix_data.search import SearchConfig, run_search  # noqa: E402
+from fastmix_data.search import SearchConfig, TargetSet, run_method  # noqa: E402
 from fastmix_data.search.hypergrad import (  # noqa: E402
     full_source_scores,
     full_target_gradient,
@@ -72,10 +72,40 @@ def make_data(K, steps, B, L, seed=0):
     return batches, target, s.source_names
 
 
+class Batches(list):
+    """Pre-made search batches with their source names (the stream run_method trains on)."""
+
+    def __init__(self, batches, names):
+        super().__init__(batches)
+        self.source_names = list(names)
+
+
+def as_target(batches) -> TargetSet:
+    """Target batches as one TargetSet (token-averaged, one group)."""
+    tokens = torch.cat([b["tokens"] for b in batches])
+    return TargetSet(tokens, torch.zeros(len(tokens), dtype=torch.int64), ["target"])
+
+
+def search_config(steps, batch, seq_len, *, model="cpu", model_args=None, device="auto", dtype="auto",
+                  compile=False, **fastmix) -> SearchConfig:
+    """A FastMix config with the benchmarks' fixed schedule (an outer step every 20 micro-batches,
+    after 20), so that every variant does the same work."""
+    return SearchConfig.from_dict({
+        "max_tokens": steps * batch * seq_len,
+        "train": {"proxy": {"preset": model, **(model_args or {})}, "batch_size": batch, "seq_len": seq_len,
+                  "device": device, "dtype": dtype, "compile": compile},
+        "fastmix": {"outer_every": 20, "warmup_steps": 20, **fastmix},
+        "output": {"progress": False, "plot": False}})
+
+
+def run_fastmix(batches, target, names, c: SearchConfig):
+    tgt = as_target(target) if c.fastmix.hypergrad != "none" else None
+    return run_method(c, stream=Batches(batches, names), target=tgt)
+
+
 def run(batches, target, names, *, steps, model, **kw):
-    c = SearchConfig(model=model, max_steps=steps, outer_every=20, warmup_steps=20, progress=False, plot=False,
-                     checkpoint_every=None, **kw)
-    return run_search(batches, target if kw.get("hypergrad") != "none" else None, c, source_names=names).compute
+    B, L = batches[0]["tokens"].shape[0], batches[0]["tokens"].shape[1] - 1
+    return run_fastmix(batches, target, names, search_config(steps, B, L, model=model, **kw)).compute
 
 
 def timeit(fn, n, warm=True):
@@ -149,8 +179,8 @@ def main(argv=None):
         cs = res[v]
         ratio = [c["wall_s"] / q["wall_s"] for c, q in zip(cs, plain)]
         fr = cs[0]["flops"]["total"] / plain[0]["flops"]["total"]
-        sc = statistics.median(c["wall_breakdown_s"]["score"] for c in cs)
-        ou = statistics.median(c["wall_breakdown_s"]["outer"] for c in cs)
+        sc = statistics.median(c["details"]["wall_breakdown_s"]["score"] for c in cs)
+        ou = statistics.median(c["details"]["wall_breakdown_s"]["outer"] for c in cs)
         rmin = min(c["wall_s"] for c in cs) / min(q["wall_s"] for q in plain)
         p(f"| {v} | {mmm([c['wall_s'] for c in cs])} | {rmin:.3f} | {mmm(ratio)} | {fr:.4f} | {cs[0]['tokens']['scored']} | {sc:.2f} / {ou:.2f} |")
     p("")
@@ -181,8 +211,8 @@ def main(argv=None):
         for _ in range(a.repeats):
             plain_runs.append(run(kb, kt, kn, steps=a.k_steps, model=a.model, hypergrad="none"))
             fm_runs.append(run(kb, kt, kn, steps=a.k_steps, model=a.model, hypergrad="head"))
-        outer = [c["wall_breakdown_s"]["outer"] / c["outer_steps"] * 1000 for c in fm_runs]
-        score = [c["wall_breakdown_s"]["score"] / c["steps"] * 1000 for c in fm_runs]
+        outer = [c["details"]["wall_breakdown_s"]["outer"] / c["details"]["outer_steps"] * 1000 for c in fm_runs]
+        score = [c["details"]["wall_breakdown_s"]["score"] / c["details"]["micro_batches"] * 1000 for c in fm_runs]
         ratio = [min(c["wall_s"] for c in fm_runs) / min(q["wall_s"] for q in plain_runs)]
         rows.append((K, one, score, outer, ratio, onefix, full))
         print(f"[K={K}] one-pass {statistics.median(one)*1e3:.2f} ms, outer {statistics.median(outer):.1f} ms, "

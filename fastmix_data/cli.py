@@ -6,116 +6,172 @@ import argparse
 import dataclasses
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Any
 
-STREAM_KEYS = {"sources", "target", "seq_len", "batch_size", "seed_stream", "out", "method", "source_options",
-               "method_options"}
+SEARCH_CLI_KEYS = ("out",)  # keys of a search --config file that are not SearchConfig fields
 
 
 def _load_config(path: str | None) -> dict:
     if not path:
         return {}
-    text = Path(path).read_text()
-    if path.endswith((".yaml", ".yml")):
-        import yaml
+    from fastmix_data.errors import ConfigError
 
-        return yaml.safe_load(text) or {}
-    return json.loads(text)
+    try:
+        text = Path(path).read_text()
+        if path.endswith((".yaml", ".yml")):
+            import yaml
+
+            obj = yaml.safe_load(text) or {}
+        else:
+            obj = json.loads(text)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"cannot read config file {path}: {e}") from None
+    if not isinstance(obj, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of config fields, got {type(obj).__name__}")
+    return obj
 
 
-def _kv_list(items: list[str] | None, what: str) -> dict[str, str]:
-    out = {}
-    for item in items or []:
-        if "=" not in item:
-            raise SystemExit(f"{what} must be NAME=VALUE, got {item!r}")
-        k, v = item.split("=", 1)
-        out[k] = v
-    return out
+def default_threads() -> int:
+    """Torch intra-op threads for a CLI run: half the usable cores (1 on a 2-core machine), at most 8.
+
+    On a small shared machine extra intra-op threads spin against other processes: the cpu proxy ran
+    ~6x slower with 2 threads than with 1 on a busy 2-core machine (docs/search.md, "CPU threads")."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cores = os.cpu_count() or 1
+    return max(1, min(8, cores // 2))
+
+
+def set_threads(n: int | None) -> int | None:
+    """Set torch's intra-op threads: ``n``, else :func:`default_threads` unless OMP_NUM_THREADS is set.
+    Returns the count set (None: left alone)."""
+    if n is None and os.environ.get("OMP_NUM_THREADS"):
+        return None
+    import torch
+
+    n = n or default_threads()
+    torch.set_num_threads(n)
+    return n
+
+
+def _help(f) -> str:
+    meta = f.metadata
+    default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+    if default is None:
+        shown = meta["auto"] or "none"
+    elif meta["kind"] == "bool":
+        shown = "on" if default else "off"
+    else:
+        shown = str(default)
+    text = f"{meta['doc']} (default: {shown})"
+    return text.replace("%", "%%")
 
 
 def _add_search_flags(p: argparse.ArgumentParser) -> None:
-    from fastmix_data.search.trainer import SearchConfig
+    """The search command's options: a few of its own, then one flag per SearchConfig field,
+    generated from the fields' docs (method sections prefixed: --mixmin-eta; FastMix's fields also
+    without the prefix: --z-lr)."""
+    from fastmix_data.search.config import SearchConfig
+    from fastmix_data.search.config_fields import walk
 
-    p.add_argument("--config", help="YAML or JSON file: sources, target, seq_len, batch_size, method and search options")
-    p.add_argument("--source", action="append", metavar="NAME=PATH", help="a training source (repeatable)")
-    p.add_argument("--target", help="target shards (path or glob)")
-    p.add_argument("--seq-len", type=int)
-    p.add_argument("--batch-size", type=int)
-    p.add_argument("--method", help="fastmix (default), mixmin, aioli, doremi, stratified, natural, grid "
-                   "(non-fastmix methods read Parquet targets; their options go under 'method_options')")
+    p.add_argument("--config", help="YAML or JSON file with SearchConfig fields (flags override it); may also "
+                   "hold 'out'")
     p.add_argument("--out", help="output directory (default search_out)")
-    p.add_argument("--manifest-out", help="also write the manifest of the final mixture here")
+    p.add_argument("--resume", action="store_true", help="continue a FastMix search from OUT/checkpoint.pt")
+    p.add_argument("--threads", type=int, help="torch intra-op threads (default: half the usable cores, at most 8; "
+                   "OMP_NUM_THREADS wins when set)")
+    p.add_argument("--manifest-out", help="also write the manifest of the found mixture here")
     p.add_argument("--manifest-budget", default="1B_tokens", help="budget of that manifest, e.g. 10B_tokens")
-    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt when it exists (fastmix)")
     p.add_argument("--publish", metavar="URI", help="publish every new mixture for following jobs: tcp://127.0.0.1:PORT "
                    "(port 0: any free port) or a directory / fsspec URL (docs/live.md)")
     p.add_argument("--publish-allow-remote", action="store_true",
                    help="let --publish listen on a non-loopback address (needs $FASTMIX_DATA_TOKEN)")
     p.add_argument("--publish-run-id", help="run id of the published updates (default: kept in OUT/publisher.json)")
-    for f in dataclasses.fields(SearchConfig):
-        flag = "--" + f.name.replace("_", "-")
-        p.add_argument(flag, dest=f"cfg_{f.name}", default=None, metavar=f.name.upper(),
-                       help=f"search option {f.name} (default {f.default!r})" if f.default is not dataclasses.MISSING else None)
+    leaves = list(walk(SearchConfig))
+    taken = {leaf.flag for leaf in leaves}
+    for leaf in leaves:
+        meta = leaf.field.metadata
+        flags = [leaf.flag] + [f"--{a}" for a in meta["aliases"]]
+        bare = "--" + leaf.field.name.replace("_", "-")
+        if leaf.section_path == "fastmix" and bare not in taken:
+            flags.append(bare)
+            taken.add(bare)
+        kw: dict[str, Any] = {"dest": "cfg:" + leaf.path, "default": argparse.SUPPRESS, "help": _help(leaf.field)}
+        if meta["kind"] == "bool":
+            kw["action"] = argparse.BooleanOptionalAction
+        elif meta["kind"] in ("sources", "target"):
+            kw.update(nargs="+", action="extend", metavar="NAME=PATH" if meta["kind"] == "sources" else "PATH")
+        else:
+            kw["metavar"] = leaf.field.name.upper()
+        p.add_argument(*flags, **kw)
+
+
+def _search_config(args: argparse.Namespace):
+    """The SearchConfig from --config and the flags (flags win), and the output directory."""
+    from fastmix_data.search.config import SearchConfig
+
+    d = _load_config(args.config)
+    out = args.out or d.pop("out", None) or "search_out"
+    for key in SEARCH_CLI_KEYS:
+        d.pop(key, None)
+    for dest, value in vars(args).items():
+        if not dest.startswith("cfg:"):
+            continue
+        path = dest[4:].split(".")
+        node = d
+        for part in path[:-1]:
+            node = node.setdefault(part, {})
+        if path[-1] == "sources":
+            node["sources"] = {**dict(node.get("sources") or {}), **_kv_list(value, "--source")}
+        elif path[-1] == "path":
+            node["path"] = _target_value(value)
+        else:
+            node[path[-1]] = value
+    return SearchConfig.from_dict(d).validate(), Path(out)
+
+
+def _target_value(values: list[str]) -> Any:
+    """One ``--target PATH``, several paths, or ``GROUP=PATH`` pairs (a group-averaged target)."""
+    pairs = [v for v in values if "=" in v and "/" not in v.split("=", 1)[0]]
+    if pairs and len(pairs) == len(values):
+        return _kv_list(values, "--target")
+    return values[0] if len(values) == 1 else list(values)
+
+
+def _kv_list(items: list[str] | None, what: str) -> dict[str, str]:
+    from fastmix_data.errors import ConfigError
+
+    out = {}
+    for item in items or []:
+        if "=" not in item:
+            raise ConfigError(f"{what} must be NAME=VALUE, got {item!r}")
+        k, v = item.split("=", 1)
+        out[k.strip()] = v.strip()
+    return out
 
 
 def cmd_search(args: argparse.Namespace) -> int:
-    from fastmix_data.search.targets import target_batches
-    from fastmix_data.search.trainer import SearchConfig, run_search
-    from fastmix_data.stream.mixture import MixtureStream
+    from fastmix_data.search import run_method
 
-    cfg = _load_config(args.config)
-    sources = dict(cfg.pop("sources", {}) or {})
-    sources.update(_kv_list(args.source, "--source"))
-    target = args.target or cfg.pop("target", None)
-    cfg.pop("target", None)
-    seq_len = int(args.seq_len or cfg.pop("seq_len", 128))
-    batch_size = int(args.batch_size or cfg.pop("batch_size", 16))
-    method = args.method or cfg.pop("method", "fastmix")
-    out = Path(args.out or cfg.pop("out", "search_out"))
-    source_options = cfg.pop("source_options", {}) or {}
-    method_options = cfg.pop("method_options", {}) or {}
-    for key in list(cfg):
-        if key in STREAM_KEYS:
-            cfg.pop(key)
-    names = {f.name for f in dataclasses.fields(SearchConfig)}
-    for name in names:
-        v = getattr(args, f"cfg_{name}")
-        if v is not None:
-            cfg[name] = _parse_value(v)
-    if not sources:
-        raise SystemExit("no sources: give --source NAME=PATH or 'sources:' in --config")
-    if target is None:
-        raise SystemExit("no target: give --target PATH or 'target:' in --config")
+    cfg, out = _search_config(args)
+    threads = set_threads(args.threads)
+    logging.getLogger(__name__).info("search: method %s, %s proxy tokens, %s torch threads", cfg.method,
+                                     f"{cfg.max_tokens:,}", threads or os.environ.get("OMP_NUM_THREADS"))
     sink = _publisher(args, out)
-    if method == "fastmix":
-        config = SearchConfig.from_dict(cfg)
-        seed = config.seed
-        stream = MixtureStream(sources, {n: 1.0 for n in sources}, batch_size=batch_size, seq_len=seq_len,
-                               seed=config.seed, **source_options)
-        tgt = target_batches(target, seq_len, batch_size, seed=config.seed)
-        weights = run_search(stream, tgt, config, out_dir=out, sink=sink, resume="auto" if args.resume else False).weights
-    else:
-        from fastmix_data.search.methods import run_method
-
-        # Other methods share one config layout (fastmix_data.search.methods): the stream shape and
-        # budget go to "train"; method-specific fields come from method_options.
-        train = {"seq_len": seq_len, "batch_size": batch_size}
-        for key in ("model", "seed", "max_tokens", "lr", "device"):
-            if key in cfg:
-                train[key] = cfg[key]
-        seed = int(train.get("seed", 0))
-        method_cfg = {"train": train, "progress": bool(cfg.get("progress", True)), **method_options}
-        weights = run_method(method, sources, target, method_cfg, out_dir=out, sink=sink).weights
+    r = run_method(cfg, out_dir=out, sink=sink, resume="auto" if args.resume else False)
     if sink is not None:  # a search that crashes leaves its publisher silent: followers report it lost
         sink.close()
-    print(json.dumps({"weights": weights, "out": str(out)}, indent=2))
+    print(json.dumps({"method": r.method, "weights": r.weights, "shares": r.shares, "out": str(out)}, indent=2))
     if args.manifest_out:
         from fastmix_data.export.manifest import build_manifest, write_manifest
 
-        manifest = build_manifest(sources, weights, args.manifest_budget, root=_common_root(sources), seed=seed,
-                                  seq_len=seq_len, weight_units="tokens")
+        sources = dict(cfg.sources)
+        manifest = build_manifest(sources, r.weights, args.manifest_budget, root=_common_root(sources),
+                                  seed=cfg.train.stream_seed, seq_len=cfg.train.seq_len, weight_units="tokens")
         write_manifest(manifest, args.manifest_out)
         print(f"manifest written to {args.manifest_out}")
     return 0
@@ -135,23 +191,24 @@ def _publisher(args: argparse.Namespace, out: Path):
     return pub
 
 
-def _common_root(sources: dict[str, Any]) -> str:
-    import os
+def _count(v: str) -> int:
+    from fastmix_data.search.config_fields import parse_count
 
+    try:
+        return parse_count(v, "--max-tokens")
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _common_root(sources: dict[str, Any]) -> str:
     paths = [os.path.abspath(str(v).split("*")[0]) for v in sources.values()]
     return os.path.commonpath(paths) if len(paths) > 1 else os.path.dirname(paths[0])
-
-
-def _parse_value(v: str) -> Any:
-    try:
-        return json.loads(v)
-    except ValueError:
-        return v
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
     from fastmix_data.demo import print_summary, run_demo
 
+    set_threads(args.threads)
     summary = run_demo(args.out, max_tokens=args.max_tokens, seed=args.seed, progress=not args.no_progress)
     print_summary(summary)
     return 0
@@ -199,9 +256,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="build the stdlib corpus, run a FastMix search driving a live stream, export")
     p.add_argument("--out", default="demo_out")
-    p.add_argument("--max-tokens", type=int, default=1_500_000, help="search budget in proxy training tokens")
+    p.add_argument("--max-tokens", type=_count, default=1_500_000,
+                   help="search budget in proxy training tokens, e.g. 1.5M (default 1.5M)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--threads", type=int, help="torch intra-op threads (default: half the usable cores, at most 8)")
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("search", help="find a mixture for a target (FastMix and other methods)")

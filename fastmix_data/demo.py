@@ -18,8 +18,7 @@ import time
 from pathlib import Path
 
 from fastmix_data.corpus import build_corpus, build_planted_target
-from fastmix_data.search.targets import target_batches
-from fastmix_data.search.trainer import run_search
+from fastmix_data.search import run_method
 from fastmix_data.stream.mixture import MixtureStream
 
 log = logging.getLogger(__name__)
@@ -68,14 +67,13 @@ def run_demo(out: str | Path = "demo_out", *, max_tokens: int = 1_500_000, seq_l
     sources = _sources(out / "corpus", domains)
     uniform = {d: 1.0 for d in domains}
 
-    search_stream = MixtureStream(sources, uniform, batch_size=batch_size, seq_len=seq_len, seed=seed)
     job_stream = MixtureStream(sources, uniform, batch_size=batch_size, seq_len=seq_len, seed=seed + 1,
                                weight_units="tokens")
     job = LiveJob(job_stream)
-    target = target_batches(str(out / "target"), seq_len, batch_size, seed=seed, max_batches=32)
-    config = {"model": "cpu", "max_tokens": max_tokens, "outer_every": 10, "warmup_steps": 50,
-              "z_lr": 0.05, "seed": seed, "progress": progress, "target_batches_per_step": 2}
-    result = run_search(search_stream, target, config, sink=job, out_dir=out / "search")
+    # FastMix at its defaults: the schedule (warm-up, outer-step interval, z step) derives from the budget
+    config = {"method": "fastmix", "max_tokens": max_tokens, "output": {"progress": progress},
+              "train": {"proxy": "cpu", "seed": seed, "seq_len": seq_len, "batch_size": batch_size}}
+    result = run_method(config, sources=sources, target=str(out / "target"), sink=job, out_dir=out / "search")
 
     job_stats = job_stream.stats()
     manifest_path = None
@@ -90,14 +88,16 @@ def run_demo(out: str | Path = "demo_out", *, max_tokens: int = 1_500_000, seq_l
         log.warning("fastmix_data.export is unavailable; no manifest written")
 
     planted_tokens = target_info.get("byte_proportions", planted)
+    found_bytes = result.shares["bytes"] or result.weights  # the planted proportions are byte shares
     l1 = lambda w: sum(abs(w.get(d, 0.0) - planted_tokens.get(d, 0.0)) for d in domains)  # noqa: E731
     summary = {
         "domains": domains,
         "planted_target_proportions_by_bytes": planted_tokens,
         "final_weights": result.weights,
-        "l1_to_planted": {"uniform_start": l1(uniform_norm(domains)), "final": l1(result.weights)},
-        "search": {"tokens": result.tokens, "steps": result.steps, "stopped": result.stopped_reason,
-                   "compute": result.compute, "outputs": str(out / "search")},
+        "final_byte_shares": found_bytes,
+        "l1_to_planted": {"uniform_start": l1(uniform_norm(domains)), "final": l1(found_bytes)},
+        "search": {"tokens": result.compute["tokens"]["train"], "stopped": result.stopped_reason,
+                   "schedule": result.details["schedule"], "compute": result.compute, "outputs": str(out / "search")},
         "job_stream": {"weight_updates": len(job.effective), "effective_batches_first_last": job.effective[:1] + job.effective[-1:],
                        "batches_served": job_stats["batches"], "max_abs_count_deviation": job_stats["max_abs_count_deviation"],
                        "sources": {d: {k: round(v, 4) if isinstance(v, float) else v for k, v in s.items()
@@ -117,11 +117,11 @@ def uniform_norm(domains) -> dict[str, float]:
 def print_summary(summary: dict) -> None:
     print("\nfastmix-data demo")
     print(f"  domains: {', '.join(summary['domains'])}")
-    print("  source        planted(bytes)  found   job requested->realised (token share)")
+    print("  source        planted(bytes)  found(bytes)   job requested->realised (token share)")
     js = summary["job_stream"]["sources"]
     for d in summary["domains"]:
         print(f"  {d:<12} {summary['planted_target_proportions_by_bytes'].get(d, 0.0):>10.3f} "
-              f"{summary['final_weights'][d]:>9.3f}   {js[d]['requested_token_share']:.3f} -> {js[d]['realised_token_share']:.3f}")
+              f"{summary['final_byte_shares'][d]:>12.3f}   {js[d]['requested_token_share']:.3f} -> {js[d]['realised_token_share']:.3f}")
     l1 = summary["l1_to_planted"]
     print(f"  L1 distance to the planted proportions: {l1['uniform_start']:.3f} (uniform) -> {l1['final']:.3f} (found)")
     c = summary["search"]["compute"]

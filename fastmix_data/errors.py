@@ -21,6 +21,11 @@ class ManifestError(FastMixDataError):
     """A manifest is invalid (wrong version, missing fields, changed shards, path escapes)."""
 
 
+class ConfigError(FastMixDataError, ValueError):
+    """A configuration is invalid (unknown key, wrong type, value out of range); the message names
+    the field by its dotted path (``fastmix.z_lr``) and its command-line flag."""
+
+
 class UnsafeInputError(FastMixDataError):
     """Input would need pickle, a `pipe:` URL or code execution; opting in is explicit."""
 

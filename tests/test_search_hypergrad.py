@@ -7,6 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from fastmix_data.search.fastmix import loss_weights
 from fastmix_data.search.hypergrad import (
     GradientEMA,
     full_source_scores,
@@ -18,7 +19,6 @@ from fastmix_data.search.hypergrad import (
     source_head_scores,
 )
 from fastmix_data.search.model import build_proxy, proxy_config
-from fastmix_data.search.trainer import loss_weights
 
 F64 = torch.float64
 

@@ -6,18 +6,24 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from test_search_methods_fixtures import corpus, sources, tiny_train, validation  # noqa: F401
+from search_corpus import sources, tiny_config, tiny_train, validation, write_tiny_corpus
 
-from fastmix_data.search.aioli import (
-    AioliConfig,
+from fastmix_data.search import load_target, run_method
+from fastmix_data.search.config import TrainConfig
+from fastmix_data.search.methods.aioli import (
     learn_params,
     normalise_mixing_matrix,
     smoothing_matrix,
     unsmooth,
     update_weights,
 )
-from fastmix_data.search.methods import run_method
-from fastmix_data.search.train_static import ProxyTrainer, TrainConfig, as_target, make_stream
+from fastmix_data.search.proxy.trainer import ProxyTrainer, make_stream
+from fastmix_data.search.schedule import AioliSchedule, aioli_schedule
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    return write_tiny_corpus(tmp_path_factory.mktemp("tiny-corpus"))
 
 
 @pytest.mark.parametrize("K,rho", [(2, 0.625), (3, 0.5), (7, 0.75), (4, 0.1)])
@@ -48,17 +54,17 @@ def test_normalise_and_update():
     assert new.numpy() == pytest.approx(expect / expect.sum())
 
 
-def test_probes_leave_the_main_stream_untouched_and_are_counted(corpus):  # noqa: F811
-    tcfg = TrainConfig(**tiny_train())
+def test_probes_leave_the_main_stream_untouched_and_are_counted(corpus):
+    tcfg = TrainConfig.from_dict(tiny_train())
     stream = make_stream(sources(corpus), None, tcfg)
     it = iter(stream)
     for _ in range(3):
         next(it)
     before = stream.state_dict()
-    trainer = ProxyTrainer(tcfg)
-    val = as_target(validation(corpus), tcfg.seq_len, max_seqs=12)
-    cfg = AioliConfig(train=tcfg, sweeps=2, probe_steps=3)
-    obs, log = learn_params(trainer, stream, val, cfg, np.random.default_rng(0), list(sources(corpus)))
+    trainer = ProxyTrainer(tcfg, 100)
+    val = load_target(validation(corpus), tcfg.seq_len, max_seqs=12)
+    sched = AioliSchedule(initial_steps=0, rounds=1, sweeps=2, probe_steps=3, eta=1.0, rho=0.75)
+    obs, log = learn_params(trainer, stream, val, sched, np.random.default_rng(0), list(sources(corpus)))
     after = stream.state_dict()
     assert after["next_batch"] == before["next_batch"] == 3
     assert after["history"] == before["history"]
@@ -69,44 +75,43 @@ def test_probes_leave_the_main_stream_untouched_and_are_counted(corpus):  # noqa
     assert obs.shape == (3, 3) and torch.isfinite(obs).all()
     order = [p["source"] for p in log["probes"]]
     assert order[3:] == order[:3][::-1]  # antithetic: the second sweep probes in reverse order
-    # the main stream continues exactly where it was
-    fresh = make_stream(sources(corpus), None, tcfg)
+    fresh = make_stream(sources(corpus), None, tcfg)  # the main stream continues exactly where it was
     ref = [b["tokens"] for _, b in zip(range(4), fresh)][3]
     assert torch.equal(next(it)["tokens"], ref)
 
 
-def test_run_aioli_counts_probe_steps_and_drives_a_sink(corpus, tmp_path):  # noqa: F811
-    sink = make_stream(sources(corpus), None, TrainConfig(**tiny_train()))
-    cfg = {"train": tiny_train(max_tokens=6 * 32 * 24), "aioli": {"rounds": 2, "probe_steps": 2, "sweeps": 1}}
-    r = run_method("aioli", sources(corpus), validation(corpus), cfg, out_dir=tmp_path, sink=sink)
-    assert r.compute["probe_steps"] == 2 * 3 * 1 * 2
-    assert r.compute["steps"] == 24 and r.compute["tokens"]["train"] == 24 * 6 * 32
-    assert sink.history[-1]["version"] == 1 + 2 + 1  # initial, one per round, the exported average
-    assert sink.weights == pytest.approx(r.weights)
-    assert sum(r.weights.values()) == pytest.approx(1.0)
+def test_run_aioli_at_its_defaults_counts_probe_steps_and_drives_a_sink(corpus, tmp_path):
+    sink = make_stream(sources(corpus), None, TrainConfig.from_dict(tiny_train()))
+    r = run_method(tiny_config("aioli", steps=60), sources=sources(corpus), target=validation(corpus),
+                   out_dir=tmp_path, sink=sink)
+    sched = aioli_schedule(60, 3, 3)
+    assert r.details["schedule"] == sched.to_dict() and sched.sweeps == 2
+    assert r.compute["details"]["probe_steps"] == sched.rounds * sched.probe_steps_per_round(3)
+    assert r.compute["optimizer_steps"] == 60 and r.compute["tokens"]["train"] == 60 * 6 * 32
+    assert sink.history[-1]["version"] == 1 + sched.rounds + 1  # initial, one per round, the exported average
+    assert sink.weights == pytest.approx(r.weights) and sum(r.weights.values()) == pytest.approx(1.0)
     rounds = [t for t in r.trajectory if t.get("round", -1) >= 0]
-    assert len(rounds) == 2 and all(len(t["A"]) == 3 for t in rounds)
+    assert len(rounds) == sched.rounds and all(len(t["A"]) == 3 for t in rounds)
 
 
 def test_antithetic_sweeps_cancel_a_linear_learning_curve():
     """Drops that fall linearly with time (the learning curve) plus a true per-source effect: with
     paired reversed sweeps the position bias cancels and the recovered A ranks the sources right."""
-
-    K, S, true = 3, 2, torch.tensor([0.3, 0.1, 0.2], dtype=torch.float64)
-    cfg = AioliConfig(sweeps=2, probe_steps=S, rho=0.6)
-    Q = smoothing_matrix(K, cfg.rho)
+    K, true = 3, torch.tensor([0.3, 0.1, 0.2], dtype=torch.float64)
+    sweeps, rho = 2, 0.6
+    Q = smoothing_matrix(K, rho)
     rng = np.random.default_rng(0)
     order, t, obs = [], 0, torch.zeros(K, dtype=torch.float64)
-    for r in range(cfg.sweeps):  # the schedule learn_params uses
+    for r in range(sweeps):  # the schedule learn_params uses
         order = order[::-1] if r % 2 == 1 else rng.permutation(K).tolist()
         for j in order:
             obs[j] += float(true @ Q[:, j]) + 1.0 - 0.1 * t  # effect + steep linear trend
             t += 1
-    A = unsmooth((obs / cfg.sweeps)[None, :], cfg.rho)[0]
+    A = unsmooth((obs / sweeps)[None, :], rho)[0]
     assert torch.allclose(A - A.mean(), true - true.mean(), atol=1e-12)
 
 
-def test_round_too_short_for_probes(corpus):  # noqa: F811
-    cfg = {"train": tiny_train(max_tokens=6 * 32 * 8), "aioli": {"rounds": 2, "probe_steps": 4}}
-    with pytest.raises(ValueError, match="LearnParams needs"):
-        run_method("aioli", sources(corpus), validation(corpus), cfg)
+def test_budget_too_short_for_the_probes(corpus):
+    cfg = tiny_config("aioli", steps=8, aioli={"rounds": 2, "probe_steps": 4})
+    with pytest.raises(ValueError, match="cannot hold 2 round"):
+        run_method(cfg, sources=sources(corpus), target=validation(corpus))

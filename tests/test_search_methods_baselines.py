@@ -6,15 +6,16 @@ import math
 
 import pyarrow.parquet as pq
 import pytest
-from test_search_methods_fixtures import corpus, sources, tiny_train, validation  # noqa: F401
+from search_corpus import sources, tiny_config, validation, write_tiny_corpus
 
-from fastmix_data.search.baselines import (
-    natural_weights,
-    simplex_grid,
-    source_token_counts,
-    stratified_weights,
-)
-from fastmix_data.search.methods import run_method
+from fastmix_data.search import run_method
+from fastmix_data.search.methods.grid import grid_size, simplex_grid
+from fastmix_data.search.methods.natural import natural_weights, source_token_counts
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    return write_tiny_corpus(tmp_path_factory.mktemp("tiny-corpus"))
 
 
 def test_natural_weights_and_temperature():
@@ -28,10 +29,9 @@ def test_natural_weights_and_temperature():
         natural_weights(counts, 0)
     with pytest.raises(ValueError, match="all zero"):
         natural_weights({"a": 0})
-    assert stratified_weights(["x", "y"]) == {"x": 0.5, "y": 0.5}
 
 
-def test_token_counts_come_from_the_index(corpus):  # noqa: F811
+def test_token_counts_come_from_the_index(corpus):
     counts = source_token_counts(sources(corpus))
     rows = pq.read_table(corpus / "train" / "prose" / "part-00000.parquet").column("text").to_pylist()
     assert counts["prose"] == sum(len(t.encode()) + 1 for t in rows)
@@ -40,7 +40,7 @@ def test_token_counts_come_from_the_index(corpus):  # noqa: F811
 @pytest.mark.parametrize("K,n", [(1, 1), (2, 11), (3, 66), (4, 286)])
 def test_simplex_grid_step_01(K, n):
     pts = simplex_grid(K, 0.1)
-    assert len(pts) == n == math.comb(10 + K - 1, K - 1)
+    assert len(pts) == n == math.comb(10 + K - 1, K - 1) == grid_size(K)
     assert len(set(pts)) == n
     for p in pts:
         assert sum(p) == pytest.approx(1.0)
@@ -54,19 +54,20 @@ def test_simplex_grid_rejects_bad_steps():
         simplex_grid(3, 0.3)
 
 
-def test_grid_oracle_picks_the_best_point(corpus, tmp_path):  # noqa: F811
+def test_grid_oracle_picks_the_best_point(corpus, tmp_path):
     src = {k: v for k, v in sources(corpus).items() if k in ("code", "prose")}
-    cfg = {"train": tiny_train(max_tokens=6 * 32 * 6), "cache_dir": str(tmp_path / "c"), "grid": {"step": 0.5}}
-    r = run_method("grid", src, validation(corpus)["code"], cfg, out_dir=tmp_path / "g")
-    losses = [g["target_loss"] for g in r.extra["grid"]]
-    assert len(losses) == 3 and r.extra["best_loss"] == min(losses)
-    assert r.weights == r.extra["grid"][losses.index(min(losses))]["weights"]
+    cfg = tiny_config("grid", steps=6, cache_dir=str(tmp_path / "c"), grid={"step": 0.5})
+    r = run_method(cfg, sources=src, target=validation(corpus)["code"], out_dir=tmp_path / "g")
+    losses = [g["target_loss"] for g in r.details["grid"]]
+    assert len(losses) == 3 and r.details["best_loss"] == min(losses)
+    assert r.weights == r.details["grid"][losses.index(min(losses))]["weights"]
     assert r.weights["code"] >= 0.5  # the target is code
-    again = run_method("grid", src, validation(corpus)["code"], cfg)
-    assert all(t["cached"] for t in again.trajectory) and again.compute["flops"]["total"] == 0
+    again = run_method(cfg, sources=src, target=validation(corpus)["code"])
+    assert all(t["cached"] for t in again.trajectory)
 
 
-def test_grid_refuses_many_sources(corpus):  # noqa: F811
+def test_grid_refuses_many_sources(corpus):
     four = {**sources(corpus), "more": sources(corpus)["code"]}
     with pytest.raises(ValueError, match="K <= 3"):
-        run_method("grid", four, validation(corpus), {"train": tiny_train()})
+        run_method(tiny_config("grid"), sources=four, target=validation(corpus))
+    assert grid_size(8) == 19448

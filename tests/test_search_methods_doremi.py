@@ -4,10 +4,15 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_search_methods_fixtures import corpus, sources, tiny_train  # noqa: F401
+from search_corpus import sources, tiny_config, write_tiny_corpus
 
-from fastmix_data.search.doremi import doremi_update, excess_by_source
-from fastmix_data.search.methods import run_method
+from fastmix_data.search import run_method
+from fastmix_data.search.methods.doremi import doremi_update, excess_by_source
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    return write_tiny_corpus(tmp_path_factory.mktemp("tiny-corpus"))
 
 
 def test_excess_is_clipped_and_averaged_per_source():
@@ -34,14 +39,15 @@ def test_update_is_smoothed_toward_uniform():
     assert torch.allclose(doremi_update(alpha, torch.zeros(3), smoothing=1.0), torch.full((3,), 1 / 3, dtype=torch.float64))
 
 
-def test_run_doremi_outputs_the_average_and_reuses_the_reference(corpus, tmp_path):  # noqa: F811
-    cfg = {"train": tiny_train(max_tokens=6 * 32 * 10), "cache_dir": str(tmp_path / "cache"),
-           "doremi": {"log_every": 5}}
-    r = run_method("doremi", sources(corpus), None, cfg, out_dir=tmp_path / "a")
+def test_run_doremi_outputs_the_average_and_reuses_the_reference(corpus, tmp_path):
+    cfg = tiny_config("doremi", steps=20, cache_dir=str(tmp_path / "cache"), doremi={"log_every": 5})
+    r = run_method(cfg, sources=sources(corpus), out_dir=tmp_path / "a")
     assert r.weights == pytest.approx(r.trajectory[-1]["average"])
-    assert r.weights != pytest.approx(r.extra["last"])
-    assert not r.compute["reference_cached"]
-    assert r.compute["tokens"]["train"] == 2 * 10 * 6 * 32  # reference + proxy
+    assert r.weights != pytest.approx(r.candidates["last"])
+    assert not r.details["reference_cached"]
+    # the reference and the proxy share the budget: 10 steps each
+    assert r.compute["tokens"]["train"] == 20 * 6 * 32
     assert r.compute["tokens"]["eval"] == 10 * 6 * 32  # the reference's forward on every proxy batch
-    again = run_method("doremi", sources(corpus), None, cfg)
-    assert again.compute["reference_cached"] and again.weights == pytest.approx(r.weights)
+    again = run_method(cfg, sources=sources(corpus))
+    assert again.details["reference_cached"] and again.weights == pytest.approx(r.weights)
+    assert again.compute["flops"]["total"] == pytest.approx(r.compute["flops"]["total"])  # reuse is charged

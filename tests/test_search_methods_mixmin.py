@@ -7,16 +7,16 @@ import json
 import numpy as np
 import pytest
 import torch
-from test_search_methods_fixtures import corpus, sources, tiny_train, validation  # noqa: F401
+from search_corpus import sources, tiny_config, validation, write_tiny_corpus
 
-from fastmix_data.search.methods import run_method
-from fastmix_data.search.mixmin import (
-    MixMinConfig,
-    exponentiated_gradient,
-    mixture_gradient,
-    mixture_objective,
-)
-from fastmix_data.search.train_static import TrainConfig
+from fastmix_data.errors import ConfigError
+from fastmix_data.search import SearchConfig, run_method
+from fastmix_data.search.methods.mixmin import exponentiated_gradient, mixture_gradient, mixture_objective
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    return write_tiny_corpus(tmp_path_factory.mktemp("tiny-corpus"))
 
 
 def planted_scores(alpha, n=3000, length=16, V=12, K=3, seed=0, per_token=False):
@@ -83,27 +83,27 @@ def test_eg_rejects_bad_input():
         exponentiated_gradient(torch.zeros(2, 3), torch.ones(2))
 
 
-def test_proxies_are_cached_and_reused_for_a_new_target(corpus, tmp_path):  # noqa: F811
-    cfg = {"train": tiny_train(max_tokens=6 * 32 * 9), "cache_dir": str(tmp_path / "cache"), "plot": False}
-    a = run_method("mixmin", sources(corpus), validation(corpus), cfg, out_dir=tmp_path / "a")
-    assert a.compute["proxies_cached"] == []
-    assert a.compute["tokens"]["train"] == 3 * TrainConfig(**tiny_train(max_tokens=6 * 32 * 3)).total_steps * 6 * 32
-    b = run_method("mixmin", sources(corpus), str(corpus / "planted"), cfg, out_dir=tmp_path / "b")
-    assert sorted(b.compute["proxies_cached"]) == sorted(sources(corpus))
-    assert b.compute["tokens"]["train"] == 0 and b.compute["flops"]["cached"] > 0
-    assert b.compute["flops"]["total"] == b.compute["flops"]["eval"] > 0  # only re-scoring
-    c = run_method("mixmin", sources(corpus), validation(corpus), cfg)
+def test_proxies_share_the_budget_are_cached_and_reused_for_a_new_target(corpus, tmp_path):
+    cfg = tiny_config("mixmin", steps=9, cache_dir=str(tmp_path / "cache"), output={"plot": False})
+    a = run_method(cfg, sources=sources(corpus), target=validation(corpus), out_dir=tmp_path / "a")
+    assert a.details["proxies_cached"] == []
+    assert a.compute["tokens"]["train"] == 3 * 3 * 6 * 32  # the budget split evenly: 3 proxies of 3 steps
+    b = run_method(cfg, sources=sources(corpus), target=str(corpus / "planted"), out_dir=tmp_path / "b")
+    assert sorted(b.details["proxies_cached"]) == sorted(sources(corpus))
+    assert b.compute["flops"]["cached"] > 0 and b.compute["flops"]["train"] == a.compute["flops"]["train"]
+    c = run_method(cfg, sources=sources(corpus), target=validation(corpus))
     assert c.weights == pytest.approx(a.weights, abs=1e-9)
     w = json.loads((tmp_path / "a" / "weights.json").read_text())
     assert w["method"] == "mixmin" and sum(w["weights"].values()) == pytest.approx(1.0)
-    assert set(w["report"]) >= {"objective", "uniform_objective", "single_source"}
-    # a different training config is a different proxy
-    d = run_method("mixmin", sources(corpus), validation(corpus), {**cfg, "train": tiny_train(max_tokens=6 * 32 * 6)})
-    assert d.compute["proxies_cached"] == []
+    assert set(w["details"]["report"]) >= {"objective", "uniform_objective", "single_source"}
+    # a different budget is a different proxy
+    d = run_method(tiny_config("mixmin", steps=18, cache_dir=str(tmp_path / "cache")), sources=sources(corpus),
+                   target=validation(corpus))
+    assert d.details["proxies_cached"] == []
 
 
 def test_config_validation():
-    with pytest.raises(ValueError, match="eta_scale"):
-        MixMinConfig(eta_scale="auto").validate()
-    with pytest.raises(ValueError, match="fit_fraction"):
-        MixMinConfig(fit_fraction=0).validate()
+    with pytest.raises(ConfigError, match="mixmin.eta_scale"):
+        SearchConfig.from_dict({"max_tokens": 1, "mixmin": {"eta_scale": "auto"}}).validate()
+    with pytest.raises(ConfigError, match="mixmin.fit_fraction"):
+        SearchConfig.from_dict({"max_tokens": 1, "mixmin": {"fit_fraction": 0}}).validate()

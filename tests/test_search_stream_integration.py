@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import itertools
 import json
 
 import pytest
 import torch
 from shardgen import write_parquet_source
 
-from fastmix_data.search import SearchConfig, read_trajectory, run_search
+from fastmix_data.search import SearchConfig, load_target, read_trajectory, run_method
 from fastmix_data.search.model import BYTE_VOCAB_SIZE as MODEL_VOCAB
 from fastmix_data.stream import BYTE_VOCAB_SIZE, MixtureStream
 
@@ -40,8 +39,7 @@ def _corpus(tmp_path):
 
 def _streams(paths, val, seed=0):
     search = MixtureStream(paths, {n: 1.0 for n in paths}, batch_size=6, seq_len=32, seed=seed)
-    target = MixtureStream({"val": val}, {"val": 1.0}, batch_size=4, seq_len=32, seed=seed + 1)
-    return search, list(itertools.islice(iter(target), 4))
+    return search, load_target(val, 32, max_seqs=16)
 
 
 def test_vocab_constants_agree():
@@ -50,16 +48,18 @@ def test_vocab_constants_agree():
 
 def test_run_search_on_mixture_stream_with_sink_and_resume(tmp_path):
     paths, val = _corpus(tmp_path)
-    cfg = SearchConfig(model="tiny", max_steps=40, outer_every=5, warmup_steps=5, z_lr=0.05,
-                       checkpoint_every=20, progress=False, plot=False)
+    cfg = SearchConfig.from_dict({"max_tokens": 40 * 6 * 32, "train": {"proxy": "tiny", "batch_size": 6, "seq_len": 32},
+                                  "fastmix": {"outer_every": 5, "warmup_steps": 5, "z_lr": 0.05},
+                                  "target": {"batch_size": 4},
+                                  "output": {"checkpoint_every": 20, "progress": False, "plot": False}})
     search, target = _streams(paths, val)
     job = MixtureStream(paths, {n: 1.0 for n in paths}, batch_size=4, seq_len=32, seed=5)
-    full = run_search(search, target, cfg, sink=job, out_dir=tmp_path / "a")
-    assert full.stopped_reason == "max_steps"
+    full = run_method(cfg, stream=search, target=target, sink=job, out_dir=tmp_path / "a")
+    assert full.stopped_reason == "max_tokens"
     assert full.weights["digits"] == max(full.weights.values())  # the target is digits text
-    # the job ends on the exported (average) mixture, pushed after the last live update
+    # the job ends on the exported (tail average) mixture, pushed after the last live update
     assert job.state_dict()["history"][-1]["requested"] == pytest.approx(full.weights)
-    assert full.weights != full.last_weights and full.final_effective_batch == 0
+    assert full.weights != full.candidates["last"]
     eff = [r["effective_batch"] for r in full.trajectory if r["updated"]]
     assert eff and all(isinstance(e, int) for e in eff)
 
@@ -77,10 +77,10 @@ def test_run_search_on_mixture_stream_with_sink_and_resume(tmp_path):
 
     search, target = _streams(paths, val)
     with pytest.raises(KeyboardInterrupt):
-        run_search(Crash(search, 27), target, cfg, out_dir=tmp_path / "b")
+        run_method(cfg, stream=Crash(search, 27), target=target, out_dir=tmp_path / "b")
     assert json.loads((tmp_path / "b" / "weights.json").read_text())["final"] is False
     search, target = _streams(paths, val)
-    res = run_search(search, target, cfg, out_dir=tmp_path / "b", resume=True)
+    res = run_method(cfg, stream=search, target=target, out_dir=tmp_path / "b", resume=True)
     assert res.weights == full.weights
     strip = lambda t: [{k: v for k, v in r.items() if k not in ("wall_s", "effective_batch")} for r in t]  # noqa: E731
     assert strip(read_trajectory(tmp_path / "b")) == strip(full.trajectory)

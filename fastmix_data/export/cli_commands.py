@@ -3,7 +3,7 @@
 Wire them with ``add_export_parsers(subparsers)``; each subparser's ``func`` takes the parsed args
 and returns an exit status. Examples::
 
-    fastmix-data manifest --sources code=data/code web='data/web/*.tar' --weights code=0.3,web=0.7 \\
+    fastmix-data manifest --source code=data/code --source web='data/web/*.tar' --weights code=0.3,web=0.7 \\
         --budget 10B_tokens --seq-len 2048 --out manifest.json
     fastmix-data resample --manifest manifest.json --out resampled/ --format parquet --workers 4
     fastmix-data convert --manifest manifest.json --to megatron --prefix code=/megatron/code_text_document
@@ -35,12 +35,19 @@ def _pairs(values: list[str] | None, what: str) -> dict[str, str]:
     return out
 
 
-def parse_weights(spec: str) -> dict[str, float]:
-    """``code=0.3,web=0.7`` or a JSON/YAML file with a mapping (or ``{"weights": mapping}``)."""
+def parse_weights(spec: str, units: str | None = None) -> dict[str, float]:
+    """``code=0.3,web=0.7`` or a JSON/YAML file with a mapping, ``{"weights": mapping}``, or a search's
+    ``weights.json``: with ``units`` ("samples" or "tokens") its ``shares[units]`` -- the same mixture
+    in those units -- is used, so a manifest in sample units gets sample shares."""
     if os.path.isfile(spec):
         with open(spec, encoding="utf-8") as f:
             obj = yaml.safe_load(f)
-        if isinstance(obj, dict) and isinstance(obj.get("weights"), dict):
+        if isinstance(obj, dict) and units and isinstance(obj.get("shares"), dict):
+            if not isinstance(obj["shares"].get(units), dict):
+                raise FastMixDataError(f"weights file {spec} has no {units} shares (the sources had no index counts); "
+                                       f"use --weight-units {obj.get('weight_units', 'tokens')}")
+            obj = obj["shares"][units]
+        elif isinstance(obj, dict) and isinstance(obj.get("weights"), dict):
             obj = obj["weights"]
         if not isinstance(obj, dict):
             raise FastMixDataError(f"weights file {spec} must hold a mapping source -> weight")
@@ -100,9 +107,9 @@ def cmd_manifest(args: argparse.Namespace) -> int:
     """Build a manifest offline from sources, weights and a budget; write it atomically."""
     from fastmix_data.export.manifest import build_manifest, summary, write_manifest
 
-    sources = _pairs(args.sources, "sources")
+    sources = _pairs(args.sources, "source")
     if not sources:
-        raise FastMixDataError("give at least one --sources name=PATH_OR_GLOB")
+        raise FastMixDataError("give at least one --source NAME=PATH_OR_GLOB")
     history = None
     if args.history:
         try:
@@ -118,7 +125,7 @@ def cmd_manifest(args: argparse.Namespace) -> int:
     }
     manifest = build_manifest(
         sources,
-        parse_weights(args.weights) if args.weights else None,
+        parse_weights(args.weights, args.weight_units) if args.weights else None,
         args.budget if not args.budget.isdigit() else int(args.budget),
         root=args.root,
         seed=args.seed,
@@ -198,8 +205,10 @@ def cmd_convert(args: argparse.Namespace) -> int:
 def add_export_parsers(subparsers: Any) -> None:
     """Register ``manifest``, ``resample`` and ``convert`` on an argparse subparsers object."""
     p = subparsers.add_parser("manifest", help="build a shard-sampling manifest offline (no shard is read)")
-    p.add_argument("--sources", nargs="+", action="extend", required=True, metavar="NAME=PATH_OR_GLOB")
-    p.add_argument("--weights", help="FILE (JSON/YAML mapping) or name=w,name=w")
+    p.add_argument("--source", "--sources", dest="sources", nargs="+", action="extend", required=True,
+                   metavar="NAME=PATH_OR_GLOB", help="a source (repeatable; --sources a=.. b=.. also works)")
+    p.add_argument("--weights", help="FILE (JSON/YAML mapping, or a search's weights.json: its shares in "
+                   "--weight-units are used) or name=w,name=w")
     p.add_argument("--history", help="JSON list of later changes {position, weights} (or a stream state)")
     p.add_argument("--budget", required=True, help="10B_tokens, 1M_samples, or an item count")
     p.add_argument("--seq-len", type=int, default=None, help="packing mode: sequences of seq_len + 1 tokens")

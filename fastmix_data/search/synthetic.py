@@ -3,7 +3,8 @@
 :class:`SyntheticStream` follows the stream's batch contract (``tokens`` ``[B, L+1]``, ``source``
 ``[B]``, ``batch_index``, ``weight_version``), is deterministic in ``(seed, batch index)``, resumable
 (``state_dict``/``load_state_dict``) and accepts live weights (``set_weights``), so it can stand in
-for :class:`fastmix_data.stream.MixtureStream` both as the search stream and as a weight sink.
+for :class:`fastmix_data.stream.MixtureStream` both as the search stream (``run_method(...,
+stream=...)``) and as a weight sink. :func:`mixture_target` draws a target from known proportions.
 """
 
 from __future__ import annotations
@@ -161,6 +162,28 @@ def mixture_batches(
     return out
 
 
+def mixture_target(
+    sources: Sequence[MarkovSource],
+    proportions: Sequence[float],
+    *,
+    num_seqs: int,
+    seq_len: int,
+    seed: int = 12345,
+    names: Sequence[str] | None = None,
+):
+    """A :class:`~fastmix_data.search.targets.TargetSet` of ``num_seqs`` sequences drawn from a
+    mixture of sources in exact proportions (largest remainder), grouped by source, token-averaged."""
+    from .targets import TargetSet
+
+    batches = mixture_batches(sources, proportions, num_batches=1, batch_size=num_seqs, seq_len=seq_len, seed=seed)
+    b = batches[0]
+    group_names = list(names) if names is not None else [f"s{k}" for k in range(len(sources))]
+    present = sorted(set(b["source"].tolist()))
+    remap = {k: i for i, k in enumerate(present)}
+    group = torch.tensor([remap[k] for k in b["source"].tolist()], dtype=torch.int64)
+    return TargetSet(b["tokens"], group, [group_names[k] for k in present], "tokens", "synthetic-target")
+
+
 def _norm(w) -> list[float]:
     a = np.asarray(list(w), dtype=np.float64)
     if a.ndim != 1 or not np.isfinite(a).all() or (a < 0).any() or a.sum() <= 0:
@@ -168,4 +191,4 @@ def _norm(w) -> list[float]:
     return (a / a.sum()).tolist()
 
 
-__all__ = ["MarkovSource", "SyntheticStream", "markov_sources", "mixture_batches"]
+__all__ = ["MarkovSource", "SyntheticStream", "markov_sources", "mixture_batches", "mixture_target"]

@@ -1,111 +1,50 @@
-"""Targets of a search: what the found mixture should do well on.
+"""The target of a search: what the found mixture should do well on. One type, used by every method.
 
-Two forms, one per kind of method:
+Design problem: a target is usually stored as many files -- one per domain, or shards in
+whatever order they were written. A reader that keeps "the first n sequences" sees the first
+file(s) only (a target stored as one file per domain came out 99.6 % one domain), and two methods
+that subsample differently optimise two different targets under one ``--target``.
 
-* **target batches** (:func:`target_batches`) for FastMix (`run_search`): a list of
-  ``{"tokens": [B, L+1], "loss_mask": [B, L]}`` batches from held-out shards packed exactly as the
-  training stream packs them, or from Q/A pairs where only the answer tokens count. A spec is a
-  path / glob / list of shards (any supported format), or ``{"path": ..., "question_field": ...,
-  "answer_field": ...}``.
-* **target sets** (:class:`TargetSet`, :func:`as_target`) for the methods that train proxies on
-  static mixtures (MixMin, Aioli, DoReMi, the baselines): packed sequences with a group each and the
-  rule that reduces per-sequence losses to the target loss (token mean, or mean of group means).
-  :func:`pack_texts` packs documents as the stream's packing mode does; :func:`target_from_texts`
-  and :func:`as_target` build a set from texts, Parquet files or ``{group: Parquet}``.
+Solution: :func:`load_target` opens the target with the sources layer (any supported format),
+lists every document of every file from the shard index, draws a seeded uniform sample of
+documents across all of them (enough for ``max_seqs`` packed sequences), reads only the shards
+that hold them, packs them like the stream's packing mode, and keeps a seeded uniform sample of
+``max_seqs`` sequences. Every document is equally likely to be used, so every file and every
+domain gets its token share in expectation. The result is a :class:`TargetSet`: packed sequences,
+the group of each, the rule that turns per-sequence losses into the target loss (token mean, or
+mean of per-group means), and for Q/A targets a loss mask over the answer tokens. FastMix reads it
+as rotating batches (:class:`TargetBatches`), MixMin scores it, Aioli evaluates its groups.
+
+Accepted specs: a path/glob/folder (token-averaged; grouped by a ``domain`` column when the shards
+have one), ``{group: path}`` (group-averaged), a list of texts, or a :class:`TargetSet`.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
-import os
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
 from fastmix_data.errors import SourceError
-from fastmix_data.sources import open_source
-from fastmix_data.stream.mixture import MixtureStream
 from fastmix_data.stream.tokenize import as_tokenizer
 
-# ============================================================================ target batches (FastMix)
+log = logging.getLogger(__name__)
+
+#: column that groups the documents of a single-path target (e.g. a planted target's domains)
+GROUP_COLUMN = "domain"
+#: documents are sampled for this many times the tokens ``max_seqs`` sequences need (packing and
+#: the tail of each group lose a little)
+OVERSAMPLE = 1.3
 
 
-def target_batches(
-    spec: Any, seq_len: int, batch_size: int, *, seed: int = 0, max_batches: int = 64, tokenizer: Any = None
-) -> list[dict]:
-    """Up to ``max_batches`` target batches ``{"tokens": [B, L+1], "loss_mask": [B, L]}``.
-
-    Plain shards are packed exactly as the training stream packs them (one pass, seeded order);
-    Q/A specs give one sequence per pair (question then answer, padded at the end with the
-    end-of-document id), the mask covering the answer tokens only.
-    """
-    if isinstance(spec, Mapping) and "answer_field" in spec:
-        return _qa_batches(spec, seq_len, batch_size, max_batches, tokenizer)
-    stream = MixtureStream({"target": spec}, {"target": 1.0}, batch_size=batch_size, seed=seed, seq_len=seq_len,
-                           tokenizer=tokenizer, exhaustion={"target": "stop"}, world_size=1, rank=0)
-    out = []
-    for batch in stream:
-        out.append({"tokens": batch["tokens"], "loss_mask": torch.ones(batch["tokens"].shape[0], seq_len, dtype=torch.bool)})
-        if len(out) >= max_batches:
-            break
-    if not out:  # fewer tokens than one batch: take what there is, unbatched
-        raise SourceError(
-            f"target {spec!r} holds fewer than {batch_size} sequences of {seq_len + 1} tokens; "
-            "give more target text or a smaller batch_size/seq_len"
-        )
-    return out
-
-
-def _qa_batches(spec: Mapping, seq_len: int, batch_size: int, max_batches: int, tokenizer: Any) -> list[dict]:
-    tok = as_tokenizer(tokenizer)
-    qf, af = spec.get("question_field", "question"), spec["answer_field"]
-    src = open_source("target", spec["path"], text_field=None, ids_field=None, extra_fields=[qf, af])
-    width = seq_len + 1
-    rows_t, rows_m = [], []
-    for i in range(len(src.shards)):
-        data = src.read_shard(i)
-        for q, a in zip(data.extra[qf], data.extra[af]):
-            qi, ai = tok.encode(str(q)), tok.encode(str(a))
-            ids = np.concatenate([qi, ai, [tok.eos_id if tok.eos_id is not None else 0]])[:width]
-            mask = np.zeros(width, dtype=bool)
-            mask[len(qi) : len(qi) + len(ai) + 1] = True  # predicting answer tokens and the final eos
-            pad = width - len(ids)
-            rows_t.append(np.pad(ids, (0, pad), constant_values=tok.eos_id or 0))
-            rows_m.append(np.pad(mask, (0, pad))[1:])  # mask aligned with targets tokens[1:]
-    if not rows_t:
-        raise SourceError(f"Q/A target {spec['path']!r} has no rows")
-    out = []
-    for s in range(0, len(rows_t), batch_size):
-        out.append({"tokens": torch.from_numpy(np.stack(rows_t[s : s + batch_size]).astype(np.int64)),
-                    "loss_mask": torch.from_numpy(np.stack(rows_m[s : s + batch_size]))})
-        if len(out) >= max_batches:
-            break
-    return out
-
-
-# ============================================================================ packed target sets (static methods)
-
-
-def pack_texts(texts: Iterable[str], seq_len: int, tokenizer: Any = None) -> torch.Tensor:
-    """Pack documents into ``[n, seq_len + 1]`` int64 sequences, as the stream's packing mode does.
-
-    Each document is tokenized (``tokenizer`` as in `MixtureStream`: UTF-8 bytes by default) and
-    followed by the tokenizer's end-of-document id (256 for bytes; none if it has none), the
-    documents are concatenated and cut into consecutive ``seq_len + 1``-token sequences; the tail
-    shorter than that is dropped.
-    """
-    tok = as_tokenizer(tokenizer, getattr(tokenizer, "eos_id", None))
-    eos = [] if tok.eos_id is None else [np.array([tok.eos_id], dtype=np.int64)]
-    parts = [p for t in texts for p in (tok.encode(t), *eos)]
-    flat = np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
-    n = len(flat) // (seq_len + 1)
-    return torch.from_numpy(flat[: n * (seq_len + 1)].reshape(n, seq_len + 1).copy())
+# ============================================================================ the target set
 
 
 @dataclass
@@ -119,7 +58,9 @@ class TargetSet:
         average: ``"tokens"`` (target loss = token mean over all sequences) or ``"groups"``
             (mean over groups of each group's token mean).
         name: a label for logs and result files.
-        full_shares: token share of each group before any subsampling (``max_seqs``).
+        full_shares: token share of each group in the documents read (before ``max_seqs``).
+        loss_mask: bool ``[N, L]`` or None; ``loss_mask[n, t]`` says whether the prediction of
+            ``tokens[n, t+1]`` counts (Q/A targets: the answer tokens).
     """
 
     tokens: torch.Tensor
@@ -128,6 +69,7 @@ class TargetSet:
     average: str = "tokens"
     name: str = "target"
     full_shares: dict[str, float] | None = None
+    loss_mask: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         if self.average not in ("tokens", "groups"):
@@ -138,6 +80,9 @@ class TargetSet:
             raise ValueError(f"target group must be [N] = [{self.tokens.shape[0]}], got {tuple(self.group.shape)}")
         if len(self.tokens) == 0:
             raise ValueError(f"target {self.name!r} has no sequence (are its texts shorter than seq_len + 1 tokens?)")
+        if self.loss_mask is not None and self.loss_mask.shape != (len(self.tokens), self.seq_len):
+            raise ValueError(f"target loss_mask must be [N, L] = [{len(self.tokens)}, {self.seq_len}], "
+                             f"got {tuple(self.loss_mask.shape)}")
 
     def __len__(self) -> int:
         return int(self.tokens.shape[0])
@@ -146,27 +91,45 @@ class TargetSet:
     def seq_len(self) -> int:
         return int(self.tokens.shape[1] - 1)
 
+    def scored(self) -> torch.Tensor:
+        """float64 ``[N]``: predicted tokens that count in each sequence (L without a mask)."""
+        if self.loss_mask is None:
+            return torch.full((len(self),), float(self.seq_len), dtype=torch.float64)
+        return self.loss_mask.sum(1).to(torch.float64)
+
     @property
     def num_tokens(self) -> int:
-        """Predicted tokens (N * L)."""
+        """Predicted tokens forwarded by one pass over the set (N * L)."""
         return len(self) * self.seq_len
+
+    def seq_losses(self, token_losses: torch.Tensor, rows: slice | torch.Tensor | None = None) -> torch.Tensor:
+        """Per-sequence mean of ``token_losses`` ``[n, L]`` (the sequences ``rows`` of the set, all
+        by default) over the tokens that count."""
+        tl = token_losses.to(torch.float64)
+        if self.loss_mask is None:
+            return tl.mean(1)
+        m = self.loss_mask[rows if rows is not None else slice(None)].to(tl.device, torch.float64)
+        return (tl * m).sum(1) / m.sum(1).clamp_min(1.0)
 
     def counts(self) -> np.ndarray:
         return np.bincount(self.group.numpy(), minlength=len(self.group_names))
 
     def shares(self) -> dict[str, float]:
-        """Token share of each group in this set."""
+        """Share of each group's sequences in this set."""
         c = self.counts()
         return {n: float(x / c.sum()) for n, x in zip(self.group_names, c)}
 
     def example_weights(self) -> torch.Tensor:
         """float64 ``[N]`` summing to 1: the weight of each sequence's mean token loss in the target loss."""
-        n = len(self)
+        sc = self.scored()
         if self.average == "tokens":
-            return torch.full((n,), 1.0 / n, dtype=torch.float64)
-        c = torch.as_tensor(self.counts(), dtype=torch.float64)
-        present = int((c > 0).sum())
-        return 1.0 / (present * c[self.group])
+            return sc / sc.sum()
+        w = torch.zeros(len(self), dtype=torch.float64)
+        present = [k for k in range(len(self.group_names)) if bool((self.group == k).any())]
+        for k in present:
+            m = self.group == k
+            w[m] = sc[m] / sc[m].sum() / len(present)
+        return w
 
     def group_weights(self) -> torch.Tensor:
         """float64 ``[G]``: each group's total weight in the target loss."""
@@ -179,8 +142,9 @@ class TargetSet:
 
     def subset(self, idx: torch.Tensor | Sequence[int], name: str | None = None) -> TargetSet:
         idx = torch.as_tensor(idx, dtype=torch.int64)
+        mask = None if self.loss_mask is None else self.loss_mask[idx]
         return TargetSet(self.tokens[idx], self.group[idx], list(self.group_names), self.average,
-                         name or self.name, self.full_shares)
+                         name or self.name, self.full_shares, mask)
 
     def split_indices(self, fraction: float, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
         """Sorted indices of a seeded split into (``fraction``, rest), stratified by group (each
@@ -205,38 +169,104 @@ class TargetSet:
         ia, ib = self.split_indices(fraction, seed)
         return self.subset(ia, f"{self.name}[fit]"), self.subset(ib, f"{self.name}[report]")
 
-    def batches(self, batch_size: int, seed: int = 0) -> list[dict]:
-        """The set as a list of ``{"tokens"}`` batches covering every sequence once, in a seeded
-        order. With ``average="groups"`` the order interleaves groups round-robin, so that every
-        batch holds the groups in (nearly) equal numbers and its token mean estimates the group
-        average."""
+    def order(self, seed: int) -> torch.Tensor:
+        """A seeded order of the sequences. With ``average="groups"`` it interleaves the groups
+        round-robin (smaller groups cycled), so every batch holds them in (nearly) equal numbers."""
         g = torch.Generator().manual_seed(int(seed))
         if self.average == "groups":
             per = [torch.nonzero(self.group == k).flatten() for k in range(len(self.group_names))]
             per = [p[torch.randperm(len(p), generator=g)] for p in per if len(p)]
             n = max(len(p) for p in per)
-            # cycle the smaller groups so each batch stays balanced
             per = [p.repeat(math.ceil(n / len(p)))[:n] for p in per]
-            order = torch.stack(per, 1).flatten()
-        else:
-            order = torch.randperm(len(self), generator=g)
-        return [{"tokens": self.tokens[order[i : i + batch_size]]} for i in range(0, len(order), batch_size)]
+            return torch.stack(per, 1).flatten()
+        return torch.randperm(len(self), generator=g)
+
+    def batch(self, idx: torch.Tensor) -> dict:
+        """``{"tokens": [b, L+1]}`` (and ``"loss_mask"`` for Q/A targets) of the sequences ``idx``."""
+        out = {"tokens": self.tokens[idx]}
+        if self.loss_mask is not None:
+            out["loss_mask"] = self.loss_mask[idx]
+        return out
+
+    def batches(self, batch_size: int, seed: int = 0) -> list[dict]:
+        """The set as batches covering every sequence once, in the order :meth:`order` gives."""
+        o = self.order(seed)
+        return [self.batch(o[i : i + batch_size]) for i in range(0, len(o), batch_size)]
 
     def fingerprint(self) -> str:
         h = hashlib.sha256()
         h.update(self.tokens.numpy().tobytes())
         h.update(self.group.numpy().tobytes())
+        if self.loss_mask is not None:
+            h.update(self.loss_mask.numpy().tobytes())
         h.update(json.dumps([self.group_names, self.average]).encode())
         return h.hexdigest()[:16]
 
     def describe(self) -> dict:
         return {"name": self.name, "sequences": len(self), "seq_len": self.seq_len, "average": self.average,
                 "groups": self.group_names, "shares": self.shares(), "full_shares": self.full_shares,
-                "fingerprint": self.fingerprint()}
+                "qa": self.loss_mask is not None, "fingerprint": self.fingerprint()}
+
+
+class TargetBatches:
+    """An endless, resumable rotation through a :class:`TargetSet` in batches: each pass (epoch)
+    uses a fresh seeded order (:meth:`TargetSet.order` with seed ``[seed, epoch]``), so the target
+    gradient never comes from the same few sequences twice in a row."""
+
+    def __init__(self, target: TargetSet, batch_size: int, seed: int = 0):
+        self.target, self.batch_size, self.seed = target, int(batch_size), int(seed)
+        self.epoch, self.pos = 0, 0
+        self._order = self._make_order()
+
+    def _make_order(self) -> torch.Tensor:
+        return self.target.order(int(np.random.default_rng([self.seed, self.epoch]).integers(2**31)))
+
+    def next(self) -> dict:
+        """The next batch (the last batch of a pass may be smaller)."""
+        if self.pos >= len(self._order):
+            self.epoch, self.pos = self.epoch + 1, 0
+            self._order = self._make_order()
+        idx = self._order[self.pos : self.pos + self.batch_size]
+        self.pos += len(idx)
+        return self.target.batch(idx)
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "pos": self.pos}
+
+    def load_state_dict(self, d: Mapping) -> None:
+        self.epoch, self.pos = int(d["epoch"]), int(d["pos"])
+        self._order = self._make_order()
+
+
+# ============================================================================ packing
+
+
+def pack_texts(texts: Iterable[Any], seq_len: int, tokenizer: Any = None) -> torch.Tensor:
+    """Pack documents into ``[n, seq_len + 1]`` int64 sequences, as the stream's packing mode does.
+
+    Each document (a string, tokenized by ``tokenizer`` -- UTF-8 bytes by default -- or an array
+    of token ids) is followed by the tokenizer's end-of-document id (256 for bytes; none if it has
+    none); the documents are concatenated and cut into consecutive ``seq_len + 1``-token
+    sequences; the tail shorter than that is dropped.
+    """
+    tok = as_tokenizer(tokenizer, getattr(tokenizer, "eos_id", None))
+    eos = [] if tok.eos_id is None else [np.array([tok.eos_id], dtype=np.int64)]
+    parts = [p for t in texts for p in (_ids(tok, t), *eos)]
+    flat = np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
+    n = len(flat) // (seq_len + 1)
+    return torch.from_numpy(flat[: n * (seq_len + 1)].reshape(n, seq_len + 1).copy())
+
+
+def _ids(tok, doc) -> np.ndarray:
+    if isinstance(doc, str):
+        return tok.encode(doc)
+    if isinstance(doc, memoryview):
+        return tok.encode(bytes(doc).decode("utf-8"))
+    return np.asarray(doc, dtype=np.int64)
 
 
 def target_from_texts(
-    texts_by_group: Mapping[str, Sequence[str]],
+    texts_by_group: Mapping[str, Sequence[Any]],
     seq_len: int,
     *,
     average: str = "tokens",
@@ -245,13 +275,13 @@ def target_from_texts(
     name: str = "target",
     tokenizer: Any = None,
 ) -> TargetSet:
-    """Pack each group's texts separately into a :class:`TargetSet`.
+    """Pack each group's documents separately into a :class:`TargetSet`.
 
     ``max_seqs`` caps the number of sequences (evaluation cost): with ``average="tokens"`` a seeded
-    uniform subsample of all sequences (token shares kept in expectation), with ``"groups"`` at most
-    ``max_seqs // G`` per group. ``full_shares`` records the shares before the cap.
+    uniform sample of all sequences (token shares kept in expectation), with ``"groups"`` at most
+    ``max_seqs // G`` per group. ``full_shares`` records the token shares before the cap.
     """
-    names = [n for n in texts_by_group]
+    names = list(texts_by_group)
     toks, grp = [], []
     for k, n in enumerate(names):
         t = pack_texts(texts_by_group[n], seq_len, tokenizer)
@@ -260,80 +290,192 @@ def target_from_texts(
     tokens, group = torch.cat(toks), torch.cat(grp)
     counts = np.bincount(group.numpy(), minlength=len(names))
     empty = [n for n, c in zip(names, counts) if c == 0]
-    if empty:
+    if empty and (average == "groups" or len(empty) == len(names)):
         raise ValueError(f"target {name!r}: group(s) {empty} have no complete sequence of {seq_len + 1} tokens")
+    if empty:  # token-averaged: a group too small for one sequence has (nearly) no weight anyway
+        log.warning("target %r: group(s) %s hold less than one sequence of %d tokens and are left out",
+                    name, empty, seq_len + 1)
+        keep_groups = [k for k, c in enumerate(counts) if c > 0]
+        remap = torch.full((len(names),), -1, dtype=torch.int64)
+        remap[keep_groups] = torch.arange(len(keep_groups))
+        names, group, counts = [names[k] for k in keep_groups], remap[group], counts[keep_groups]
     full = {n: float(c / counts.sum()) for n, c in zip(names, counts)}
     if max_seqs is not None and len(tokens) > max_seqs:
-        g = torch.Generator().manual_seed(int(seed))
-        if average == "tokens":
-            keep = torch.randperm(len(tokens), generator=g)[:max_seqs].sort().values
-        else:
-            cap = max(1, max_seqs // len(names))
-            keep = []
-            for k in range(len(names)):
-                idx = torch.nonzero(group == k).flatten()
-                keep.append(idx[torch.randperm(len(idx), generator=g)[:cap]])
-            keep = torch.cat(keep).sort().values
+        keep = _cap(group, len(names), max_seqs, average, seed)
         tokens, group = tokens[keep], group[keep]
     return TargetSet(tokens, group, names, average, name, full)
 
 
-def _read_parquet_texts(path: str | os.PathLike, column: str = "text", group_column: str | None = "domain"):
-    import pyarrow.parquet as pq
-
-    p = Path(path)
-    files = sorted(p.glob("*.parquet")) if p.is_dir() else [p]
-    if not files:
-        raise FileNotFoundError(f"no .parquet file in {p}")
-    out: dict[str, list[str]] = {}
-    for f in files:
-        schema = pq.read_schema(f)
-        if column not in schema.names:
-            raise ValueError(f"{f} has no column {column!r} (columns: {schema.names})")
-        cols = [column] + ([group_column] if group_column and group_column in schema.names else [])
-        t = pq.read_table(f, columns=cols).to_pydict()
-        groups = t.get(group_column) if group_column in t else [p.name] * len(t[column])
-        for text, g in zip(t[column], groups):
-            out.setdefault(str(g), []).append(text)
-    return out
+def _cap(group: torch.Tensor, G: int, max_seqs: int, average: str, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(int(seed))
+    if average == "tokens":
+        return torch.randperm(len(group), generator=g)[:max_seqs].sort().values
+    cap = max(1, max_seqs // G)
+    keep = []
+    for k in range(G):
+        idx = torch.nonzero(group == k).flatten()
+        keep.append(idx[torch.randperm(len(idx), generator=g)[:cap]])
+    return torch.cat(keep).sort().values
 
 
-def as_target(
+# ============================================================================ reading from shards
+
+
+@dataclass
+class _Docs:
+    docs: list[Any]  # texts (str) or token-id arrays, in the sampled order
+    groups: list[str] | None  # GROUP_COLUMN value per doc, when the shards have that column
+    extra: dict[str, list]  # further columns (Q/A fields)
+    total_docs: int
+
+
+def _open(name: str, spec: Any, text_field: str, extra: Sequence[str]):
+    from fastmix_data.sources import open_source
+
+    try:
+        return open_source(name, spec, text_field=text_field, extra_fields=(*extra, GROUP_COLUMN)), True
+    except SourceError as e:
+        if f"no column {GROUP_COLUMN!r}" not in str(e):
+            raise
+    return open_source(name, spec, text_field=text_field, extra_fields=tuple(extra)), False
+
+
+def sample_documents(name: str, spec: Any, *, need_tokens: int | None, seed: int, text_field: str = "text",
+                     extra: Sequence[str] = ()) -> _Docs:
+    """A seeded uniform sample of the documents of every shard of ``spec``, in random order:
+    all of them when ``need_tokens`` is None or the source holds fewer than ``OVERSAMPLE *
+    need_tokens`` tokens, else each document with the same probability, enough for about
+    ``OVERSAMPLE * need_tokens`` tokens. Only the shards holding sampled documents are read."""
+    src, grouped = _open(name, spec, text_field, extra)
+    rows = np.array([s.rows for s in src.shards], dtype=np.int64)
+    total = int(rows.sum())
+    order = np.random.default_rng([int(seed), 0x7A6]).permutation(total)
+    tokens = src.tokens
+    if need_tokens is not None and tokens and tokens > OVERSAMPLE * need_tokens:
+        order = order[: max(1, math.ceil(total * OVERSAMPLE * need_tokens / tokens))]
+    starts = np.concatenate([[0], np.cumsum(rows)])
+    shard_of = np.searchsorted(starts, order, side="right") - 1
+    picked: dict[int, tuple[Any, list, dict]] = {}
+    for i in np.unique(shard_of):
+        data = src.read_shard(int(i))
+        body = data.ids if data.texts is None else data.texts
+        picked[int(i)] = (body, data.extra.get(GROUP_COLUMN), data.extra)
+    docs, groups, ext = [], [] if grouped else None, {c: [] for c in extra}
+    for g, i in zip(order.tolist(), shard_of.tolist()):
+        body, gcol, extra_cols = picked[i]
+        r = g - int(starts[i])
+        docs.append(body[r])
+        if groups is not None:
+            groups.append(str(gcol[r]))
+        for c in extra:
+            ext[c].append(extra_cols[c][r])
+    return _Docs(docs, groups, ext, total)
+
+
+def load_target(
     spec: Any,
     seq_len: int,
     *,
-    max_seqs: int | None = None,
+    max_seqs: int | None = 1024,
     seed: int = 0,
+    average: str = "auto",
     name: str | None = None,
     tokenizer: Any = None,
+    text_field: str = "text",
+    answer_field: str | None = None,
+    question_field: str = "question",
 ) -> TargetSet:
-    """Turn a target spec into a :class:`TargetSet`.
+    """Turn a target spec into a :class:`TargetSet` (see the module docstring).
 
-    Accepted specs:
-        * a :class:`TargetSet` (returned as is);
-        * a Parquet file or folder (column ``text``): one held-out set, token-averaged; rows are
-          packed per value of their ``domain`` column when there is one (e.g. a planted target);
-        * ``{group: Parquet file or folder}``: one group each, group-averaged (e.g. "the average
-          loss over the training domains" = their validation splits);
-        * a list of strings: one group, token-averaged.
+    Args:
+        spec: a path/glob/folder or list of them (any supported format; token-averaged, grouped
+            by a ``domain`` column when present), ``{group: spec}`` (group-averaged), a list of
+            texts (one group), or a :class:`TargetSet` (returned as is).
+        seq_len: L; sequences hold ``L + 1`` tokens.
+        max_seqs: sequences kept (None: every document, packed).
+        seed: the sample's seed.
+        average: ``"tokens"``, ``"groups"`` or ``"auto"`` (groups for ``{group: spec}``).
+        answer_field / question_field: a Q/A target: one sequence per row, question then answer
+            then end-of-document, scored on the answer (and the final end-of-document) only.
     """
     if isinstance(spec, TargetSet):
         return spec
-    if isinstance(spec, (str, os.PathLike)):
-        texts = _read_parquet_texts(spec)
-        return target_from_texts(texts, seq_len, average="tokens", max_seqs=max_seqs, seed=seed,
-                                 name=name or Path(spec).name, tokenizer=tokenizer)
+    need = None if max_seqs is None else max_seqs * (seq_len + 1)
+    if answer_field is not None:
+        return _qa_target(spec, seq_len, max_seqs, seed, name, tokenizer, answer_field, question_field)
     if isinstance(spec, Mapping):
-        texts = {}
-        for g, path in spec.items():
-            t = _read_parquet_texts(path, group_column=None)
-            texts[str(g)] = [x for v in t.values() for x in v]
-        return target_from_texts(texts, seq_len, average="groups", max_seqs=max_seqs, seed=seed,
+        avg = "groups" if average == "auto" else average
+        per_need = None if need is None else math.ceil(need / max(1, len(spec)))
+        texts = {str(g): sample_documents(str(g), p, need_tokens=per_need if avg == "groups" else need, seed=seed,
+                                          text_field=text_field).docs for g, p in spec.items()}
+        return target_from_texts(texts, seq_len, average=avg, max_seqs=max_seqs, seed=seed,
                                  name=name or "+".join(texts), tokenizer=tokenizer)
-    if isinstance(spec, (list, tuple)) and all(isinstance(x, str) for x in spec):
-        return target_from_texts({name or "target": list(spec)}, seq_len, max_seqs=max_seqs, seed=seed,
+    avg = "tokens" if average == "auto" else average
+    if isinstance(spec, (list, tuple)) and spec and all(isinstance(x, str) for x in spec) and not _looks_like_paths(spec):
+        return target_from_texts({name or "target": list(spec)}, seq_len, average=avg, max_seqs=max_seqs, seed=seed,
                                  name=name or "target", tokenizer=tokenizer)
-    raise TypeError(
-        "target must be a TargetSet, a Parquet path, {group: Parquet path} or a list of texts; "
-        f"got {type(spec).__name__}"
-    )
+    label = name or _label(spec)
+    d = sample_documents(label, spec, need_tokens=need, seed=seed, text_field=text_field)
+    by_group: dict[str, list] = {}
+    for i, doc in enumerate(d.docs):
+        by_group.setdefault(d.groups[i] if d.groups is not None else label, []).append(doc)
+    by_group = dict(sorted(by_group.items()))
+    return target_from_texts(by_group, seq_len, average=avg, max_seqs=max_seqs, seed=seed, name=label,
+                             tokenizer=tokenizer)
+
+
+def _looks_like_paths(items: Sequence[str]) -> bool:
+    from pathlib import Path
+
+    return all("\n" not in s and len(s) < 4096 and ("*" in s or Path(s).exists()) for s in items)
+
+
+def _label(spec: Any) -> str:
+    from pathlib import Path
+
+    first = spec[0] if isinstance(spec, (list, tuple)) and spec else spec
+    p = Path(str(first).split("*")[0].rstrip("/"))
+    return p.name or str(first)
+
+
+def _qa_target(spec, seq_len, max_seqs, seed, name, tokenizer, answer_field, question_field) -> TargetSet:
+    tok = as_tokenizer(tokenizer, getattr(tokenizer, "eos_id", None))
+    label = name or _label(spec)
+    d = sample_documents(label, spec, need_tokens=None, seed=seed, text_field=question_field, extra=(answer_field,))
+    width = seq_len + 1
+    eos = tok.eos_id if tok.eos_id is not None else 0
+    rows_t, rows_m = [], []
+    for q, a in zip(d.docs, d.extra[answer_field]):
+        qi, ai = tok.encode(str(q)), tok.encode(str(a))
+        ids = np.concatenate([qi, ai, [eos]])[:width]
+        mask = np.zeros(width, dtype=bool)
+        mask[len(qi) : len(qi) + len(ai) + 1] = True  # predicting the answer tokens and the final eos
+        if not mask[1 : len(ids)].any():
+            continue  # the question fills the whole sequence: nothing to score
+        rows_t.append(np.pad(ids, (0, width - len(ids)), constant_values=eos))
+        rows_m.append(mask[1:])  # aligned with the predictions of tokens[1:]
+        if max_seqs is not None and len(rows_t) >= max_seqs:
+            break
+    if not rows_t:
+        raise SourceError(f"Q/A target {label!r} has no row with an answer inside {seq_len} tokens")
+    tokens = torch.from_numpy(np.stack(rows_t).astype(np.int64))
+    return TargetSet(tokens, torch.zeros(len(tokens), dtype=torch.int64), [label], "tokens", label, {label: 1.0},
+                     torch.from_numpy(np.stack(rows_m)))
+
+
+def iter_batches(target: TargetSet, batch_size: int) -> Iterator[dict]:
+    """The set in its stored order, in batches (evaluation)."""
+    for i in range(0, len(target), batch_size):
+        yield target.batch(torch.arange(i, min(len(target), i + batch_size)))
+
+
+__all__ = [
+    "GROUP_COLUMN",
+    "TargetBatches",
+    "TargetSet",
+    "iter_batches",
+    "load_target",
+    "pack_texts",
+    "sample_documents",
+    "target_from_texts",
+]

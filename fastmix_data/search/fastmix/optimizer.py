@@ -35,7 +35,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .hypergrad import softmax_chain_rule
+from ..hypergrad import softmax_chain_rule
 
 SIGNALS = ("normalized", "literal")
 

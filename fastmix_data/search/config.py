@@ -1,0 +1,425 @@
+"""The one search config: every method, from Python, YAML and the command line.
+
+Design problem: a mixture search needs a proxy model and its optimiser, a budget, a target, the
+sources, output settings, and each method's own knobs. Two config systems translated field by field
+(with different defaults from Python and the CLI) are how defaults drift apart; a field that means
+one thing in one place and another elsewhere (``warmup_steps``) is how users get surprised.
+
+Solution: ONE tree of typed, documented sections (:class:`SearchConfig` at the root), declared
+once with :func:`~fastmix_data.search.config_fields.opt`, from which YAML parsing, validation,
+error messages and the command line's flags and help are all generated. Fields whose good value
+depends on the budget (warm-ups, outer-step interval, step sizes, sweeps, rounds) default to None
+= "derived from ``max_tokens``" by the pure functions of :mod:`fastmix_data.search.schedule`, so the
+same defaults hold at 100k and at 10B proxy tokens, whichever way the config was given.
+
+Example (YAML; every key optional except ``max_tokens``)::
+
+    method: fastmix            # fastmix | mixmin | aioli | doremi | stratified | natural | grid | mixmin_fastmix
+    max_tokens: 20M            # the proxy token budget of the whole search
+    sources: {code: data/code, web: "data/web/*.tar"}
+    target: {path: data/val, max_seqs: 1024}
+    train: {proxy: cpu, seq_len: 128, batch_size: 16}
+    fastmix: {z_lr: null}      # null / "auto": derived from the budget
+    output: {progress: true}
+
+The command line spells the same fields as flags (``--max-tokens 20M``, ``--seq-len 128``,
+``--fastmix-z-lr 0.05``; see ``fastmix-data search --help``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+from .config_fields import Section, opt, section
+from .model import PRESETS, ProxyConfig, proxy_config
+
+#: every registered method (the registry in :mod:`fastmix_data.search.methods` must match)
+METHOD_NAMES = ("fastmix", "mixmin", "aioli", "doremi", "stratified", "natural", "grid", "mixmin_fastmix")
+
+#: default proxy learning rate per model preset (the reference's 4e-4 for the GPU proxy; the small
+#: CPU proxies run far fewer steps and take a larger one); other presets: 1e-3
+DEFAULT_LR = {"cpu": 2e-3, "tiny": 3e-3, "gpu": 4e-4}
+
+
+# ============================================================================ the proxy model
+
+
+@dataclass(frozen=True)
+class ProxySpec:
+    """The proxy model: a preset name from :data:`fastmix_data.search.model.PRESETS` plus overrides
+    of :class:`~fastmix_data.search.model.ProxyConfig` fields.
+
+    Written ``cpu`` or ``gpu,vocab_size=50304,d_model=512`` (command line), or ``{preset: gpu,
+    vocab_size: 50304}`` (YAML). New presets only need an entry in ``PRESETS``.
+    """
+
+    preset: str = "cpu"
+    overrides: Mapping[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def parse(cls, v: Any) -> ProxySpec:
+        """From a :class:`ProxySpec`, ``"preset[,field=value...]"`` or ``{"preset": ..., field: value}``."""
+        if isinstance(v, ProxySpec):
+            return v
+        if isinstance(v, str):
+            preset, *rest = [p.strip() for p in v.split(",")]
+            over = {}
+            for item in rest:
+                if "=" not in item:
+                    raise ValueError(f"proxy overrides are field=value, got {item!r} in {v!r}")
+                k, x = item.split("=", 1)
+                over[k.strip()] = _number(x.strip())
+            return cls(preset, over)
+        if isinstance(v, Mapping):
+            d = dict(v)
+            preset = d.pop("preset", "cpu")
+            over = d.pop("overrides", {})
+            return cls(str(preset), {**dict(over), **d})
+        raise ValueError(f"proxy must be a preset name or a mapping with 'preset', got {v!r}")
+
+    def shape(self) -> ProxyConfig:
+        """The model shape (raises ``ValueError`` for an unknown preset or field)."""
+        return proxy_config(self.preset, **dict(self.overrides))
+
+    def to_value(self) -> dict:
+        return {"preset": self.preset, **dict(self.overrides)}
+
+    def __str__(self) -> str:
+        return ",".join([self.preset] + [f"{k}={v}" for k, v in self.overrides.items()])
+
+
+def _number(s: str) -> Any:
+    for t in (int, float):
+        try:
+            return t(s)
+        except ValueError:
+            pass
+    return s
+
+
+# ============================================================================ shared sections
+
+
+@dataclass
+class TrainConfig(Section):
+    """How a proxy is trained: shared by every method and by the final run (:func:`train_static`).
+
+    Units: a *step* is one micro-batch of ``batch_size`` packed sequences of ``seq_len + 1`` tokens
+    (``batch_size * seq_len`` trained tokens); ``grad_accum`` micro-batches make one optimiser step.
+    """
+
+    proxy: ProxySpec = opt(ProxySpec(), "proxy model: a preset (cpu, tiny, gpu) plus overrides, e.g. "
+                           "'gpu,vocab_size=50304'", "proxy", aliases=("model",))
+    seed: int = opt(0, "seed of the proxy's initialisation", "int", lo=0)
+    data_seed: int | None = opt(None, "seed of the training stream's order", "int", lo=0, auto="the seed")
+    batch_size: int = opt(16, "packed sequences per micro-batch", "int", lo=1)
+    seq_len: int = opt(128, "tokens predicted per sequence (sequences hold seq_len + 1 tokens)", "int", lo=1)
+    grad_accum: int = opt(1, "micro-batches per optimiser step", "int", lo=1)
+    lr: float | None = opt(None, "AdamW learning rate of the proxy", "float", lo=0, lo_open=True,
+                           auto="the preset's (cpu 2e-3, tiny 3e-3, gpu 4e-4)")
+    lr_schedule: str = opt("cosine", "learning-rate schedule after the warm-up", "str",
+                           choices=("cosine", "constant"))
+    lr_warmup_steps: int | None = opt(None, "optimiser steps of linear learning-rate warm-up", "int", lo=0,
+                                      auto="derived from the budget")
+    min_lr_ratio: float = opt(0.1, "cosine schedule ends at min_lr_ratio * lr", "float", lo=0, hi=1)
+    weight_decay: float = opt(0.1, "AdamW weight decay (matrices only)", "float", lo=0)
+    betas: tuple = opt((0.9, 0.95), "AdamW betas", "betas")
+    grad_clip: float | None = opt(1.0, "gradient-norm clipping", "float", lo=0, lo_open=True, auto="no clipping")
+    device: str = opt("auto", "'auto' (CUDA when available), 'cpu', 'cuda' or 'cuda:N'", "str")
+    dtype: str = opt("auto", "'auto' (bf16 autocast on CUDA, fp32 on CPU), 'float32' or 'bfloat16'", "str",
+                     choices=("auto", "float32", "bfloat16"))
+    compile: bool = opt(False, "torch.compile the proxy's trunk", "bool")
+    eval_batch_size: int = opt(64, "sequences per evaluation forward pass", "int", lo=1)
+
+    @classmethod
+    def _decode_field(cls, name: str, value: Any) -> Any:
+        return ProxySpec.parse(value) if name == "proxy" and value is not None else value
+
+    def _encode_field(self, name: str, value: Any) -> Any:
+        return value.to_value() if isinstance(value, ProxySpec) else super()._encode_field(name, value)
+
+    def _check_field(self, name: str, value: Any) -> str | None:
+        if name == "proxy":
+            if not isinstance(value, ProxySpec):
+                return f"must be a preset name or {{preset: ..., field: value}}, got {value!r}"
+            try:
+                value.shape()
+            except (ValueError, TypeError) as e:
+                return str(e)
+        if name == "device" and not (value in ("auto", "cpu", "cuda") or str(value).startswith("cuda:")):
+            return f"must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {value!r}"
+        return None
+
+    @property
+    def stream_seed(self) -> int:
+        """The data-order seed (``data_seed``, else ``seed``)."""
+        return self.seed if self.data_seed is None else self.data_seed
+
+    @property
+    def tokens_per_step(self) -> int:
+        """Trained tokens per micro-batch: ``batch_size * seq_len``."""
+        return self.batch_size * self.seq_len
+
+    @property
+    def learning_rate(self) -> float:
+        """``lr``, or the preset's default."""
+        return self.lr if self.lr is not None else DEFAULT_LR.get(self.proxy.preset, 1e-3)
+
+
+@dataclass
+class TargetConfig(Section):
+    """What the mixture should do well on, and how much of it is read.
+
+    One target type serves every method (:func:`fastmix_data.search.targets.load_target`): documents
+    are sampled uniformly and seeded across all target files, packed like the stream packs them,
+    and the target loss is the token mean (one path) or the mean of per-group token means
+    (``{group: path}``). Q/A targets (``answer_field``) score the answer tokens only.
+    """
+
+    path: Any = opt(None, "target shards: a path/glob (token-averaged; grouped by a 'domain' column if any) or "
+                    "GROUP=PATH pairs (group-averaged); repeatable", "target", auto="given to run_method",
+                    flag="target")
+    max_seqs: int | None = opt(1024, "target sequences kept (a seeded uniform sample across all files and "
+                               "documents)", "int", lo=1, auto="all of them")
+    seed: int = opt(0, "seed of the target sample and of the order target batches are used in", "int", lo=0)
+    average: str = opt("auto", "target loss: 'tokens' (token mean), 'groups' (mean of group means) or 'auto' "
+                       "(groups for GROUP=PATH targets)", "str", choices=("auto", "tokens", "groups"))
+    batch_size: int | None = opt(None, "sequences per target batch (FastMix's target passes)", "int", lo=1,
+                                 auto="train.batch_size")
+    text_field: str = opt("text", "text column of the target shards", "str")
+    answer_field: str | None = opt(None, "Q/A target: the answer column (only answer tokens are scored)", "str",
+                                   auto="not a Q/A target")
+    question_field: str = opt("question", "Q/A target: the question column", "str")
+
+
+@dataclass
+class OutputConfig(Section):
+    """What a run writes besides its results, and how it reports progress."""
+
+    progress: bool = opt(True, "tqdm progress bars", "bool")
+    plot: bool = opt(True, "write trajectory.png", "bool")
+    checkpoint_every: int | None = opt(None, "micro-batches between checkpoints of online searches", "int", lo=1,
+                                       auto="about every tenth of the budget")
+    flush_every_s: float = opt(10.0, "at most this many seconds between rewrites of trajectory.jsonl", "float",
+                               lo=0)
+
+
+# ============================================================================ method sections
+
+
+@dataclass
+class FastMixConfig(Section):
+    """FastMix: online hypergradient search on the LM head (docs/search.md).
+
+    Steps here are micro-batches. ``warmup_steps``, ``outer_every`` and ``z_lr`` default to values
+    derived from the budget (:func:`fastmix_data.search.schedule.fastmix_schedule`).
+    """
+
+    warmup_steps: int | None = opt(None, "micro-batches before the mixture first moves", "int", lo=0,
+                                   auto="derived from the budget")
+    outer_every: int | None = opt(None, "micro-batches per outer step (mixture update)", "int", lo=1,
+                                  auto="derived from the budget")
+    z_lr: float | None = opt(None, "Adam step size on the mixture logits z", "float", lo=0,
+                             auto="derived from the number of updates")
+    z_betas: tuple = opt((0.9, 0.95), "Adam betas on z", "betas")
+    z_eps: float = opt(1e-8, "Adam epsilon on z", "float", lo=0, lo_open=True)
+    signal: str = opt("normalized", "hypergradient scale: 'normalized' (direction only) or 'literal' "
+                      "(-proxy_lr * <grad L_T, grad L_k>)", "str", choices=("normalized", "literal"))
+    residual: bool = opt(True, "score sources against the target gradient minus the alpha-weighted training "
+                         "gradient, <G_T - G_train, G_k> (the gradient-matching form, unbiased for a proxy far "
+                         "from convergence); off: against G_T as in the paper (head hypergradient only)", "bool")
+    floor: float = opt(0.0, "alpha = (1 - floor) softmax(z) + floor / K", "float", lo=0, hi=0.999)
+    kl_coef: float = opt(0.0, "weight of KL(alpha || prior) in the objective", "float", lo=0)
+    prior: dict | None = opt(None, "prior mixture of the KL term", "weights", auto="uniform")
+    init_weights: dict | None = opt(None, "starting mixture", "weights", auto="uniform")
+    serve_weights: dict | None = opt(None, "proportions the search stream serves", "weights", auto="uniform")
+    hypergrad: str = opt("head", "'head' (LM head, one pass, cost independent of K), 'full' (every parameter, "
+                         "one backward per source) or 'none' (plain proxy training)", "str",
+                         choices=("head", "full", "none"))
+    search_batch: str = opt("window", "'window' (score every trained token) or 'buffer' (re-forward the "
+                            "last search_seqs_per_source sequences of each source)", "str",
+                            choices=("window", "buffer"))
+    search_seqs_per_source: int = opt(4, "sequences per source in the buffer search batch", "int", lo=1)
+    score_last: int | None = opt(None, "window mode: score only the last n micro-batches of each window", "int",
+                                 lo=1, auto="all of them")
+    final: str = opt("tail", "exported weights: 'tail' (average over the last tail_fraction of the updates), "
+                     "'average' (all updates) or 'last'", "str", choices=("tail", "average", "last"))
+    tail_fraction: float = opt(0.5, "share of the updates the tail average covers", "float", lo=0,
+                               lo_open=True, hi=1)
+    target_batches_per_step: int = opt(1, "target batches per outer step (rotated through the target)", "int",
+                                       lo=1)
+    target_ema: float = opt(0.0, "EMA factor of the target gradient across outer steps (0: latest only)",
+                            "float", lo=0, hi=0.999)
+    chunk_tokens: int = opt(4096, "tokens per chunk of the scoring matmuls (bounds memory)", "int", lo=1)
+
+    def checks(self) -> list[tuple[str, str]]:
+        p = []
+        if self.hypergrad == "full" and self.search_batch != "buffer":
+            p.append(("hypergrad", "'full' needs search_batch='buffer' (it differentiates a fresh forward pass)"))
+        if self.score_last is not None and self.outer_every is not None and self.score_last > self.outer_every:
+            p.append(("score_last", f"{self.score_last} cannot exceed outer_every={self.outer_every}"))
+        return p
+
+
+@dataclass
+class MixMinConfig(Section):
+    """MixMin: one proxy per source, then a convex fit of the mixture (docs/methods.md)."""
+
+    proxy_tokens: int | None = opt(None, "training tokens of each per-source proxy", "count", lo=1,
+                                   auto="max_tokens / K (all proxies together cost the budget)")
+    proxy_seed: int | None = opt(None, "seed of the proxies (a fixed one lets runs share cached proxies)", "int",
+                                 lo=0, auto="train.seed")
+    eta: float = opt(1.0, "exponentiated-gradient step (see eta_scale)", "float", lo=0, lo_open=True)
+    eta_scale: str = opt("length", "'length' (eta per unit of the objective's total log-term weight) or "
+                         "'none' (the literal step)", "str", choices=("length", "none"))
+    max_iters: int = opt(100, "at most this many exponentiated-gradient steps", "int", lo=0)
+    tol: float = opt(1e-4, "stop when no weight moves by more than this in a step", "float", lo=0)
+    fit_fraction: float = opt(0.8, "share of target sequences the mixture is fitted on (the rest is reported)",
+                              "float", lo=0, lo_open=True, hi=1)
+    split_seed: int = opt(0, "seed of the fit/report split", "int", lo=0)
+    per_token: bool = opt(False, "mix the proxies per token instead of per sequence (ablation)", "bool")
+
+
+@dataclass
+class AioliConfig(Section):
+    """Aioli: online mixing-law estimation with probe mixtures (docs/methods.md). The budget
+    includes the probe steps; rounds, sweeps, probe steps, eta, rho and the initial steps default to
+    values derived from the budget and K (:func:`fastmix_data.search.schedule.aioli_schedule`)."""
+
+    rounds: int | None = opt(None, "rounds the run is divided into", "int", lo=1, auto="derived from the budget")
+    sweeps: int | None = opt(None, "LearnParams sweeps per round (even: antithetic pairs)", "int", lo=1,
+                             auto="derived from the budget")
+    probe_steps: int | None = opt(None, "training steps per probe mixture", "int", lo=1,
+                                  auto="derived from the budget")
+    eta: float | None = opt(None, "step of the mixture update", "float", lo=0, auto="derived from K and rounds")
+    rho: float | None = opt(None, "weight of the probed source in a probe mixture (must differ from 1/K)",
+                            "float", lo=0, lo_open=True, hi=1, auto="derived from K")
+    initial_steps: int | None = opt(None, "steps on the initial mixture before the first round", "int", lo=0,
+                                    auto="derived from the budget")
+    ema: float | None = opt(None, "EMA factor of the mixing matrix across rounds", "float", lo=0, hi=0.999,
+                            auto="no smoothing")
+    antithetic: bool = opt(True, "every second sweep probes the previous sweep's order reversed", "bool")
+    val_seqs_per_group: int = opt(16, "validation sequences per target group in each loss measurement", "int",
+                                  lo=1)
+    final: str = opt("average", "exported weights: 'average' (over the steps trained on them) or 'last'", "str",
+                     choices=("average", "last"))
+    init_weights: dict | None = opt(None, "starting mixture", "weights", auto="uniform")
+    seed: int = opt(0, "seed of the probe order", "int", lo=0)
+
+
+@dataclass
+class DoReMiConfig(Section):
+    """DoReMi: group DRO on excess loss against a reference model (docs/methods.md). The reference
+    and the proxy share the budget."""
+
+    reference_fraction: float = opt(0.5, "share of max_tokens spent on the reference model", "float", lo=0,
+                                    lo_open=True, hi=0.95)
+    reference_weights: dict | None = opt(None, "the reference model's mixture", "weights", auto="uniform")
+    eta: float = opt(1.0, "step of the domain-weight update", "float", lo=0)
+    smoothing: float = opt(1e-3, "mixing toward uniform after each update", "float", lo=0, hi=1)
+    log_every: int | None = opt(None, "steps between trajectory records (and pushes to the sink)", "int", lo=1,
+                                auto="about 100 records per run")
+    evaluate_target: bool = opt(False, "evaluate the target at every record (counted in compute)", "bool")
+
+
+@dataclass
+class NaturalConfig(Section):
+    """Natural: weights proportional to each source's tokens, temperature-scaled."""
+
+    temperature: float = opt(1.0, "w ~ n ** (1 / temperature); 1 = size-proportional", "float", lo=0, lo_open=True)
+
+
+@dataclass
+class GridConfig(Section):
+    """Grid oracle: every simplex point at a step, each trained at max_tokens and scored."""
+
+    step: float = opt(0.1, "simplex grid step (1/step must be a whole number; 0.1 gives 66 points for K=3)",
+                      "float", lo=0, lo_open=True, hi=1)
+    max_sources: int = opt(3, "refuse more sources than this (the grid grows as C(1/step + K - 1, K - 1))",
+                           "int", lo=1)
+
+    def checks(self) -> list[tuple[str, str]]:
+        inv = 1.0 / self.step if isinstance(self.step, (int, float)) and self.step > 0 else 0
+        return [] if abs(inv - round(inv)) < 1e-6 else [("step", f"1/step must be a whole number, got {self.step}")]
+
+
+@dataclass
+class MixMinFastMixConfig(Section):
+    """MixMin's convex estimate as FastMix's starting point, refined online (a combination no paper
+    ships): MixMin runs on ``mixmin_fraction`` of the budget, FastMix on the rest from MixMin's
+    weights, with the ``mixmin`` and ``fastmix`` sections' settings."""
+
+    mixmin_fraction: float = opt(0.5, "share of max_tokens spent on MixMin's proxies", "float", lo=0,
+                                 lo_open=True, hi=0.95)
+    floor: float = opt(0.05, "FastMix starts from (1 - floor) * MixMin + floor / K, so no source starts at 0",
+                       "float", lo=0, lo_open=True, hi=0.5)
+
+
+# ============================================================================ the root
+
+
+@dataclass
+class SearchConfig(Section):
+    """Everything a search needs: method, budget, data, proxy training, target, method settings, outputs.
+
+    Build with keywords (``SearchConfig(method="mixmin", max_tokens=2_000_000)``), from a YAML/JSON
+    mapping (:meth:`from_dict`) or from the command line (``fastmix-data search``); all three share
+    these defaults. Call :meth:`validate` (``run_method`` does) to get every problem on one line.
+
+    ``max_tokens`` is the proxy *training* budget of the whole search, for every method: the search
+    proxy's tokens (FastMix, Aioli with its probe steps), all K proxies together (MixMin), reference
+    plus proxy (DoReMi), each grid point's run (grid). Evaluation and scoring passes come on top and
+    are counted in ``compute.json``.
+    """
+
+    ROOT_LABEL: ClassVar[str] = "search config"
+
+    method: str = opt("fastmix", "mixture method", "str", choices=METHOD_NAMES)
+    max_tokens: int | None = opt(None, "the proxy training budget in tokens, e.g. 20M", "count", lo=1)
+    sources: dict | None = opt(None, "training sources NAME=PATH (a path, glob or folder; any supported "
+                               "format); repeatable", "sources", auto="given to run_method", flag="source",
+                               aliases=("sources",))
+    cache_dir: str | None = opt(None, "where reusable proxies are cached (MixMin's, DoReMi's reference, grid runs)",
+                                "str", auto="no cache")
+    train: TrainConfig = section(TrainConfig, "proxy training")
+    target: TargetConfig = section(TargetConfig, "the target", prefix_flags=True)
+    output: OutputConfig = section(OutputConfig, "outputs and progress")
+    fastmix: FastMixConfig = section(FastMixConfig, "FastMix", prefix_flags=True)
+    mixmin: MixMinConfig = section(MixMinConfig, "MixMin", prefix_flags=True)
+    aioli: AioliConfig = section(AioliConfig, "Aioli", prefix_flags=True)
+    doremi: DoReMiConfig = section(DoReMiConfig, "DoReMi", prefix_flags=True)
+    natural: NaturalConfig = section(NaturalConfig, "natural weights", prefix_flags=True)
+    grid: GridConfig = section(GridConfig, "grid oracle", prefix_flags=True)
+    mixmin_fastmix: MixMinFastMixConfig = section(MixMinFastMixConfig, "MixMin then FastMix", prefix_flags=True)
+
+    def replace(self, **changes) -> SearchConfig:
+        """A copy with dotted-path changes: ``cfg.replace(**{"fastmix.z_lr": 0.1, "max_tokens": 10})``."""
+        d = self.to_dict()
+        for key, v in changes.items():
+            node = d
+            *head, last = key.split(".")
+            for h in head:
+                node = node[h]
+            node[last] = v
+        return SearchConfig.from_dict(d)
+
+
+__all__ = [
+    "DEFAULT_LR",
+    "METHOD_NAMES",
+    "PRESETS",
+    "AioliConfig",
+    "DoReMiConfig",
+    "FastMixConfig",
+    "GridConfig",
+    "MixMinConfig",
+    "MixMinFastMixConfig",
+    "NaturalConfig",
+    "OutputConfig",
+    "ProxySpec",
+    "SearchConfig",
+    "TargetConfig",
+    "TrainConfig",
+]

@@ -1,0 +1,235 @@
+"""The proxy trainer every method uses: one model, one AdamW, one learning-rate schedule, one step.
+
+:class:`ProxyTrainer` owns a proxy (:mod:`fastmix_data.search.model`, or any model implementing
+:class:`~fastmix_data.search.model.HeadedLM`), its AdamW (decay on matrices only; fused on CUDA),
+the learning-rate schedule (linear warm-up, then cosine or constant), gradient accumulation and
+clipping, bf16 autocast on CUDA, an optional ``torch.compile`` of the trunk, and the count of what
+it trained (:class:`~fastmix_data.search.proxy.compute.ComputeMeter`). FastMix drives it micro-batch
+by micro-batch (:meth:`ProxyTrainer.forward` + :meth:`ProxyTrainer.micro_step`, so it can score the
+hidden states it trained on); the static methods call :meth:`ProxyTrainer.step`.
+
+:func:`evaluate` gives the per-sequence and target losses of a model on a
+:class:`~fastmix_data.search.targets.TargetSet`; :func:`make_stream` the packing-mode
+``MixtureStream`` every method trains on.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping, Sequence
+from contextlib import nullcontext
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..config import TrainConfig
+from ..hypergrad import TokenLossFn, token_losses
+from ..model import build_proxy, count_params, is_headed_lm
+from ..schedule import lr_warmup_steps
+from ..targets import TargetSet, iter_batches
+from .compute import ComputeMeter
+
+#: ``reduce(token_losses [B, L], source [B]) -> scalar loss`` for :meth:`ProxyTrainer.step`
+LossReduce = Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor]
+
+
+def resolve_device(device: str) -> torch.device:
+    """``"auto"`` -> CUDA when available, else CPU; refuses CUDA when there is none."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} requested but CUDA is not available; use device='auto' or 'cpu'")
+    return dev
+
+
+def make_stream(sources: Mapping[str, Any], weights: Mapping[str, float] | Sequence[float] | None,
+                train: TrainConfig, *, seed: int | None = None, **kwargs):
+    """A packing-mode :class:`~fastmix_data.stream.MixtureStream` over ``sources`` (uniform when
+    ``weights`` is None) with the batch shape of ``train``; weights are shares of packed sequences,
+    i.e. token shares."""
+    from fastmix_data.stream import MixtureStream
+
+    if weights is None:
+        weights = {n: 1.0 for n in sources}
+    return MixtureStream(dict(sources), weights, train.batch_size, train.stream_seed if seed is None else seed,
+                         seq_len=train.seq_len, **kwargs)
+
+
+class ProxyTrainer:
+    """A proxy model and its optimiser, trained one micro-batch at a time.
+
+    Args:
+        train: model, optimiser, schedule and batch settings.
+        optimizer_steps: length of the run in optimiser steps (the cosine schedule ends there; the
+            default warm-up is derived from it).
+        meter: where trained tokens and FLOPs are counted (a new one when None).
+        model: an existing model (default: ``train.proxy`` built with ``train.seed``).
+        loss_fn: ``loss_fn(logits [N, V], targets [N]) -> [N]`` (default cross-entropy).
+    """
+
+    def __init__(self, train: TrainConfig, optimizer_steps: int, meter: ComputeMeter | None = None, *,
+                 model: nn.Module | None = None, loss_fn: TokenLossFn | None = None):
+        self.cfg = train
+        self.device = resolve_device(train.device)
+        self.bf16 = train.dtype == "bfloat16" or (train.dtype == "auto" and self.device.type == "cuda")
+        self.model = model if model is not None else build_proxy(train.proxy.shape(), seed=train.seed)
+        if not is_headed_lm(self.model):
+            raise TypeError("the proxy model must expose final_hidden(x) -> [B, L, d] and head: nn.Linear(d, V) "
+                            "(see fastmix_data.search.model.HeadedLM)")
+        self.model.to(self.device).train()
+        self.loss_fn = loss_fn
+        self.hidden = torch.compile(self.model.final_hidden) if train.compile else self.model.final_hidden
+        self.n_params = count_params(self.model)
+        self.meter = meter if meter is not None else ComputeMeter(self.n_params["flops"])
+        if self.meter.N == 0:
+            self.meter.N = self.n_params["flops"]
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        kw: dict[str, Any] = {"lr": train.learning_rate, "betas": tuple(train.betas)}
+        if self.device.type == "cuda":
+            kw["fused"] = True
+        self.opt = torch.optim.AdamW(
+            [{"params": [p for p in self.params if p.dim() >= 2], "weight_decay": train.weight_decay},
+             {"params": [p for p in self.params if p.dim() < 2], "weight_decay": 0.0}], **kw)
+        self.total_steps = max(1, int(optimizer_steps))
+        self.warmup = lr_warmup_steps(self.total_steps, train.lr_warmup_steps)
+        self.micro = 0  # micro-batches trained
+        self.steps = 0  # optimiser steps taken
+        self.tokens = 0
+        self.skipped_nonfinite = 0
+
+    # ------------------------------------------------------------------ pieces
+    @property
+    def vocab_size(self) -> int:
+        return self.model.head.out_features
+
+    @property
+    def dtype_name(self) -> str:
+        return "bfloat16" if self.bf16 else "float32"
+
+    @property
+    def device_name(self) -> str:
+        return torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else str(self.device)
+
+    def autocast(self):
+        """bf16 autocast on CUDA (or when asked), a no-op otherwise."""
+        return torch.autocast(self.device.type, dtype=torch.bfloat16) if self.bf16 else nullcontext()
+
+    def lr(self) -> float:
+        """Learning rate at the current optimiser step: linear warm-up, then cosine or constant."""
+        base, s, c = self.cfg.learning_rate, self.steps, self.cfg
+        if self.warmup and s < self.warmup:
+            return base * (s + 1) / self.warmup
+        if c.lr_schedule == "cosine":
+            prog = min(1.0, (s - self.warmup) / max(1, self.total_steps - self.warmup))
+            lo = base * c.min_lr_ratio
+            return lo + (base - lo) * 0.5 * (1 + math.cos(math.pi * prog))
+        return base
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(h, logits)``: final hidden states ``[B, L, d]`` and logits ``[B, L, V]`` of ids ``x``."""
+        with self.autocast():
+            h = self.hidden(x)
+            return h, self.model.head(h)
+
+    def token_losses(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Per-token losses ``[B, L]`` (float32 or wider)."""
+        B, L = y.shape
+        return token_losses(logits.reshape(B * L, -1), y.reshape(-1), self.loss_fn).view(B, L)
+
+    def micro_step(self, loss: torch.Tensor, ntok: int) -> bool:
+        """Accumulate ``loss`` (a micro-batch of ``ntok`` trained tokens); take an optimiser step
+        every ``grad_accum`` micro-batches. A non-finite loss is skipped and counted. Returns whether
+        an optimiser step was taken."""
+        if torch.isfinite(loss):
+            (loss / self.cfg.grad_accum).backward()
+        else:
+            self.skipped_nonfinite += 1
+        self.micro += 1
+        self.tokens += int(ntok)
+        self.meter.train(ntok)
+        if self.micro % self.cfg.grad_accum:
+            return False
+        for g in self.opt.param_groups:
+            g["lr"] = self.lr()
+        if self.cfg.grad_clip is not None:
+            torch.nn.utils.clip_grad_norm_(self.params, self.cfg.grad_clip)
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        self.steps += 1
+        return True
+
+    def step(self, tokens: torch.Tensor, source: torch.Tensor | None = None,
+             reduce: LossReduce | None = None) -> torch.Tensor:
+        """Train on one micro-batch ``tokens`` ``[B, L+1]``; returns the detached token losses ``[B, L]``.
+
+        ``reduce(token_losses, source)`` gives the scalar loss (default: the token mean)."""
+        tokens = tokens.to(self.device)
+        src = source.to(self.device) if source is not None else None
+        _, logits = self.forward(tokens[:, :-1])
+        tl = self.token_losses(logits, tokens[:, 1:])
+        loss = tl.mean() if reduce is None else reduce(tl, src)
+        self.micro_step(loss, tl.numel())
+        return tl.detach()
+
+    # ------------------------------------------------------------------ state
+    def state_dict(self) -> dict:
+        return {"model": self.model.state_dict(), "optimizer": self.opt.state_dict(), "micro": self.micro,
+                "steps": self.steps, "tokens": self.tokens, "skipped_nonfinite": self.skipped_nonfinite}
+
+    def load_state_dict(self, d: Mapping) -> None:
+        self.model.load_state_dict(d["model"])
+        self.opt.load_state_dict(d["optimizer"])
+        self.micro, self.steps, self.tokens = int(d["micro"]), int(d["steps"]), int(d["tokens"])
+        self.skipped_nonfinite = int(d["skipped_nonfinite"])
+
+
+@dataclass
+class EvalResult:
+    """Loss of a model on a :class:`TargetSet`: ``loss`` (the target's averaging rule),
+    ``group_losses`` (token mean per group), ``seq_losses`` (``[N]``), ``tokens`` forwarded, and
+    ``token_logprobs`` (``[N, L]``, only when asked for)."""
+
+    loss: float
+    group_losses: dict[str, float]
+    seq_losses: torch.Tensor
+    tokens: int
+    token_logprobs: torch.Tensor | None = None
+
+    def to_dict(self) -> dict:
+        return {"loss": self.loss, "group_losses": self.group_losses, "tokens": self.tokens}
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, target: TargetSet, *, batch_size: int = 64, meter: ComputeMeter | None = None,
+             keep_token_logprobs: bool = False) -> EvalResult:
+    """Per-sequence mean token losses of ``model`` on ``target`` (its loss mask applied) and the
+    target loss; eval mode, no gradients; ``meter`` counts the forwarded tokens."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    seq, toks = [], []
+    try:
+        for i, b in enumerate(iter_batches(target, batch_size)):
+            t = b["tokens"].to(device)
+            B, L = t.shape[0], t.shape[1] - 1
+            tl = token_losses(model(t[:, :-1]).reshape(B * L, -1), t[:, 1:].reshape(-1)).view(B, L).double().cpu()
+            seq.append(target.seq_losses(tl, slice(i * batch_size, i * batch_size + B)))
+            if keep_token_logprobs:
+                toks.append(-tl)
+            if meter is not None:
+                meter.eval(B * L)
+    finally:
+        model.train(was_training)
+    s = torch.cat(seq)
+    groups = {}
+    for k, n in enumerate(target.group_names):
+        m = target.group == k
+        if m.any():
+            groups[n] = float(s[m].mean())
+    return EvalResult(target.loss(s), groups, s, target.num_tokens, torch.cat(toks) if keep_token_logprobs else None)
+
+
+__all__ = ["EvalResult", "LossReduce", "ProxyTrainer", "evaluate", "make_stream", "resolve_device"]
