@@ -154,3 +154,26 @@ def test_bad_cli_input(corpus, tmp_path):
         )
     with pytest.raises(SystemExit):
         _run(["convert", "--manifest", "x.json", "--to", "tfrecord"])
+
+
+def test_one_spelling_of_source_and_the_old_one_still_works(corpus, tmp_path):
+    """``--source NAME=PATH`` (repeatable) as in ``search``; ``--sources a=.. b=..`` still accepted."""
+    new, old = tmp_path / "new.json", tmp_path / "old.json"
+    common = ["--weights", "code=1,web=3", "--budget", "100", "--seed", "1"]
+    _run(["manifest", "--source", f"code={corpus}/code", "--source", f"web={corpus}/web", *common, "--out", str(new)])
+    _run(["manifest", "--sources", f"code={corpus}/code", f"web={corpus}/web", *common, "--out", str(old)])
+    assert read_manifest(new)["sources"] == read_manifest(old)["sources"]
+    with pytest.raises(FastMixDataError, match="--source expects name=VALUE"):
+        _run(["manifest", "--source", str(corpus / "code"), *common, "--out", str(tmp_path / "x")])
+
+
+def test_a_search_weights_file_gives_the_shares_in_the_manifest_units(tmp_path):
+    wfile = tmp_path / "weights.json"
+    wfile.write_text(json.dumps({"weights": {"code": 0.6, "web": 0.4}, "weight_units": "tokens",
+                                 "shares": {"tokens": {"code": 0.6, "web": 0.4},
+                                            "samples": {"code": 0.1, "web": 0.9}, "bytes": None}}))
+    assert parse_weights(str(wfile), "samples") == {"code": 0.1, "web": 0.9}
+    assert parse_weights(str(wfile), "tokens") == {"code": 0.6, "web": 0.4}
+    assert parse_weights(str(wfile)) == {"code": 0.6, "web": 0.4}
+    with pytest.raises(FastMixDataError, match="no bytes shares"):
+        parse_weights(str(wfile), "bytes")
