@@ -29,7 +29,7 @@ def target(props, seed=100, n=64):
 
 
 def cfg(steps=60, **fastmix) -> SearchConfig:
-    base = {"warmup_steps": 10, "outer_every": 5, "z_lr": 0.05}
+    base = {"warmup_steps": 10, "outer_every": 5, "z_lr": 0.05, "target_batches_per_step": 1}
     base.update(fastmix)
     return SearchConfig.from_dict({"max_tokens": steps * B * L, "fastmix": base, "target": {"batch_size": 8},
                                    "train": {"proxy": "tiny", "batch_size": B, "seq_len": L, "lr_schedule": "constant",
@@ -55,9 +55,9 @@ def test_at_its_defaults_fastmix_moves_clearly_toward_a_planted_mixture():
                                 "output": {"progress": False, "plot": False}})
     r = search(stream(3), target(planted, seed=7, n=128), c)
     uniform = l1({f"s{k}": 1 / K for k in range(K)}, planted)
-    assert l1(r.weights, planted) < 0.5 * uniform, r.weights
+    assert l1(r.weights, planted) < 0.25 < 0.5 * uniform, r.weights  # uniform is 0.53 away
     assert r.weights["s0"] > r.weights["s1"] > r.weights["s2"]
-    assert r.exported == "tail" and r.details["schedule"]["updates"] >= 100
+    assert r.exported == "tail" and r.details["schedule"]["updates"] >= 90
 
 
 @pytest.mark.parametrize("seed", [0, 1])
@@ -105,7 +105,9 @@ def test_search_never_touches_proxy_training(hypergrad, search_batch, grad_accum
     m_search, m_plain = build_proxy(proxy_config("tiny"), seed=0), build_proxy(proxy_config("tiny"), seed=0)
     r = search(stream(), target([1, 0, 0]), c, model=m_search)
     assert r.details["outer_steps"] == 4 and r.compute["tokens"]["scored"] > 0
-    _plain_training(m_plain, [stream().batch(i) for i in range(12)], c)
+    held = r.details["holdout_batches"]  # held out for the training gradient, never trained on
+    assert held == (2 if hypergrad == "head" else 0)
+    _plain_training(m_plain, [stream().batch(held + i) for i in range(12)], c)
     for (n, p), q in zip(m_search.named_parameters(), m_plain.parameters()):
         assert torch.equal(p, q), n
 
@@ -159,8 +161,9 @@ def test_checkpoint_resume_continues_identically(tmp_path, stateful):
     c = cfg(40, target_ema=0.5).replace(**{"output.flush_every_s": 1e9})
     full = search(_Crashing(stream(), stateful=stateful), target([0.5, 0.5, 0]), c, out_dir=tmp_path / "a")
     out = tmp_path / "b"
+    held = full.details["holdout_batches"]  # the stream's first batches are held out, never trained on
     with pytest.raises(RuntimeError, match="simulated crash"):
-        search(_Crashing(stream(), crash_after=27, stateful=stateful), target([0.5, 0.5, 0]), c, out_dir=out)
+        search(_Crashing(stream(), crash_after=held + 27, stateful=stateful), target([0.5, 0.5, 0]), c, out_dir=out)
     recs = [json.loads(line) for line in (out / "trajectory.jsonl").read_text().splitlines()]
     assert recs[-1]["step"] == 25 and len(recs) == 6  # strict JSON Lines up to the crash
     w = json.loads((out / "weights.json").read_text())
@@ -168,7 +171,7 @@ def test_checkpoint_resume_continues_identically(tmp_path, stateful):
     if stateful:
         res = search(_Crashing(stream()), target([0.5, 0.5, 0]), c, out_dir=out, resume=True)
     else:
-        with pytest.warns(UserWarning, match="skipping the 20 batches"):
+        with pytest.warns(UserWarning, match=f"skipping the {held + 20} batches"):
             res = search(_Crashing(stream(), stateful=False), target([0.5, 0.5, 0]), c, out_dir=out, resume=True)
     assert res.weights == full.weights and res.candidates == full.candidates
     assert _strip(read_trajectory(out)) == _strip(read_trajectory(tmp_path / "a"))
@@ -204,8 +207,10 @@ def test_answer_only_target_and_plain_mode():
     tgt = target([0, 1, 0], n=16)
     tgt.loss_mask = torch.zeros(len(tgt), L, dtype=torch.bool)
     tgt.loss_mask[:, L // 2 :] = True  # the "answer" half
-    r = search(stream(), tgt, cfg(30))
+    r = search(stream(), tgt, cfg(30, residual=False))
     assert r.compute["tokens"]["eval"] == 7 * 8 * L  # 7 target passes (start + 6 outer steps) of 8 sequences
+    # the residual signal adds a pass over held-out training sequences at each of them
+    assert search(stream(), tgt, cfg(30)).compute["tokens"]["eval"] > 7 * 8 * L
     assert all(math.isfinite(rec["target_loss"]) for rec in r.trajectory)
     last2 = search(stream(), tgt, cfg(30, score_last=2))
     assert last2.compute["tokens"]["scored"] == 6 * 2 * B * L  # 6 windows, 2 micro-batches each

@@ -21,9 +21,12 @@ def test_fastmix_schedule_converges_within_the_budget(tokens, batch, seq):
     assert 0 <= s.warmup_steps < b.steps and s.outer_every >= 1
     assert s.updates >= min(S.FASTMIX_UPDATES, (b.steps - s.warmup_steps)) * 0.9  # enough updates to converge
     assert s.updates <= 1.1 * S.FASTMIX_UPDATES or s.outer_every == 1  # ... and no more than planned
-    # the mixture can travel FASTMIX_TRAVEL logit units (capped by the largest default step)
-    assert s.z_lr == pytest.approx(min(S.FASTMIX_MAX_Z_LR, S.FASTMIX_TRAVEL / s.updates))
-    assert s.z_lr * s.updates >= 1.0
+    # the steps add up to FASTMIX_TRAVEL logit units (unless capped by the largest default step),
+    # decaying along a cosine to z_min_lr_ratio of the peak at the last update
+    travel = sum(s.z_lr_at(u) for u in range(s.updates))
+    assert travel == pytest.approx(S.FASTMIX_TRAVEL, rel=0.05) or s.z_lr == S.FASTMIX_MAX_Z_LR
+    assert s.z_lr_at(s.updates - 1) == pytest.approx(S.FASTMIX_Z_MIN_LR_RATIO * s.z_lr)
+    assert s.z_lr_schedule == "cosine" and s.z_lr_at(0) == s.z_lr
     # the warm-up is the same share of the run at any budget
     assert s.warmup_steps == round(S.FASTMIX_WARMUP_FRACTION * b.steps)
 

@@ -49,7 +49,8 @@ def test_vocab_constants_agree():
 def test_run_search_on_mixture_stream_with_sink_and_resume(tmp_path):
     paths, val = _corpus(tmp_path)
     cfg = SearchConfig.from_dict({"max_tokens": 40 * 6 * 32, "train": {"proxy": "tiny", "batch_size": 6, "seq_len": 32},
-                                  "fastmix": {"outer_every": 5, "warmup_steps": 5, "z_lr": 0.05},
+                                  "fastmix": {"outer_every": 5, "warmup_steps": 5, "z_lr": 0.05,
+                                              "target_batches_per_step": 1},
                                   "target": {"batch_size": 4},
                                   "output": {"checkpoint_every": 20, "progress": False, "plot": False}})
     search, target = _streams(paths, val)

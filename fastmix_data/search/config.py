@@ -223,13 +223,17 @@ class FastMixConfig(Section):
                                   auto="derived from the budget")
     z_lr: float | None = opt(None, "Adam step size on the mixture logits z", "float", lo=0,
                              auto="derived from the number of updates")
+    z_lr_schedule: str = opt("cosine", "z step over the updates: 'cosine' (decays to z_min_lr_ratio * z_lr at the "
+                             "last update) or 'constant'", "str", choices=("cosine", "constant"))
+    z_min_lr_ratio: float = opt(0.05, "the cosine z step ends at this share of z_lr", "float", lo=0, hi=1)
     z_betas: tuple = opt((0.9, 0.95), "Adam betas on z", "betas")
     z_eps: float = opt(1e-8, "Adam epsilon on z", "float", lo=0, lo_open=True)
     signal: str = opt("normalized", "hypergradient scale: 'normalized' (direction only) or 'literal' "
                       "(-proxy_lr * <grad L_T, grad L_k>)", "str", choices=("normalized", "literal"))
     residual: bool = opt(True, "score sources against the target gradient minus the alpha-weighted training "
-                         "gradient, <G_T - G_train, G_k> (the gradient-matching form, unbiased for a proxy far "
-                         "from convergence); off: against G_T as in the paper (head hypergradient only)", "bool")
+                         "gradient <G_T - G_train, G_k>, G_train taken on held-out training sequences (the "
+                         "gradient-matching form, unbiased for a proxy far from convergence); off: against G_T "
+                         "as in the paper (head hypergradient only)", "bool")
     floor: float = opt(0.0, "alpha = (1 - floor) softmax(z) + floor / K", "float", lo=0, hi=0.999)
     kl_coef: float = opt(0.0, "weight of KL(alpha || prior) in the objective", "float", lo=0)
     prior: dict | None = opt(None, "prior mixture of the KL term", "weights", auto="uniform")
@@ -248,8 +252,8 @@ class FastMixConfig(Section):
                      "'average' (all updates) or 'last'", "str", choices=("tail", "average", "last"))
     tail_fraction: float = opt(0.5, "share of the updates the tail average covers", "float", lo=0,
                                lo_open=True, hi=1)
-    target_batches_per_step: int = opt(1, "target batches per outer step (rotated through the target)", "int",
-                                       lo=1)
+    target_batches_per_step: int | None = opt(None, "target batches per outer step (rotated through the target)",
+                                              "int", lo=1, auto="about as many sequences as the window trains on")
     target_ema: float = opt(0.0, "EMA factor of the target gradient across outer steps (0: latest only)",
                             "float", lo=0, hi=0.999)
     chunk_tokens: int = opt(4096, "tokens per chunk of the scoring matmuls (bounds memory)", "int", lo=1)

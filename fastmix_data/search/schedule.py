@@ -14,7 +14,9 @@ same way whether the config came from Python, YAML or the command line:
   ``z_lr = FASTMIX_TRAVEL / updates`` on the logits, so that the mixture can travel about
   ``FASTMIX_TRAVEL`` logit units over the run (e.g. from 1/3 to 0.9 or 0.02) at any budget. The
   window of each outer step grows with the budget, so each update averages the hypergradient over
-  more tokens instead of making ever smaller steps.
+  more tokens instead of making ever smaller steps, and each outer step forwards about as many
+  target sequences as the window trained on (:data:`FASTMIX_TARGET_RATIO`; at most one pass over
+  the target), so that the target gradient is no noisier than the window's.
 * **Aioli** trains :data:`AIOLI_INITIAL_FRACTION` of the steps on the initial mixture (away from
   the steepest part of the learning curve, whose trend biases the first probes), then spends
   :data:`AIOLI_PROBE_FRACTION` of the rest on probes, in rounds of 2 antithetic sweeps (an even
@@ -34,13 +36,20 @@ import math
 from dataclasses import asdict, dataclass
 
 #: mixture updates FastMix aims for over a run
-FASTMIX_UPDATES = 200
+FASTMIX_UPDATES = 100
 #: z_lr * updates: how far (in logit units) Adam may move the mixture logits over the run
 FASTMIX_TRAVEL = 4.0
 #: share of the micro-batches before the mixture first moves
 FASTMIX_WARMUP_FRACTION = 0.05
+#: the z step decays along a cosine to this share of its peak by the last update: Adam's per-coordinate
+#: normalisation keeps its steps full-size however small the mean signal near the fixed point is, so
+#: a constant step ends in an oscillation of its own size around it
+FASTMIX_Z_MIN_LR_RATIO = 0.05
 #: largest default Adam step on z (tiny budgets with few updates)
 FASTMIX_MAX_Z_LR = 0.5
+#: target sequences forwarded per outer step, per sequence trained in the window (the target
+#: gradient's noise enters every source's score; a forward costs a third of a training step)
+FASTMIX_TARGET_RATIO = 1.0
 
 AIOLI_INITIAL_FRACTION = 0.1
 AIOLI_PROBE_FRACTION = 0.25
@@ -91,20 +100,38 @@ def lr_warmup_steps(optimizer_steps: int, given: int | None = None) -> int:
 @dataclass(frozen=True)
 class FastMixSchedule:
     """Resolved FastMix schedule (micro-batches): ``warmup_steps`` before the first update, an
-    update every ``outer_every``, ``updates`` in all, Adam step ``z_lr``."""
+    update every ``outer_every``, ``updates`` in all, Adam step ``z_lr``, and
+    ``target_batches_per_step`` target batches forwarded at each outer step."""
 
     warmup_steps: int
     outer_every: int
     z_lr: float
     updates: int
+    target_batches_per_step: int = 1
+    z_lr_schedule: str = "constant"
+    z_min_lr_ratio: float = 1.0
+
+    def z_lr_at(self, update: int) -> float:
+        """The Adam step on z for update number ``update`` (0-based): ``z_lr`` decayed along a cosine
+        to ``z_min_lr_ratio * z_lr`` at the last planned update (``"cosine"``), or constant."""
+        if self.z_lr_schedule != "cosine" or self.updates <= 1:
+            return self.z_lr
+        prog = min(1.0, update / (self.updates - 1))
+        lo = self.z_lr * self.z_min_lr_ratio
+        return lo + (self.z_lr - lo) * 0.5 * (1 + math.cos(math.pi * prog))
 
     def to_dict(self) -> dict:
         return asdict(self)
 
 
 def fastmix_schedule(steps: int, *, warmup_steps: int | None = None, outer_every: int | None = None,
-                     z_lr: float | None = None) -> FastMixSchedule:
-    """FastMix's schedule for a run of ``steps`` micro-batches; given values are kept."""
+                     z_lr: float | None = None, target_batches_per_step: int | None = None, batch_size: int = 1,
+                     target_batch_size: int = 1, target_seqs: int | None = None, z_lr_schedule: str = "cosine",
+                     z_min_lr_ratio: float = FASTMIX_Z_MIN_LR_RATIO) -> FastMixSchedule:
+    """FastMix's schedule for a run of ``steps`` micro-batches of ``batch_size`` sequences; given
+    values are kept. The target batches per outer step (of ``target_batch_size``) cover about
+    :data:`FASTMIX_TARGET_RATIO` times the window's sequences, at most one pass over the
+    ``target_seqs`` of the target, at least one batch."""
     if warmup_steps is None:
         warmup_steps = int(round(FASTMIX_WARMUP_FRACTION * steps))
     avail = max(0, steps - warmup_steps)
@@ -112,9 +139,16 @@ def fastmix_schedule(steps: int, *, warmup_steps: int | None = None, outer_every
         outer_every = max(1, round(avail / FASTMIX_UPDATES))
     # an outer step follows every outer_every-th micro-batch; it moves z from micro-batch warmup_steps on
     updates = max(0, steps // outer_every - (max(warmup_steps, 1) - 1) // outer_every)
+    mean_factor = (1 + z_min_lr_ratio) / 2 if z_lr_schedule == "cosine" else 1.0  # mean step / peak step
     if z_lr is None:
-        z_lr = min(FASTMIX_MAX_Z_LR, FASTMIX_TRAVEL / max(1, updates))
-    return FastMixSchedule(int(warmup_steps), int(outer_every), float(z_lr), int(updates))
+        z_lr = min(FASTMIX_MAX_Z_LR, FASTMIX_TRAVEL / (max(1, updates) * mean_factor))
+    if target_batches_per_step is None:
+        want = FASTMIX_TARGET_RATIO * outer_every * batch_size
+        if target_seqs is not None:
+            want = min(want, target_seqs)
+        target_batches_per_step = max(1, round(want / max(1, target_batch_size)))
+    return FastMixSchedule(int(warmup_steps), int(outer_every), float(z_lr), int(updates), int(target_batches_per_step),
+                           z_lr_schedule, float(z_min_lr_ratio))
 
 
 @dataclass(frozen=True)

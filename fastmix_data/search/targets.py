@@ -182,8 +182,8 @@ class TargetSet:
         return torch.randperm(len(self), generator=g)
 
     def batch(self, idx: torch.Tensor) -> dict:
-        """``{"tokens": [b, L+1]}`` (and ``"loss_mask"`` for Q/A targets) of the sequences ``idx``."""
-        out = {"tokens": self.tokens[idx]}
+        """``{"tokens": [b, L+1], "group": [b]}`` (and ``"loss_mask"`` for Q/A targets) of the sequences ``idx``."""
+        out = {"tokens": self.tokens[idx], "group": self.group[idx]}
         if self.loss_mask is not None:
             out["loss_mask"] = self.loss_mask[idx]
         return out

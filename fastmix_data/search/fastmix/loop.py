@@ -72,42 +72,22 @@ def loss_weights(alpha: torch.Tensor, serve: torch.Tensor, dtype: torch.dtype = 
     return (alpha.to(torch.float64) / serve.to(torch.float64)).to(dtype)
 
 
-class TrainGradient:
-    """Running sum of the alpha-weighted training loss's LM-head gradient over scored tokens:
-    ``sum_t w_t r_t h_t^T`` with ``w_t = alpha_k / serve_k`` of the token's source (the proxy's own
-    loss weights, so the mean is an unbiased estimate of ``sum_k alpha_k grad_W L_k``). Computed in
-    closed form from the detached hidden states and logits of the trained micro-batches (one more
-    softmax pass and one ``[V, n] x [n, d]`` product per micro-batch; independent of K)."""
-
-    def __init__(self):
-        self.sum: torch.Tensor | None = None
-        self.tokens = 0
-
-    @torch.no_grad()
-    def add(self, h, y, logits, weights, loss_fn, chunk_tokens: int) -> None:
-        d = h.shape[-1]
-        h2, z2, y2 = h.reshape(-1, d), logits.reshape(-1, logits.shape[-1]), y.reshape(-1)
-        w = weights.reshape(-1, 1).expand(-1, y.shape[-1]).reshape(-1).to(torch.float32)
-        if self.sum is None:
-            self.sum = torch.zeros(z2.shape[-1], d, dtype=torch.float32, device=h.device)
-        for i in range(0, len(y2), chunk_tokens):
-            j = min(len(y2), i + chunk_tokens)
-            r, _ = logit_residuals(z2[i:j], y2[i:j], loss_fn, torch.float32)
-            self.sum.addmm_((r * w[i:j, None]).T, h2[i:j].to(torch.float32))
-        self.tokens += len(y2)
-
-    def pop(self) -> torch.Tensor | None:
-        """The mean over the tokens added since the last pop (None when there were none)."""
-        out = None if self.sum is None or self.tokens == 0 else self.sum / self.tokens
-        self.sum, self.tokens = None, 0
-        return out
-
-    def state_dict(self) -> dict:
-        return {"sum": None if self.sum is None else self.sum.cpu(), "tokens": self.tokens}
-
-    def load_state_dict(self, d: Mapping, device=None) -> None:
-        self.sum = None if d["sum"] is None else d["sum"].to(device)
-        self.tokens = int(d["tokens"])
+@torch.no_grad()
+def weighted_head_gradient(h: torch.Tensor, y: torch.Tensor, logits: torch.Tensor, weights: torch.Tensor,
+                           loss_fn=None, chunk_tokens: int = 4096) -> torch.Tensor:
+    """``mean_t w_t r_t h_t^T`` (float32 ``[V, d]``): the LM-head gradient of a loss whose tokens
+    weigh ``w_t`` (per sequence ``weights`` ``[B]``, e.g. the proxy's ``alpha_k / serve_k``), in
+    closed form from hidden states ``[B, L, d]`` and logits ``[B, L, V]`` -- one softmax pass and
+    one ``[V, n] x [n, d]`` product, independent of K."""
+    d = h.shape[-1]
+    h2, z2, y2 = h.reshape(-1, d), logits.reshape(-1, logits.shape[-1]), y.reshape(-1)
+    w = weights.reshape(-1, 1).expand(-1, y.shape[-1]).reshape(-1).to(torch.float32)
+    G = torch.zeros(z2.shape[-1], d, dtype=torch.float32, device=h.device)
+    for i in range(0, len(y2), chunk_tokens):
+        j = min(len(y2), i + chunk_tokens)
+        r, _ = logit_residuals(z2[i:j], y2[i:j], loss_fn, torch.float32)
+        G.addmm_((r * w[i:j, None]).T, h2[i:j].to(torch.float32))
+    return G / max(1, len(y2))
 
 
 @dataclass
@@ -130,6 +110,7 @@ class LoopState:
     effective_batch: int | None = None  # reported by the sink at the last publish
     history: list[list[float]] = field(default_factory=list)  # alpha after each update
     times: dict[str, float] = field(default_factory=lambda: dict.fromkeys(PHASES, 0.0))  # wall seconds per phase
+    pool_batches: int = 0  # stream batches held out (never trained on) for the training gradient
 
 
 class FastMixLoop:
@@ -154,8 +135,12 @@ class FastMixLoop:
         if target is None and self.fc.hypergrad != "none":
             raise ValueError("FastMix needs a target unless fastmix.hypergrad='none'")
         self.budget = ctx.budget
-        self.sched: FastMixSchedule = fastmix_schedule(self.budget.steps, warmup_steps=self.fc.warmup_steps,
-                                                       outer_every=self.fc.outer_every, z_lr=self.fc.z_lr)
+        tbs = self.cfg.target.batch_size or self.cfg.train.batch_size
+        self.sched: FastMixSchedule = fastmix_schedule(
+            self.budget.steps, warmup_steps=self.fc.warmup_steps, outer_every=self.fc.outer_every, z_lr=self.fc.z_lr,
+            target_batches_per_step=self.fc.target_batches_per_step, batch_size=self.cfg.train.batch_size,
+            target_batch_size=tbs, target_seqs=len(target) if target is not None else None,
+            z_lr_schedule=self.fc.z_lr_schedule, z_min_lr_ratio=self.fc.z_min_lr_ratio)
         self.trainer = ProxyTrainer(self.cfg.train, self.budget.optimizer_steps, ctx.meter, model=ctx.model,
                                     loss_fn=ctx.loss_fn)
         self.device = self.trainer.device
@@ -172,11 +157,11 @@ class FastMixLoop:
         self.tele = SourceScores.zeros(self.K, dtype=torch.float64, device=self.device)
         self.ema = GradientEMA(self.fc.target_ema)
         self.residual = self.fc.residual and self.fc.hypergrad == "head"
-        self.train_grad = TrainGradient()  # the alpha-weighted training gradient of the current window
         self.reference: torch.Tensor | list | None = None  # what the window's tokens are scored against
         self.buffers: list[deque] = [deque(maxlen=self.fc.search_seqs_per_source) for _ in range(self.K)]
-        tbs = self.cfg.target.batch_size or self.cfg.train.batch_size
         self.targets = TargetBatches(target, tbs, self.cfg.target.seed) if target is not None else None
+        self.tbs = tbs
+        self.pool: TargetBatches | None = None  # held-out training sequences (residual signal)
         self.state = LoopState()
         self.data = data
         self.ckpt_every = checkpoint_every(self.budget.steps, self.cfg.train.grad_accum, self.cfg.output.checkpoint_every)
@@ -224,9 +209,6 @@ class FastMixLoop:
         pos = (self.state.step - 1) % E + 1  # 1..outer_every within the window
         L = m.tokens.shape[1] - 1
         y = m.tokens[:, 1:]
-        if self.residual:
-            self.train_grad.add(m.h, y, m.logits, self.loss_w[m.source], self.ctx.loss_fn, self.fc.chunk_tokens)
-            self.ctx.meter.hypergrad(2.0 * self._V * self._d * y.numel())
         if self.reference is None or (self.fc.score_last is not None and pos <= E - self.fc.score_last):
             return
         self.window = self.window + source_head_scores(
@@ -244,6 +226,7 @@ class FastMixLoop:
             else:
                 scores = self.window
             update = self.state.step >= self.sched.warmup_steps
+            self.z.lr = self.sched.z_lr_at(self.z.steps)
             info = self.z.step(scores.means(), present=scores.present, proxy_lr=self.trainer.lr(), update=update)
             if info.updated:
                 alpha = self.z.alpha()
@@ -253,7 +236,7 @@ class FastMixLoop:
             if self.fc.search_batch == "window":
                 self.window = SourceScores.zeros(self.K, dtype=torch.float64, device=self.device)
                 self.state.target_loss = self.target_pass()
-                self.reference = self._reference(self.train_grad.pop())
+                self.reference = self._reference(self.train_gradient())
         self.state.outer += 1
         self.record(info)
         self.tele = SourceScores.zeros(self.K, dtype=torch.float64, device=self.device)
@@ -264,7 +247,7 @@ class FastMixLoop:
         (EMA) and return the target loss."""
         G_sum, loss_sum, n_sum = None, 0.0, 0
         tr = self.trainer
-        for _ in range(self.fc.target_batches_per_step):
+        for _ in range(self.sched.target_batches_per_step):
             b = self.targets.next()
             tokens = b["tokens"].to(self.device)
             mask = b.get("loss_mask")
@@ -313,14 +296,50 @@ class FastMixLoop:
             h, logits = tr.forward(tokens[:, :-1])
         L = tokens.shape[1] - 1
         meter.hypergrad(2.0 * self._V * self._d * ntok, scored=ntok)
-        train = None
-        if self.residual:
-            acc = TrainGradient()
-            acc.add(h, tokens[:, 1:], logits, self.loss_w[src], self.ctx.loss_fn, self.fc.chunk_tokens)
-            meter.hypergrad(2.0 * self._V * self._d * ntok)
-            train = acc.pop()
+        train = self.train_gradient() if self.residual else None
         return source_head_scores(h, tokens[:, 1:], per_token_source(src, L), self._reference(train), self.K,
                                   logits=logits, loss_fn=self.ctx.loss_fn, chunk_tokens=self.fc.chunk_tokens)
+
+    def train_gradient(self) -> torch.Tensor | None:
+        """The alpha-weighted training loss's LM-head gradient at the CURRENT parameters (where the
+        target gradient was just taken), from held-out training sequences -- drawn from the stream
+        at the start and never trained on, so that, like the target's, it is a gradient on unseen
+        data (a gradient on just-trained sequences is biased low) and independent of the tokens
+        it is compared with -- as many as the target pass forwards, with the current loss weights."""
+        if self.pool is None:
+            return None
+        G, n = None, 0
+        for _ in range(self.sched.target_batches_per_step):
+            b = self.pool.next()
+            tokens, src = b["tokens"].to(self.device), b["group"].to(self.device)
+            with torch.no_grad():
+                h, logits = self.trainer.forward(tokens[:, :-1])
+            ntok = tokens.shape[0] * (tokens.shape[1] - 1)
+            self.ctx.meter.eval(ntok)
+            self.ctx.meter.hypergrad(2.0 * self._V * self._d * ntok)
+            g = weighted_head_gradient(h, tokens[:, 1:], logits, self.loss_w[src], self.ctx.loss_fn,
+                                       self.fc.chunk_tokens)
+            G = g * ntok if G is None else G + g * ntok
+            n += ntok
+        return G / n
+
+    def draw_pool(self, it) -> None:
+        """Hold out the first sequences of the search stream (never trained on) for the training
+        gradient of the residual signal: about as many as the target has, at most a tenth of the
+        budget's, whole batches."""
+        n_target = len(self.targets.target) if self.targets is not None else 0
+        want = max(self.K * 4, min(n_target, self.budget.steps * self.cfg.train.batch_size // 10))
+        toks, srcs = [], []
+        while sum(len(t) for t in toks) < want:
+            tokens, source = self._unpack(next(it))
+            toks.append(tokens.cpu())
+            srcs.append(source.cpu())
+            self.state.pool_batches += 1
+        self._make_pool(torch.cat(toks), torch.cat(srcs))
+
+    def _make_pool(self, tokens: torch.Tensor, group: torch.Tensor) -> None:
+        held = TargetSet(tokens, group, list(self.names), "tokens", "holdout")
+        self.pool = TargetBatches(held, self.tbs, self.cfg.target.seed + 1)
 
     def _reference(self, train_grad: torch.Tensor | None):
         """The gradient scores are taken against: ``G_T`` (the target's), or with ``fastmix.residual``
@@ -351,7 +370,7 @@ class FastMixLoop:
             "weights": dict(zip(self.names, a.tolist())),
             "source_loss": dict(zip(self.names, self.tele.losses().tolist())),
             "target_loss": self.state.target_loss, "entropy": self.z.entropy(a), "min_weight": float(a.min()),
-            "lr": self.trainer.lr(), "updated": bool(info and info.updated),
+            "lr": self.trainer.lr(), "z_lr": self.z.lr, "updated": bool(info and info.updated),
             "reason": None if info is None else info.reason,
             "signal": None if info is None else dict(zip(self.names, info.g)),
             "skipped_nonfinite": self.z.skipped_nonfinite, "effective_batch": self.state.effective_batch,
@@ -366,6 +385,7 @@ class FastMixLoop:
     def details(self) -> dict:
         return {"schedule": self.sched.to_dict(), "updates": self.z.steps, "outer_steps": self.state.outer,
                 "wall_breakdown_s": dict(self.state.times), "residual": self.residual,
+                "holdout_batches": self.state.pool_batches,
                 "micro_batches": self.state.step, "skipped_nonfinite_hypergrad": self.z.skipped_nonfinite,
                 "skipped_nonfinite_train": self.trainer.skipped_nonfinite, "hypergrad": self.fc.hypergrad,
                 "search_batch": self.fc.search_batch, "target": None if self.targets is None else
@@ -381,7 +401,8 @@ class FastMixLoop:
             "trainer": self.trainer.state_dict(), "fastmix": self.z.state_dict(), "state": asdict(self.state),
             "meter": self.ctx.meter.state_dict(), "window": self.window.state_dict(), "tele": self.tele.state_dict(),
             "ema": self.ema.state_dict(), "buffers": [[r.cpu() for r in buf] for buf in self.buffers],
-            "train_grad": self.train_grad.state_dict(),
+            "pool": None if self.pool is None else {"tokens": self.pool.target.tokens, "group": self.pool.target.group,
+                                                    "rotation": self.pool.state_dict()},
             "reference": None if self.reference is None or isinstance(self.reference, list) else self.reference.cpu(),
             "target": None if self.targets is None else self.targets.state_dict(),
             "rng": {"torch": torch.get_rng_state(),
@@ -409,7 +430,9 @@ class FastMixLoop:
         self.window = SourceScores.from_state_dict(ck["window"], self.device)
         self.tele = SourceScores.from_state_dict(ck["tele"], self.device)
         self.ema.load_state_dict(ck["ema"], self.device)
-        self.train_grad.load_state_dict(ck["train_grad"], self.device)
+        if ck["pool"] is not None:
+            self._make_pool(ck["pool"]["tokens"], ck["pool"]["group"])
+            self.pool.load_state_dict(ck["pool"]["rotation"])
         ref = ck.get("reference")
         self.reference = ref.to(self.device) if ref is not None else (
             self.ema.value if self.fc.hypergrad == "head" else None)
@@ -430,14 +453,17 @@ class FastMixLoop:
             self.data.load_state_dict(data_state)
             return iter(self.data)
         it = iter(self.data)
-        if resumed and self.state.step:
-            warnings.warn(f"the search stream has no state_dict(): skipping the {self.state.step} batches already "
+        used = self.state.step + self.state.pool_batches
+        if resumed and used:
+            warnings.warn(f"the search stream has no state_dict(): skipping the {used} batches already "
                           "used (the stream must be deterministic for an identical resumption)", stacklevel=3)
-            for _ in range(self.state.step):
+            for _ in range(used):
                 next(it)
         return it
 
-    def _start(self) -> tuple[bool, Any]:
+    def _start(self):
+        """Resume from the checkpoint, or start: hold out the pool, take the first target gradient,
+        publish the starting mixture. Returns the stream's iterator."""
         resume = self.ctx.resume
         if resume not in (False, True, "auto"):
             raise ValueError(f"resume must be True, False or 'auto', got {resume!r}")
@@ -448,14 +474,17 @@ class FastMixLoop:
         if resume and exists:
             data_state = self.restore()
             self.state.effective_batch = self.ctx.publish(dict(zip(self.names, self.z.alpha().tolist())))
-            return True, data_state
+            return self._iterator(True, data_state)
+        it = self._iterator(False, None)
         if self.fc.hypergrad != "none":
+            if self.residual:
+                self.draw_pool(it)
             self.state.target_loss = self.target_pass()
-            self.reference = self._reference(None)
+            self.reference = self._reference(self.train_gradient() if self.residual else None)
         self.state.effective_batch = self.ctx.publish(dict(zip(self.names, self.z.alpha().tolist())))
         self.record(None)
         self.write_weights(final=False)
-        return False, None
+        return it
 
     def run(self) -> MethodResult:
         """Train and search until the budget is spent; write the outputs; return the result."""
@@ -467,8 +496,7 @@ class FastMixLoop:
             warnings.warn(f"the budget allows {self.budget.steps} micro-batches but the mixture is first updated "
                           f"after warmup_steps={self.sched.warmup_steps} + outer_every={self.sched.outer_every}: this "
                           "search will return its starting weights; raise max_tokens or lower them", stacklevel=2)
-        resumed, data_state = self._start()
-        it = self._iterator(resumed, data_state)
+        it = self._start()
         stopped, error = self.budget_reached(), None
         bar = self._bar()
         try:
