@@ -96,18 +96,21 @@ def _plain_training(model, batches, c: SearchConfig):
 
 @pytest.mark.parametrize("hypergrad,search_batch,grad_accum",
                          [("head", "window", 1), ("head", "window", 2), ("head", "buffer", 2), ("full", "buffer", 2)])
-def test_search_never_touches_proxy_training(hypergrad, search_batch, grad_accum):
+def test_search_never_touches_proxy_training(hypergrad, search_batch, grad_accum, monkeypatch):
     """With z frozen (z_lr=0) the proxy trained by the loop -- outer steps, target passes and
     hypergradients included, some in the middle of a gradient accumulation -- is bitwise the proxy
-    of plain training on the same batches."""
+    of plain training on the same batches (the residual signal's held-out batches are not trained on)."""
     c = cfg(12, warmup_steps=0, outer_every=3, z_lr=0.0, hypergrad=hypergrad, search_batch=search_batch,
             search_seqs_per_source=2).replace(**{"train.grad_accum": grad_accum, "train.device": "cpu"})
+    trained = []
+    inner = loop_mod.FastMixLoop.inner_step
+    monkeypatch.setattr(loop_mod.FastMixLoop, "inner_step", lambda self, b: trained.append(b["batch_index"]) or inner(self, b))
     m_search, m_plain = build_proxy(proxy_config("tiny"), seed=0), build_proxy(proxy_config("tiny"), seed=0)
     r = search(stream(), target([1, 0, 0]), c, model=m_search)
     assert r.details["outer_steps"] == 4 and r.compute["tokens"]["scored"] > 0
-    held = r.details["holdout_batches"]  # held out for the training gradient, never trained on
-    assert held == (2 if hypergrad == "head" else 0)
-    _plain_training(m_plain, [stream().batch(held + i) for i in range(12)], c)
+    held = r.details["held_out_batches"]  # forwarded for the training gradient, never trained on
+    assert len(trained) == 12 and held == (10 if hypergrad == "head" else 0)
+    _plain_training(m_plain, [stream().batch(i) for i in trained], c)
     for (n, p), q in zip(m_search.named_parameters(), m_plain.parameters()):
         assert torch.equal(p, q), n
 
@@ -161,9 +164,13 @@ def test_checkpoint_resume_continues_identically(tmp_path, stateful):
     c = cfg(40, target_ema=0.5).replace(**{"output.flush_every_s": 1e9})
     full = search(_Crashing(stream(), stateful=stateful), target([0.5, 0.5, 0]), c, out_dir=tmp_path / "a")
     out = tmp_path / "b"
-    held = full.details["holdout_batches"]  # the stream's first batches are held out, never trained on
+    # the stream also feeds the residual signal 2 held-out batches at the start and at every outer step
+    def consumed(step):
+        return step + 2 * (1 + step // 5)
+
+    assert full.details["held_out_batches"] == 2 * (1 + 40 // 5)
     with pytest.raises(RuntimeError, match="simulated crash"):
-        search(_Crashing(stream(), crash_after=held + 27, stateful=stateful), target([0.5, 0.5, 0]), c, out_dir=out)
+        search(_Crashing(stream(), crash_after=consumed(27), stateful=stateful), target([0.5, 0.5, 0]), c, out_dir=out)
     recs = [json.loads(line) for line in (out / "trajectory.jsonl").read_text().splitlines()]
     assert recs[-1]["step"] == 25 and len(recs) == 6  # strict JSON Lines up to the crash
     w = json.loads((out / "weights.json").read_text())
@@ -171,7 +178,7 @@ def test_checkpoint_resume_continues_identically(tmp_path, stateful):
     if stateful:
         res = search(_Crashing(stream()), target([0.5, 0.5, 0]), c, out_dir=out, resume=True)
     else:
-        with pytest.warns(UserWarning, match=f"skipping the {held + 20} batches"):
+        with pytest.warns(UserWarning, match=f"skipping the {consumed(20)} batches"):
             res = search(_Crashing(stream(), stateful=False), target([0.5, 0.5, 0]), c, out_dir=out, resume=True)
     assert res.weights == full.weights and res.candidates == full.candidates
     assert _strip(read_trajectory(out)) == _strip(read_trajectory(tmp_path / "a"))

@@ -1,26 +1,33 @@
-"""Mixture quality: FastMix against MixMin, Aioli, DoReMi and the baselines, on the stdlib corpus.
+"""Mixture quality: every method AT ITS DEFAULTS against a grid oracle, on two corpora.
 
-Protocol (see benchmarks/quality/results.md for the numbers and docs/methods.md for the methods):
+Protocol (numbers and reading in benchmarks/quality/results.md; methods in docs/methods.md):
 
-* Data: the demo corpus (:func:`fastmix_data.corpus.build_corpus`, 5 domains from the running
-  Python's standard library) with train / validation / test splits, byte tokenizer.
-* Two experiments: **K4** trains on code, tests, prose, markup; **K3** on code, prose, markup (the
-  grid oracle over the simplex at step 0.1 -- 66 mixtures -- is only affordable for K <= 3).
-* Targets, each with a *search* version (validation split: what the methods see) and an *eval*
-  version (test split: what the final models are scored on):
-  T1 = the average loss over the training domains (group-averaged);
-  T2 = a held-out domain that is not a training source (docstrings);
-  T3 = a planted target (:func:`build_planted_target`) with known proportions of the training domains.
-* Every method runs from the same entry point (:func:`fastmix_data.search.methods.run_method`)
-  with the same proxy architecture (cpu preset), optimiser and data-order seed; the mixture it
-  exports is then trained **from scratch** at the same final budget (:func:`train_static`) and
-  scored on the eval target. Seeds pair everything: seed s = model init s and data order s.
-* Reported: final eval loss mean ± std over seeds, paired difference vs stratified (same seed),
-  regret vs the grid oracle (K3), search compute as a fraction of the final run's training FLOPs,
-  and on T3 the L1 distance of the weights to the planted token shares.
+* **Corpora.** ``stdlib``: the demo corpus (:func:`fastmix_data.corpus.build_corpus`). ``system``:
+  real text on this machine that is not in the standard library -- third-party package sources,
+  man pages, Debian changelogs, package descriptions, licences (``system_corpus.py``).
+* **Experiments.** ``stdlib-K3`` (code, prose, markup) and ``system-K3`` (pycode, manpages,
+  changelogs), each with three targets: ``heldout`` (a domain that is not a source: docstrings /
+  pymeta), ``planted`` (a mixture of the sources with known proportions, stored as one file per
+  domain) and ``average`` (the mean of the per-source losses); and ``K8`` (the 5 stdlib + 3 system
+  domains, planted target) for FastMix's cost in K.
+* **Searches.** Every method runs from :func:`fastmix_data.search.run_method` at its DEFAULTS, with
+  ``max_tokens`` equal to one final run (the question a user asks: "I can afford one more run of
+  the final size -- what mixture?"), the target given as the folder a user would pass.
+* **Final runs.** Each exported mixture (token shares) is trained from scratch at the final budget
+  (:func:`~fastmix_data.search.proxy.static.train_static`) and scored on the test split (held-out
+  test split; a planted test set with the same proportions; the test splits' group average).
+  Seed s = model init s = data order s; method searches use the same seed, so everything is paired.
+* **Grid oracle (K3).** The simplex at step 0.1 (66 mixtures) trained at the final budget. Raced:
+  all 66 points with the first seed, then the best ``--grid-top`` points of every target with the
+  other seeds; the oracle of a target is the candidate with the best mean over seeds. The grid's
+  compute is charged as all 66 points x all seeds, the cost of the full oracle.
+* **Reported.** Final loss mean +- std over seeds; paired difference vs stratified; regret vs the
+  oracle with its standard error; search compute as a fraction of the grid's; on planted targets the
+  L1 distance of the weights to the planted token shares; the seed noise (std of a final loss, std
+  of paired differences).
 
-Everything is cached under ``--work`` (final runs, method results, MixMin proxies, DoReMi references),
-so an interrupted run resumes where it stopped. ``--quick`` is a smoke run.
+Everything is cached under ``--work`` (corpora, method results, final runs, proxies), so an
+interrupted run resumes where it stopped. ``--quick`` is a smoke run; ``--from-results`` re-renders.
 """
 
 from __future__ import annotations
@@ -33,451 +40,359 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import torch
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(HERE.parent))
+sys.path.insert(0, str(HERE))
 import _common  # noqa: E402
+from system_corpus import build_system_corpus  # noqa: E402
 
 from fastmix_data.corpus import build_corpus, build_planted_target  # noqa: E402
-from fastmix_data.search.baselines import simplex_grid  # noqa: E402
-from fastmix_data.search.methods import run_method  # noqa: E402
-from fastmix_data.search.train_static import TrainConfig, as_target, train_static  # noqa: E402
+from fastmix_data.search import SearchConfig, load_target, run_method, train_static  # noqa: E402
+from fastmix_data.search.config import TrainConfig  # noqa: E402
+from fastmix_data.search.methods.grid import grid_size, simplex_grid  # noqa: E402
 
+STDLIB = {"code": "stdlib", "docstrings": "stdlib", "tests": "stdlib", "prose": "stdlib", "markup": "stdlib"}
+SYSTEM = {"pycode": "system", "manpages": "system", "changelogs": "system", "pymeta": "system"}
 EXPERIMENTS = {
-    "K4": {"sources": ["code", "tests", "prose", "markup"],
-           "planted": {"prose": 0.45, "code": 0.30, "markup": 0.15, "tests": 0.10}},
-    "K3": {"sources": ["code", "prose", "markup"],
-           "planted": {"prose": 0.50, "code": 0.35, "markup": 0.15}},
+    "stdlib-K3": {"sources": ["code", "prose", "markup"], "heldout": "docstrings",
+                  "planted": {"code": 0.50, "markup": 0.35, "prose": 0.15}},
+    "system-K3": {"sources": ["pycode", "manpages", "changelogs"], "heldout": "pymeta",
+                  "planted": {"changelogs": 0.50, "pycode": 0.35, "manpages": 0.15}},
+    "K8": {"sources": ["code", "docstrings", "tests", "prose", "markup", "pycode", "manpages", "changelogs"],
+           "heldout": None,
+           "planted": {"prose": 0.25, "manpages": 0.25, "code": 0.20, "changelogs": 0.15, "markup": 0.10,
+                       "pycode": 0.05}},
 }
-HELD_OUT = "docstrings"
-TARGETS = ("T1", "T2", "T3")
-SEARCH_METHODS = ("fastmix", "mixmin", "aioli")  # use the target
-BLIND_METHODS = ("stratified", "natural", "doremi")  # do not
-#: the target each method optimises (for the "beats or matches stratified" check)
-OPTIMISES = {"fastmix": TARGETS, "mixmin": TARGETS, "aioli": TARGETS, "doremi": ("T1",)}
+TARGETS = ("heldout", "planted", "average")
+#: train / validation / test: larger held-out splits than the demo's 90/5/5, for steadier targets
+SPLIT = (0.8, 0.1, 0.1)
+BLIND = ("stratified", "natural", "doremi")
+SEARCH = ("fastmix", "mixmin", "aioli", "mixmin_fastmix")
+K8_METHODS = ("stratified", "fastmix", "mixmin")
 
 
 def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
+def _key(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
 # ============================================================================ data
 
 
-def prepare_data(work: Path, args) -> dict:
-    corpus = work / "corpus"
-    if not (corpus / "corpus.json").exists():
+def corpora(work: Path) -> dict[str, Path]:
+    out = {"stdlib": work / "corpus-stdlib", "system": work / "corpus-system"}
+    if not (out["stdlib"] / "corpus.json").exists():
         log("building the stdlib corpus")
-        build_corpus(corpus, seed=0, formats=("parquet",), progress=False)
-    out = {}
-    for exp, spec in EXPERIMENTS.items():
-        srcs = {d: str(corpus / "train" / d) for d in spec["sources"]}
-        planted = {}
-        for split, n in (("validation", args.planted_docs_search), ("test", args.planted_docs_eval)):
-            d = work / "planted" / f"{exp}-{split}"
-            side = build_planted_target(d, corpus, spec["planted"], n_docs=n, seed=0, split=split,
-                                        allow_repeats=False)
-            planted[split] = (d, side)
-        L = args.seq_len
-        search = {
-            "T1": as_target({d: str(corpus / "validation" / d) for d in spec["sources"]}, L,
-                            max_seqs=args.search_seqs, name="T1"),
-            "T2": as_target(str(corpus / "validation" / HELD_OUT), L, max_seqs=args.search_seqs, name="T2"),
-            "T3": as_target(str(planted["validation"][0]), L, name="T3"),  # never subsampled: exact shares
-        }
-        evals = {
-            "T1": as_target({d: str(corpus / "test" / d) for d in spec["sources"]}, L,
-                            max_seqs=args.eval_seqs_per_group * len(spec["sources"]), name="T1"),
-            "T2": as_target(str(corpus / "test" / HELD_OUT), L, max_seqs=args.eval_seqs, name="T2"),
-            "T3": as_target(str(planted["test"][0]), L, max_seqs=args.eval_seqs, name="T3"),
-        }
-        out[exp] = {"sources": srcs, "search": search, "eval": evals,
-                    "planted_doc": planted["validation"][1]["proportions"],
-                    "planted_tokens": search["T3"].full_shares}
+        build_corpus(out["stdlib"], seed=0, formats=("parquet",), progress=False, split_fractions=SPLIT)
+    if not (out["system"] / "corpus.json").exists():
+        log("building the system corpus")
+        build_system_corpus(out["system"], split_fractions=SPLIT, log=log)
     return out
 
 
-# ============================================================================ configs
+def _home(domain: str, dirs: dict[str, Path]) -> Path:
+    return dirs[STDLIB.get(domain) or SYSTEM[domain]]
 
 
-def train_config(args, seed: int, max_tokens: int) -> dict:
-    return dict(model="cpu", batch_size=args.batch_size, seq_len=args.seq_len, max_tokens=max_tokens,
-                lr=args.lr, lr_schedule="cosine", warmup_steps=5, seed=seed, data_seed=seed)
+def planted_target(work: Path, exp: str, split: str, proportions: dict, n_docs: int, dirs: dict[str, Path]) -> Path:
+    """A planted set stored as ONE FILE PER DOMAIN (the layout that once fooled FastMix's reader)."""
+    out = work / "planted" / f"{exp}-{split}"
+    if (out / "done").exists():
+        return out
+    out.mkdir(parents=True, exist_ok=True)
+    for corpus in sorted({_home(d, dirs) for d in proportions}):
+        sub = {d: p for d, p in proportions.items() if _home(d, dirs) == corpus}
+        n = max(len(sub), round(n_docs * sum(sub.values())))
+        tmp = work / "planted" / f".{exp}-{split}-{corpus.name}"
+        build_planted_target(tmp, corpus, sub, n_docs=n, seed=0, split=split, allow_repeats=True)
+        t = pq.read_table(tmp / "part-00000.parquet").to_pydict()
+        for d in sub:
+            rows = [x for x, g in zip(t["text"], t["domain"]) if g == d]
+            pq.write_table(pa.table({"text": rows, "domain": [d] * len(rows)}), out / f"{d}.parquet")
+    (out / "done").write_text("")
+    return out
 
 
-def method_config(args, exp: str, seed: int, work: Path) -> dict:
-    F = args.final_tokens
-    K = len(EXPERIMENTS[exp]["sources"])
-    return {
-        "train": train_config(args, seed, F),
-        "cache_dir": str(work / "cache"),
-        "target_max_seqs": None,  # search targets are already capped in prepare_data
-        "fastmix": {"train": {"max_tokens": int(args.fastmix_budget * F)}, "search": {"z_lr": args.z_lr}},
-        "mixmin": {"proxy_tokens": int(args.mixmin_proxy_budget * F), "proxy_seed": 0},
-        "aioli": {"train": {"max_tokens": int(args.aioli_budget * F)}, "rounds": args.aioli_rounds,
-                  "sweeps": args.aioli_sweeps, "probe_steps": args.aioli_probe_steps, "eta": args.aioli_eta,
-                  "rho": 0.5 if K == 3 else 0.75, "seed": seed,
-                  "initial_steps": int(args.aioli_budget * F) // (args.batch_size * args.seq_len) // 8},
-        "doremi": {"train": {"max_tokens": int(args.doremi_budget * F)}, "log_every": 8},
-    }
-
-
-def _key(obj) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+def prepare(work: Path, args) -> dict:
+    dirs = corpora(work)
+    L = args.seq_len
+    data = {}
+    for exp in args.experiments:
+        spec = EXPERIMENTS[exp]
+        srcs = {d: str(_home(d, dirs) / "train" / d) for d in spec["sources"]}
+        search, evals = {}, {}
+        p_search = planted_target(work, exp, "validation", spec["planted"], args.planted_docs, dirs)
+        p_test = planted_target(work, exp, "test", spec["planted"], args.planted_docs, dirs)
+        search["planted"] = str(p_search)
+        evals["planted"] = load_target(str(p_test), L, max_seqs=args.eval_seqs, name="planted")
+        if spec["heldout"]:
+            h = spec["heldout"]
+            search["heldout"] = str(_home(h, dirs) / "validation" / h)
+            evals["heldout"] = load_target(str(_home(h, dirs) / "test" / h), L, max_seqs=args.eval_seqs,
+                                           name="heldout")
+            search["average"] = {d: str(_home(d, dirs) / "validation" / d) for d in spec["sources"]}
+            evals["average"] = load_target({d: str(_home(d, dirs) / "test" / d) for d in spec["sources"]}, L,
+                                           max_seqs=args.eval_seqs, name="average")
+        exact = load_target(str(p_search), L, max_seqs=None).full_shares  # the planted token shares
+        data[exp] = {"sources": srcs, "search": search, "eval": evals, "planted_tokens": exact,
+                     "planted_docs": spec["planted"]}
+    return data
 
 
 # ============================================================================ runs
 
 
-def run_search_cached(work: Path, exp: str, method: str, tname: str | None, seed: int, data: dict, cfg: dict) -> dict:
-    """A method's weights and compute, cached as JSON (the method's own outputs go to runs/)."""
-    desc = {"exp": exp, "method": method, "target": tname, "seed": seed, "cfg": cfg.get(method, {}),
-            "train": cfg["train"], "target_fp": data["search"][tname].fingerprint() if tname else None,
-            "sources": data["sources"]}
+def train_cfg(args, seed: int) -> dict:
+    return {"proxy": args.proxy, "seed": seed, "data_seed": seed, "batch_size": args.batch_size,
+            "seq_len": args.seq_len}
+
+
+def method_config(args, method: str, seed: int, work: Path) -> SearchConfig:
+    """The method AT ITS DEFAULTS: only the budget, the batch shape, the seeds and the cache are set."""
+    return SearchConfig.from_dict({"method": method, "max_tokens": args.final_tokens, "train": train_cfg(args, seed),
+                                   "cache_dir": str(work / "cache"), "output": {"progress": False}})
+
+
+def run_search_cached(work: Path, exp: str, method: str, tname: str | None, seed: int, data: dict, args) -> dict:
+    cfg = method_config(args, method, seed, work)
+    target = data["search"][tname] if tname else None
+    desc = {"exp": exp, "method": method, "target": target, "cfg": cfg.to_dict(), "sources": data["sources"]}
     path = work / "methods" / f"{exp}-{method}-{tname or 'blind'}-s{seed}-{_key(desc)}.json"
     if path.exists():
         return json.loads(path.read_text())
     out_dir = work / "runs" / exp / (tname or "blind") / method / f"seed{seed}"
-    target = data["search"][tname] if tname else data["search"]["T1"]
     t0 = time.perf_counter()
-    r = run_method(method, data["sources"], target if method != "doremi" else None, cfg, out_dir=out_dir)
-    wall = time.perf_counter() - t0
-    rec = {"weights": r.weights, "flops": r.compute["flops"], "tokens": r.compute["tokens"], "wall_s": wall,
-           "extra": {k: v for k, v in r.extra.items() if k in ("last", "average", "report", "converged", "eg_steps",
-                                                               "online_target_loss", "probe_steps", "mean_excess")}}
+    r = run_method(cfg, sources=data["sources"], target=target, out_dir=out_dir)
+    rec = {"weights": r.weights, "candidates": r.candidates, "flops": r.compute["flops"],
+           "tokens": r.compute["tokens"], "wall_s": time.perf_counter() - t0,
+           "details": {k: v for k, v in r.details.items() if k in ("schedule", "updates", "eg_steps", "converged",
+                                                                    "probe_steps", "reference_tokens")}}
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(rec, indent=1))
     return rec
 
 
 def final_run(work: Path, data: dict, weights: dict, seed: int, args) -> dict:
-    cfg = TrainConfig(**train_config(args, seed, args.final_tokens))
-    r = train_static(data["sources"], weights, data["eval"], cfg, cache_dir=work / "finals", keep_model=False)
+    cfg = TrainConfig.from_dict(train_cfg(args, seed)).validate()
+    r = train_static(data["sources"], weights, data["eval"], cfg, args.final_tokens, cache_dir=work / "finals",
+                     keep_model=False)
     return {"losses": {k: v["loss"] for k, v in r.losses.items()}, "train_flops": r.compute["flops"]["train"],
-            "cached": r.cached, "wall_s": r.compute["wall_s"]}
+            "wall_s": r.compute["wall_s"], "cached": r.cached}
 
 
-def run_experiment(work: Path, exp: str, data: dict, args) -> list[dict]:
+def _row(exp, target, method, seed, weights, final, search=None, **extra) -> dict:
+    return {"exp": exp, "target": target, "method": method, "seed": seed, "weights": weights,
+            "final_loss": final["losses"][target], "final_train_flops": final["train_flops"],
+            "final_wall_s": final["wall_s"],
+            "search_flops": (search or {}).get("flops", {}).get("total", 0.0),
+            "search_flops_cached": (search or {}).get("flops", {}).get("cached", 0.0),
+            "search_wall_s": (search or {}).get("wall_s", 0.0), **extra}
+
+
+def run_methods(work: Path, exp: str, data: dict, args) -> list[dict]:
     rows = []
+    targets = [t for t in TARGETS if t in data["search"]]
+    blind = BLIND if exp != "K8" else ("stratified",)
+    search = SEARCH if exp != "K8" else tuple(m for m in K8_METHODS if m != "stratified")
     for seed in args.seeds:
-        cfg = method_config(args, exp, seed, work)
-        jobs = [(m, None) for m in BLIND_METHODS] + [(m, t) for t in TARGETS for m in SEARCH_METHODS]
-        for method, tname in jobs:
-            t0 = time.perf_counter()
-            s = run_search_cached(work, exp, method, tname, seed, data, cfg)
+        for method in blind:
+            s = run_search_cached(work, exp, method, None, seed, data, args)
             f = final_run(work, data, s["weights"], seed, args)
-            for t in (TARGETS if tname is None else (tname,)):
-                rows.append({"exp": exp, "target": t, "method": method, "seed": seed, "weights": s["weights"],
-                             "search_flops": s["flops"]["total"],
-                             "search_flops_with_cached": s["flops"].get("total_with_cached", s["flops"]["total"]),
-                             "search_wall_s": s["wall_s"], "final_loss": f["losses"][t],
-                             "final_train_flops": f["train_flops"], "extra": s["extra"]})
-            log(f"{exp} seed {seed} {method:10s} {tname or '-':3s} "
-                + " ".join(f"{k}={v:.3f}" for k, v in s["weights"].items())
-                + f"  final {f['losses'][tname or 'T1']:.4f}  ({time.perf_counter() - t0:.1f}s)")
+            rows += [_row(exp, t, method, seed, s["weights"], f, s) for t in targets]
+            log(f"{exp} s{seed} {method:15s} -    " + _fmt_w(s["weights"]) + f"  {f['losses'][targets[0]]:.4f}")
+        for t in targets:
+            for method in search:
+                if method == "mixmin_fastmix" and t == "average":
+                    continue
+                s = run_search_cached(work, exp, method, t, seed, data, args)
+                f = final_run(work, data, s["weights"], seed, args)
+                rows.append(_row(exp, t, method, seed, s["weights"], f, s, candidates=s.get("candidates", {})))
+                log(f"{exp} s{seed} {method:15s} {t:8s} " + _fmt_w(s["weights"]) + f"  {f['losses'][t]:.4f}"
+                    f"  ({s['wall_s']:.0f}s search)")
+                if method == "fastmix" and args.fastmix_candidates:
+                    for cname in ("last", "average"):
+                        fc = final_run(work, data, s["candidates"][cname], seed, args)
+                        rows.append(_row(exp, t, f"fastmix[{cname}]", seed, s["candidates"][cname], fc, s))
         f = final_run(work, data, data["planted_tokens"], seed, args)
-        rows.append({"exp": exp, "target": "T3", "method": "planted", "seed": seed, "weights": data["planted_tokens"],
-                     "search_flops": 0.0, "search_wall_s": 0.0, "final_loss": f["losses"]["T3"],
-                     "final_train_flops": f["train_flops"], "extra": {}})
-        if exp == "K3" and not args.skip_grid:
-            names = data["sources"]
-            t0 = time.perf_counter()
-            for p in simplex_grid(len(names), args.grid_step):
-                w = dict(zip(names, p))
-                f = final_run(work, data, w, seed, args)
-                for t in TARGETS:
-                    rows.append({"exp": exp, "target": t, "method": "grid-point", "seed": seed, "weights": w,
-                                 "search_flops": 0.0, "search_wall_s": 0.0, "final_loss": f["losses"][t],
-                                 "final_train_flops": f["train_flops"], "extra": {}})
-            log(f"{exp} seed {seed} grid: {len(simplex_grid(len(names), args.grid_step))} mixtures "
-                f"({time.perf_counter() - t0:.1f}s)")
+        rows.append(_row(exp, "planted", "planted", seed, data["planted_tokens"], f))
     return rows
+
+
+def run_grid(work: Path, exp: str, data: dict, args) -> list[dict]:
+    """Raced grid: every point with the first seed, the best ``grid_top`` per target with the others."""
+    names = list(data["sources"])
+    points = [dict(zip(names, p)) for p in simplex_grid(len(names), args.grid_step)]
+    targets = [t for t in TARGETS if t in data["eval"]]
+    rows, first = [], args.seeds[0]
+    t0 = time.perf_counter()
+    for w in points:
+        f = final_run(work, data, w, first, args)
+        rows += [_row(exp, t, "grid-point", first, w, f) for t in targets]
+    keep = []
+    for t in targets:
+        best = sorted((r for r in rows if r["target"] == t), key=lambda r: r["final_loss"])[: args.grid_top]
+        keep += [r["weights"] for r in best if r["weights"] not in keep]
+    for seed in args.seeds[1:]:
+        for w in keep:
+            f = final_run(work, data, w, seed, args)
+            rows += [_row(exp, t, "grid-point", seed, w, f) for t in targets]
+    log(f"{exp} grid: {len(points)} points x seed {first} + {len(keep)} x {len(args.seeds) - 1} seeds "
+        f"({time.perf_counter() - t0:.0f}s)")
+    return rows
+
+
+def _fmt_w(w: dict) -> str:
+    return " ".join(f"{k}={v:.2f}" for k, v in w.items())
 
 
 # ============================================================================ summary
 
 
-def _ms(x) -> tuple[float, float]:
+def _ms(x) -> list[float]:
     x = np.asarray(x, dtype=float)
-    return float(x.mean()), float(x.std(ddof=1)) if len(x) > 1 else 0.0
+    return [float(x.mean()), float(x.std(ddof=1)) if len(x) > 1 else 0.0]
 
 
 def l1(w: dict, p: dict) -> float:
     return float(sum(abs(w.get(k, 0.0) - p.get(k, 0.0)) for k in set(w) | set(p)))
 
 
-def summarise(rows: list[dict], data: dict, args) -> dict:
-    out = {}
-    for exp in EXPERIMENTS:
-        er = [r for r in rows if r["exp"] == exp]
-        if not er:
-            continue
-        planted = data[exp]["planted_tokens"]
-        K = len(EXPERIMENTS[exp]["sources"])
-        per = {}
-        oracle = {}
-        grid = [r for r in er if r["method"] == "grid-point"]
-        if grid:
-            n_points = len(simplex_grid(K, args.grid_step))
-            for t in TARGETS:
-                by_w: dict[str, list] = {}
-                for r in grid:
-                    if r["target"] == t:
-                        by_w.setdefault(json.dumps(r["weights"], sort_keys=True), []).append(r)
-                best = min(by_w.values(), key=lambda rs: np.mean([r["final_loss"] for r in rs]))
-                oracle[t] = {"weights": best[0]["weights"], "by_seed": {r["seed"]: r["final_loss"] for r in best},
-                             "loss": _ms([r["final_loss"] for r in best]),
-                             "l1_to_planted": l1(best[0]["weights"], planted) if t == "T3" else None}
-        for t in TARGETS:
-            strat = {r["seed"]: r["final_loss"] for r in er if r["method"] == "stratified" and r["target"] == t}
-            for m in BLIND_METHODS + SEARCH_METHODS + ("planted",):
-                rs = sorted((r for r in er if r["method"] == m and r["target"] == t), key=lambda r: r["seed"])
-                if not rs:
-                    continue
-                losses = [r["final_loss"] for r in rs]
-                diffs = [r["final_loss"] - strat[r["seed"]] for r in rs if r["seed"] in strat]
-                # reused (cached) proxies are charged in full to every run that uses them
-                frac = [r.get("search_flops_with_cached", r["search_flops"]) / r["final_train_flops"] for r in rs]
-                d = {"loss": _ms(losses), "delta_vs_stratified": _ms(diffs),
-                     "wins_vs_stratified": int(sum(x < 0 for x in diffs)), "n": len(rs),
-                     "search_fraction": _ms(frac),
-                     "search_fraction_spent": _ms([r["search_flops"] / r["final_train_flops"] for r in rs]),
-                     "search_wall_s": _ms([r["search_wall_s"] for r in rs]),
-                     "weights": {k: _ms([r["weights"][k] for r in rs])[0] for k in rs[0]["weights"]}}
-                if t == "T3":
-                    d["l1_to_planted"] = _ms([l1(r["weights"], planted) for r in rs])
-                    if m == "fastmix":
-                        d["l1_last_to_planted"] = _ms([l1(r["extra"]["last"], planted) for r in rs])
-                if t in oracle:
-                    d["regret_vs_grid"] = _ms([r["final_loss"] - oracle[t]["by_seed"][r["seed"]] for r in rs])
-                per[f"{t}/{m}"] = d
-            if t in oracle:
-                per[f"{t}/grid"] = {"loss": oracle[t]["loss"], "weights": oracle[t]["weights"],
-                                    "search_fraction": (float(n_points), 0.0),
-                                    "delta_vs_stratified": _ms([oracle[t]["by_seed"][s] - strat[s] for s in strat]),
-                                    "l1_to_planted": (oracle[t]["l1_to_planted"], 0.0) if t == "T3" else None}
-        out[exp] = {"methods": per, "planted_tokens": planted, "planted_docs": data[exp]["planted_doc"],
-                    "uniform_l1_to_planted": l1({k: 1 / K for k in planted}, planted)}
+def oracle(rows: list[dict], target: str, seeds: list[int]) -> dict | None:
+    by_w: dict[str, dict] = {}
+    for r in rows:
+        if r["method"] == "grid-point" and r["target"] == target:
+            by_w.setdefault(json.dumps(r["weights"], sort_keys=True), {})[r["seed"]] = r["final_loss"]
+    full = {k: v for k, v in by_w.items() if all(s in v for s in seeds)}
+    if not full:
+        return None
+    k = min(full, key=lambda k: np.mean(list(full[k].values())))
+    return {"weights": json.loads(k), "by_seed": full[k], "loss": _ms(list(full[k].values())), "points": len(by_w)}
+
+
+def summarise_target(er: list[dict], t: str, data: dict, args, K: int) -> dict:
+    orc = oracle(er, t, args.seeds)
+    strat = {r["seed"]: r["final_loss"] for r in er if r["method"] == "stratified" and r["target"] == t}
+    grid_flops = None
+    if orc:
+        one = next(r["final_train_flops"] for r in er if r["method"] == "grid-point")
+        grid_flops = grid_size(K, args.grid_step) * one * len(args.seeds)
+    out = {"oracle": orc, "methods": {}, "grid_flops_per_seed": grid_flops and grid_flops / len(args.seeds)}
+    for m in sorted({r["method"] for r in er if r["target"] == t and r["method"] != "grid-point"}):
+        rs = sorted((r for r in er if r["method"] == m and r["target"] == t), key=lambda r: r["seed"])
+        d = {"n": len(rs), "loss": _ms([r["final_loss"] for r in rs]),
+             "weights": {k: float(np.mean([r["weights"][k] for r in rs])) for k in rs[0]["weights"]},
+             "search_fraction_of_final": _ms([r["search_flops"] / r["final_train_flops"] for r in rs]),
+             "search_wall_per_final_wall": _ms([r["search_wall_s"] / max(r.get("final_wall_s", 0), 1e-9)
+                                                 for r in rs])}
+        diffs = [r["final_loss"] - strat[r["seed"]] for r in rs if r["seed"] in strat]
+        if diffs and m != "stratified":
+            d["delta_vs_stratified"] = _ms(diffs)
+            d["wins_vs_stratified"] = int(sum(x < 0 for x in diffs))
+        if orc:
+            reg = [r["final_loss"] - orc["by_seed"][r["seed"]] for r in rs if r["seed"] in orc["by_seed"]]
+            d["regret"] = _ms(reg)
+            d["regret_se"] = d["regret"][1] / np.sqrt(len(reg))
+            d["compute_fraction_of_grid"] = float(np.mean([r["search_flops"] for r in rs]) / (grid_flops / len(args.seeds)))
+        if t == "planted":
+            d["l1_to_planted"] = _ms([l1(r["weights"], data["planted_tokens"]) for r in rs])
+        out["methods"][m] = d
+    if strat:
+        out["noise"] = {"stratified_seed_std": _ms(list(strat.values()))[1]}
+        pairs = [r["final_loss"] - strat[r["seed"]] for r in er if r["target"] == t and r["method"] == "grid-point"
+                 and r["seed"] in strat]
+        if orc:
+            o = orc["by_seed"]
+            out["noise"]["oracle_minus_stratified_std"] = _ms([o[s] - strat[s] for s in o if s in strat])[1]
+        out["noise"]["grid_points_evaluated"] = len(pairs)
     return out
 
 
-# ============================================================================ report
-
-
-def fmt(ms, digits=3, signed=False) -> str:
-    if ms is None:
-        return "–"
-    m, s = ms
-    f = f"{{:{'+' if signed else ''}.{digits}f}}"
-    return f"{f.format(m)} ± {s:.{digits}f}"
-
-
-def acceptance(summary: dict) -> list[str]:
-    lines = []
-    for exp, s in summary.items():
-        mm = s["methods"].get("T3/mixmin")
-        if mm:
-            v = mm["l1_to_planted"][0]
-            lines.append(f"- {exp} T3: MixMin L1 to the planted token shares = {v:.3f} "
-                         f"({'PASS' if v <= 0.15 else 'FAIL'}, threshold 0.15; uniform: {s['uniform_l1_to_planted']:.3f})")
-        fm = s["methods"].get("T3/fastmix")
-        if fm:
-            v, u = fm["l1_to_planted"][0], s["uniform_l1_to_planted"]
-            lv = fm["l1_last_to_planted"][0]
-            lines.append(f"- {exp} T3: FastMix L1 = {v:.3f} (exported trajectory average), {lv:.3f} (last weights) vs "
-                         f"{u:.3f} for uniform: {'moves toward the planted mixture' if v < u else 'does NOT move toward it'}")
-        for m, targets in OPTIMISES.items():
-            for t in targets:
-                d = s["methods"].get(f"{t}/{m}")
-                if not d:
-                    continue
-                dm, ds = d["delta_vs_stratified"]
-                verdict = "beats" if dm < 0 else ("matches" if dm <= 0.002 else "LOSES to")
-                lines.append(f"- {exp} {t}: {m} {verdict} stratified: Δ = {dm:+.4f} ± {ds:.4f} nats "
-                             f"({d['wins_vs_stratified']}/{d['n']} seeds better)")
-    return lines
-
-
-def write_report(summary: dict, rows: list[dict], data: dict, args, wall: float, meta: dict, out: Path) -> None:
-    lines = ["# Mixture quality: FastMix vs MixMin, Aioli, DoReMi and baselines", "",
-             f"- date: {meta['date']}", f"- machine: {meta['machine']}", f"- torch threads: {args.threads}",
-             f"- commit: {meta['commit']}", f"- command: `{meta['command']}`",
-             f"- total wall time: {wall / 60:.1f} min", "",
-             "## Setup", "",
-             f"- data: stdlib demo corpus (`build_corpus(seed=0)`), byte tokenizer, sequences of {args.seq_len}+1 tokens,"
-             f" batch {args.batch_size}.",
-             f"- proxy and final model: `cpu` preset (2 layers, d=128, {meta['n_params']:,} matmul parameters), AdamW "
-             f"lr {args.lr}, cosine, 5 warm-up steps, wd 0.1, clip 1.0.",
-             f"- final run: **{args.final_tokens:,} tokens** ({args.final_tokens // (args.batch_size * args.seq_len)} steps),"
-             f" trained from scratch on each exported mixture; seeds {args.seeds} (model init = data order = seed).",
-             f"- search budgets (× final tokens): FastMix {args.fastmix_budget} (z_lr {args.z_lr}, other SearchConfig "
-             f"defaults scaled to the budget), MixMin {args.mixmin_proxy_budget} per source proxy (one proxy set, seed 0,"
-             f" reused by every seed and target), Aioli {args.aioli_budget} (an eighth on uniform first, then "
-             f"{args.aioli_rounds} rounds, R={args.aioli_sweeps} antithetic sweeps, S={args.aioli_probe_steps}, eta "
-             f"{args.aioli_eta}, rho 0.75 for K=4 / 0.5 for K=3; probe steps included),"
-             f" DoReMi {args.doremi_budget} proxy + {args.doremi_budget} reference.",
-             "- search targets: validation splits (T1 group-averaged over the training domains, T2 docstrings, T3 the "
-             "planted validation set); eval targets: the test splits / a planted test set with the same proportions.",
-             "- compute = search FLOPs (6N per trained token + 2N per evaluated token, validation and scoring passes "
-             "included) / the final run's training FLOPs. MixMin's proxies (trained once, reused by every seed, "
-             "target and experiment) are charged in full to every run; see 'Compute' below for the amortised cost.",
-             ""]
-    for exp, s in summary.items():
+def summarise(rows: list[dict], data: dict, args) -> dict:
+    out = {}
+    for exp in args.experiments:
+        er = [r for r in rows if r["exp"] == exp]
         K = len(EXPERIMENTS[exp]["sources"])
-        lines += [f"## {exp}: sources {', '.join(EXPERIMENTS[exp]['sources'])}", "",
-                  "planted T3 (token shares of the search target): "
-                  + ", ".join(f"{k} {v:.3f}" for k, v in s["planted_tokens"].items())
-                  + " (document proportions " + ", ".join(f"{k} {v:.2f}" for k, v in s["planted_docs"].items()) + ")", ""]
-        header = ["method", "search compute (× final)"]
-        for t in TARGETS:
-            header += [f"{t} loss", f"{t} Δ vs strat (wins)"] + ([f"{t} regret vs grid"] if K <= 3 else [])
-        header += ["T3 L1 to planted"]
-        table = []
-        for m in ("stratified", "natural", "doremi", "fastmix", "mixmin", "aioli", "planted", "grid"):
-            if not any(f"{t}/{m}" in s["methods"] for t in TARGETS):
-                continue
-            fr = [s["methods"][f"{t}/{m}"]["search_fraction"][0] for t in TARGETS if f"{t}/{m}" in s["methods"]]
-            row = [m, {"grid": f"{fr[0]:.0f} (oracle)", "planted": "0 (reference)"}.get(m, f"{np.mean(fr):.2f}")]
-            for t in TARGETS:
-                d = s["methods"].get(f"{t}/{m}")
-                if d is None:
-                    row += ["–", "–"] + (["–"] if K <= 3 else [])
-                    continue
-                delta = d.get("delta_vs_stratified")
-                wins = d.get("wins_vs_stratified")
-                row += [fmt(d["loss"], 4),
-                        "–" if m == "stratified" else (fmt(delta, 4, signed=True) + (f" ({wins}/{d['n']})" if wins is not None else ""))]
-                if K <= 3:
-                    row += [fmt(d.get("regret_vs_grid"), 4, signed=True) if m != "grid" else "0"]
-            d3 = s["methods"].get(f"T3/{m}")
-            row += [fmt(d3.get("l1_to_planted"), 3) if d3 and d3.get("l1_to_planted") else "–"]
-            table.append(row)
-        lines += [_common.markdown_table(header, table), ""]
-        wl = []
-        for m in ("stratified", "natural", "doremi", "fastmix", "mixmin", "aioli", "grid"):
-            for t in TARGETS:
-                d = s["methods"].get(f"{t}/{m}")
-                if d and (t == "T3" or m in SEARCH_METHODS + ("grid",)):
-                    wl.append([m, t, ", ".join(f"{k} {v:.2f}" for k, v in d["weights"].items())])
-        lines += ["<details><summary>exported weights (mean over seeds)</summary>", "",
-                  _common.markdown_table(["method", "target", "weights"], wl), "", "</details>", ""]
-    lines += ["## Acceptance checks (generated)", ""] + acceptance(summary) + [""]
-    lines += ["## Reading the results", "", "ANALYSIS_PLACEHOLDER", ""]
-    text = "\n".join(lines)
-    old = out / "results.md"
-    if old.exists() and "ANALYSIS_PLACEHOLDER" not in old.read_text():
-        # keep a hand-written analysis from an earlier run of the same protocol
-        prev = old.read_text()
-        if "## Reading the results" in prev:
-            text = text.replace("## Reading the results\n\nANALYSIS_PLACEHOLDER\n",
-                                prev[prev.index("## Reading the results"):])
-    _common.write_atomic(str(out / "results.md"), text)
+        targets = [t for t in TARGETS if any(r["target"] == t for r in er)]
+        out[exp] = {"K": K, "planted_tokens": data[exp]["planted_tokens"], "planted_docs": data[exp]["planted_docs"],
+                    "uniform_l1": l1({k: 1 / K for k in data[exp]["sources"]}, data[exp]["planted_tokens"]),
+                    "targets": {t: summarise_target(er, t, data[exp], args, K) for t in targets}}
+        if exp == "K8":
+            out[exp]["grid_points_k8"] = grid_size(K, args.grid_step)
+    return out
 
 
-def plot(summary: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    exps = list(summary)
-    fig, axes = plt.subplots(len(exps), 3, figsize=(13, 3.8 * len(exps)), squeeze=False)
-    colors = {"stratified": "k", "natural": "grey", "doremi": "tab:purple", "fastmix": "tab:red",
-              "mixmin": "tab:blue", "aioli": "tab:green", "planted": "tab:brown", "grid": "tab:orange"}
-    floor = 0.02
-    for i, exp in enumerate(exps):
-        for j, t in enumerate(TARGETS):
-            ax = axes[i][j]
-            for m, c in colors.items():
-                d = summary[exp]["methods"].get(f"{t}/{m}")
-                if not d:
-                    continue
-                x = max(d["search_fraction"][0], floor)
-                ax.errorbar([x], [d["loss"][0]], yerr=[d["loss"][1]], fmt="o", color=c, label=m, capsize=3)
-            ax.set_xscale("log")
-            ax.set_title(f"{exp} {t}")
-            ax.set_xlabel(f"search compute / final run (log; {floor} = none)")
-            ax.set_ylabel("final eval loss (nats/token)")
-            ax.grid(alpha=0.3)
-    handles = {}
-    for ax in axes.flat:
-        for h, lab in zip(*ax.get_legend_handles_labels()):
-            handles.setdefault(lab, h)
-    fig.legend(handles.values(), handles.keys(), loc="lower center", ncol=len(handles), fontsize=9)
-    fig.tight_layout(rect=(0, 0.05, 1, 1))
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
-# ============================================================================ main
+# ============================================================================ report (report.py renders)
 
 
 def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--work", default="out/quality", help="cache and run folder")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--experiments", nargs="+", default=list(EXPERIMENTS), choices=list(EXPERIMENTS))
-    ap.add_argument("--final-tokens", type=int, default=16 * 64 * 64, help="final run budget (tokens)")
+    ap.add_argument("--final-tokens", type=int, default=16 * 64 * 256, help="final run = search budget (tokens)")
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--seq-len", type=int, default=64)
-    ap.add_argument("--lr", type=float, default=1.5e-3)
-    ap.add_argument("--fastmix-budget", type=float, default=1.0)
-    ap.add_argument("--z-lr", type=float, default=0.1)
-    ap.add_argument("--mixmin-proxy-budget", type=float, default=8.0, help="per-source proxy tokens, × final")
-    ap.add_argument("--aioli-budget", type=float, default=2.0)
-    ap.add_argument("--aioli-sweeps", type=int, default=2)
-    ap.add_argument("--aioli-rounds", type=int, default=4)
-    ap.add_argument("--aioli-probe-steps", type=int, default=2)
-    ap.add_argument("--aioli-eta", type=float, default=5.0)
-    ap.add_argument("--doremi-budget", type=float, default=1.0)
+    ap.add_argument("--proxy", default="tiny", help="proxy and final model (train.proxy); 'cpu' is the library's "
+                    "default preset, about 5x slower (a full run ~10 h on 2 shared cores)")
     ap.add_argument("--grid-step", type=float, default=0.1)
+    ap.add_argument("--grid-top", type=int, default=4, help="grid points per target re-run with every seed")
     ap.add_argument("--skip-grid", action="store_true")
-    ap.add_argument("--search-seqs", type=int, default=512, help="cap on search-target sequences (T1, T2)")
-    ap.add_argument("--eval-seqs", type=int, default=96, help="cap on eval-target sequences (T2, T3)")
-    ap.add_argument("--eval-seqs-per-group", type=int, default=24, help="T1 eval sequences per domain")
-    ap.add_argument("--planted-docs-search", type=int, default=24)
-    ap.add_argument("--planted-docs-eval", type=int, default=36)
+    ap.add_argument("--eval-seqs", type=int, default=512, help="sequences per eval target")
+    ap.add_argument("--planted-docs", type=int, default=100, help="documents in each planted set")
+    ap.add_argument("--no-fastmix-candidates", dest="fastmix_candidates", action="store_false",
+                    help="skip the final runs on FastMix's 'last' and 'average' candidates")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (the box is shared)")
-    ap.add_argument("--from-results", action="store_true",
-                    help="re-render results.md and quality.png from results.json (no training)")
-    ap.add_argument("--quick", action="store_true", help="smoke run: 1 seed, tiny budgets, grid step 0.5; writes into --work")
+    ap.add_argument("--out", default=None, help="where results.json/results.md go (default: this folder; "
+                    "--quick: --work)")
+    ap.add_argument("--from-results", action="store_true", help="re-render results.md from results.json")
+    ap.add_argument("--quick", action="store_true", help="smoke run: 1 seed, tiny budget, grid step 0.5")
     args = ap.parse_args(argv)
-    if args.quick:
-        args.seeds, args.final_tokens, args.grid_step = [0], 16 * 64 * 12, 0.5
-        args.mixmin_proxy_budget, args.aioli_rounds, args.aioli_probe_steps = 1.0, 2, 1
+    from report import render
+
+    out = Path(args.out) if args.out else (Path(args.work) if args.quick else HERE)
     if args.from_results:
-        saved = json.loads((HERE / "results.json").read_text())
-        meta = saved["meta"]
-        write_report(saved["summary"], saved["runs"], None, argparse.Namespace(**meta["args"]), meta["wall_s"], meta,
-                     HERE)
-        plot(saved["summary"], HERE / "quality.png")
-        log("re-rendered results.md and quality.png from results.json")
+        saved = json.loads((out / "results.json").read_text())
+        render(saved, out)
         return
+    if args.quick:
+        args.seeds, args.final_tokens, args.grid_step, args.grid_top = [0], 16 * 64 * 24, 0.5, 2
+        args.experiments = [e for e in args.experiments if e != "K8"]
     torch.set_num_threads(args.threads)
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    data = prepare_data(work, args)
+    load0 = _uptime()
+    data = prepare(work, args)
     rows = []
     for exp in args.experiments:
-        rows += run_experiment(work, exp, data[exp], args)
+        rows += run_methods(work, exp, data[exp], args)
+        if exp != "K8" and not args.skip_grid:
+            rows += run_grid(work, exp, data[exp], args)
     summary = summarise(rows, data, args)
-    wall = time.perf_counter() - t0
-    from fastmix_data.search.model import build_proxy, count_params, proxy_config
-
     meta = {"date": _common.today(), "machine": ", ".join(f"{k}: {v}" for k, v in _common.machine_info().items()),
             "command": _common.command_line(), "commit": _common.git_revision(str(REPO)),
-            "n_params": count_params(build_proxy(proxy_config("cpu")))["flops"], "wall_s": wall,
-            "args": vars(args)}
-    out = work if args.quick else HERE  # a smoke run never overwrites the published results
-    _common.write_atomic(str(out / "results.json"),
-                         json.dumps({"meta": meta, "summary": summary, "runs": rows}, indent=1, default=str))
-    write_report(summary, rows, data, args, wall, meta, out)
-    plot(summary, out / "quality.png")
-    log(f"done in {wall / 60:.1f} min; wrote {out / 'results.md'}")
+            "wall_s": time.perf_counter() - t0, "load_start": load0, "load_end": _uptime(), "args": vars(args)}
+    saved = {"meta": meta, "summary": summary, "runs": rows}
+    out.mkdir(parents=True, exist_ok=True)
+    _common.write_atomic(str(out / "results.json"), json.dumps(saved, indent=1, default=str))
+    render(saved, out)
+    log(f"done in {meta['wall_s'] / 60:.1f} min; wrote {out / 'results.md'}")
+
+
+def _uptime() -> str:
+    try:
+        return " ".join(Path("/proc/loadavg").read_text().split()[:3])
+    except OSError:
+        return "?"
 
 
 if __name__ == "__main__":

@@ -110,7 +110,7 @@ class LoopState:
     effective_batch: int | None = None  # reported by the sink at the last publish
     history: list[list[float]] = field(default_factory=list)  # alpha after each update
     times: dict[str, float] = field(default_factory=lambda: dict.fromkeys(PHASES, 0.0))  # wall seconds per phase
-    pool_batches: int = 0  # stream batches held out (never trained on) for the training gradient
+    held_out_batches: int = 0  # stream batches used for the training gradient only (never trained on)
 
 
 class FastMixLoop:
@@ -161,7 +161,7 @@ class FastMixLoop:
         self.buffers: list[deque] = [deque(maxlen=self.fc.search_seqs_per_source) for _ in range(self.K)]
         self.targets = TargetBatches(target, tbs, self.cfg.target.seed) if target is not None else None
         self.tbs = tbs
-        self.pool: TargetBatches | None = None  # held-out training sequences (residual signal)
+        self._it = None  # the stream's iterator (held-out batches are drawn from it at outer steps)
         self.state = LoopState()
         self.data = data
         self.ckpt_every = checkpoint_every(self.budget.steps, self.cfg.train.grad_accum, self.cfg.output.checkpoint_every)
@@ -302,16 +302,18 @@ class FastMixLoop:
 
     def train_gradient(self) -> torch.Tensor | None:
         """The alpha-weighted training loss's LM-head gradient at the CURRENT parameters (where the
-        target gradient was just taken), from held-out training sequences -- drawn from the stream
-        at the start and never trained on, so that, like the target's, it is a gradient on unseen
-        data (a gradient on just-trained sequences is biased low) and independent of the tokens
-        it is compared with -- as many as the target pass forwards, with the current loss weights."""
-        if self.pool is None:
+        target gradient was just taken), on FRESH sequences: the next batches of the search stream,
+        which the proxy then skips -- like the target's, a gradient on unseen data (one taken on
+        just-trained sequences is biased low) that is independent of the tokens it is compared with
+        and, unlike a fixed held-out sample, whose sampling error averages out over the run. About as
+        many sequences as the target pass forwards, with the current loss weights."""
+        if self._it is None:
             return None
-        G, n = None, 0
-        for _ in range(self.sched.target_batches_per_step):
-            b = self.pool.next()
-            tokens, src = b["tokens"].to(self.device), b["group"].to(self.device)
+        G, n, seqs = None, 0, 0
+        while seqs < self.sched.target_batches_per_step * self.tbs:
+            tokens, src = self._unpack(next(self._it))
+            seqs += tokens.shape[0]
+            self.state.held_out_batches += 1
             with torch.no_grad():
                 h, logits = self.trainer.forward(tokens[:, :-1])
             ntok = tokens.shape[0] * (tokens.shape[1] - 1)
@@ -322,24 +324,6 @@ class FastMixLoop:
             G = g * ntok if G is None else G + g * ntok
             n += ntok
         return G / n
-
-    def draw_pool(self, it) -> None:
-        """Hold out the first sequences of the search stream (never trained on) for the training
-        gradient of the residual signal: about as many as the target has, at most a tenth of the
-        budget's, whole batches."""
-        n_target = len(self.targets.target) if self.targets is not None else 0
-        want = max(self.K * 4, min(n_target, self.budget.steps * self.cfg.train.batch_size // 10))
-        toks, srcs = [], []
-        while sum(len(t) for t in toks) < want:
-            tokens, source = self._unpack(next(it))
-            toks.append(tokens.cpu())
-            srcs.append(source.cpu())
-            self.state.pool_batches += 1
-        self._make_pool(torch.cat(toks), torch.cat(srcs))
-
-    def _make_pool(self, tokens: torch.Tensor, group: torch.Tensor) -> None:
-        held = TargetSet(tokens, group, list(self.names), "tokens", "holdout")
-        self.pool = TargetBatches(held, self.tbs, self.cfg.target.seed + 1)
 
     def _reference(self, train_grad: torch.Tensor | None):
         """The gradient scores are taken against: ``G_T`` (the target's), or with ``fastmix.residual``
@@ -385,7 +369,7 @@ class FastMixLoop:
     def details(self) -> dict:
         return {"schedule": self.sched.to_dict(), "updates": self.z.steps, "outer_steps": self.state.outer,
                 "wall_breakdown_s": dict(self.state.times), "residual": self.residual,
-                "holdout_batches": self.state.pool_batches,
+                "held_out_batches": self.state.held_out_batches,
                 "micro_batches": self.state.step, "skipped_nonfinite_hypergrad": self.z.skipped_nonfinite,
                 "skipped_nonfinite_train": self.trainer.skipped_nonfinite, "hypergrad": self.fc.hypergrad,
                 "search_batch": self.fc.search_batch, "target": None if self.targets is None else
@@ -401,8 +385,6 @@ class FastMixLoop:
             "trainer": self.trainer.state_dict(), "fastmix": self.z.state_dict(), "state": asdict(self.state),
             "meter": self.ctx.meter.state_dict(), "window": self.window.state_dict(), "tele": self.tele.state_dict(),
             "ema": self.ema.state_dict(), "buffers": [[r.cpu() for r in buf] for buf in self.buffers],
-            "pool": None if self.pool is None else {"tokens": self.pool.target.tokens, "group": self.pool.target.group,
-                                                    "rotation": self.pool.state_dict()},
             "reference": None if self.reference is None or isinstance(self.reference, list) else self.reference.cpu(),
             "target": None if self.targets is None else self.targets.state_dict(),
             "rng": {"torch": torch.get_rng_state(),
@@ -430,9 +412,6 @@ class FastMixLoop:
         self.window = SourceScores.from_state_dict(ck["window"], self.device)
         self.tele = SourceScores.from_state_dict(ck["tele"], self.device)
         self.ema.load_state_dict(ck["ema"], self.device)
-        if ck["pool"] is not None:
-            self._make_pool(ck["pool"]["tokens"], ck["pool"]["group"])
-            self.pool.load_state_dict(ck["pool"]["rotation"])
         ref = ck.get("reference")
         self.reference = ref.to(self.device) if ref is not None else (
             self.ema.value if self.fc.hypergrad == "head" else None)
@@ -453,7 +432,7 @@ class FastMixLoop:
             self.data.load_state_dict(data_state)
             return iter(self.data)
         it = iter(self.data)
-        used = self.state.step + self.state.pool_batches
+        used = self.state.step + self.state.held_out_batches
         if resumed and used:
             warnings.warn(f"the search stream has no state_dict(): skipping the {used} batches already "
                           "used (the stream must be deterministic for an identical resumption)", stacklevel=3)
@@ -462,8 +441,8 @@ class FastMixLoop:
         return it
 
     def _start(self):
-        """Resume from the checkpoint, or start: hold out the pool, take the first target gradient,
-        publish the starting mixture. Returns the stream's iterator."""
+        """Resume from the checkpoint, or start: take the first reference gradient and publish the
+        starting mixture. Returns the stream's iterator."""
         resume = self.ctx.resume
         if resume not in (False, True, "auto"):
             raise ValueError(f"resume must be True, False or 'auto', got {resume!r}")
@@ -474,11 +453,12 @@ class FastMixLoop:
         if resume and exists:
             data_state = self.restore()
             self.state.effective_batch = self.ctx.publish(dict(zip(self.names, self.z.alpha().tolist())))
-            return self._iterator(True, data_state)
+            it = self._iterator(True, data_state)
+            self._it = it if self.residual else None
+            return it
         it = self._iterator(False, None)
+        self._it = it if self.residual else None
         if self.fc.hypergrad != "none":
-            if self.residual:
-                self.draw_pool(it)
             self.state.target_loss = self.target_pass()
             self.reference = self._reference(self.train_gradient() if self.residual else None)
         self.state.effective_batch = self.ctx.publish(dict(zip(self.names, self.z.alpha().tolist())))
