@@ -139,3 +139,16 @@ def test_proxy_spec_parsing():
 def test_replace_by_dotted_path():
     c = SearchConfig(max_tokens=10).replace(**{"fastmix.z_lr": 0.3, "max_tokens": "1k"})
     assert c.fastmix.z_lr == 0.3 and c.max_tokens == 1000
+
+
+def test_every_field_is_documented():
+    """docs/search.md lists the shared fields, docs/methods.md the method sections' (by dotted path)."""
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    search_md, methods_md = (root / "docs" / "search.md").read_text(), (root / "docs" / "methods.md").read_text()
+    for leaf in walk(SearchConfig):
+        doc = search_md if "." not in leaf.path or leaf.section_path in ("train", "target", "output") else methods_md
+        name = leaf.path.split(".")[-1]
+        assert f"`{leaf.path}`" in doc or (f"`{leaf.section_path}.{name}`" in doc) or (
+            leaf.section_path and f"{leaf.section_path}.{name}" in doc), leaf.path

@@ -112,8 +112,9 @@ class TrainConfig(Section):
 
     proxy: ProxySpec = opt(ProxySpec(), "proxy model: a preset (cpu, tiny, gpu) plus overrides, e.g. "
                            "'gpu,vocab_size=50304'", "proxy", aliases=("model",))
-    seed: int = opt(0, "seed of the proxy's initialisation", "int", lo=0)
-    data_seed: int | None = opt(None, "seed of the training stream's order", "int", lo=0, auto="the seed")
+    seed: int = opt(0, "seed of the proxy's initialisation", "int", lo=0, hi=2**63 - 1)
+    data_seed: int | None = opt(None, "seed of the training stream's order", "int", lo=0, hi=2**63 - 1,
+                                auto="the seed")
     batch_size: int = opt(16, "packed sequences per micro-batch", "int", lo=1)
     seq_len: int = opt(128, "tokens predicted per sequence (sequences hold seq_len + 1 tokens)", "int", lo=1)
     grad_accum: int = opt(1, "micro-batches per optimiser step", "int", lo=1)
@@ -183,7 +184,8 @@ class TargetConfig(Section):
                     flag="target")
     max_seqs: int | None = opt(1024, "target sequences kept (a seeded uniform sample across all files and "
                                "documents)", "int", lo=1, auto="all of them")
-    seed: int = opt(0, "seed of the target sample and of the order target batches are used in", "int", lo=0)
+    seed: int = opt(0, "seed of the target sample and of the order target batches are used in", "int", lo=0,
+                    hi=2**31 - 1)
     average: str = opt("auto", "target loss: 'tokens' (token mean), 'groups' (mean of group means) or 'auto' "
                        "(groups for GROUP=PATH targets)", "str", choices=("auto", "tokens", "groups"))
     batch_size: int | None = opt(None, "sequences per target batch (FastMix's target passes)", "int", lo=1,
@@ -274,7 +276,7 @@ class MixMinConfig(Section):
     proxy_tokens: int | None = opt(None, "training tokens of each per-source proxy", "count", lo=1,
                                    auto="max_tokens / K (all proxies together cost the budget)")
     proxy_seed: int | None = opt(None, "seed of the proxies (a fixed one lets runs share cached proxies)", "int",
-                                 lo=0, auto="train.seed")
+                                 lo=0, hi=2**63 - 1, auto="train.seed")
     eta: float = opt(1.0, "exponentiated-gradient step (see eta_scale)", "float", lo=0, lo_open=True)
     eta_scale: str = opt("length", "'length' (eta per unit of the objective's total log-term weight) or "
                          "'none' (the literal step)", "str", choices=("length", "none"))
@@ -282,7 +284,7 @@ class MixMinConfig(Section):
     tol: float = opt(1e-4, "stop when no weight moves by more than this in a step", "float", lo=0)
     fit_fraction: float = opt(0.8, "share of target sequences the mixture is fitted on (the rest is reported)",
                               "float", lo=0, lo_open=True, hi=1)
-    split_seed: int = opt(0, "seed of the fit/report split", "int", lo=0)
+    split_seed: int = opt(0, "seed of the fit/report split", "int", lo=0, hi=2**63 - 1)
     per_token: bool = opt(False, "mix the proxies per token instead of per sequence (ablation)", "bool")
 
 
@@ -310,7 +312,7 @@ class AioliConfig(Section):
     final: str = opt("average", "exported weights: 'average' (over the steps trained on them) or 'last'", "str",
                      choices=("average", "last"))
     init_weights: dict | None = opt(None, "starting mixture", "weights", auto="uniform")
-    seed: int = opt(0, "seed of the probe order", "int", lo=0)
+    seed: int = opt(0, "seed of the probe order", "int", lo=0, hi=2**31 - 1)
 
 
 @dataclass
@@ -340,7 +342,7 @@ class GridConfig(Section):
     """Grid oracle: every simplex point at a step, each trained at max_tokens and scored."""
 
     step: float = opt(0.1, "simplex grid step (1/step must be a whole number; 0.1 gives 66 points for K=3)",
-                      "float", lo=0, lo_open=True, hi=1)
+                      "float", lo=0.001, hi=1)
     max_sources: int = opt(3, "refuse more sources than this (the grid grows as C(1/step + K - 1, K - 1))",
                            "int", lo=1)
 

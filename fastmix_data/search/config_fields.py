@@ -30,8 +30,7 @@ from typing import Any, ClassVar
 from fastmix_data.errors import ConfigError
 
 #: the kinds a field may have (how its value is parsed and checked)
-KINDS = ("int", "float", "str", "bool", "count", "weights", "betas", "proxy", "sources", "target", "mapping",
-         "names")
+KINDS = ("int", "float", "str", "bool", "count", "weights", "betas", "proxy", "sources", "target", "mapping")
 
 _SUFFIX = {"k": 10**3, "m": 10**6, "g": 10**9, "b": 10**9, "t": 10**12}
 _NONE_WORDS = ("none", "null", "auto", "")
@@ -173,8 +172,6 @@ def coerce(kind: str, v: Any, *, optional: bool) -> Any:
         if isinstance(v, (list, tuple)) and all(isinstance(x, str) for x in v):
             return _pairs(v, "a source")
         return dict(v) if isinstance(v, Mapping) else v
-    if kind == "names":
-        return [x.strip() for x in v.split(",") if x.strip()] if isinstance(v, str) else v
     return v
 
 
@@ -200,9 +197,9 @@ def check_value(meta: Mapping, v: Any) -> str | None:
         return f"must be a finite number, got {v!r}"
     if kind in ("int", "count", "float"):
         if lo is not None and (v <= lo if meta["lo_open"] else v < lo):
-            return f"must be {'>' if meta['lo_open'] else '>='} {lo}, got {v!r}"
+            return f"must be {'>' if meta['lo_open'] else '>='} {lo}, got {_short(v)}"
         if hi is not None and v > hi:
-            return f"must be <= {hi}, got {v!r}"
+            return f"must be <= {hi}, got {_short(v)}"
     if kind == "str" and not isinstance(v, str):
         return f"must be a string, got {v!r}"
     if meta["choices"] is not None and v not in meta["choices"]:
@@ -220,9 +217,25 @@ def check_value(meta: Mapping, v: Any) -> str | None:
             return f"must map sources to finite non-negative numbers, not all zero, got {dict(v)!r}"
     if kind in ("mapping", "sources") and not isinstance(v, Mapping):
         return f"must be a mapping, got {v!r}"
-    if kind == "names" and not (isinstance(v, list) and all(isinstance(x, str) for x in v)):
-        return f"must be a list of names, got {v!r}"
+    if kind == "sources" and not all(isinstance(k, str) and _is_path_spec(x) for k, x in v.items()):
+        return f"must map source names to paths, globs or lists of them, got {_short(v)}"
+    if kind == "target" and not (_is_path_spec(v) or (isinstance(v, Mapping) and v and all(
+            isinstance(k, str) and _is_path_spec(x) for k, x in v.items()))):
+        return f"must be a path, a glob, a list of them, or {{group: path}}, got {_short(v)}"
     return None
+
+
+def _is_path_spec(v: Any) -> bool:
+    import os
+
+    if isinstance(v, (str, os.PathLike)):
+        return bool(str(v))
+    return isinstance(v, (list, tuple)) and bool(v) and all(isinstance(x, (str, os.PathLike)) for x in v)
+
+
+def _short(v: Any) -> str:
+    r = repr(v)
+    return r if len(r) <= 120 else r[:117] + "..."
 
 
 # ============================================================================ sections
@@ -284,6 +297,9 @@ class Section:
     def from_dict(cls, d: Mapping[str, Any] | None, path: str = ""):
         """Build from a mapping (YAML/JSON); unknown keys and uncoercible values raise
         :class:`ConfigError`. Not validated: call :meth:`validate` on the root."""
+        if d is not None and not isinstance(d, Mapping):
+            where = f"section {path!r}" if path else cls.ROOT_LABEL
+            raise ConfigError(f"the {where} must be a mapping of its fields, got {_short(d)}")
         d = dict(d or {})
         fields = {f.name: f for f in dataclasses.fields(cls)}
         unknown = [k for k in d if k not in fields]
@@ -293,7 +309,7 @@ class Section:
                 close = difflib.get_close_matches(str(k), list(fields), n=1)
                 hints.append(f"{path + '.' if path else ''}{k}" + (f" (did you mean {close[0]!r}?)" if close else ""))
             where = f"section {path!r}" if path else cls.ROOT_LABEL
-            raise ConfigError(f"unknown key(s) in the {where}: {', '.join(hints)}; known: {sorted(fields)}")
+            raise ConfigError(f"unknown key(s) in the {where}: {', '.join(hints)}; known: {sorted(fields)}"[:1000])
         kw = {}
         for k, v in d.items():
             f = fields[k]
@@ -304,8 +320,8 @@ class Section:
                 continue
             try:
                 kw[k] = cls._decode_field(k, coerce(f.metadata["kind"], v, optional=f.metadata["auto"] is not None))
-            except (TypeError, ValueError) as e:
-                raise ConfigError(f"invalid {cls.ROOT_LABEL if not path else 'config'}: {p}: {e}") from None
+            except (TypeError, ValueError, OverflowError) as e:
+                raise ConfigError(f"invalid {cls.ROOT_LABEL if not path else 'config'}: {p}: {e}"[:500]) from None
         return cls(**kw)
 
     @classmethod
