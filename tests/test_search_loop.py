@@ -57,7 +57,7 @@ def test_at_its_defaults_fastmix_moves_clearly_toward_a_planted_mixture():
     uniform = l1({f"s{k}": 1 / K for k in range(K)}, planted)
     assert l1(r.weights, planted) < 0.25 < 0.5 * uniform, r.weights  # uniform is 0.53 away
     assert r.weights["s0"] > r.weights["s1"] > r.weights["s2"]
-    assert r.exported == "tail" and r.details["schedule"]["updates"] >= 90
+    assert r.exported == "average" and r.details["schedule"]["updates"] >= 90
 
 
 @pytest.mark.parametrize("seed", [0, 1])
@@ -207,7 +207,7 @@ def test_every_mixture_leaves_through_the_publish_hook(tmp_path):
     assert len(updates) > 0 and len(sink.history) == 1 + 1 + len(updates) + 1 == len(seen) + 1
     assert all(rec["effective_batch"] == 0 for rec in r.trajectory)  # nobody consumed the sink's batches
     assert seen[-2] == pytest.approx(r.candidates["last"]) and seen[-1] == pytest.approx(r.weights)
-    assert r.exported == "tail" and r.weights == r.candidates["tail"] != r.candidates["last"]
+    assert r.exported == "average" and r.weights == r.candidates["average"] != r.candidates["last"]
 
 
 def test_answer_only_target_and_plain_mode():
@@ -255,7 +255,7 @@ def test_cpu_end_to_end_smoke(tmp_path):
     for f in ("weights.json", "trajectory.jsonl", "trajectory.png", "compute.json", "checkpoint.pt", "search_config.json"):
         assert (tmp_path / f).stat().st_size > 0, f
     w = json.loads((tmp_path / "weights.json").read_text())
-    assert w["final"] and set(w["weights"]) == {"code", "prose", "math"} and w["exported"] == "tail"
+    assert w["final"] and set(w["weights"]) == {"code", "prose", "math"} and w["exported"] == "average"
     assert w["shares"]["samples"] is None  # a synthetic stream has no shard index
     comp = json.loads((tmp_path / "compute.json").read_text())
     n = comp["n_params_flops"]

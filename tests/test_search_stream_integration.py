@@ -58,7 +58,7 @@ def test_run_search_on_mixture_stream_with_sink_and_resume(tmp_path):
     full = run_method(cfg, stream=search, target=target, sink=job, out_dir=tmp_path / "a")
     assert full.stopped_reason == "max_tokens"
     assert full.weights["digits"] == max(full.weights.values())  # the target is digits text
-    # the job ends on the exported (tail average) mixture, pushed after the last live update
+    # the job ends on the exported (average) mixture, pushed after the last live update
     assert job.state_dict()["history"][-1]["requested"] == pytest.approx(full.weights)
     assert full.weights != full.candidates["last"]
     eff = [r["effective_batch"] for r in full.trajectory if r["updated"]]

@@ -250,8 +250,8 @@ class FastMixConfig(Section):
     search_seqs_per_source: int = opt(4, "sequences per source in the buffer search batch", "int", lo=1)
     score_last: int | None = opt(None, "window mode: score only the last n micro-batches of each window", "int",
                                  lo=1, auto="all of them")
-    final: str = opt("tail", "exported weights: 'tail' (average over the last tail_fraction of the updates), "
-                     "'average' (all updates) or 'last'", "str", choices=("tail", "average", "last"))
+    final: str = opt("average", "exported weights: 'average' (over all updates), 'tail' (over the last "
+                     "tail_fraction of them) or 'last'", "str", choices=("average", "tail", "last"))
     tail_fraction: float = opt(0.5, "share of the updates the tail average covers", "float", lo=0,
                                lo_open=True, hi=1)
     target_batches_per_step: int | None = opt(None, "target batches per outer step (rotated through the target)",

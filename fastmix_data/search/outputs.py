@@ -14,7 +14,7 @@ Every file is written atomically (temp file + fsync + rename). ``weights.json``,
 (a K=2 search; the source statistics come from the shard index)::
 
     {"format_version": 2, "method": "fastmix", "final": true, "stopped_reason": "max_tokens",
-     "weight_units": "tokens", "exported": "tail",
+     "weight_units": "tokens", "exported": "average",
      "weights": {"code": 0.6, "web": 0.4},
      "shares": {"tokens":  {"code": 0.6,   "web": 0.4},
                 "samples": {"code": 0.273, "web": 0.727},

@@ -23,8 +23,8 @@ Solution: :class:`FastMixLoop`, whose methods are the phases, called by :meth:`F
 
 The schedule (warm-up, outer-step interval, z step size) comes from the budget
 (:func:`fastmix_data.search.schedule.fastmix_schedule`). The exported mixture is chosen by
-``fastmix.final``: the average over the last ``tail_fraction`` of the updates (default), over all
-updates, or the last one.
+``fastmix.final``: the average over all updates (default, the best measured in the quality
+benchmark), over the last ``tail_fraction`` of them, or the last one.
 """
 
 from __future__ import annotations
