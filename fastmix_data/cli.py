@@ -102,12 +102,29 @@ def _add_search_flags(p: argparse.ArgumentParser) -> None:
             taken.add(bare)
         kw: dict[str, Any] = {"dest": "cfg:" + leaf.path, "default": argparse.SUPPRESS, "help": _help(leaf.field)}
         if meta["kind"] == "bool":
-            kw["action"] = argparse.BooleanOptionalAction
+            flags += ["--no-" + f[2:] for f in flags]
+            kw.update(action=_BoolFlag, nargs="?", metavar="BOOL")
         elif meta["kind"] in ("sources", "target"):
             kw.update(nargs="+", action="extend", metavar="NAME=PATH" if meta["kind"] == "sources" else "PATH")
         else:
             kw["metavar"] = leaf.field.name.upper()
         p.add_argument(*flags, **kw)
+
+
+class _BoolFlag(argparse.Action):
+    """``--x`` sets True, ``--no-x`` False, and ``--x VALUE`` takes true/false/yes/no/1/0 (older
+    scripts wrote ``--progress false``)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        value = not option_string.startswith("--no-")
+        if values is not None:
+            if option_string.startswith("--no-"):
+                parser.error(f"{option_string} takes no value")
+            word = str(values).strip().lower()
+            if word not in ("true", "yes", "1", "on", "false", "no", "0", "off"):
+                parser.error(f"{option_string} takes true or false, got {values!r}")
+            value = word in ("true", "yes", "1", "on")
+        setattr(namespace, self.dest, value)
 
 
 def _search_config(args: argparse.Namespace):

@@ -21,18 +21,13 @@ class ManifestError(FastMixDataError):
     """A manifest is invalid (wrong version, missing fields, changed shards, path escapes)."""
 
 
-class ConfigError(FastMixDataError, ValueError):
-    """A configuration is invalid (unknown key, wrong type, value out of range); the message names
-    the field by its dotted path (``fastmix.z_lr``) and its command-line flag."""
-
-
 class UnsafeInputError(FastMixDataError):
     """Input would need pickle, a `pipe:` URL or code execution; opting in is explicit."""
 
 
 class ConfigError(FastMixDataError, ValueError):
-    """A configuration value is invalid (a search or method config, a stream argument); the message
-    names the field and the value."""
+    """A configuration value is invalid (the search config, a stream argument); the message names the
+    field (a search config field by its dotted path, ``fastmix.z_lr``, and its flag) and the value."""
 
 
 class CoordinationError(FastMixDataError):

@@ -223,7 +223,7 @@ def test_example_job_with_the_search_embedded_on_rank_0(tmp_path, processes):
     srcs = write_ab_sources(tmp_path, 80, 80)
     write_parquet_source(tmp_path / "target", make_docs(30, seed=3, prefix="a"), shards=1)
     search = ["--source", f"a={srcs['a']}", "--source", f"b={srcs['b']}", "--target", str(tmp_path / "target"),
-              "--seq-len", str(L), "--batch-size", "4", "--model", "tiny", "--max-steps", "24", "--warmup-steps", "4",
+              "--seq-len", str(L), "--batch-size", "4", "--model", "tiny", "--max-tokens", str(24 * 4 * L), "--warmup-steps", "4",
               "--outer-every", "4", "--progress", "false", "--plot", "false"]
     job, log = tmp_path / "job", tmp_path / "job.log"
     run = _job(srcs, "tcp://127.0.0.1:0", job, log, "--search", "embedded", "--search-args", shlex.join(search),

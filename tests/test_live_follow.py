@@ -236,12 +236,12 @@ def test_search_cli_publishes_and_a_resumed_search_continues_the_sequence(tmp_pa
             str(tmp_path / "t"), "--seq-len", "32", "--batch-size", "4", "--model", "tiny", "--warmup-steps", "2",
             "--outer-every", "2", "--checkpoint-every", "4", "--progress", "false", "--plot", "false",
             "--out", str(out), "--publish", str(pub)]
-    assert main(args + ["--max-steps", "8"]) == 0
+    assert main(args + ["--max-tokens", str(8 * 4 * 32)]) == 0
     first = json.loads((pub / "latest.json").read_text())
     run = json.loads((out / "publisher.json").read_text())["run_id"]
     assert first["run_id"] == run and first["seq"] >= 4 and first["units"] == "tokens"
     assert json.loads((pub / "alive.json").read_text())["closed"]
-    assert main(args + ["--max-steps", "12", "--resume"]) == 0
+    assert main(args + ["--max-tokens", str(12 * 4 * 32), "--resume"]) == 0
     second = json.loads((pub / "latest.json").read_text())
     assert second["run_id"] == run and second["seq"] > first["seq"]
     digest = hashlib.sha256((pub / "latest.json").read_bytes()).hexdigest()

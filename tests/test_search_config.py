@@ -79,12 +79,15 @@ def test_every_field_has_a_flag_with_its_doc_and_booleans_are_flags():
         assert leaf.flag in action.option_strings
         assert leaf.field.metadata["doc"].split("(")[0].strip()[:20] in action.help.replace("%%", "%")
         if leaf.field.metadata["kind"] == "bool":
-            assert isinstance(action, argparse.BooleanOptionalAction)
+            assert "--no-" + leaf.flag[2:] in action.option_strings
     help_text = sub.format_help()
     assert "--fastmix-z-lr" in help_text and "--mixmin-eta" in help_text and "--no-plot" in help_text
     assert "derived from the budget" in help_text  # None defaults are explained
-    # FastMix's flags also work without the prefix, as they did
+    # FastMix's flags also work without the prefix, as they did; booleans also take a value
     assert from_cli("--max-tokens", "1", "--outer-every", "5").fastmix.outer_every == 5
+    assert from_cli("--max-tokens", "1", "--progress", "false").output.progress is False
+    assert from_cli("--max-tokens", "1", "--no-plot").output.plot is False
+    assert from_cli("--max-tokens", "1", "--mixmin-per-token").mixmin.per_token is True
 
 
 def test_bad_configs_are_one_line_errors_naming_the_field():

@@ -1,7 +1,8 @@
 """`WeightPublisher`: publishes each new mixture of a search where following streams read it.
 
-It is a search sink (``set_weights(weights)``, like a live `MixtureStream`), so ``run_search(...,
-sink=WeightPublisher(uri))`` or ``fastmix-data search ... --publish URI`` publish every new alpha.
+It is a search sink (``set_weights(weights)``, like a live `MixtureStream`), so ``run_method(...,
+sink=WeightPublisher(uri))`` or ``fastmix-data search ... --publish URI`` publish every new mixture
+(through the search's one publishing hook, ``RunContext.publish``).
 Each update gets the next ``seq`` of the run; the run id and the last seq are kept in
 ``<state_dir>/publisher.json`` (written atomically after each update), so a publisher restarted on
 the same search directory continues the sequence, as the search continues from its checkpoint.

@@ -10,7 +10,7 @@
       search_config.json  the config as given and the schedule resolved from the budget
       checkpoint.pt       online searches only (FastMix), for resume
 
-Every file is written atomically (temp file + fsync + rename). ``weights.json``, worked example
+Every file is written atomically, through :mod:`fastmix_data.io` (temp file + fsync + rename). ``weights.json``, worked example
 (a K=2 search; the source statistics come from the shard index)::
 
     {"format_version": 2, "method": "fastmix", "final": true, "stopped_reason": "max_tokens",
@@ -46,6 +46,8 @@ from typing import Any
 
 import torch
 
+from fastmix_data.io import write_json_atomic, write_text_atomic
+
 WEIGHTS_FILE = "weights.json"
 TRAJECTORY_FILE = "trajectory.jsonl"
 PLOT_FILE = "trajectory.png"
@@ -56,17 +58,6 @@ WEIGHTS_FORMAT_VERSION = 2
 
 
 # ============================================================================ JSON
-
-
-def atomic_write(path: str | os.PathLike, data: str | bytes) -> None:
-    """Write ``data`` to ``path`` through a temp file, fsync and rename."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb" if isinstance(data, bytes) else "w") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def clean_json(o: Any) -> Any:
@@ -85,8 +76,8 @@ def clean_json(o: Any) -> Any:
 
 
 def write_json(path: str | os.PathLike, obj: Any) -> None:
-    """Atomically write strict JSON (NaN becomes null)."""
-    atomic_write(path, json.dumps(clean_json(obj), indent=2) + "\n")
+    """Atomically write strict JSON (NaN becomes null), through :mod:`fastmix_data.io`."""
+    write_json_atomic(path, clean_json(obj), indent=2)
 
 
 def read_trajectory(path: str | os.PathLike) -> list[dict]:
@@ -237,7 +228,7 @@ class RunWriter:
         now = time.monotonic()
         if not force and now - self._last_flush < self.flush_every_s:
             return
-        atomic_write(self.dir / TRAJECTORY_FILE, "".join(s + "\n" for s in self._lines))
+        write_text_atomic(self.dir / TRAJECTORY_FILE, "".join(s + "\n" for s in self._lines))
         self._dirty, self._last_flush = False, now
 
     def restore(self, upto_step: int) -> None:
@@ -307,7 +298,6 @@ __all__ = [
     "WEIGHTS_FILE",
     "RunWriter",
     "SourceStats",
-    "atomic_write",
     "clean_json",
     "plot_weights",
     "read_trajectory",

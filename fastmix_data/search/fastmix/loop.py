@@ -30,7 +30,6 @@ benchmark), over the last ``tail_fraction`` of them, or the last one.
 from __future__ import annotations
 
 import math
-import os
 import time
 import warnings
 from collections import deque
@@ -39,6 +38,8 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
+
+from fastmix_data.io import atomic_path
 
 from ..context import MethodResult, RunContext, finish
 from ..hypergrad import (
@@ -391,9 +392,8 @@ class FastMixLoop:
                     "cuda": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None},
             "data": data_state,
         }
-        tmp = self.ckpt_path.with_name(f".{self.ckpt_path.name}.tmp{os.getpid()}")
-        torch.save(ck, tmp)
-        os.replace(tmp, self.ckpt_path)
+        with atomic_path(self.ckpt_path) as tmp:
+            torch.save(ck, tmp)
         self.ctx.writer.flush()
 
     def restore(self) -> Any:

@@ -20,6 +20,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from fastmix_data.io import atomic_path
+
 from ..config import TrainConfig
 from ..model import build_proxy
 from ..outputs import write_json
@@ -69,10 +71,8 @@ class ProxyCache:
         model, compute = fit()
         if self.dir is not None:
             d = self.dir / key
-            d.mkdir(parents=True, exist_ok=True)
-            tmp = d / f".model.pt.tmp{os.getpid()}"
-            torch.save({k: v.cpu() for k, v in model.state_dict().items()}, tmp)
-            os.replace(tmp, d / "model.pt")
+            with atomic_path(d / "model.pt") as tmp:
+                torch.save({k: v.cpu() for k, v in model.state_dict().items()}, tmp)
             write_json(d / "meta.json", {"description": dict(description), "compute": compute})
         return model, compute, False
 
