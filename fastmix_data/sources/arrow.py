@@ -1,7 +1,7 @@
 """Arrow column helpers shared by the Parquet and Hugging Face readers.
 
-Conversions are vectorised: ids come out of a ListArray's flat values and offsets with numpy (one
-copy to int64 per shard, then zero-copy views per row), never through per-row Python ints.
+Conversions are vectorised: ids come out of a ListArray's flat values and offsets as zero-copy numpy
+views in their stored integer type (`IdRows`), never through per-row Python ints.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from fastmix_data.errors import SourceError
-from fastmix_data.sources.base import ShardData
+from fastmix_data.sources.base import IdRows, ShardData
 from fastmix_data.sources.reader import IDS, TEXT, Candidate, Columns, ShardStats
 
 
@@ -111,39 +111,49 @@ def integers(arr: pa.Array) -> np.ndarray:
     return np.frombuffer(arr.buffers()[1], dtype=dtype)[arr.offset : arr.offset + len(arr)]
 
 
-def _list_chunk_to_ids(chunk: pa.Array, name: str, path: str) -> list[np.ndarray]:
+def _list_chunk_to_ids(chunk: pa.Array, name: str, path: str) -> tuple[np.ndarray, np.ndarray]:
+    """(values, int64 offsets from 0) of one list chunk: zero-copy views of its buffers."""
     if pa.types.is_fixed_size_list(chunk.type):
         flat = chunk.flatten()
         if flat.null_count:
             raise SourceError(f"column {name!r} of shard {path} has null token ids")
-        values = integers(flat).astype(np.int64)
-        return list(values.reshape(len(chunk), chunk.type.list_size))
+        width = chunk.type.list_size
+        return integers(flat), np.arange(len(chunk) + 1, dtype=np.int64) * width
     offsets = integers(chunk.offsets)
     start, stop = int(offsets[0]), int(offsets[-1])
     child = chunk.values.slice(start, stop - start)
     if child.null_count:
         raise SourceError(f"column {name!r} of shard {path} has null token ids")
-    values = integers(child).astype(np.int64)
-    bounds = (offsets - start).tolist()
-    return [values[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
+    return integers(child), offsets.astype(np.int64) - start
 
 
-def ids_of(col: pa.ChunkedArray, name: str, path: str) -> list[np.ndarray]:
-    """One int64 array per row, as views into one contiguous per-chunk buffer."""
+def ids_of(col: pa.ChunkedArray, name: str, path: str) -> IdRows:
+    """The rows of an ids column as `IdRows`: the values in their stored integer type (a view of the
+    Arrow buffer when the column has one chunk), offsets as int64."""
     _check_no_nulls(col, name, path)
-    out: list[np.ndarray] = []
-    for chunk in col.chunks:
-        out.extend(_list_chunk_to_ids(chunk, name, path))
-    return out
+    parts = [_list_chunk_to_ids(chunk, name, path) for chunk in col.chunks]
+    if len(parts) == 1:
+        return IdRows(*parts[0])
+    if not parts:
+        return IdRows(np.zeros(0, dtype=np.int64), np.zeros(1, dtype=np.int64))
+    values = np.concatenate([v for v, _ in parts])
+    shifts = np.cumsum([0] + [int(o[-1]) for _, o in parts[:-1]])
+    offsets = np.concatenate([[0], *(o[1:] + s for (_, o), s in zip(parts, shifts))]).astype(np.int64)
+    return IdRows(values, offsets)
 
 
-def shard_data_from_table(table: pa.Table, columns: Columns, path: str, raw_text: bool = False) -> ShardData:
+def shard_data_from_table(
+    table: pa.Table, columns: Columns, path: str, raw_text: bool = False, native_ids: bool = False
+) -> ShardData:
     """Decode the selected columns of ``table`` into a :class:`ShardData` (``raw_text``: texts as
-    UTF-8 memoryviews, see `texts_of`)."""
+    UTF-8 memoryviews, see `texts_of`; ids as `IdRows` of int64, or with ``native_ids`` of the
+    stored integer type, without a copy)."""
     text_col = table.column(columns.text) if columns.text else None
     ids_col = table.column(columns.ids) if columns.ids else None
     texts = texts_of(text_col, columns.text, path, raw_text) if text_col is not None else None
     ids = ids_of(ids_col, columns.ids, path) if ids_col is not None else None
+    if ids is not None and not native_ids:
+        ids = IdRows(ids.values.astype(np.int64), ids.offsets)
     extra = {name: table.column(name).to_pylist() for name in columns.extra}
     row_tokens = None
     if ids_col is not None:
@@ -161,10 +171,8 @@ def table_from_shard_data(data: ShardData, columns: Columns) -> pa.Table:
         arrays.append(pa.array(data.texts, type=pa.large_string()))
         names.append(columns.text)
     if columns.ids:
-        lengths = np.fromiter((len(x) for x in data.ids), dtype=np.int64, count=len(data.ids))
-        offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
-        values = np.concatenate(data.ids).astype(np.int64) if data.ids else np.zeros(0, dtype=np.int64)
-        arrays.append(pa.LargeListArray.from_arrays(pa.array(offsets), pa.array(values)))
+        rows = IdRows.of(data.ids)
+        arrays.append(pa.LargeListArray.from_arrays(pa.array(rows.offsets), pa.array(rows.values)))
         names.append(columns.ids)
     return pa.table(arrays, names=names)
 

@@ -97,26 +97,59 @@ class ShardedSource:
             extra={n: [] for n in self.columns.extra},
         )
 
-    def read_shard_table(self, index: int) -> pa.Table:
-        """Shard ``index`` decoded to an Arrow table of the source's text/ids columns (what DataLoader
-        workers share, see :mod:`fastmix_data.stream.shared_shards`); `shard_from_table` gives rows.
+    def read_shard_table(self, index: int, row_groups: list[int] | None = None) -> pa.Table:
+        """Shard ``index`` decoded to an Arrow table of the source's text/ids columns (only the rows
+        of ``row_groups``, see `row_group_rows`, when given); `shard_from_table` gives rows.
 
         Raises:
             SourceError: as `read_shard`. ValueError: the source has extra columns (their Python
-                values have no Arrow form in general).
+                values have no Arrow form in general), or row groups of a format without them.
         """
         if self.columns.extra:
-            raise ValueError(f"source {self.name!r} has extra columns; its shards are not shared as Arrow")
+            raise ValueError(f"source {self.name!r} has extra columns; its shards are not read as Arrow")
+        if row_groups is not None:
+            read_groups = getattr(self.reader, "read_row_groups", None)
+            if read_groups is None:
+                raise ValueError(f"source {self.name!r} ({self.format}) has no row groups")
+            sizes = self.row_group_rows(index)
+            return self._checked(
+                index, lambda path: read_groups(path, self.columns, row_groups), rows=lambda t: t.num_rows,
+                expect=sum(sizes[g] for g in row_groups),
+            )  # fmt: skip
         read_table = getattr(self.reader, "read_table", None)
         if read_table is not None and self.shards[index].rows > 0:
             return self._checked(index, lambda path: read_table(path, self.columns), rows=lambda t: t.num_rows)
         return table_from_shard_data(self.read_shard(index), self.columns)
 
-    def shard_from_table(self, index: int, table: pa.Table, raw_text: bool = False) -> ShardData:
-        """The rows of a table made by `read_shard_table` (in this or another process); with
-        ``raw_text`` the texts are UTF-8 memoryviews into the table (see `arrow.texts_of`)."""
+    def row_group_rows(self, index: int) -> list[int]:
+        """Rows of each row group of shard ``index``: a Parquet shard's layout (from the index for a
+        remote shard, else its footer), else one group of all rows.
+
+        Raises:
+            SourceError: the footer is unreadable or its row groups do not add up to the indexed rows.
+        """
+        cache = self.__dict__.setdefault("_row_groups", {})
+        hit = cache.get(index)
+        if hit is None:
+            layout = getattr(self.reader, "layout", None)
+            if layout is None:
+                hit = [self.shards[index].rows]
+            else:
+                hit = self._checked(index, lambda path: [int(n) for n in layout(path)["rows"]], rows=sum, stat=False)
+            cache[index] = hit
+        return hit
+
+    def shard_from_table(
+        self, index: int, table: pa.Table, raw_text: bool = False, rows: int | None = None, native_ids: bool = False
+    ) -> ShardData:
+        """The rows of a table made by `read_shard_table` (``rows`` of them when it holds only some
+        row groups); with ``raw_text`` the texts are UTF-8 memoryviews into the table (see
+        `arrow.texts_of`), with ``native_ids`` the ids keep their stored integer type."""
         return self._checked(
-            index, lambda path: shard_data_from_table(table, self.columns, path, raw_text), stat=False
+            index,
+            lambda path: shard_data_from_table(table, self.columns, path, raw_text, native_ids),
+            stat=False,
+            expect=rows,
         )
 
     # ------------------------------------------------------------------ remote: prefetch
@@ -162,7 +195,7 @@ class ShardedSource:
 
             prefetcher().release(self._request(index)[0])
 
-    def _checked(self, index: int, read, rows=lambda data: data.rows, stat: bool = True):
+    def _checked(self, index: int, read, rows=lambda data: data.rows, stat: bool = True, expect: int | None = None):
         info = self.shards[index]
         where = f"shard {redact(info.path)} of source {self.name!r}"
         if stat and not is_pipe(info.path) and not is_url(info.path):
@@ -178,10 +211,9 @@ class ShardedSource:
         finally:
             if stat:
                 self._release(index)
-        if rows(data) != info.rows:
-            raise SourceError(
-                f"{where} has {rows(data)} rows but was indexed with {info.rows}; re-open the source"
-            )
+        want = info.rows if expect is None else expect
+        if rows(data) != want:
+            raise SourceError(f"{where} has {rows(data)} rows but was indexed with {want}; re-open the source")
         return data
 
     def fingerprint(self) -> str:
