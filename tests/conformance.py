@@ -35,3 +35,32 @@ def check_resume(
     assert len(got) == len(expected) == n_after, (len(got), len(expected), n_after)
     for i, (e, g) in enumerate(zip(expected, got)):
         assert same(e, g), f"item {i} after resume differs: {e!r} != {g!r}"
+
+
+def check_stream_resume(new_stream, open_batches, key, n_before, n_after, change=None) -> None:
+    """`check_resume` for a MixtureStream saved with ``state_dict`` and restored with
+    ``load_state_dict``: ``new_stream()`` builds one, ``open_batches(stream)`` iterates it (``iter``,
+    or a loader with workers), ``key(batch)`` is what must match. With ``change`` (weights), the
+    first take of more than 5 batches ends with ``set_weights(change)``, so the state holds a change
+    that applies after the saved position."""
+
+    def make():
+        s = new_stream()
+        s._it = iter(open_batches(s))
+        return s
+
+    def take(s, n):
+        out = []
+        for batch in s._it:
+            out.append(key(batch))
+            if len(out) == n:
+                break
+        if change is not None and len(out) == n and n > 5 and s.state_dict()["history"][-1]["version"] == 0:
+            s.set_weights(change)
+        return out
+
+    def restore(s, state):
+        s.load_state_dict(state)
+        s._it = iter(open_batches(s))
+
+    check_resume(make, take, lambda s: s.state_dict(), restore, n_before, n_after, lambda a, b: a == b)

@@ -74,9 +74,7 @@ def test_streams_sweep_the_temp_dir_and_shared_memory(tmp_path, pids, monkeypatc
     _mkdirs(shm_root, [f"fastmix-rings-{dead}-x", f"fastmix-shards-{dead}-1-x", f"fastmix-shards-{live}-1-y"])
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_root))
     import fastmix_data.stream.batch_ring as batch_ring
-    import fastmix_data.stream.shared_shards as shared_shards
 
-    monkeypatch.setattr(shared_shards, "_shared_root", lambda: str(shm_root))
     monkeypatch.setattr(batch_ring, "_shared_root", lambda: str(shm_root))
     from fastmix_data import MixtureStream
 

@@ -8,7 +8,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from conformance import check_resume
+from conformance import check_resume, check_stream_resume
 from shardgen import make_docs, write_hf_source, write_mds_source, write_parquet_source, write_wds_source
 
 from fastmix_data import MixtureStream
@@ -151,7 +151,9 @@ def test_first_batch_reads_only_its_own_shards(tmp_path, monkeypatch):
     write_parquet_source(tmp_path / "many", make_docs(200, seed=4, prefix="many"), shards=20)
     reads = []
     real_read = items.ItemSource._read
-    monkeypatch.setattr(items.ItemSource, "_read", lambda self, shard: reads.append(shard) or real_read(self, shard))
+    monkeypatch.setattr(
+        items.ItemSource, "_read", lambda self, shard, groups: reads.append(shard) or real_read(self, shard, groups)
+    )
     stream = MixtureStream({"many": str(tmp_path / "many")}, {"many": 1.0}, batch_size=4, seed=0, block_batches=64)
     it = iter(stream)
     first = next(it)
@@ -163,38 +165,13 @@ def test_first_batch_reads_only_its_own_shards(tmp_path, monkeypatch):
 
 
 def test_resume_in_process_conformance(data):
-    def make():
-        s = MixtureStream(sources(data), W, batch_size=6, seed=7)
-        s._it = iter(s)
-        return s
-
-    def take_n(s, n):
-        return take(s._it, n)
-
-    def restore(s, state):
-        s.load_state_dict(state)
-        s._it = iter(s)
-
-    check_resume(make, take_n, lambda s: s.state_dict(), restore, 11, 9, lambda a, b: a == b)
+    check_stream_resume(lambda: MixtureStream(sources(data), W, batch_size=6, seed=7), iter, key, 11, 9)
 
 
 def test_resume_with_weight_change_and_workers_conformance(data):
-    def make():
-        s = MixtureStream(sources(data), W, batch_size=6, seed=7)
-        s._it = iter(s.loader(num_workers=2))
-        return s
-
-    def take_n(s, n):
-        out = take(s._it, n)
-        if len(out) == n and n > 5 and s.state_dict()["history"][-1]["version"] == 0:
-            s.set_weights({"code": 0.2, "web": 0.2, "small": 0.6})
-        return out
-
-    def restore(s, state):
-        s.load_state_dict(state)
-        s._it = iter(s.loader(num_workers=2))
-
-    check_resume(make, take_n, lambda s: s.state_dict(), restore, 8, 10, lambda a, b: a == b)
+    check_stream_resume(lambda: MixtureStream(sources(data), W, batch_size=6, seed=7),
+                        lambda s: s.loader(num_workers=2), key, 8, 10,
+                        change={"code": 0.2, "web": 0.2, "small": 0.6})  # fmt: skip
 
 
 def test_resume_with_stateful_dataloader(data):

@@ -15,7 +15,7 @@ from typing import Any
 
 from fastmix_data.errors import ManifestError
 from fastmix_data.export._util import join_inside
-from fastmix_data.export.manifest import load_manifest, plan_fingerprint, validate_manifest
+from fastmix_data.export.manifest import _layouts, load_manifest, plan_fingerprint, validate_manifest
 from fastmix_data.plan.planner import Exhaustion, MixturePlan, WeightChange
 from fastmix_data.sources import READERS
 from fastmix_data.sources.base import ShardInfo
@@ -23,7 +23,10 @@ from fastmix_data.sources.mds import INDEX, mds_shard_locations
 from fastmix_data.sources.reader import Columns
 from fastmix_data.sources.source import ShardedSource
 
-PLAN_KEYS = ("sources", "weights", "seed", "seq_len", "weight_units", "exhaustion", "shuffle", "max_items")
+PLAN_KEYS = (
+    "sources", "weights", "seed", "seq_len", "weight_units", "exhaustion", "shuffle", "max_items", "partitions",
+    "chunk_items",
+)  # fmt: skip
 
 
 def _mds_root(path: str, root: str, cache: dict[str, str]) -> str:
@@ -97,6 +100,7 @@ def manifest_plan(manifest: Mapping[str, Any]) -> MixturePlan:
     The manifest is checked field by field first (:func:`validate_manifest` with verify="none")."""
     validate_manifest(manifest, verify="none")
     names = [s["name"] for s in manifest["sources"]]
+    partitions, chunk, layouts = _layouts(manifest)
     return MixturePlan(
         names,
         [[int(sh["items"]) for sh in s["shards"]] for s in manifest["sources"]],
@@ -111,6 +115,9 @@ def manifest_plan(manifest: Mapping[str, Any]) -> MixturePlan:
         ],
         bool(manifest["shuffle"]),
         int(manifest["budget"]["items"]),
+        partitions=partitions,
+        chunk=chunk,
+        layouts=layouts,
     )
 
 
@@ -171,6 +178,12 @@ def stream_from_manifest(
         )
     sources = manifest_sources(m, allow_unsafe=allow_unsafe)
     history = m["history"]
+    partitions, chunk, _ = _layouts(m)
+    if partitions > 1 and batch_size % chunk:
+        raise ManifestError(
+            f"the manifest's plan has {partitions} partitions serving {chunk} items per chunk; pass a "
+            f"batch_size that is a multiple of {chunk} (got {batch_size}), or build a manifest for this batch size"
+        )
     first = history[0].get("requested") or {s.name: w for s, w in zip(sources, history[0]["weights"])}
     stream = MixtureStream(
         {s.name: s for s in sources},
@@ -182,6 +195,9 @@ def stream_from_manifest(
         exhaustion={s["name"]: dict(s["exhaustion"]) for s in m["sources"]},
         shuffle=bool(m["shuffle"]),
         max_items=int(m["budget"]["items"]),
+        partitions=partitions,
+        **({"chunk_items": chunk} if partitions > 1 else {}),
+        **({"eos_id": m["mode"]["ids_eos_id"]} if m["mode"].get("ids_eos_id") is not None and "eos_id" not in overrides else {}),
         **overrides,
     )
     gbi = stream.global_batch_items

@@ -27,12 +27,14 @@ from fastmix_data.export._util import canonical_json, join_inside, parse_budget,
 from fastmix_data.export.manifest_check import check_counts, check_fields
 from fastmix_data.io import sha256_file, write_json_atomic
 from fastmix_data.plan.order import SourceOrder
+from fastmix_data.plan.partition import Piece, SourceLayout
 from fastmix_data.plan.planner import Exhaustion, MixturePlan, WeightChange
 from fastmix_data.plan.weights import UNITS, check_item_weights, normalize_weights, normalized, to_item_units
 from fastmix_data.sources import check_options, open_source
 from fastmix_data.sources.base import Source
 from fastmix_data.sources.safety import is_pipe
 from fastmix_data.storage import is_url, redact
+from fastmix_data.spec import MixtureSpec
 
 FORMAT = "fastmix_data/manifest"
 VERSION = 1
@@ -101,6 +103,7 @@ def fingerprint_core(manifest: Mapping[str, Any]) -> dict:
         "mode": _mode_core(manifest["mode"]),
         "limit": int(manifest["budget"]["items"]),
         "history": [[int(h["position"]), [float(w) for w in h["weights"]]] for h in manifest["history"]],
+        **({"partitions": _partitions_core(manifest["partitions"])} if manifest.get("partitions") else {}),
         "sources": [
             {
                 "name": s["name"],
@@ -127,8 +130,31 @@ def fingerprint_core(manifest: Mapping[str, Any]) -> dict:
 def _mode_core(mode: Mapping[str, Any]) -> dict:
     # The tokenizer decides packed sequences; in sample mode items are rows whatever the tokenizer.
     if mode.get("kind") == "packing":
-        return {"kind": "packing", "seq_len": int(mode["seq_len"]), "tokenizer": mode.get("tokenizer")}
+        core = {"kind": "packing", "seq_len": int(mode["seq_len"]), "tokenizer": mode.get("tokenizer")}
+        if mode.get("ids_eos_id") is not None:
+            core["ids_eos_id"] = int(mode["ids_eos_id"])
+        return core
     return {"kind": mode.get("kind")}
+
+
+def _partitions_core(parts: Mapping[str, Any]) -> dict:
+    return {
+        "count": int(parts["count"]),
+        "chunk": int(parts["chunk"]),
+        "slices": [[[[int(x) for x in piece] for piece in sl] for sl in src] for src in parts["slices"]],
+    }
+
+
+def _layouts(manifest: Mapping[str, Any]) -> tuple[int, int, list | None]:
+    """(partitions, chunk, per-source `SourceLayout` or None) of a manifest."""
+    parts = manifest.get("partitions")
+    if not parts:
+        return 1, 1, None
+    layouts = []
+    for src, slices in zip(manifest["sources"], parts["slices"]):
+        items = tuple(int(sh["items"]) for sh in src["shards"])
+        layouts.append(SourceLayout(items, tuple(tuple(Piece(*map(int, x)) for x in sl) for sl in slices)))
+    return int(parts["count"]), int(parts["chunk"]), layouts
 
 
 def plan_fingerprint(manifest: Mapping[str, Any]) -> str:
@@ -163,10 +189,6 @@ def _open_sources(sources: Mapping[str, Any], options: Mapping[str, Any]) -> tup
     return opened, reader_opts
 
 
-def _item_sources(sources: Sequence[Source], seed: int, seq_len: int | None, tokenizer: Any, shuffle: bool):
-    from fastmix_data.stream.items import ItemSource  # same items per shard as the live stream
-
-    return [ItemSource(s, seed, seq_len, tokenizer, 1, shuffle) for s in sources]
 
 
 def _history(
@@ -224,11 +246,15 @@ def _position(change: Any) -> int:
     return int(position)
 
 
-def _plan(names, items_per_shard, seed, history: list[dict], policies, shuffle, limit) -> MixturePlan:
+def _plan(names, items_per_shard, seed, history: list[dict], policies, shuffle, limit, parts=(1, 1, None)) -> MixturePlan:
     changes = [WeightChange(h["version"], h["position"], tuple(h["weights"])) for h in history]
-    return MixturePlan(
-        list(names), [list(x) for x in items_per_shard], seed, changes, list(policies), shuffle, limit
-    )
+    try:
+        return MixturePlan(
+            list(names), [list(x) for x in items_per_shard], seed, changes, list(policies), shuffle, limit,
+            partitions=parts[0], chunk=parts[1], layouts=parts[2],
+        )  # fmt: skip
+    except ValueError as exc:
+        raise ManifestError(str(exc)) from None
 
 
 def _shard_token_rates(items: Sequence[Any], seq_len: int | None) -> list[np.ndarray]:
@@ -246,8 +272,7 @@ def _shard_token_rates(items: Sequence[Any], seq_len: int | None) -> list[np.nda
 
 
 def _planned_tokens(plan: MixturePlan, rates: list[np.ndarray], n: int) -> float:
-    draws = plan.draws_before(n)
-    return float(sum(shard_takes(o, int(d))[0] @ r for o, d, r in zip(plan.orders, draws, rates)))
+    return float(sum(take @ r for (take, _), r in zip(plan.shard_takes(n), rates)))
 
 
 def _items_for_tokens(plan: MixturePlan, rates: list[np.ndarray], tokens: int) -> int:
@@ -290,6 +315,8 @@ def build_manifest(
     tokenizer: Any = None,
     eos_id: int | None = None,
     engine: Any = "local",
+    partitions: int = 1,
+    batch_size: int | None = None,
     **source_options: Any,
 ) -> dict:
     """The manifest of a mixture over a budget, from the plan and the cached shard index only.
@@ -309,6 +336,9 @@ def build_manifest(
             first entry at position 0 replaces ``weights``.
         engine: where shards missing from the index cache are indexed: "local" (threads), "ray"
             (one Ray task per shard) or an engine object; the manifest is the same bytes either way.
+        partitions, batch_size: the canonical partitions of the stream the manifest describes
+            (default 1: none) and its per-rank batch size (or ``chunk_items``), which a partitioned
+            plan needs (history positions must then be multiples of it).
         source_options: reader options for every source (text_field, ids_field, cache_dir, ...).
 
     Returns:
@@ -318,8 +348,6 @@ def build_manifest(
         ManifestError: a shard outside ``root`` (or a symlink pointing outside), a pipe: source,
             a bad budget or exhaustion policy. WeightsError / SourceError as for MixtureStream.
     """
-    from fastmix_data.stream.tokenize import as_tokenizer
-
     if not sources:
         raise ManifestError("a manifest needs at least one source")
     if weight_units not in UNITS:
@@ -332,18 +360,25 @@ def build_manifest(
         raise ManifestError(f"exhaustion names unknown sources {unknown}; sources are {list(sources)}")
     units, amount = parse_budget(budget)
     opened, reader_opts = _open_sources(sources, dict(source_options, engine=engine))
-    tok = as_tokenizer(tokenizer, eos_id)
-    items = _item_sources(opened, seed, seq_len, tok, shuffle)
-    names = list(sources)
-    tpi = np.array([it.mean_tokens_per_item() for it in items], dtype=np.float64)
+    spec = MixtureSpec(sources, seed, seq_len, weight_units, exhaustion, shuffle, tokenizer, eos_id, partitions)
+    spec.validate(ManifestError)
+    mixture = spec.open(cache_shards=1, sources=opened, error=ManifestError)
+    items, names, tok = mixture.items, mixture.names, mixture.tokenizer
+    if mixture.partitions > 1 and batch_size is None:
+        raise ManifestError(
+            f"partitions={partitions} needs batch_size= (the per-rank batch one partition serves); pass the "
+            "stream's batch_size, or partitions=1"
+        )
+    parts = (mixture.partitions, int(batch_size or 1), [it.layout for it in items])
+    tpi = mixture.tokens_per_item
     hist = _history(names, weights, history, weight_units, tpi)
-    policies = [Exhaustion.of(exhaustion.get(n), n, ManifestError) for n in names]
+    policies = mixture.policies
     per_shard = [it.items_per_shard for it in items]
     if units == "tokens":
         if seq_len is not None:
             limit = -(-amount // (seq_len + 1))
         else:
-            plan = _plan(names, per_shard, seed, hist, policies, shuffle, None)
+            plan = _plan(names, per_shard, seed, hist, policies, shuffle, None, parts)
             limit = _items_for_tokens(plan, _shard_token_rates(items, None), amount)
     else:
         limit = amount
@@ -355,7 +390,8 @@ def build_manifest(
     return assemble(
         opened, items, names, root=root, seed=seed, shuffle=shuffle, seq_len=seq_len,
         tokenizer=tok.fingerprint(), weight_units=weight_units, policies=policies, history=hist,
-        limit=limit, budget=budget_info, reader_options=reader_opts,
+        limit=limit, budget=budget_info, reader_options=reader_opts, parts=parts, ids_eos_id=mixture.ids_eos,
+        requested_partitions=partitions,
     )  # fmt: skip
 
 
@@ -396,6 +432,8 @@ def manifest_from_stream(stream: Any, batches_served: int | None = None, *, root
         stream.sources, stream.items, stream.source_names, root=root, seed=stream.seed, shuffle=stream.shuffle,
         seq_len=stream.seq_len, tokenizer=stream.tokenizer.fingerprint(), weight_units=stream.weight_units,
         policies=stream.policies, history=history, limit=limit, budget=budget_info, reader_options=reader_opts,
+        parts=(stream.mixture.partitions, stream.chunk_items, [it.layout for it in stream.items]),
+        ids_eos_id=stream.mixture.ids_eos, requested_partitions=stream.partitions,
     )  # fmt: skip
 
 
@@ -431,8 +469,12 @@ def assemble(
     limit: int,
     budget: dict,
     reader_options: Sequence[dict],
+    parts: tuple = (1, 1, None),
+    ids_eos_id: int | None = None,
+    requested_partitions: int = 1,
 ) -> dict:
-    """Compute the manifest dict from opened sources, their item counts and the plan's inputs."""
+    """Compute the manifest dict from opened sources, their item counts and the plan's inputs
+    (``parts``: partitions, chunk and per-source layouts, as `MixturePlan` takes them)."""
     for src in sources:
         pipes = [s.path for s in src.shards if is_pipe(s.path) or is_url(s.path)]
         if pipes:
@@ -445,17 +487,17 @@ def assemble(
         root = os.path.commonpath(dirs)
     root = os.path.abspath(os.fspath(root))
     per_shard = [list(it.items_per_shard) for it in items]
-    plan = _plan(names, per_shard, seed, history, policies, shuffle, int(limit))
+    plan = _plan(names, per_shard, seed, history, policies, shuffle, int(limit), parts)
     plan.segments()
     n = int(plan.end if plan.end is not None else limit)
-    draws = plan.draws_before(n)
+    takes = plan.shard_takes(n)
     tpi = np.array([it.mean_tokens_per_item() for it in items], dtype=np.float64)
     out_sources = []
     take_items = np.zeros(len(names), dtype=np.int64)
     take_tokens = np.zeros(len(names), dtype=np.float64)
     rates = _shard_token_rates(items, seq_len)
     for k, (src, it) in enumerate(zip(sources, items)):
-        take, epochs = shard_takes(plan.orders[k], int(draws[k]))
+        take, epochs = takes[k]
         shard_tok = np.asarray(it.shard_tokens, dtype=np.float64)
         sizes = np.asarray(it.items_per_shard, dtype=np.int64)
         # packing: exact; samples: whole epochs exact, the partial epoch's share of a shard at its mean
@@ -497,11 +539,7 @@ def assemble(
         )
     if int(take_items.sum()) != n:  # the closed form and the plan must agree; cheap to check
         raise ManifestError(f"internal error: shard takes sum to {int(take_items.sum())}, plan has {n} items")
-    expected = np.zeros(len(names))
-    for seg in plan.segments():
-        hi = n if seg.end is None else min(n, seg.end)
-        if hi > seg.start:
-            expected += seg.weights * (hi - seg.start)
+    expected = plan.expected_before(n)
     total_tok = max(float(take_tokens.sum()), 1.0)
     exp_tok = expected * tpi
     budget = dict(budget)
@@ -533,6 +571,15 @@ def assemble(
     }
     if seq_len is None:
         manifest["mode"]["tokenizer"] = tokenizer
+    elif ids_eos_id is not None:
+        manifest["mode"]["ids_eos_id"] = int(ids_eos_id)
+    if parts[0] > 1:
+        manifest["partitions"] = {
+            "count": int(parts[0]),
+            "requested": int(requested_partitions),
+            "chunk": int(parts[1]),
+            "slices": [[[[p.shard, p.lo, p.hi] for p in sl] for sl in layout.slices] for layout in parts[2]],
+        }
     manifest["fingerprint"] = plan_fingerprint(manifest)
     return manifest
 

@@ -204,7 +204,10 @@ def _check_source(src: Mapping, where: str, packing_len: int | None) -> None:
 
 # ------------------------------------------------------------------------------------------ counts
 def _plan(m: Mapping[str, Any]) -> MixturePlan:
+    from fastmix_data.export.manifest import _layouts  # (manifest.py imports this module)
+
     names = [s["name"] for s in m["sources"]]
+    partitions, chunk, layouts = _layouts(m)
     return MixturePlan(
         names,
         [[int(sh["items"]) for sh in s["shards"]] for s in m["sources"]],
@@ -213,6 +216,9 @@ def _plan(m: Mapping[str, Any]) -> MixturePlan:
         [Exhaustion(s["exhaustion"]["policy"], s["exhaustion"].get("max_epochs")) for s in m["sources"]],
         bool(m["shuffle"]),
         int(m["budget"]["items"]),
+        partitions=partitions,
+        chunk=chunk,
+        layouts=layouts,
     )
 
 
@@ -223,8 +229,6 @@ def check_counts(m: Mapping[str, Any]) -> None:
     Raises:
         ManifestError: naming the first shard or field that differs, with both values.
     """
-    from fastmix_data.export.manifest import shard_takes  # (manifest.py imports this module)
-
     plan = _plan(m)
     plan.segments()
     n = int(m["budget"]["items"])
@@ -233,11 +237,11 @@ def check_counts(m: Mapping[str, Any]) -> None:
             f"budget.items is {n} but the manifest's plan ends at position {plan.end} (exhaustion "
             "policies); regenerate the manifest"
         )
-    draws = plan.draws_before(n)
+    takes = plan.shard_takes(n)
     take_tokens = []
     for k, src in enumerate(m["sources"]):
         where = f"sources[{k}]({src['name']})"
-        take, epochs = shard_takes(plan.orders[k], int(draws[k]))
+        take, epochs = takes[k]
         for j, sh in enumerate(src["shards"]):
             for key, want in (("take", take[j]), ("epochs", epochs[j])):
                 if sh[key] != int(want):

@@ -137,8 +137,9 @@ class Materialiser:
         eos_id: int | None = None,
         allow_unsafe: bool = False,
     ):
+        from fastmix_data.export.manifest import _layouts
         from fastmix_data.stream.items import ItemSource
-        from fastmix_data.stream.tokenize import as_tokenizer
+        from fastmix_data.stream.tokenize import ByteTokenizer, as_tokenizer
 
         self.manifest = manifest
         self.names = [s["name"] for s in manifest["sources"]]
@@ -154,13 +155,19 @@ class Materialiser:
         self.plan.segments()
         sources = manifest_sources(manifest, allow_unsafe=allow_unsafe)
         seed, shuffle = int(manifest["seed"]), bool(manifest["shuffle"])
-        self.items = [ItemSource(s, seed, self.seq_len, self.tokenizer, 2, shuffle) for s in sources]
-        for it, s in zip(self.items, manifest["sources"]):
-            if list(it.items_per_shard) != [int(sh["items"]) for sh in s["shards"]]:
+        partitions, _, layouts = _layouts(manifest)
+        ids_eos = manifest["mode"].get("ids_eos_id", eos_id if not isinstance(self.tokenizer, ByteTokenizer) else None)
+        self.items = [
+            ItemSource(s, seed, self.seq_len, self.tokenizer, 2, shuffle, partitions=partitions, ids_eos_id=ids_eos)
+            for s in sources
+        ]
+        for k, (it, s) in enumerate(zip(self.items, manifest["sources"])):
+            if list(it.items_per_shard) != [int(sh["items"]) for sh in s["shards"]] or (
+                layouts is not None and it.layout != layouts[k]
+            ):
                 raise ResampleError(
                     f"source {s['name']!r}: items per shard differ from the manifest's; regenerate it"
                 )
-        self.eos_extra = 1 if self.tokenizer.eos_id is not None else 0
         self._tables: dict[int, dict[int, pa.Table]] = {}
 
     def chunks(self, a: int, b: int, counts: dict) -> Iterator[dict]:
@@ -235,7 +242,7 @@ class Materialiser:
             text = picked.column(cols.text).combine_chunks().cast(pa.string()) if want_text else None
             ids = picked.column(cols.ids).combine_chunks().cast(pa.list_(pa.int32())) if want_ids else None
             if cols.ids is not None:
-                return text, ids, value_lengths(picked.column(cols.ids)) + self.eos_extra
+                return text, ids, value_lengths(picked.column(cols.ids)) + item_source.eos_extra
             texts = picked.column(cols.text).combine_chunks()
         else:
             rows = item_source.rows(shard, items)
@@ -243,13 +250,13 @@ class Materialiser:
             ids = _list_array(rows.ids) if want_ids else None
             if item_source.has_ids and rows.ids is not None:
                 lengths = np.fromiter((len(x) for x in rows.ids), dtype=np.int64, count=len(rows.ids))
-                return text, ids, lengths + self.eos_extra
+                return text, ids, lengths + item_source.eos_extra
             texts = text if text is not None else pa.array(rows.texts, pa.string())
         from fastmix_data.stream.tokenize import ByteTokenizer
 
         if isinstance(self.tokenizer, ByteTokenizer):
-            return text, ids, value_lengths(texts) + self.eos_extra
-        tok = [len(self.tokenizer.encode(t)) + self.eos_extra for t in texts.to_pylist()]
+            return text, ids, value_lengths(texts) + item_source.eos_extra
+        tok = [len(self.tokenizer.encode(t)) + item_source.eos_extra for t in texts.to_pylist()]
         return text, ids, np.array(tok, dtype=np.int64)
 
     def _arrow_table(self, src: int, shard: int) -> pa.Table | None:

@@ -7,8 +7,12 @@ __all__ = ["MixtureStream", "TrackedLoader", "ByteTokenizer", "BYTE_EOS", "BYTE_
 
 def __getattr__(name: str):
     # Lazy: planning and manifests use this package's items/tokenizers without importing torch.
-    if name in ("MixtureStream", "TrackedLoader"):
-        from fastmix_data.stream import mixture
+    if name == "MixtureStream":
+        from fastmix_data.stream.mixture import MixtureStream
 
-        return getattr(mixture, name)
+        return MixtureStream
+    if name == "TrackedLoader":
+        from fastmix_data.stream.loader import TrackedLoader
+
+        return TrackedLoader
     raise AttributeError(name)

@@ -28,18 +28,27 @@ import mmap
 import os
 import shutil
 import struct
+import tempfile
 from typing import Any
 
 import numpy as np
 
 from fastmix_data.leftovers import sweep_run_dirs
-from fastmix_data.stream.shared_shards import _shared_root
 
 _ACKED = struct.Struct("<q")  # header: batches of this ring the training process has taken
 DATA_AT = 4096
 SLOT_BYTES = 8 << 20  # a batch larger than this goes inline
 RING_KEY = "_ring"
 _TEXT_KINDS = {str, memoryview, type(None)}
+
+
+SHM_ENV = "FASTMIX_DATA_SHM"  # another directory than /dev/shm for the rings
+
+
+def _shared_root() -> str:
+    """``$FASTMIX_DATA_SHM``, else ``/dev/shm``, when it exists and is writable; else the temp directory."""
+    shm = os.environ.get(SHM_ENV) or "/dev/shm"
+    return shm if os.path.isdir(shm) and os.access(shm, os.W_OK) else tempfile.gettempdir()
 
 
 def _align(n: int) -> int:

@@ -2,13 +2,16 @@
 
 Design problem: a training job wants a mixture of sharded sources whose weights may change while
 it runs, served identically whatever the number of DataLoader workers, ranks or prefetch depth,
-and resumable exactly from a small checkpoint.
+resumable exactly from a small checkpoint, with every worker and rank reading only its share of
+the data.
 
 Solution: every batch is computed from a pure plan (:mod:`fastmix_data.plan`): global batch g on
-rank r holds global item positions [g*B*R + r*B, g*B*R + (r+1)*B). Worker w of W produces batches
-start + w, start + w + W, ... (the order in which a DataLoader collects them). Weight changes enter
-the plan's history at a global batch that no worker on any rank has started yet (the weight channel
-agrees on it), so content never depends on timing. The state is the history plus the next batch.
+rank r holds global item positions [g*B*R + r*B, g*B*R + (r+1)*B), one *chunk* of the canonical
+partition (g*R + r) mod P, which reads only its slice of every source. Worker w of W produces batches
+start + w, start + w + W, ... (the order in which a DataLoader collects them), so with W*R dividing
+P a process reads 1/(W*R) of the data. Weight changes enter the plan's history at a global batch
+that no worker on any rank has started yet (the weight channel agrees on it), so content never
+depends on timing. The state is the history plus the next batch.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import hashlib
 import itertools
 import json
 import logging
+import math
 import threading
 import time
 from collections.abc import Iterator, Mapping, Sequence
@@ -26,60 +30,28 @@ from typing import Any
 import numpy as np
 import torch
 
-from fastmix_data.errors import ConfigError, SourceError, StateError, WeightsError
-from fastmix_data.plan.planner import Exhaustion, MixturePlan, PlanSlice, WeightChange, probe_seed
+from fastmix_data.errors import ConfigError, StateError, WeightsError
+from fastmix_data.plan.partition import DEFAULT_PARTITIONS
+from fastmix_data.plan.planner import Exhaustion, PlanSlice, WeightChange, probe_seed
 from fastmix_data.plan.weights import UNITS, normalize_weights, to_item_units
-from fastmix_data.sources import check_options, open_source
-from fastmix_data.sources.base import Source
-from fastmix_data.storage.prefetch import prefetch_block
-from fastmix_data.stream.batch_ring import RingReader, RingWriter, ring_directory
+from fastmix_data.spec import MixtureSpec
+from fastmix_data.stream import batches as batch_format
+from fastmix_data.stream.batch_ring import RingWriter
 from fastmix_data.stream.channel import WeightChannel
 from fastmix_data.stream.distributed import Coordinator, rank_and_world, stream_namespace, worker_and_count
-from fastmix_data.stream.items import ItemSource, pick
-from fastmix_data.stream.shared_shards import SharedShards
+from fastmix_data.stream.loader import TrackedLoader, WorkerOutput, as_is, counts_of
 from fastmix_data.stream.state_check import changed_shards, check_state, shard_digests
-from fastmix_data.stream.tokenize import as_tokenizer
 
 log = logging.getLogger(__name__)
 
 STATE_FORMAT = "fastmix_data/stream-state"
-STATE_VERSION = 2  # 2: history entries of a following stream carry "publisher" (docs/stream.md)
-READABLE_STATE_VERSIONS = (1, 2)
+# 2: history entries of a following stream carry "publisher"; 3: canonical partitions (partitions,
+# chunk_items and ids_eos_id in the config, so in the fingerprint), narrow ids, the ids' EOS
+STATE_VERSION = 3
+READABLE_STATE_VERSIONS = (1, 2, 3)  # older states are refused by their fingerprint (no partitions)
 BLOCK_BATCHES = 128  # default: batches a worker plans and reads in one pass (sample mode; see docs/stream.md)
-BLOCK_TOKENS = 1 << 22  # packing mode: a block holds at most this many tokens (32 MiB of int64)
+BLOCK_TOKENS = 1 << 22  # packing mode: a block holds at most this many tokens
 FIRST_BLOCK_BATCHES = 2  # a worker's first block; each next one doubles up to block_batches (first batch sooner)
-# Workers share decoded shards from this many on: with 2 the exchange costs about what it saves
-# (benchmarks/results/mixer.md), with 4 it saves a fifth of the workers' CPU.
-SHARE_MIN_WORKERS = 3
-
-
-def _open_all(sources: Mapping[str, Any], **opts) -> list[Source]:
-    out = []
-    for name, spec in sources.items():
-        if isinstance(spec, Source) and not isinstance(spec, (str, list, dict)):
-            out.append(spec)
-            continue
-        kw = dict(opts)
-        if isinstance(spec, Mapping):
-            if "path" not in spec:
-                raise SourceError(f"source {name!r}: a dict spec needs a 'path' (directory, glob or list)")
-            kw.update({k: v for k, v in spec.items() if k != "path"})
-            spec = spec["path"]
-        check_options(name, kw)
-        out.append(open_source(name, spec, **kw))
-    return out
-
-
-def _shared_shards(sources: Sequence[Source], items: Sequence[ItemSource]) -> SharedShards:
-    """Slots for the workers' shared decoded shards, sized by the largest decoded shard (estimated
-    from the index: text bytes, or 8 bytes per token id, plus offsets)."""
-    largest = 1
-    for source, item_source in zip(sources, items):
-        per_token = 8 if item_source.has_ids else 1
-        for info in source.shards:
-            size = 16 * info.rows + (per_token * info.tokens if info.tokens is not None else 4 * info.bytes)
-            largest = max(largest, size)
-    return SharedShards.for_shards(largest, min_slots=4 * len(sources))
 
 
 def _check_int(name: str, value: Any, lo: int, optional: bool = False) -> None:
@@ -96,26 +68,36 @@ class MixtureStream(torch.utils.data.IterableDataset):
     Args:
         sources: {name: directory | glob | list of shard paths | {"path": ..., reader options} | Source}.
         weights: {name: weight} for every source (normalised; 0 excludes a source).
-        batch_size: items per batch per rank (samples, or packed sequences in packing mode).
+        batch_size: items per batch per rank (samples, or packed sequences in packing mode); also
+            the chunk one canonical partition serves.
         seed: seeds every shuffle and the packing order; the stream is a pure function of it.
         seq_len: packing mode when set: items are ``seq_len + 1`` tokens from one source.
         weight_units: "samples" (default) or "tokens" (exact in packing mode; in sample mode
             converted with each source's mean tokens per sample from the shard index).
         exhaustion: {name: "repeat" | "cap" | "drop" | "stop" | {"policy", "max_epochs"}}.
-        shuffle: shuffle shard order per epoch and items within shards (default True).
+        shuffle: shuffle piece order per epoch and items within pieces (default True).
         tokenizer: packing-mode tokenizer for text columns: None (bytes), or any callable/tokenizer.
-        eos_id: end-of-document id appended by a user tokenizer (the byte tokenizer uses 256).
+        eos_id: end-of-document id of a user tokenizer; with pre-tokenized sources, that of the
+            tokenizer that made their ids (default none: the byte tokenizer's 256 is not appended
+            to ids; ``doc_start`` marks document boundaries regardless).
+        partitions: P, the number of canonical partitions (default 8). With W workers on R ranks
+            and W*R dividing P, each process reads 1/(W*R) of every source; otherwise
+            1/gcd(W*R, P). Content depends on P and ``chunk_items``, never on W or R. Set it to the
+            job's W*R (or a multiple): a process keeps one decoded row group per partition it serves
+            and source.
+        chunk_items: items a partition serves at a time (default ``batch_size``, which must be a
+            multiple of it); fix it (e.g. to the smallest per-rank batch you will use) to keep the
+            content when the rank count changes at a fixed global batch.
         rank, world_size: override torch.distributed / RANK, WORLD_SIZE detection.
         max_items: total items (over all ranks) the stream serves, then it ends (a budget).
-        cache_shards: decoded shards kept per source and process.
+        cache_shards: decoded shards (or as many rows of row groups) kept per source and process.
         block_batches: batches each worker plans and reads in one pass (per-batch work is then
             slicing). Default 128 in sample mode; in packing mode as many as hold 4M tokens (at most
             128). It never delays a weight change: batches are still claimed one at a time, and a
             change drops what was built ahead. A worker's first block is 2 batches, each next one
             twice the last up to ``block_batches``, so the first batch does not wait for a whole block.
-        share_decoded: with ``SHARE_MIN_WORKERS`` (3) or more DataLoader workers, decode each
-            shard once between them and pass it on through shared memory
-            (:mod:`fastmix_data.stream.shared_shards`).
+        narrow_tokens: keep token ids uint16/uint32 in the batches the training loop receives
+            (``tokens``, ``input_ids``; widen them on the device) instead of int64 (default False).
         follow: a URI or :class:`fastmix_data.live.Follow`: the weights come from a publisher
             (``WeightPublisher``, ``fastmix-data search --publish``), and every rank and worker
             switches at one recorded global batch without the training loop calling anything
@@ -135,12 +117,14 @@ class MixtureStream(torch.utils.data.IterableDataset):
         shuffle: bool = True,
         tokenizer: Any = None,
         eos_id: int | None = None,
+        partitions: int = DEFAULT_PARTITIONS,
+        chunk_items: int | None = None,
         rank: int | None = None,
         world_size: int | None = None,
         cache_shards: int = 2,
         max_items: int | None = None,
         block_batches: int | None = None,
-        share_decoded: bool = True,
+        narrow_tokens: bool = False,
         follow: Any = None,
         **source_options: Any,
     ):
@@ -153,6 +137,10 @@ class MixtureStream(torch.utils.data.IterableDataset):
         _check_int("block_batches", block_batches, 1, optional=True)
         _check_int("cache_shards", cache_shards, 1)
         _check_int("max_items", max_items, 1, optional=True)
+        _check_int("partitions", partitions, 1)
+        _check_int("chunk_items", chunk_items, 1, optional=True)
+        if chunk_items is not None and batch_size % chunk_items:
+            raise ConfigError(f"batch_size {batch_size} is not a multiple of chunk_items {chunk_items}")
         if block_batches is None:
             per_batch = batch_size * (1 if seq_len is None else seq_len + 1)
             block_batches = BLOCK_BATCHES if seq_len is None else max(1, min(BLOCK_BATCHES, BLOCK_TOKENS // per_batch))
@@ -160,22 +148,17 @@ class MixtureStream(torch.utils.data.IterableDataset):
             raise WeightsError(f"unknown weight_units {weight_units!r}; use one of {UNITS}")
         if exhaustion is not None and not isinstance(exhaustion, Mapping):
             raise ConfigError(f"exhaustion must be a mapping {{source: policy}}, got {exhaustion!r}"[:200])
-        exhaustion = dict(exhaustion or {})
-        unknown = sorted(set(exhaustion) - set(sources), key=str)
+        unknown = sorted(set(exhaustion or {}) - set(sources), key=str)
         if unknown:
             raise WeightsError(f"exhaustion names unknown sources {unknown}; sources are {list(sources)}")
+        self.spec = MixtureSpec(sources, int(seed), seq_len, weight_units, dict(exhaustion or {}), shuffle, tokenizer,
+                                eos_id, int(partitions), dict(source_options), chunk_items)  # fmt: skip
         self.names = list(sources)
         self.batch_size = int(batch_size)
-        self.seed = int(seed)
-        self.seq_len = seq_len
-        self.weight_units = weight_units
-        self.shuffle = shuffle
         self.block_batches = int(block_batches)
-        self._numpy_in_workers = False  # set by TrackedLoader while it starts its workers
-        self._ring: tuple[str, int] | None = None  # (directory, slots): ditto, see batch_ring
-        self._per_item = 1  # ditto: batches a loader() worker sends per DataLoader item
-        self._ring_readers: list[RingReader] = []
-        self.tokenizer = as_tokenizer(tokenizer, eos_id)
+        self.narrow_tokens = bool(narrow_tokens)
+        self.worker_output: WorkerOutput | None = None  # set by loader() while it starts its workers
+        self._ring_readers: list = []
         detected = rank_and_world()
         _check_int("rank", rank, 0, optional=True)
         _check_int("world_size", world_size, 1, optional=True)
@@ -183,16 +166,14 @@ class MixtureStream(torch.utils.data.IterableDataset):
         self.world_size = detected[1] if world_size is None else int(world_size)
         if not 0 <= self.rank < self.world_size:
             raise ConfigError(f"rank {self.rank} is outside world_size {self.world_size}")
-        self.sources = _open_all(sources, **source_options)
-        self.items = [ItemSource(s, self.seed, seq_len, self.tokenizer, cache_shards, shuffle) for s in self.sources]
-        self.shared = _shared_shards(self.sources, self.items) if share_decoded else None
-        self.tokens_per_item = np.array([it.mean_tokens_per_item() for it in self.items])
-        self.policies = [Exhaustion.of(exhaustion.get(n), n, ConfigError) for n in self.names]
+        self.mixture = self.spec.open(cache_shards, error=ConfigError)
+        self.sources, self.items, self.tokenizer = self.mixture.sources, self.mixture.items, self.mixture.tokenizer
+        self.policies = self.mixture.policies
+        self.tokens_per_item = self.mixture.tokens_per_item
         requested = normalize_weights(weights, self.names)
         first = self._history_entry(0, 0, requested, time.time())
-        self.plan = MixturePlan(
-            self.names, [it.items_per_shard for it in self.items], self.seed, [], self.policies, shuffle, max_items
-        )
+        self.chunk_items = chunk_items or self.batch_size
+        self.plan = self.mixture.plan([], chunk=self.chunk_items, limit=max_items)
         self._set_history([first])
         self.probes: list[dict] = []
         self._next_batch = 0
@@ -211,6 +192,12 @@ class MixtureStream(torch.utils.data.IterableDataset):
             self.follower = Follower(self, Follow.of(follow))
 
     # ------------------------------------------------------------------------------ basics
+    seed = property(lambda self: self.spec.seed)
+    seq_len = property(lambda self: self.spec.seq_len)
+    weight_units = property(lambda self: self.spec.weight_units)
+    shuffle = property(lambda self: self.spec.shuffle)
+    partitions = property(lambda self: self.spec.partitions)
+
     @property
     def source_names(self) -> list[str]:
         return list(self.names)
@@ -223,6 +210,11 @@ class MixtureStream(torch.utils.data.IterableDataset):
     @property
     def vocab_size(self) -> int | None:
         return getattr(self.tokenizer, "vocab_size", None)
+
+    @property
+    def token_dtype(self) -> np.dtype:
+        """The dtype of token ids in the workers and the shared-memory ring (uint16 or uint32)."""
+        return self.mixture.dtype
 
     def _history_entry(self, version: int, batch: int, requested: np.ndarray, t: float) -> dict:
         item_w = to_item_units(requested, self.weight_units, self.tokens_per_item)
@@ -257,10 +249,13 @@ class MixtureStream(torch.utils.data.IterableDataset):
             "world_size": self.world_size,
             "seq_len": self.seq_len,
             "tokenizer": self.tokenizer.fingerprint(),
+            "ids_eos_id": self.mixture.ids_eos,
             "weight_units": self.weight_units,
             "shuffle": self.shuffle,
             "exhaustion": [[p.policy, p.max_epochs] for p in self.policies],
             "max_items": self.plan.limit,
+            "partitions": self.partitions,
+            "chunk_items": self.chunk_items,
         }
 
     # ------------------------------------------------------------------------------ iteration
@@ -273,18 +268,18 @@ class MixtureStream(torch.utils.data.IterableDataset):
             g = self._next_batch + worker
         self._resume_cursor = None
         in_main = torch.utils.data.get_worker_info() is None
-        packed_out = not in_main and self._numpy_in_workers  # loader() workers send packed numpy batches
-        ring = RingWriter(self._ring[0], worker, self._ring[1]) if packed_out and self._ring else None
+        output = None if in_main else self.worker_output  # loader() workers send packed numpy batches
+        ring = RingWriter(output.ring[0], worker, output.ring[1]) if output is not None and output.ring else None
         if ring is not None and ring.mm is None:  # no usable shared memory: the pipe, as without one
             ring = None
-        share = workers >= SHARE_MIN_WORKERS and not in_main
-        for item_source in self.items:  # workers decode each shard once between them
-            item_source.shared = self.shared if share else None
+        parts = self.mixture.partitions
+        for item_source in self.items:
             item_source.raw_text = ring is not None and self.seq_len is None
-        batches = self._batches(g, worker, workers, in_main, packed_out)
+            item_source.cursors = parts // math.gcd(workers * self.world_size, parts)  # partitions served here
+        batches = self._batches(g, worker, workers, in_main, packed_out=output is not None)
         try:
-            if packed_out and self._per_item > 1:  # loader() workers: R of their batches per item
-                while chunk := list(itertools.islice(batches, self._per_item)):
+            if output is not None and output.per_item > 1:  # loader() workers: R of their batches per item
+                while chunk := list(itertools.islice(batches, output.per_item)):
                     yield chunk if ring is None else [ring.send(b) for b in chunk]
             elif ring is not None:
                 for batch in batches:
@@ -310,15 +305,15 @@ class MixtureStream(torch.utils.data.IterableDataset):
                 indices = [g + j * workers for j in range(block)]
                 block = min(2 * block, self.block_batches)
                 sl = self._plan_block(indices)
-                prefetch_block(self.sources, self.plan.orders, sl)  # remote sources: fetch this block's and the next shards
                 whole = indices[: len(sl.position) // self.batch_size]
-                ahead.extend(self._materialise(sl, whole, rotation=(worker, workers)))
+                ahead.extend(self._materialise(sl, whole))
                 if not ahead:
                     return
+                self._announce(g + len(indices) * workers, block, workers)
             batch = ahead.popleft()
             self._cursor = {"next": g + workers, "worker": worker, "num_workers": workers}
             if not packed_out:
-                batch, counts = _unpack(batch)
+                batch, counts = batch_format.unpack(batch, widen=not self.narrow_tokens)
                 if in_main:
                     self._count(g, batch["weight_version"], counts)
             g += workers
@@ -329,63 +324,21 @@ class MixtureStream(torch.utils.data.IterableDataset):
         starts = [b * self.global_batch_items + self.rank * self.batch_size for b in batch_indices]
         return self.plan.plan_ranges(starts, self.batch_size)
 
-    def _materialise(
-        self, sl: PlanSlice, batch_indices: Sequence[int], rotation: tuple[int, int] = (0, 1)
-    ) -> list[dict]:
-        """Batches of ``batch_size`` consecutive items of ``sl``, one per batch index.
+    def _materialise(self, sl: PlanSlice, batch_indices: Sequence[int]) -> list[dict]:
+        """Packed batches (`stream.batches`) of ``batch_size`` consecutive items of ``sl``."""
+        return batch_format.build(self.items, sl, batch_indices, self.batch_size, self.seq_len, self.token_dtype)
 
-        Items are read grouped by (source, epoch, shard) over the whole block, so per-batch work is
-        slicing. The batches are *packed* (numpy, the integer arrays in one ``_meta`` array): what a
-        `loader()` worker sends, pickled inline; `_unpack` makes the user-facing tensor batch. Each
-        batch owns its arrays, so a batch that crosses processes carries itself, not its block.
-        Worker w of W (``rotation``) reads the block's shards starting w/W of the way through, so
-        workers decode different shards at the same time (see `SharedShards`).
-        """
-        size = self.batch_size
-        n = len(batch_indices) * size
-        if n == 0:
-            return []
-        meta = np.empty((5, n), dtype=np.int64)  # source, shard, item, epoch, num_tokens
-        meta[0], meta[1], meta[2], meta[3] = sl.source[:n], sl.shard[:n], sl.item[:n], sl.epoch[:n]
-        version = sl.version[:n].reshape(-1, size).max(axis=1).tolist()
-        order, groups = _groups(meta[0], meta[3], meta[1])
-        first = rotation[0] * len(groups) // rotation[1]
-        visit = list(range(first, len(groups))) + list(range(first))
-        columns: dict[str, list] = {}
-        if self.seq_len is not None:
-            tokens = np.empty((n, self.seq_len + 1), dtype=np.int64)
-            starts = np.empty((n, self.seq_len + 1), dtype=bool)
-            for (src, epoch, shard), idx in (groups[i] for i in visit):
-                tokens[idx], starts[idx] = self.items[src].sequences(epoch, shard, meta[2, idx])
-            meta[4] = self.seq_len + 1
-        else:
-            gathered = {}
-            for i in visit:
-                (src, _epoch, shard), idx = groups[i]
-                gathered[i] = (idx, self.items[src].gather(shard, meta[2, idx]))
-            picked = [gathered[i] for i in range(len(groups))]
-            for idx, rows in picked:
-                meta[4, idx] = rows.tokens
-            columns = _columns_in_order(picked, n, order)
-        counts = _per_batch_counts(meta, size, len(self.names))
-        out = []
-        for j, g in enumerate(batch_indices):
-            lo, hi = j * size, (j + 1) * size
-            # Each batch owns its arrays (copies of its slice of the block).
-            batch: dict[str, Any] = {
-                "_meta": meta[:, lo:hi].copy(),
-                "_counts": counts[j],
-                "batch_index": g,
-                "weight_version": version[j],
-            }
-            if self.seq_len is not None:
-                batch["tokens"], batch["doc_start"] = tokens[lo:hi].copy(), starts[lo:hi].copy()
-            for key, col in columns.items():
-                batch[key] = col[lo:hi]
-            if "input_ids" in batch:
-                batch["_ids"] = _flat_rows(batch.pop("input_ids"))
-            out.append(batch)
-        return out
+    def _announce(self, g: int, block: int, workers: int) -> None:
+        """Tell sources that can fetch ahead (``Source.prefetch(shards)``, e.g. remote object
+        stores) which shards this worker's next block will read: its batches g, g + W, ...
+        (advisory: a weight change may still change them)."""
+        hooks = [getattr(it.source, "prefetch", None) for it in self.items]
+        if not any(hooks):
+            return
+        sl = self._plan_block([g + j * workers for j in range(block)])
+        for k, hook in enumerate(hooks):
+            if hook is not None:
+                hook(sorted(set(sl.shard[sl.source == k].tolist())))
 
     # ------------------------------------------------------------------------------ live weights
     def set_weights(self, weights: Mapping[str, float] | Sequence[float]) -> int:
@@ -455,27 +408,21 @@ class MixtureStream(torch.utils.data.IterableDataset):
         self.probes.append(
             {"id": probe_id, "weights": [float(x) for x in requested], "steps": int(steps), "at_batch": self._next_batch}
         )
-        plan = MixturePlan(
-            self.names,
-            [it.items_per_shard for it in self.items],
-            probe_seed(self.seed, probe_id),
-            [WeightChange(0, 0, tuple(item_w))],
-            [Exhaustion() for _ in self.names],
-            self.shuffle,
-        )
+        plan = self.mixture.plan(
+            [WeightChange(0, 0, tuple(item_w))], seed=probe_seed(self.seed, probe_id),
+            policies=[Exhaustion() for _ in self.names], whole=True,
+        )  # fmt: skip
         for first in range(0, int(steps), self.block_batches):
             block = list(range(first, min(first + self.block_batches, int(steps))))
             sl = plan.plan(first * self.batch_size, (block[-1] + 1) * self.batch_size)
             for packed in self._materialise(sl, block):
-                batch, _ = _unpack(packed)
+                batch, _ = batch_format.unpack(packed, widen=not self.narrow_tokens)
                 batch["probe"] = probe_id
                 yield batch
 
     # ------------------------------------------------------------------------------ consumption
     def _observe(self, batch: Mapping) -> None:
-        meta = np.stack([np.asarray(batch["source"]), np.asarray(batch["num_tokens"])])
-        counts = _per_batch_counts(meta, meta.shape[1], len(self.names), tokens_row=1)[0]
-        self._count(int(batch["batch_index"]), int(batch["weight_version"]), counts)
+        self._count(int(batch["batch_index"]), int(batch["weight_version"]), counts_of(batch, len(self.names)))
 
     def _count(self, g: int, version: int, counts: np.ndarray) -> None:
         """Record the consumption of batch g: its weight version, and ``counts`` (2, K) int64: per
@@ -513,7 +460,7 @@ class MixtureStream(torch.utils.data.IterableDataset):
         workers = dataloader_kwargs.get("num_workers", 0)
         convert = workers > 0 and "collate_fn" not in dataloader_kwargs
         if convert:
-            dataloader_kwargs["collate_fn"] = _as_is
+            dataloader_kwargs["collate_fn"] = as_is
             prefetch = dataloader_kwargs.get("prefetch_factor") or 2  # the DataLoader's default
             dataloader_kwargs["prefetch_factor"] = -(-prefetch // batches_per_item)
         loader = torch.utils.data.DataLoader(self, **dataloader_kwargs)
@@ -593,11 +540,7 @@ class MixtureStream(torch.utils.data.IterableDataset):
             self._sync_history()
         end = self._next_batch * self.global_batch_items
         realised = self.plan.draws_before(end).astype(np.float64)
-        requested = np.zeros(len(self.names))
-        for seg in self.plan.segments():
-            hi = end if seg.end is None else min(end, seg.end)
-            if hi > seg.start:
-                requested += seg.weights * (hi - seg.start)
+        requested = self.plan.expected_before(end)
         total = max(realised.sum(), 1.0)
         tok_req = requested * self.tokens_per_item
         tok_real = realised * self.tokens_per_item
@@ -638,13 +581,11 @@ class MixtureStream(torch.utils.data.IterableDataset):
         }
 
     def close(self) -> None:
-        """Remove the stream's temporary files (weight channel, shared decoded shards) now rather
-        than at interpreter exit. The stream cannot serve DataLoader workers afterwards."""
+        """Remove the stream's temporary files (weight channel, batch rings) now rather than at
+        interpreter exit. The stream cannot serve DataLoader workers afterwards."""
         if self.follower is not None:
             self.follower.close()
         self.channel.close()
-        if self.shared is not None:
-            self.shared.close()
         for reader in self._ring_readers:
             reader.close()
 
@@ -659,78 +600,11 @@ class MixtureStream(torch.utils.data.IterableDataset):
         self.__dict__.update(state)
         self._weights_lock = threading.Lock()
 
-    def manifest_plan(self) -> MixturePlan:
+    def manifest_plan(self):
         """The pure plan behind this stream (for exporters)."""
         if torch.utils.data.get_worker_info() is None:
             self._sync_history()
         return self.plan
-
-
-class TrackedLoader:
-    """Iterates a DataLoader and reports each received batch to its stream (`MixtureStream.observe`)."""
-
-    def __init__(
-        self,
-        stream: MixtureStream,
-        loader: torch.utils.data.DataLoader,
-        to_tensors: bool = False,
-        use_ring: bool = True,
-        per_item: int = 1,
-    ):
-        self.per_item = int(per_item)
-        self.stream = stream
-        self.loader = loader
-        self.to_tensors = to_tensors
-        self.ring = RingReader(ring_directory()) if to_tensors and use_ring else None
-        if self.ring is not None:
-            stream._ring_readers.append(self.ring)
-
-    def __iter__(self):
-        """Start the workers now, as ``iter(DataLoader)`` does, and return the batches' iterator."""
-        # read by the workers started by iter() (persistent workers keep what they saw first)
-        per_item = self.per_item if self.to_tensors else 1
-        self.stream._numpy_in_workers = self.to_tensors
-        self.stream._per_item = per_item
-        if self.ring is not None:
-            self.stream._ring = (self.ring.directory, ((self.loader.prefetch_factor or 2) + 1) * per_item + 2)
-        try:
-            items = iter(self.loader)
-        finally:
-            self.stream._numpy_in_workers = False
-            self.stream._per_item = 1
-            self.stream._ring = None
-        return self._serve(items, per_item)
-
-    def _serve(self, items: Iterator, per_item: int) -> Iterator[dict]:
-        if not self.to_tensors:
-            for batch in items:
-                if self.loader.num_workers > 0:
-                    self.stream._observe(batch)
-                yield batch
-            return
-        received: dict[int, dict] = {}  # by batch index, until every earlier batch was served
-        expected = self.stream._next_batch  # worker w starts at this + w (unless resumed per worker)
-        full_round = self.loader.num_workers * per_item
-        for item in items:
-            for packed in item if isinstance(item, list) else [item]:
-                if self.ring is not None:
-                    packed = self.ring.receive(packed)
-                received[packed["batch_index"]] = packed
-            if expected not in received and len(received) >= full_round:
-                expected = min(received)  # a round from every worker is here: nothing earlier comes
-            while expected in received:
-                yield self._served(received.pop(expected))
-                expected += 1
-        for g in sorted(received):  # the stream ended: what is left, in order
-            yield self._served(received.pop(g))
-
-    def _served(self, packed: dict) -> dict:
-        batch, counts = _unpack(packed)
-        self.stream._count(batch["batch_index"], batch["weight_version"], counts)
-        return batch
-
-
-META_KEYS = ("source", "shard", "item", "epoch", "num_tokens")  # the rows of a packed batch's "_meta"
 
 
 def _agree_change(payloads: list[dict]) -> dict:
@@ -740,87 +614,6 @@ def _agree_change(payloads: list[dict]) -> dict:
         "effective": max(max(p["started"] for p in payloads) + 1, max(p["next"] for p in payloads)),
         "weights": payloads[0]["weights"],
     }
-
-
-def _as_is(batch: dict) -> dict:
-    """collate_fn of `MixtureStream.loader` with workers: the worker's packed batch, unchanged."""
-    return batch
-
-
-def _unpack(packed: dict) -> tuple[dict, np.ndarray]:
-    """A packed batch (see `MixtureStream._materialise`) as the user-facing batch of tensors, and its
-    per-source counts (``_counts``, see `_per_batch_counts`). The integer rows are views of one
-    tensor (one storage per batch)."""
-    batch = dict(packed)
-    meta = batch.pop("_meta")
-    counts = batch.pop("_counts")
-    batch.update(zip(META_KEYS, torch.from_numpy(meta).unbind(0)))
-    for key in ("tokens", "doc_start"):
-        if key in batch:
-            batch[key] = torch.from_numpy(batch[key])
-    if "_ids" in batch:
-        flat, lengths = batch.pop("_ids")
-        batch["input_ids"] = list(torch.from_numpy(flat).split(lengths.tolist()))
-    return batch, counts
-
-
-def _per_batch_counts(meta: np.ndarray, size: int, k: int, tokens_row: int = 4) -> np.ndarray:
-    """int64 (batches, 2, k): per batch of ``size`` consecutive columns of ``meta`` and per source,
-    the number of items and their tokens (row 0 of ``meta``: source ids, ``tokens_row``: tokens)."""
-    nb = meta.shape[1] // size
-    cell = meta[0, : nb * size] + k * np.repeat(np.arange(nb), size)
-    samples = np.bincount(cell, minlength=nb * k).reshape(nb, k)
-    tokens = np.bincount(cell, weights=meta[tokens_row, : nb * size], minlength=nb * k).reshape(nb, k)
-    return np.stack([samples, tokens.astype(np.int64)], axis=1)
-
-
-def _groups(source: np.ndarray, epoch: np.ndarray, shard: np.ndarray):
-    """Positions grouped by (source, epoch, shard): (order, [((src, epoch, shard), positions)]).
-
-    Groups come in the order of their first position, which is the order a source visits its
-    shards, so a small LRU shard cache keeps the shard a block ends in for the next block; ``order``
-    is the groups' positions concatenated. One int64 key per position, sorted once."""
-    key = (source << 52) | (epoch << 32) | shard  # sources < 2^11, epochs < 2^20, shards < 2^32
-    by_key = np.argsort(key, kind="stable")
-    cuts = np.flatnonzero(np.diff(key[by_key])) + 1
-    parts = np.split(by_key, cuts)
-    parts.sort(key=lambda idx: int(idx[0]))
-    groups = []
-    for idx in parts:
-        k = int(key[idx[0]])
-        groups.append(((k >> 52, (k >> 32) & 0xFFFFF, k & 0xFFFFFFFF), idx))
-    return np.concatenate(parts), groups
-
-
-def _columns_in_order(picked: list, n: int, order: np.ndarray) -> dict[str, list]:
-    """Per column, the gathered rows of every group put back in position order.
-
-    ``picked`` holds (positions, Gathered) per group, groups in the order of ``order`` (the sorted
-    positions), so concatenating the groups gives the values at order[0], order[1], ..."""
-    inverse = np.empty(n, dtype=np.int64)
-    inverse[order] = np.arange(n)
-    back = inverse.tolist()
-    columns: dict[str, list] = {}
-    for key, attr in (("text", "texts"), ("input_ids", "ids")):
-        parts = [(idx, getattr(rows, attr)) for idx, rows in picked]
-        if all(p is None for _, p in parts):
-            continue
-        # a source without the column contributes None for its rows
-        flat = list(itertools.chain.from_iterable(p if p is not None else [None] * len(idx) for idx, p in parts))
-        columns[key] = pick(flat, back)
-    extra_keys = list(dict.fromkeys(k for _, rows in picked for k in rows.extra))
-    for key in extra_keys:
-        flat = list(itertools.chain.from_iterable(rows.extra.get(key, [None] * len(idx)) for idx, rows in picked))
-        columns[key] = pick(flat, back)
-    return columns
-
-
-def _flat_rows(rows: list) -> tuple[np.ndarray, np.ndarray]:
-    """A batch's ids rows as (one flat int64 array, row lengths); rows of sources without ids are
-    empty."""
-    rows = [np.zeros(0, dtype=np.int64) if r is None else r for r in rows]
-    flat = np.concatenate(rows).astype(np.int64, copy=False) if rows else np.zeros(0, dtype=np.int64)
-    return flat, np.fromiter((len(r) for r in rows), dtype=np.int64, count=len(rows))
 
 
 def _config_digest(config: Any) -> str:

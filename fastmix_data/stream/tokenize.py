@@ -8,6 +8,8 @@ from typing import Any
 
 import numpy as np
 
+from fastmix_data.sources.base import IdRows
+
 BYTE_VOCAB_SIZE = 257
 """Ids 0..255 are UTF-8 bytes; 256 is the end-of-document token."""
 BYTE_EOS = 256
@@ -23,6 +25,16 @@ class ByteTokenizer:
     def encode(self, text: str) -> np.ndarray:
         """Token ids (int64) of ``text``, without the end-of-document token."""
         return np.frombuffer(text.encode("utf-8"), dtype=np.uint8).astype(np.int64)
+
+    def encode_rows(self, texts) -> IdRows:
+        """Every row's UTF-8 bytes as ids (uint8 values), without end-of-document tokens; for texts
+        read as Arrow UTF-8 (`sources.arrow.Utf8Rows`) a zero-copy view of the column's buffer."""
+        offsets = getattr(texts, "offsets", None)
+        if offsets is not None:
+            values = np.frombuffer(texts.values, dtype=np.uint8)
+            first = int(offsets[0]) if len(offsets) else 0
+            return IdRows(values[first : int(offsets[-1]) if len(offsets) else 0], offsets.astype(np.int64) - first)
+        return IdRows.of([np.frombuffer(t.encode("utf-8"), dtype=np.uint8) for t in texts])
 
     def decode(self, ids) -> str:
         """Text of ``ids``; end-of-document tokens become newlines."""
@@ -54,6 +66,10 @@ class CallableTokenizer:
         ids = getattr(out, "ids", out)
         return np.asarray(ids, dtype=np.int64)
 
+    def encode_rows(self, texts) -> IdRows:
+        """Every row's ids (one call of the tokenizer per row), without end-of-document tokens."""
+        return IdRows.of([self.encode(t if type(t) is str else str(t, "utf-8")) for t in texts])
+
     def fingerprint(self) -> str:
         h = hashlib.sha256(f"{self.name}|{self.eos_id}|{self.vocab_size}".encode())
         for probe in ("The quick brown fox.", "def f(x):\n    return x", "ünïcødé ✓"):
@@ -77,6 +93,20 @@ def _vocab_size(fn: Any) -> int | None:
         if isinstance(v, int):
             return v
     return None
+
+
+def token_dtype(max_id: int | None) -> np.dtype:
+    """The narrowest unsigned dtype for ids up to ``max_id`` (uint16, else uint32; None: uint32).
+
+    Raises:
+        ValueError: ``max_id`` does not fit 32 bits."""
+    if max_id is None:
+        return np.dtype(np.uint32)
+    if max_id < 1 << 16:
+        return np.dtype(np.uint16)
+    if max_id < 1 << 32:
+        return np.dtype(np.uint32)
+    raise ValueError(f"token id {max_id} does not fit 32 bits")
 
 
 def as_tokenizer(tok: Any, eos_id: int | None = None) -> ByteTokenizer | CallableTokenizer:

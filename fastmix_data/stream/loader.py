@@ -1,0 +1,111 @@
+"""`TrackedLoader`: a torch DataLoader over a `MixtureStream` that reports consumption to it.
+
+With workers, `MixtureStream.loader` configures what its workers send through one `WorkerOutput`
+(set on the stream while ``iter()`` starts the workers, which copy the stream): packed numpy batches,
+R of them per DataLoader item, written to a shared-memory ring (:mod:`fastmix_data.stream.batch_ring`).
+The training process makes tensors and serves the batches in global order.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+
+from fastmix_data.stream.batch_ring import RingReader, ring_directory
+from fastmix_data.stream.batches import unpack
+
+if TYPE_CHECKING:
+    from fastmix_data.stream.mixture import MixtureStream
+
+
+@dataclass(frozen=True)
+class WorkerOutput:
+    """What `MixtureStream.loader` workers send.
+
+    Attributes:
+        per_item: batches per DataLoader item (``batches_per_item``).
+        ring: (ring directory, slots) of the shared-memory ring, or None (pickled through the pipe).
+    """
+
+    per_item: int = 1
+    ring: tuple[str, int] | None = None
+
+
+class TrackedLoader:
+    """Iterates a DataLoader and reports each received batch to its stream (`MixtureStream.observe`)."""
+
+    def __init__(
+        self,
+        stream: MixtureStream,
+        loader: torch.utils.data.DataLoader,
+        to_tensors: bool = False,
+        use_ring: bool = True,
+        per_item: int = 1,
+    ):
+        self.per_item = int(per_item)
+        self.stream = stream
+        self.loader = loader
+        self.to_tensors = to_tensors
+        self.ring = RingReader(ring_directory()) if to_tensors and use_ring else None
+        if self.ring is not None:
+            stream._ring_readers.append(self.ring)
+
+    def __iter__(self):
+        """Start the workers now, as ``iter(DataLoader)`` does, and return the batches' iterator."""
+        per_item = self.per_item if self.to_tensors else 1
+        output = None
+        if self.to_tensors:
+            slots = ((self.loader.prefetch_factor or 2) + 1) * per_item + 2
+            output = WorkerOutput(per_item, None if self.ring is None else (self.ring.directory, slots))
+        # read by the workers started by iter() (persistent workers keep what they saw first)
+        self.stream.worker_output = output
+        try:
+            items = iter(self.loader)
+        finally:
+            self.stream.worker_output = None
+        return self._serve(items, per_item)
+
+    def _serve(self, items: Iterator, per_item: int) -> Iterator[dict]:
+        if not self.to_tensors:
+            for batch in items:
+                if self.loader.num_workers > 0:
+                    self.stream._observe(batch)
+                yield batch
+            return
+        received: dict[int, dict] = {}  # by batch index, until every earlier batch was served
+        expected = self.stream._next_batch  # worker w starts at this + w (unless resumed per worker)
+        full_round = self.loader.num_workers * per_item
+        for item in items:
+            for packed in item if isinstance(item, list) else [item]:
+                if self.ring is not None:
+                    packed = self.ring.receive(packed)
+                received[packed["batch_index"]] = packed
+            if expected not in received and len(received) >= full_round:
+                expected = min(received)  # a round from every worker is here: nothing earlier comes
+            while expected in received:
+                yield self._served(received.pop(expected))
+                expected += 1
+        for g in sorted(received):  # the stream ended: what is left, in order
+            yield self._served(received.pop(g))
+
+    def _served(self, packed: dict) -> dict:
+        batch, counts = unpack(packed, widen=not self.stream.narrow_tokens)
+        self.stream._count(batch["batch_index"], batch["weight_version"], counts)
+        return batch
+
+
+def as_is(batch: dict) -> dict:
+    """collate_fn of `MixtureStream.loader` with workers: the worker's packed batch, unchanged."""
+    return batch
+
+
+def counts_of(batch, k: int) -> np.ndarray:
+    """(2, k) int64: per source, the samples and tokens of a user-facing batch (for `observe`)."""
+    from fastmix_data.stream.batches import per_batch_counts
+
+    meta = np.stack([np.asarray(batch["source"]), np.asarray(batch["num_tokens"])])
+    return per_batch_counts(meta, meta.shape[1], k, tokens_row=1)[0]
