@@ -253,7 +253,7 @@ def make_fastmix(data: BenchData, batch: int, cache_dir: str) -> Contender:
         "with its defaults: each worker sends 2 of its batches per DataLoader item (`batches_per_item=2`; "
         "`prefetch_factor` counts batches, so 2 batches in flight per worker as for the peers) through a "
         "ring of shared-memory slots (`shared_memory_batches=True`; texts as UTF-8 bytes, `str` made in "
-        "the training process); with 2 workers each decodes the shards it needs (`share_decoded` starts at 3).",
+        "the training process); canonical partitions (default P), so each worker reads only its partitions' slices.",
     )
 
 
@@ -794,16 +794,12 @@ def profile_fastmix(data: BenchData, batch: int, cache_dir: str, n: int, top: in
         "",
         _common.markdown_table(["loader", "samples/s"], diag, "lr"),
     ]
-    # 5. Decoding each shard once between the workers (share_decoded): the worker processes' CPU time.
-    from fastmix_data.stream import mixture
-
+    # 5. Canonical partitions: each worker decodes only its share (P = 1: every worker decodes everything).
     share_rows = []
-    default_min = mixture.SHARE_MIN_WORKERS
     for workers in (2, 4):
         cells = {}
-        for share in (False, True, False, True):  # alternate; keep the lower of each
-            mixture.SHARE_MIN_WORKERS = 2  # measure sharing with 2 workers too (off by default there)
-            stream = new_stream(share_decoded=share)
+        for parts in (1, None, 1, None):  # alternate; keep the lower of each
+            stream = new_stream(**({} if parts is None else {"partitions": parts}))
             before = resource.getrusage(resource.RUSAGE_CHILDREN)
             t0 = time.perf_counter()
             it = iter(stream.loader(num_workers=workers, prefetch_factor=2))
@@ -818,23 +814,22 @@ def profile_fastmix(data: BenchData, batch: int, cache_dir: str, n: int, top: in
             after = resource.getrusage(resource.RUSAGE_CHILDREN)
             cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
             stream.close()
-            mixture.SHARE_MIN_WORKERS = default_min
-            best = cells.get(share)
+            best = cells.get(parts)
             if best is None or cpu < best[0]:
-                cells[share] = (cpu, got / wall)
-        share_rows.append((str(workers), f"{cells[False][0]:.2f}", f"{cells[True][0]:.2f}",
-                           f"{cells[True][0] / cells[False][0]:.2f}×", f"{cells[False][1]:,.0f}", f"{cells[True][1]:,.0f}"))
+                cells[parts] = (cpu, got / wall)
+        share_rows.append((str(workers), f"{cells[1][0]:.2f}", f"{cells[None][0]:.2f}",
+                           f"{cells[None][0] / cells[1][0]:.2f}×", f"{cells[1][1]:,.0f}", f"{cells[None][1]:,.0f}"))
     out += [
         "",
-        f"### Decoding each shard once between workers (`share_decoded`), {n:,} samples, lower of 2 runs each",
+        f"### Canonical partitions: the workers' decode work, {n:,} samples, lower of 2 runs each",
         "",
-        "Without sharing every worker decodes every shard (its batches interleave with the others'), so the "
-        "workers' decode work grows with their number; with it, the first worker to need a shard decodes "
-        f"it into a shared-memory slot and the others read it back. By default sharing starts at "
-        f"{default_min} workers (`SHARE_MIN_WORKERS`); the 2-worker row forces it on to show why.",
+        "With `partitions=1` every worker decodes every shard (its batches interleave with the others'), so the "
+        "workers' decode work grows with their number; with the default partitions each worker reads only "
+        "the slices of its partitions (docs/stream.md).",
         "",
         _common.markdown_table(
-            ["workers", "worker CPU s, off", "worker CPU s, on", "on / off", "samples/s off", "samples/s on"],
+            ["workers", "worker CPU s, P=1", "worker CPU s, default P", "default / P=1", "samples/s P=1",
+             "samples/s default"],
             share_rows, "rrrrrr"),
     ]
     return "\n".join(out), buf.getvalue()
