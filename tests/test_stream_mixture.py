@@ -195,7 +195,7 @@ def test_state_is_small_versioned_json_and_refuses_other_streams(data):
     take(iter(stream), 3)
     state = stream.state_dict()
     text = json.dumps(state)
-    assert len(text) < 4000 and state["version"] == 2 and state["next_batch"] == 3
+    assert len(text) < 4000 and state["version"] == 3 and state["next_batch"] == 3
     other = MixtureStream(sources(data), W, batch_size=4, seed=1)
     with pytest.raises(StateError, match="seed: 0 -> 1"):
         other.load_state_dict(state)
