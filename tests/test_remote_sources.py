@@ -24,7 +24,8 @@ from shardgen import (
 from fastmix_data.errors import SourceError
 from fastmix_data.sources import index_source, open_source
 from fastmix_data.storage import CacheBudgetError, ShardChangedError
-from fastmix_data.storage.prefetch import prefetch_block, prefetcher, shards_ahead
+from fastmix_data.storage.prefetch import prefetch_block, prefetcher
+from fastmix_data.stream.batches import block_reads
 from fastmix_data.stream.mixture import MixtureStream
 
 
@@ -151,6 +152,11 @@ def _texts(stream, n, loader=None):
     return [list(next(it)["text"]) for _ in range(n)]
 
 
+def _batches(stream, n):
+    it = iter(stream)
+    return [next(it) for _ in range(n)]
+
+
 def _sources(where: str, verify: str) -> dict:
     return {name: {"path": f"{where}{name}", "verify": verify} for name in ("pq", "wds", "mds")}
 
@@ -208,21 +214,50 @@ def test_cache_budget_below_one_block_is_a_clear_error(on_s3, tmp_path):
         next(iter(stream))
 
 
-def test_prefetch_fetches_the_shards_the_plan_reads_next(on_s3, tmp_path):
+def test_prefetch_fetches_the_row_groups_the_plan_reads_next(on_s3, tmp_path):
     stream = MixtureStream({"pq": {"path": f"s3://{on_s3.bucket}/pq", "cache_dir": tmp_path / "c", "prefetch": 1}},
                            {"pq": 1.0}, batch_size=4, seed=3)
-    src, order = stream.sources[0], stream.plan.orders[0]
+    src = stream.sources[0]
     src.storage.cache.clear()
-    block = stream._plan_block([0])  # the first 4 rows: one shard
-    ahead = shards_ahead(order, int(block.draw.max()), 1)
-    later = stream._plan_block(list(range(1, 30)))  # what the plan reads after
-    assert ahead[0] == next(int(s) for s in later.shard if s not in set(block.shard.tolist()))
-    prefetch_block(stream.sources, stream.plan.orders, block)
+    block, later = stream._plan_block([0]), stream._plan_block(list(range(1, 30)))
+    now, ahead = block_reads(stream.items, block, [0]), block_reads(stream.items, later, [0])
+    assert all(groups is not None for _, groups in now[0] + ahead[0])  # row groups, not whole shards
+    prefetch_block(stream.sources, now, ahead)
     prefetcher().wait()
     cached = set(os.listdir(src.storage.cache.directory / "blobs"))
-    wanted = {src._request(i)[0] for i in [*set(block.shard.tolist()), *ahead]}
-    assert cached == wanted  # this block's shard and the next one, nothing else
+    first_next = next(r for r in ahead[0] if r not in now[0])
+    wanted = {key for shard, groups in [*now[0], first_next] for key in src.cache_keys(shard, groups)}
+    assert cached == wanted  # this block's row groups (and footers) and the next read's, nothing else
     prefetcher().release_all()
+
+
+def test_a_rank_downloads_only_the_row_groups_of_its_partitions(s3, tmp_path):
+    """Two ranks, each with its own cache (as on two hosts), 4 partitions: a rank downloads the
+    footers and the row groups of its partitions' slices only, about half of what the data needs."""
+    docs = [d * 2 for d in make_docs(1024, seed=6)]  # 4 slices of MIN_SLICE_ITEMS rows
+    write_parquet_source(tmp_path / "big", docs, shards=4, row_group_size=64)
+    url = s3.put(tmp_path / "big", "big")
+    index_url = f"s3://{s3.bucket}/indexes/big.json"
+    index_source("big", url, out=index_url, cache_dir=tmp_path / "index")
+    whole = sum(open_source("big", index_file=index_url, cache_dir=tmp_path / "index").fetch_bytes(i)
+                for i in range(4))  # footers and all text chunks: what one process would download
+    got, per_rank = [], []
+    for rank in range(2):
+        src = open_source("big", index_file=index_url, cache_dir=tmp_path / f"rank{rank}")
+        faults = Faults()
+        with fault_proxy(s3.endpoint, faults) as proxy:
+            os.environ["AWS_ENDPOINT_URL"] = proxy
+            try:
+                stream = MixtureStream({"big": src}, {"big": 1.0}, batch_size=8, seed=1, partitions=4, rank=rank,
+                                       world_size=2)
+                got += [t for b in _batches(stream, 64) for t in b["text"]]  # one epoch: 512 rows per rank
+            finally:
+                os.environ["AWS_ENDPOINT_URL"] = s3.endpoint
+        per_rank.append(sum(n for path, n in faults.bytes_by_path.items() if path.endswith(".parquet")))
+    assert sorted(got) == sorted(docs)
+    for n in per_rank:
+        assert n <= 0.55 * whole, (per_rank, whole)  # its half (plus a shared footer or row group)
+    assert whole <= sum(per_rank) <= 1.1 * whole, (per_rank, whole)
 
 
 def test_credentials_never_in_state_logs_or_errors(on_s3, tmp_path, caplog):

@@ -152,7 +152,8 @@ def open_source(
             as they are, without listing the store (``spec`` may then be None).
         cache_limit: byte budget of the remote shard cache (int or ``"20GB"``; default 80 % of the
             free space). It must hold the remote shards of one block.
-        prefetch: remote shards per source fetched ahead of the current block (default 4; 0: none).
+        prefetch: remote shard reads per source (a shard, or the row groups of a Parquet shard that a
+            block reads) fetched ahead of the current block (default 4; 0: none).
         remote_cache: False reads remote shards into memory without a local copy (no prefetch).
         storage_options: fsspec options (credentials, endpoint, ...); never logged or stored.
         retry: retry policy of remote calls (default ``RetryPolicy()``: 6 tries, backoff from 0.2 s).

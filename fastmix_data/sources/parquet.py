@@ -1,13 +1,17 @@
 """Parquet shards, read with pyarrow; remote ones by range reads of the column chunks they need.
 
 One ``.parquet`` file is one shard. The text column holds strings (``string``/``large_string``), the
-ids column lists of integers (any integer width; returned as int64). Only the needed columns are read.
+ids column lists of integers (any integer width; decoded as int64, or in the stored type for the
+stream's narrow ids, see `arrow.shard_data_from_table`). Only the needed columns are read.
 
-Row-group API (shared with sub-shard readers): the index keeps each shard's *layout* (the footer's
-byte range and, per row group, its rows and each column chunk's byte range; :func:`layout_of`), and
-:meth:`ParquetReader.read_row_groups` reads any row groups of any columns. For a URL it fetches the
-footer and exactly those column chunks in one round of concurrent range requests (through the
-node-local cache) and decodes them from memory: nothing else of the file is downloaded.
+Row-group API, one for local and remote shards: the index keeps each shard's *layout* (the footer's
+byte range and, per row group, its rows and each column chunk's byte range; :func:`layout_of`;
+:meth:`ParquetReader.layout` reads a local footer when asked), and
+:meth:`ParquetReader.read_row_groups` reads any row groups of the needed columns. The stream reads a
+partition's slice of a shard this way, row group by row group (`ShardedSource.read_shard_table`).
+For a URL it fetches the footer and exactly those column chunks, concurrently, through the
+node-local cache, one cache entry for the footer and one per row group (:func:`chunk_parts`), and
+decodes them from memory: nothing else of the file is downloaded.
 """
 
 from __future__ import annotations
@@ -62,17 +66,23 @@ def layout_of(md: pq.FileMetaData, size: int) -> dict[str, Any]:
     return {"footer": [size - footer_len, footer_len], "rows": rows, "chunks": chunks}
 
 
-def chunk_ranges(layout: dict[str, Any], columns: Sequence[str], row_groups: Sequence[int] | None = None) -> list[tuple[int, int]]:
-    """Byte ranges ``[(offset, length)]`` of the footer and of ``columns`` in ``row_groups`` (all
-    when None), from a :func:`layout_of` layout."""
+def chunk_parts(
+    layout: dict[str, Any], columns: Sequence[str], row_groups: Sequence[int] | None = None
+) -> list[list[tuple[int, int]]]:
+    """What a read of ``columns`` in ``row_groups`` (all when None) fetches, as the node-local
+    cache holds it: ``[[footer range], [that row group's column chunks] per row group]``, byte
+    ranges ``(offset, length)`` from a :func:`layout_of` layout. One cache entry per part, so a row
+    group read alone or with others is one copy on the node, and the footer one per shard."""
     groups = range(len(layout["rows"])) if row_groups is None else row_groups
-    out = [tuple(layout["footer"])]
+    spans = []
     for name in columns:
-        spans = layout["chunks"].get(name)
-        if spans is None:
+        chunks = layout["chunks"].get(name)
+        if chunks is None:
             raise SourceError(f"column {name!r} is not in the Parquet layout (columns: {sorted(layout['chunks'])})")
-        out += [tuple(spans[g]) for g in groups]
-    return [(int(o), int(n)) for o, n in out]
+        spans.append(chunks)
+    out = [[(int(layout["footer"][0]), int(layout["footer"][1]))]]
+    out += [[(int(c[g][0]), int(c[g][1])) for c in spans] for g in groups]
+    return out
 
 
 class ParquetReader(NamedColumnsReader):
@@ -128,8 +138,7 @@ class ParquetReader(NamedColumnsReader):
         return stats
 
     def _read_remote(self, url: str, layout: dict[str, Any], columns: list[str], row_groups) -> pa.Table:
-        ranges = chunk_ranges(layout, columns, row_groups)
-        source = self.files.read_ranges(url, ranges)
+        source = self.files.read_parts(url, chunk_parts(layout, columns, row_groups))
         offset, length = layout["footer"]
         source.seek(offset)
         md = pq.read_metadata(pa.BufferReader(source.read(length)))
@@ -150,9 +159,19 @@ class ParquetReader(NamedColumnsReader):
             raise SourceError(f"{redact(path)} has no Parquet layout in the index; re-open the source")
         return layout_of(pq.read_metadata(path), os.path.getsize(path))
 
-    def ranges(self, path: str, columns: Columns, row_groups: Sequence[int] | None = None) -> list[tuple[int, int]]:
-        """The byte ranges a read of ``columns`` in ``row_groups`` fetches (footer included)."""
-        return chunk_ranges(self.layout(path), needed_columns(columns), row_groups)
+    def parts(self, path: str, columns: Columns, row_groups: Sequence[int] | None = None) -> list[list[tuple[int, int]]]:
+        """The byte ranges a read of ``columns`` in ``row_groups`` (all when None) fetches, per cache
+        entry: the footer, then each row group (`chunk_parts`)."""
+        return chunk_parts(self.layout(path), needed_columns(columns), row_groups)
+
+    def schema(self, path: str) -> pa.Schema:
+        """The file's Arrow schema, from its footer (remote: the footer's cache entry)."""
+        if not is_url(path):
+            return pq.read_schema(path)
+        footer = self.layout(path)["footer"]
+        source = self.files.read_parts(path, [[tuple(footer)]])
+        source.seek(footer[0])
+        return pq.read_metadata(pa.BufferReader(source.read(footer[1]))).schema.to_arrow_schema()
 
     def read_row_groups(self, path: str, columns: Columns, row_groups: Sequence[int] | None = None) -> pa.Table:
         """The needed columns of ``row_groups`` (all when None), decoded, in row-group order. Remote:

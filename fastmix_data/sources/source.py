@@ -114,7 +114,7 @@ class ShardedSource:
             sizes = self.row_group_rows(index)
             return self._checked(
                 index, lambda path: read_groups(path, self.columns, row_groups), rows=lambda t: t.num_rows,
-                expect=sum(sizes[g] for g in row_groups),
+                expect=sum(sizes[g] for g in row_groups), row_groups=row_groups,
             )  # fmt: skip
         read_table = getattr(self.reader, "read_table", None)
         if read_table is not None and self.shards[index].rows > 0:
@@ -153,49 +153,80 @@ class ShardedSource:
         )
 
     # ------------------------------------------------------------------ remote: prefetch
-    def _request(self, index: int):
-        """(cache key, bytes, fetch job) of what `read_shard` fetches for a remote shard."""
+    def _requests(self, index: int, row_groups: Sequence[int] | None = None) -> list:
+        """[(cache key, bytes, fetch job)] of what reading shard ``index`` (Parquet: only
+        ``row_groups``, all when None) fetches from a remote store: one entry per part (Parquet:
+        the footer, then one per row group; other formats: the whole object)."""
         path = self.shards[index].path
-        ranges = None
+        parts: list = [None]
         if self.format == "parquet":
-            ranges = self.reader.ranges(path, self.columns)  # type: ignore[attr-defined]
-        return self.reader.files.cache_request(path, ranges)
+            parts = self.reader.parts(path, self.columns, row_groups)  # type: ignore[attr-defined]
+        return [self.reader.files.cache_request(path, p) for p in parts]
 
-    def fetch_bytes(self, index: int) -> int:
-        """Bytes `read_shard` downloads for shard ``index`` (Parquet: footer and needed column chunks)."""
-        return self._request(index)[1] if self.remote else 0
+    def cache_keys(self, index: int, row_groups: Sequence[int] | None = None) -> list[str]:
+        """The node-local cache entries a read of shard ``index`` (``row_groups`` of it) uses."""
+        return [key for key, _, _ in self._requests(index, row_groups)] if self.remote else []
 
-    def prefetch(self, indices: Sequence[int], after: Sequence[str] = ()) -> list[str]:
-        """Fetch these shards into the node-local cache in the background, in this order, once the
-        cache entries ``after`` are fetched (the stream's block hook calls it; see
-        :mod:`fastmix_data.storage.prefetch`). Returns their cache keys. No-op (``[]``) for local
-        sources or without a cache."""
+    def fetch_bytes(self, index: int, row_groups: Sequence[int] | None = None) -> int:
+        """Bytes a read of shard ``index`` downloads (Parquet: the footer and the needed column
+        chunks of ``row_groups``, all when None); 0 for a local shard."""
+        return sum(n for _, n, _ in self._requests(index, row_groups)) if self.remote else 0
+
+    def reads_bytes(self, reads: Sequence[tuple[int, Sequence[int] | None]]) -> int:
+        """Bytes the cache must hold at once for ``reads`` (``(shard, row groups or None)``), each
+        cache entry counted once (a shard's footer serves all its row-group reads)."""
+        if not self.remote:
+            return 0
+        return sum({key: n for index, groups in reads for key, n, _ in self._requests(index, groups)}.values())
+
+    def prefetch(self, reads: Sequence[tuple[int, Sequence[int] | None]], after: Sequence[str] = ()) -> list[str]:
+        """Fetch what these reads need into the node-local cache in the background, in this order,
+        once the cache entries ``after`` are fetched (the stream's block hook calls it; see
+        :mod:`fastmix_data.storage.prefetch`).
+
+        Args:
+            reads: ``(shard index, row groups or None for all)`` per read.
+            after: cache keys to wait for (the current block's, so they get the bandwidth first).
+
+        Returns:
+            The cache keys of the reads (each once). ``[]`` for local sources or without a cache.
+        """
         if not self.remote or self.storage.cache is None:  # type: ignore[union-attr]
             return []
         from fastmix_data.storage.prefetch import prefetcher
 
         pool = prefetcher()
         cache = self.storage.cache  # type: ignore[union-attr]
-        keys = []
-        for i in indices:
-            key, _, job = self._request(i)
-            keys.append(key)
-            if pool.holds(key):
-                continue
-            pin = cache.pin(key)  # already on this node: pin it here, no background job (warm cache)
-            if pin is not None:
-                pool.keep(key, pin)
-            else:
-                pool.submit(key, job, after)
-        return keys
+        keys: dict[str, None] = {}
+        for index, groups in reads:
+            for key, _, job in self._requests(index, groups):
+                if key in keys:
+                    continue
+                keys[key] = None
+                if pool.holds(key):
+                    continue
+                pin = cache.pin(key)  # already on this node: pin it here, no background job (warm cache)
+                if pin is not None:
+                    pool.keep(key, pin)
+                else:
+                    pool.submit(key, job, after)
+        return list(keys)
 
-    def _release(self, index: int) -> None:
+    def _release(self, index: int, row_groups: Sequence[int] | None = None) -> None:
+        """Drop the prefetcher's pins of what a read of shard ``index`` (``row_groups``) used."""
         if self.remote and self.storage.cache is not None:  # type: ignore[union-attr]
             from fastmix_data.storage.prefetch import prefetcher
 
-            prefetcher().release(self._request(index)[0])
+            pool = prefetcher()
+            for key in self.cache_keys(index, row_groups):
+                pool.release(key)
 
-    def _checked(self, index: int, read, rows=lambda data: data.rows, stat: bool = True, expect: int | None = None):
+    def _checked(
+        self, index: int, read, rows=lambda data: data.rows, stat: bool = True, expect: int | None = None,
+        row_groups: Sequence[int] | None = None,
+    ):  # fmt: skip
+        """``read(path)`` of shard ``index`` with its errors named; ``stat``: a read of the file (check
+        that a local one is unchanged first; release the prefetched pins of ``row_groups`` after)."""
         info = self.shards[index]
         where = f"shard {redact(info.path)} of source {self.name!r}"
         if stat and not is_pipe(info.path) and not is_url(info.path):
@@ -210,7 +241,7 @@ class ShardedSource:
             ) from exc
         finally:
             if stat:
-                self._release(index)
+                self._release(index, row_groups)
         want = info.rows if expect is None else expect
         if rows(data) != want:
             raise SourceError(f"{where} has {rows(data)} rows but was indexed with {want}; re-open the source")

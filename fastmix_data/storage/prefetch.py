@@ -1,15 +1,17 @@
-"""Plan-driven prefetch: fetch the shards the next blocks need while the current one is served.
+"""Plan-driven prefetch: fetch what this process's next block reads while the current one is served.
 
-The plan knows the future. A source's draws visit its shards in a seeded order per epoch
-(:class:`fastmix_data.plan.order.SourceOrder`), whatever the weights: weights only change how fast a
-source advances through that order. So after a block whose last draw from source k is ``d``, the
-shards source k reads next are exactly those holding draws ``d + 1, d + 2, ...``: :func:`shards_ahead`
-lists them, and the stream fetches the current block's shards and ``prefetch`` more per source into
-the node-local cache in background threads. Every worker of every rank on the node asks for the same
-upcoming shards, and the cache makes that one download per node. Peers prefetch in file order or at
-random; this prefetch fetches nothing the plan will not read (unless a weight change drops a source).
+The plan knows the future. With canonical partitions a process serves only its own partitions, and
+the plan of its next block (its batches g, g + W, ... after the current block, ``plan_ranges``)
+names exactly the shards, and the Parquet row groups of them, that it will read there: the stream
+lists them per source (`fastmix_data.stream.batches.block_reads`: ``(shard, row groups or None)``
+per shard read, in read order) for the current block and for the next one. One call per block,
+:func:`prefetch_block`, then fetches into the node-local cache, in background threads: first the
+current block's reads (concurrently, so a cold block is not fetched one shard at a time), then,
+once those are in (they get the bandwidth first), the first ``prefetch`` reads per source of the
+next block that the current one does not make. A process fetches nothing its own partitions will
+not read (unless a weight change alters the next block), and the cache makes what several processes
+of a node need (a slice shared by partitions, or P = 1) one download per node.
 
-The stream makes **one call** per block, :func:`prefetch_block` (see ``MixtureStream._batches``).
 Sources that are not remote, or have no ``prefetch`` method, are skipped. Prefetch only warms the
 cache: what is served is decided by the plan alone, so it never changes content or order.
 """
@@ -21,48 +23,14 @@ import logging
 import os
 import threading
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-
-import numpy as np
 
 from fastmix_data.storage.cache import CacheBudgetError, Pin
 
 log = logging.getLogger(__name__)
 PREFETCH_THREADS = 4
 MAX_PINS = 256  # prefetched entries kept pinned per process before the oldest are released
-
-
-def shards_ahead(order, last_draw: int, count: int) -> list[int]:
-    """The ``count`` shards a source visits after its draw ``last_draw`` (pure).
-
-    Args:
-        order: the source's ``SourceOrder`` (``total``, ``sizes``, ``shard_order(epoch)``).
-        last_draw: the source's last draw in the current block.
-        count: how many shards to list (crossing into later epochs as needed).
-
-    Returns:
-        Shard indices in the order they will be read, excluding the shard of ``last_draw``.
-    """
-    total = int(order.total)
-    if count <= 0 or total == 0:
-        return []
-    epoch, offset = divmod(int(last_draw), total)
-    shard_order = order.shard_order(epoch)
-    ends = np.cumsum(np.asarray(order.sizes)[shard_order])
-    pos = int(np.searchsorted(ends, offset, side="right")) + 1
-    out: list[int] = []
-    while len(out) < count:
-        if pos >= len(shard_order):
-            epoch, pos = epoch + 1, 0
-            shard_order = order.shard_order(epoch)
-            if len(out) >= len(shard_order):  # fewer shards than the distance: all are listed
-                break
-        shard = int(shard_order[pos])
-        if order.sizes[shard] > 0:
-            out.append(shard)
-        pos += 1
-    return list(dict.fromkeys(out))
 
 
 class Prefetcher:
@@ -170,47 +138,52 @@ def prefetcher() -> Prefetcher:
         return _STATE["prefetcher"]  # type: ignore[return-value]
 
 
-def prefetch_block(sources: Sequence, orders: Sequence, block) -> None:
-    """Tell remote sources which shards this block reads and which come next (the stream's hook).
+Read = tuple  # (shard index, tuple of row groups or None for the whole shard)
+
+
+def prefetch_block(sources: Sequence, now: Mapping[int, Sequence[Read]], ahead: Mapping[int, Sequence[Read]]) -> None:
+    """Fetch this block's reads, then the next block's first ones, of every remote source (the
+    stream's hook, one call per block).
 
     Args:
-        sources: the stream's sources, in plan order; those with a ``prefetch(shards)`` method and
+        sources: the stream's sources, in plan order; those with a ``prefetch(reads)`` method and
             ``remote`` true take part.
-        orders: the plan's per-source ``SourceOrder`` (``MixturePlan.orders``).
-        block: the block's ``PlanSlice`` (``source``, ``shard``, ``draw`` arrays).
+        now: per source index, the current block's reads ``(shard, row groups or None)`` in read order.
+        ahead: the same for this process's next block; at most ``storage.prefetch`` of them per
+            source (those the current block does not make) are fetched.
 
     Raises:
-        CacheBudgetError: the shards this block reads do not fit in the cache budget at once.
+        CacheBudgetError: what this block reads does not fit in the cache budget at once.
     """
-    wanted: list[tuple[object, list[int], list[int]]] = []
-    for k in np.unique(block.source).tolist():
+    wanted: list[tuple[object, list, list]] = []
+    for k in sorted(set(now) | set(ahead)):
         source = sources[k]
         if not getattr(source, "remote", False) or not hasattr(source, "prefetch"):
             continue
-        mask = block.source == k
-        shards = block.shard[mask]
-        now = list(dict.fromkeys(shards[np.argsort(block.draw[mask], kind="stable")].tolist()))
+        current = list(now.get(k, ()))
         distance = source.storage.prefetch if source.storage is not None else 0
-        wanted.append((source, now, shards_ahead(orders[k], int(block.draw[mask].max()), distance)))
+        seen = set(current)
+        wanted.append((source, current, [r for r in ahead.get(k, ()) if r not in seen][:distance]))
     if not wanted:
         return
     _check_block_budget(wanted)
-    current = [key for source, now, _ in wanted for key in source.prefetch(now)]
-    for source, now, ahead in wanted:  # the next shards start once this block's are in
-        source.prefetch([s for s in ahead if s not in now], after=current)
+    current_keys = [key for source, reads, _ in wanted for key in source.prefetch(reads)]
+    for source, _, next_reads in wanted:  # the next block's reads start once this block's are in
+        if next_reads:
+            source.prefetch(next_reads, after=current_keys)
 
 
 def _check_block_budget(wanted) -> None:
     need = 0
     cache = None
-    for source, now, _ in wanted:
+    for source, reads, _ in wanted:
         if source.storage is None or source.storage.cache is None:
             continue
         cache = source.storage.cache
-        need += sum(source.fetch_bytes(i) for i in now)
+        need += source.reads_bytes(reads)
     if cache is not None and need > cache.budget():
         raise CacheBudgetError(
             f"cache_limit={cache.budget():,} bytes is smaller than one block: the next block reads "
-            f"{need:,} bytes of remote shards ({sum(len(n) for _, n, _ in wanted)} shards); raise "
+            f"{need:,} bytes of remote shards ({sum(len(n) for _, n, _ in wanted)} shard reads); raise "
             "cache_limit to at least that, or lower block_batches"
         )

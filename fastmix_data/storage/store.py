@@ -8,7 +8,9 @@ whole or as byte ranges, local or remote alike.
 Every download first asks the store for the object's size and version (one HEAD) and refuses an
 object that differs from the index (:class:`ShardChangedError`, naming the shard): the same rule as
 a local file whose size changed. A cached copy is keyed by (URL, size, version, ranges), so it is
-always the indexed version. With ``verify="sha256"`` the sha256 of every whole-object download is
+always the indexed version. A read may span several cache entries of one object
+(:meth:`Storage.read_parts`: a Parquet read is its footer's entry and one entry per row group), so
+that every reader of a row group, whichever others it reads with it, shares one copy on the node. With ``verify="sha256"`` the sha256 of every whole-object download is
 checked against the index too.
 """
 
@@ -18,6 +20,7 @@ import contextlib
 import os
 import tempfile
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,7 +30,8 @@ from fastmix_data.storage.fs import ObjectInfo, RemoteFS
 from fastmix_data.storage.retry import RetryPolicy
 from fastmix_data.storage.urls import is_url, redact
 
-DEFAULT_PREFETCH = 4  # shards per source fetched ahead of the ones the current block reads
+DEFAULT_PREFETCH = 4  # shard reads per source fetched ahead of the ones the current block reads
+PART_THREADS = 8  # concurrent downloads of the missing cache entries of one read (read_parts)
 
 
 class ShardChangedError(SourceError):
@@ -67,6 +71,20 @@ class RangeFile:
             self._parts.append((int(offset), int(length), at))
             at += int(length)
         self._data = memoryview(data)
+
+    @classmethod
+    def from_pieces(cls, size: int, pieces: Sequence[tuple[int, bytes]], fallback=None) -> RangeFile:
+        """A RangeFile over ``pieces`` ``[(offset, bytes)]`` (any order, non-overlapping); touching
+        pieces become one range, so a read across them is served from memory."""
+        ranges: list[list[int]] = []
+        chunks: list[bytes] = []
+        for offset, data in sorted(pieces, key=lambda p: p[0]):
+            if ranges and offset == ranges[-1][0] + ranges[-1][1]:
+                ranges[-1][1] += len(data)
+            else:
+                ranges.append([offset, len(data)])
+            chunks.append(data)
+        return cls(size, [(o, n) for o, n in ranges], b"".join(chunks), fallback)
 
     # the file protocol pyarrow's PythonFile uses
     def seek(self, offset: int, whence: int = 0) -> int:
@@ -125,8 +143,9 @@ class Storage:
         cache_limit: the cache's byte budget (int or ``"20GB"``; default 80 % of the free space).
         storage_options: fsspec options (credentials, endpoint, ...). Never logged or stored.
         retry: retry policy for remote calls.
-        prefetch: shards per source the stream fetches ahead of those its current block reads
-            (default 4; 0 disables prefetch).
+        prefetch: shard reads per source (a shard, or the row groups of one Parquet shard that a
+            block reads) the stream fetches ahead of those its current block reads, from the plan
+            of this process's next block (default 4; 0 disables prefetch).
     """
 
     def __init__(
@@ -138,7 +157,7 @@ class Storage:
         prefetch: int = DEFAULT_PREFETCH,
     ):
         if prefetch < 0:
-            raise ValueError(f"prefetch must be >= 0 shards, got {prefetch}")
+            raise ValueError(f"prefetch must be >= 0 shard reads, got {prefetch}")
         self.remote = RemoteFS(storage_options, retry)
         self.cache = None if cache_dir is False else ShardCache(None if cache_dir in (None, True) else cache_dir, cache_limit)
         self.prefetch = int(prefetch)
@@ -167,16 +186,21 @@ class Storage:
             )
 
     # ------------------------------------------------------------------ reads
-    def fetch(self, url: str, expect: Expected, ranges: Sequence[tuple[int, int]] | None = None, where: str = "") -> Pin:
+    def fetch(
+        self, url: str, expect: Expected, ranges: Sequence[tuple[int, int]] | None = None, where: str = "",
+        checked: bool = False,
+    ) -> Pin:  # fmt: skip
         """The object's bytes (or its ``ranges`` concatenated) pinned in the cache, downloaded when
-        missing (one download per node). Close the pin once read."""
+        missing (one download per node; the object's identity is checked first unless ``checked``:
+        the caller just did). Close the pin once read."""
         if self.cache is None:
             raise ValueError("fetch needs a cache; this Storage streams (cache_dir=False)")
         size = expect.size if ranges is None else sum(int(n) for _, n in ranges)
         key = entry_key(url, expect.size, expect.version, ranges)
 
         def fill(part: str) -> None:
-            self.check(url, expect, where)
+            if not checked:
+                self.check(url, expect, where)
             if ranges is None:
                 self.remote.download(url, part)
                 if expect.sha256:
@@ -200,22 +224,48 @@ class Storage:
         with self.fetch(url, expect, None, where) as pin:
             return pin.read()
 
-    def read_ranges(self, url: str, expect: Expected, ranges: Sequence[tuple[int, int]], where: str = "") -> RangeFile:
-        """A :class:`RangeFile` over ``ranges`` of the object (sorted, merged), through the cache."""
-        ranges = merge_ranges(ranges)
+    def read_parts(
+        self, url: str, expect: Expected, parts: Sequence[Sequence[tuple[int, int]]], where: str = ""
+    ) -> RangeFile:
+        """A :class:`RangeFile` over several lists of byte ranges of the object, each its own cache
+        entry: hits are pinned and read, misses downloaded concurrently (one identity check for
+        them all). Without a cache, every range is fetched in one round."""
+        parts = [merge_ranges(p) for p in parts]
 
         def fallback(offset: int, length: int) -> bytes:
             return self.remote.read(url, offset, offset + length)
 
         if self.cache is None:
             self.check(url, expect, where)
-            parts = self.remote.read_ranges(url, ranges)
-            data = b"".join(parts)
+            ranges = merge_ranges([r for p in parts for r in p])
+            data = b"".join(self.remote.read_ranges(url, ranges))
             self.streamed_bytes += len(data)
-        else:
-            with self.fetch(url, expect, ranges, where) as pin:
-                data = pin.read()
-        return RangeFile(expect.size, ranges, data, fallback)
+            return RangeFile(expect.size, ranges, data, fallback)
+        datas: list[bytes | None] = []
+        for ranges in parts:
+            pin = self.cache.pin(entry_key(url, expect.size, expect.version, ranges))
+            self.cache.hits += pin is not None
+            datas.append(None if pin is None else _read_pin(pin))
+        missing = [i for i, d in enumerate(datas) if d is None]
+        if missing:
+            self.check(url, expect, where)
+
+            def get(i: int) -> bytes:
+                return _read_pin(self.fetch(url, expect, parts[i], where, checked=True))
+
+            if len(missing) == 1:
+                datas[missing[0]] = get(missing[0])
+            else:
+                with ThreadPoolExecutor(max_workers=min(PART_THREADS, len(missing))) as pool:
+                    for i, data in zip(missing, pool.map(get, missing)):
+                        datas[i] = data
+        pieces = []
+        for ranges, data in zip(parts, datas):
+            at = 0
+            for offset, length in ranges:
+                pieces.append((offset, data[at : at + length]))
+                at += length
+        return RangeFile.from_pieces(expect.size, _distinct(pieces), fallback)
 
     @contextlib.contextmanager
     def local_file(self, url: str, expect: Expected, where: str = "") -> Iterator[str]:
@@ -249,6 +299,19 @@ class Storage:
     def fetched_bytes(self) -> int:
         """Bytes this process downloaded from stores (cache fills and streamed reads)."""
         return self.streamed_bytes + (self.cache.downloaded_bytes if self.cache is not None else 0)
+
+
+def _read_pin(pin: Pin) -> bytes:
+    with pin:
+        return pin.read()
+
+
+def _distinct(pieces: list[tuple[int, bytes]]) -> list[tuple[int, bytes]]:
+    """``pieces`` without repeats (two parts holding the same range, e.g. the same footer)."""
+    seen: dict[tuple[int, int], bytes] = {}
+    for offset, data in pieces:
+        seen.setdefault((offset, len(data)), data)
+    return [(offset, data) for (offset, _), data in seen.items()]
 
 
 def merge_ranges(ranges: Sequence[tuple[int, int]]) -> list[tuple[int, int]]:
@@ -304,10 +367,11 @@ class ShardFiles:
         storage, expect = self._remote(path)
         return storage.read_bytes(path, expect)
 
-    def read_ranges(self, path: str, ranges: Sequence[tuple[int, int]]) -> RangeFile:
-        """A remote shard's byte ranges as a file object (see :class:`RangeFile`)."""
+    def read_parts(self, path: str, parts: Sequence[Sequence[tuple[int, int]]]) -> RangeFile:
+        """A remote shard's byte ranges as a file object, one cache entry per part (see
+        :meth:`Storage.read_parts`)."""
         storage, expect = self._remote(path)
-        return storage.read_ranges(path, expect, ranges)
+        return storage.read_parts(path, expect, parts)
 
     def cache_request(self, path: str, ranges: Sequence[tuple[int, int]] | None) -> tuple[str, int, Callable[[], Pin]]:
         """(cache key, bytes, fetch job) of a remote shard's bytes (``ranges`` None: whole), as the

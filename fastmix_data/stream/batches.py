@@ -10,7 +10,7 @@ the ids to int64 there (unless the stream keeps them narrow).
 from __future__ import annotations
 
 import itertools
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from typing import Any
 
 import numpy as np
@@ -68,6 +68,24 @@ def build(
             part = ids.slice(lo, hi)
             batch["_ids"] = (part.values.copy(), part.lengths())
         out.append(batch)
+    return out
+
+
+def block_reads(items: Sequence[ItemSource], sl: PlanSlice, sources: Collection[int]) -> dict[int, list[tuple]]:
+    """What building the batches of ``sl`` reads from each of ``sources`` (indices): per source,
+    ``(shard, row groups or None for the whole shard)`` per shard, in the order `build` reads them
+    (its groups' order). The stream's prefetch asks remote sources for these
+    (:func:`fastmix_data.storage.prefetch.prefetch_block`)."""
+    if not len(sl.position):
+        return {}
+    _, groups = groups_of(sl.source, sl.epoch, sl.shard)
+    per_shard: dict[tuple[int, int], list[np.ndarray]] = {}
+    for (src, _epoch, shard), idx in groups:
+        if src in sources:
+            per_shard.setdefault((src, shard), []).append(sl.item[idx])
+    out: dict[int, list[tuple]] = {}
+    for (src, shard), parts in per_shard.items():
+        out.setdefault(src, []).append((shard, items[src].reads(shard, np.concatenate(parts))))
     return out
 
 

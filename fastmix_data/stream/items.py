@@ -393,6 +393,31 @@ class ItemSource:
         groups = [len(v) - 1 for k, v in self._cache.items() if k[0] == "groups"]
         return max(groups, default=1)
 
+    def reads(self, shard: int, items: np.ndarray) -> tuple[int, ...] | None:
+        """The row groups of ``shard`` that serving ``items`` of it reads (in any epoch; sample mode:
+        the rows' groups; packing mode: the groups of the rows of the items' pieces), or None when
+        the shard is read whole (formats without row groups, or a single row group). What the
+        stream's prefetch asks a remote source for (`stream.batches.block_reads`)."""
+        starts = self._group_starts(shard)
+        if len(starts) == 2:
+            return None
+        items = np.asarray(items, dtype=np.int64)
+        if self.seq_len is None:
+            return tuple(np.unique(np.searchsorted(starts, items, side="right") - 1).tolist())
+        pieces = self._pieces[shard]
+        firsts = np.array([p[2] for p in pieces], dtype=np.int64)
+        groups: set[int] = set()
+        for piece in np.unique(np.searchsorted(firsts, items, side="right") - 1).tolist():
+            groups.update(self._groups_of_rows(shard, pieces[piece][0], pieces[piece][1]))
+        return tuple(sorted(groups))
+
+    def _groups_of_rows(self, shard: int, lo: int, hi: int) -> range:
+        """The units (row groups) of ``shard`` holding rows [lo, hi)."""
+        starts = self._group_starts(shard)
+        first = int(np.searchsorted(starts, lo, side="right")) - 1
+        last = int(np.searchsorted(starts, max(hi - 1, lo), side="right")) - 1
+        return range(first, last + 1)
+
     def gather(self, shard: int, items: np.ndarray) -> Gathered:
         """The rows ``items`` of ``shard`` and their token counts (sample mode, the stream's path):
         only the units (row groups) holding them are read."""
@@ -434,11 +459,8 @@ class ItemSource:
     # ----------------------------------------------------------------------------- packing
     def _piece_rows(self, shard: int, lo: int, hi: int) -> IdRows:
         """Rows [lo, hi) of ``shard`` as packing ids (pre-tokenized ids, else the tokenizer's)."""
-        starts = self._group_starts(shard)
-        first = int(np.searchsorted(starts, lo, side="right")) - 1
-        last = int(np.searchsorted(starts, max(hi - 1, lo), side="right")) - 1
         parts = []
-        for unit in self._units(shard, list(range(first, last + 1))):
+        for unit in self._units(shard, list(self._groups_of_rows(shard, lo, hi))):
             ids = self._unit_ids(unit)
             n = len(ids)
             a, b = max(lo - unit.start, 0), min(hi - unit.start, n)
@@ -528,8 +550,9 @@ def _combine(parts: list[Gathered], back: np.ndarray) -> Gathered:
 
 
 def _row_grouped(source) -> bool:
-    """Whether the stream reads ``source`` by row group (Parquet shards read as Arrow)."""
-    return hasattr(getattr(source, "reader", None), "row_group_rows") and _arrow_readable(source)
+    """Whether the stream reads ``source`` by row group (Parquet shards read as Arrow, local or remote:
+    `ShardedSource.read_shard_table(row_groups=...)`)."""
+    return hasattr(getattr(source, "reader", None), "read_row_groups") and _arrow_readable(source)
 
 
 def _arrow_readable(source) -> bool:
@@ -538,18 +561,18 @@ def _arrow_readable(source) -> bool:
 
 def _stored_id_range(source) -> int | None:
     """One past the largest id the ids column's stored integer type can hold, when that is at most
-    2**16 (Parquet/Arrow shards); None otherwise (unknown: 32-bit ids, range-checked on read)."""
-    if source.format != "parquet" or not source.shards:
+    2**16 (Parquet shards, local or remote: the first shard's schema from its footer); None otherwise
+    (unknown: 32-bit ids, range-checked on read)."""
+    schema = getattr(getattr(source, "reader", None), "schema", None)
+    if source.format != "parquet" or not source.shards or schema is None:
         return None
-    import pyarrow.parquet as pq
+    import pyarrow as pa
 
     try:
-        field = pq.read_schema(source.shards[0].path).field(source.columns.ids)
+        field = schema(source.shards[0].path).field(source.columns.ids)
     except (OSError, KeyError, ValueError):
         return None
     value = getattr(field.type, "value_type", None)
     if value is None or not (value.bit_width <= 16):
         return None
-    import pyarrow as pa
-
     return 1 << (value.bit_width - (1 if pa.types.is_signed_integer(value) else 0))

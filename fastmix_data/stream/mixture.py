@@ -35,6 +35,7 @@ from fastmix_data.plan.partition import DEFAULT_PARTITIONS
 from fastmix_data.plan.planner import Exhaustion, PlanSlice, WeightChange, probe_seed
 from fastmix_data.plan.weights import UNITS, normalize_weights, to_item_units
 from fastmix_data.spec import MixtureSpec
+from fastmix_data.storage.prefetch import prefetch_block
 from fastmix_data.stream import batches as batch_format
 from fastmix_data.stream.batch_ring import RingWriter
 from fastmix_data.stream.channel import WeightChannel
@@ -229,6 +230,7 @@ class MixtureStream(torch.utils.data.IterableDataset):
         }
 
     def _set_history(self, history: list[dict]) -> None:
+        self._lookahead = None  # a plan made under the old history
         self.history = [dict(h) for h in history]
         self.plan.with_history([WeightChange(h["version"], h["position"], tuple(h["weights"])) for h in self.history])
 
@@ -305,11 +307,11 @@ class MixtureStream(torch.utils.data.IterableDataset):
                 indices = [g + j * workers for j in range(block)]
                 block = min(2 * block, self.block_batches)
                 sl = self._plan_block(indices)
+                self._prefetch(sl, [g + (len(indices) + j) * workers for j in range(block)])
                 whole = indices[: len(sl.position) // self.batch_size]
                 ahead.extend(self._materialise(sl, whole))
                 if not ahead:
                     return
-                self._announce(g + len(indices) * workers, block, workers)
             batch = ahead.popleft()
             self._cursor = {"next": g + workers, "worker": worker, "num_workers": workers}
             if not packed_out:
@@ -320,7 +322,11 @@ class MixtureStream(torch.utils.data.IterableDataset):
             yield batch
 
     def _plan_block(self, batch_indices: list[int]) -> PlanSlice:
-        """The plan of this rank's part of global batches ``batch_indices`` (ascending), one call."""
+        """The plan of this rank's part of global batches ``batch_indices`` (ascending), one call
+        (the next block's plan, made ahead for prefetch, is reused while the history is unchanged)."""
+        key = tuple(batch_indices)
+        if self._lookahead is not None and self._lookahead[0] == key:
+            return self._lookahead[1]
         starts = [b * self.global_batch_items + self.rank * self.batch_size for b in batch_indices]
         return self.plan.plan_ranges(starts, self.batch_size)
 
@@ -328,17 +334,18 @@ class MixtureStream(torch.utils.data.IterableDataset):
         """Packed batches (`stream.batches`) of ``batch_size`` consecutive items of ``sl``."""
         return batch_format.build(self.items, sl, batch_indices, self.batch_size, self.seq_len, self.token_dtype)
 
-    def _announce(self, g: int, block: int, workers: int) -> None:
-        """Tell sources that can fetch ahead (``Source.prefetch(shards)``, e.g. remote object
-        stores) which shards this worker's next block will read: its batches g, g + W, ...
-        (advisory: a weight change may still change them)."""
-        hooks = [getattr(it.source, "prefetch", None) for it in self.items]
-        if not any(hooks):
+    def _prefetch(self, sl: PlanSlice, next_indices: list[int]) -> None:
+        """Remote sources: fetch what block ``sl`` reads and, after it, what this process's next block
+        (its batches ``next_indices``) reads, into the node-local cache (docs/sources.md, Prefetch).
+        Only this process's own partitions are planned, so it fetches only its share."""
+        remote = [k for k, s in enumerate(self.sources) if getattr(s, "remote", False)]
+        if not remote:
             return
-        sl = self._plan_block([g + j * workers for j in range(block)])
-        for k, hook in enumerate(hooks):
-            if hook is not None:
-                hook(sorted(set(sl.shard[sl.source == k].tolist())))
+        nxt = self._plan_block(next_indices)
+        self._lookahead = (tuple(next_indices), nxt)
+        prefetch_block(
+            self.sources, batch_format.block_reads(self.items, sl, remote), batch_format.block_reads(self.items, nxt, remote)
+        )
 
     # ------------------------------------------------------------------------------ live weights
     def set_weights(self, weights: Mapping[str, float] | Sequence[float]) -> int:
@@ -592,6 +599,7 @@ class MixtureStream(torch.utils.data.IterableDataset):
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()
         state["_ring_readers"] = []  # training-process side only (open maps)
+        state["_lookahead"] = None
         del state["_weights_lock"]
         state["follower"] = None  # ditto (threads, store connections); workers follow through the channel
         return state
