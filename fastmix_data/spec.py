@@ -29,22 +29,37 @@ from fastmix_data.sources.base import Source
 
 log = logging.getLogger(__name__)
 
-def open_sources(sources: Mapping[str, Any], options: Mapping[str, Any]) -> list[Source]:
-    """Open every source: {name: directory | glob | list | {"path": ..., reader options} | Source}."""
-    out = []
+def open_sources(
+    sources: Mapping[str, Any], options: Mapping[str, Any], error: type[Exception] = SourceError
+) -> tuple[list[Source], list[dict | None]]:
+    """Open every source: {name: directory | glob | list | URL | {"path": ..., reader options} | Source}.
+
+    Args:
+        options: reader options for every source (`open_source`'s keywords, ``engine`` included);
+            a dict spec's own options override them.
+        error: raised for a dict spec without a ``path`` (the caller's error class).
+
+    Returns:
+        The opened sources, and per source the options it was opened with (None for a `Source`
+        given already open), for exporters that record them.
+    """
+    opened: list[Source] = []
+    used: list[dict | None] = []
     for name, spec in sources.items():
         if isinstance(spec, Source) and not isinstance(spec, (str, list, dict)):
-            out.append(spec)
+            opened.append(spec)
+            used.append(None)
             continue
         kw = dict(options)
         if isinstance(spec, Mapping):
             if "path" not in spec:
-                raise SourceError(f"source {name!r}: a dict spec needs a 'path' (directory, glob or list)")
+                raise error(f"source {name!r}: a dict spec needs a 'path' (directory, glob or list)")
             kw.update({k: v for k, v in spec.items() if k != "path"})
             spec = spec["path"]
         check_options(name, kw)
-        out.append(open_source(name, spec, **kw))
-    return out
+        opened.append(open_source(name, spec, **kw))
+        used.append(kw)
+    return opened, used
 
 
 @dataclass
@@ -88,10 +103,10 @@ class MixtureSpec:
         """Check the spec without opening anything.
 
         Raises:
-            WeightsError: no sources, unknown units, exhaustion naming unknown sources.
-            ``error``: a bad seq_len or partition count."""
+            WeightsError: unknown units.
+            ``error``: no sources, exhaustion naming unknown sources, a bad seq_len or partition count."""
         if not self.sources:
-            raise WeightsError("a mixture needs at least one source")
+            raise error("a mixture needs at least one source")
         if self.seq_len is not None and self.seq_len < 1:
             raise error(f"seq_len must be >= 1, got {self.seq_len}")
         if self.weight_units not in UNITS:
@@ -100,9 +115,9 @@ class MixtureSpec:
             raise error(f"partitions must be a positive int, got {self.partitions!r}")
         if self.chunk_items is not None and (not isinstance(self.chunk_items, int) or self.chunk_items < 1):
             raise error(f"chunk_items must be a positive int, got {self.chunk_items!r}")
-        unknown = sorted(set(self.exhaustion or {}) - set(self.sources))
+        unknown = sorted(set(self.exhaustion or {}) - set(self.sources), key=str)
         if unknown:
-            raise WeightsError(f"exhaustion names unknown sources {unknown}; sources are {list(self.sources)}")
+            raise error(f"exhaustion names unknown sources {unknown}; sources are {list(self.sources)}")
 
     def open(
         self, cache_shards: int = 2, sources: Sequence[Source] | None = None, error: type[Exception] = ValueError
@@ -116,7 +131,7 @@ class MixtureSpec:
 
         self.validate(error)
         names = list(self.sources)
-        opened = list(sources) if sources is not None else open_sources(self.sources, self.source_options)
+        opened = list(sources) if sources is not None else open_sources(self.sources, self.source_options, error)[0]
         tok = as_tokenizer(self.tokenizer, self.eos_id)
         ids_eos = self.eos_id if isinstance(tok, ByteTokenizer) else (self.eos_id if self.eos_id is not None else tok.eos_id)
         items = [ItemSource(s, self.seed, self.seq_len, tok, cache_shards, self.shuffle, ids_eos_id=ids_eos) for s in opened]

@@ -29,12 +29,11 @@ from fastmix_data.io import sha256_file, write_json_atomic
 from fastmix_data.plan.order import SourceOrder
 from fastmix_data.plan.partition import Piece, SourceLayout
 from fastmix_data.plan.planner import Exhaustion, MixturePlan, WeightChange
-from fastmix_data.plan.weights import UNITS, check_item_weights, normalize_weights, normalized, to_item_units
-from fastmix_data.sources import check_options, open_source
+from fastmix_data.plan.weights import check_item_weights, normalize_weights, normalized, to_item_units
 from fastmix_data.sources.base import Source
 from fastmix_data.sources.safety import is_pipe
+from fastmix_data.spec import MixtureSpec, open_sources
 from fastmix_data.storage import is_url, redact
-from fastmix_data.spec import MixtureSpec
 
 FORMAT = "fastmix_data/manifest"
 VERSION = 1
@@ -164,31 +163,30 @@ def plan_fingerprint(manifest: Mapping[str, Any]) -> str:
 
 # --------------------------------------------------------------------------------------- building
 def _open_sources(sources: Mapping[str, Any], options: Mapping[str, Any]) -> tuple[list[Source], list[dict]]:
-    opened, reader_opts = [], []
-    for name, spec in sources.items():
-        if isinstance(spec, Source) and not isinstance(spec, (str, list, dict)):
-            opened.append(spec)
-            reader_opts.append(_reader_options_of(spec))
-            continue
-        kw = dict(options)
-        if isinstance(spec, Mapping):
-            if "path" not in spec:
-                raise ManifestError(f"source {name!r}: a dict spec needs a 'path' (directory, glob or list)")
-            kw.update({k: v for k, v in spec.items() if k != "path"})
-            spec = spec["path"]
-        check_options(name, kw)
-        opened.append(open_source(name, spec, **kw))
-        reader_opts.append(
-            {
-                "text_field": kw.get("text_field", "text"),
-                "ids_field": kw.get("ids_field", "input_ids"),
-                "extra_fields": list(kw.get("extra_fields", ())),
-                **({"format": kw["format"]} if kw.get("format") else {}),
-            }
-        )
+    """The opened sources (`spec.open_sources`) and the reader options the manifest records."""
+    opened, used = open_sources(sources, options, ManifestError)
+    reader_opts = [
+        _reader_options_of(src) if kw is None else {
+            "text_field": kw.get("text_field", "text"),
+            "ids_field": kw.get("ids_field", "input_ids"),
+            "extra_fields": list(kw.get("extra_fields", ())),
+            **({"format": kw["format"]} if kw.get("format") else {}),
+        }
+        for src, kw in zip(opened, used)
+    ]  # fmt: skip
     return opened, reader_opts
 
 
+def _check_local(sources: Sequence[Source]) -> None:
+    """Refuse sources whose shards are not local files (pipe: commands, URLs): a manifest lists paths
+    under its root."""
+    for src in sources:
+        pipes = [s.path for s in src.shards if is_pipe(s.path) or is_url(s.path)]
+        if pipes:
+            raise ManifestError(
+                f"source {src.name!r} reads {redact(pipes[0])}, which is not a local file; manifests list "
+                "local files only (download the shards, or open them from local disk)"
+            )
 
 
 def _history(
@@ -348,20 +346,12 @@ def build_manifest(
         ManifestError: a shard outside ``root`` (or a symlink pointing outside), a pipe: source,
             a bad budget or exhaustion policy. WeightsError / SourceError as for MixtureStream.
     """
-    if not sources:
-        raise ManifestError("a manifest needs at least one source")
-    if weight_units not in UNITS:
-        raise WeightsError(f"unknown weight_units {weight_units!r}; use one of {UNITS}")
-    if seq_len is not None and seq_len < 1:
-        raise ManifestError(f"seq_len must be >= 1, got {seq_len}")
-    exhaustion = dict(exhaustion or {})
-    unknown = sorted(set(exhaustion) - set(sources))
-    if unknown:
-        raise ManifestError(f"exhaustion names unknown sources {unknown}; sources are {list(sources)}")
+    spec = MixtureSpec(sources, seed, seq_len, weight_units, dict(exhaustion or {}), shuffle, tokenizer, eos_id,
+                       partitions)  # fmt: skip
+    spec.validate(ManifestError)
     units, amount = parse_budget(budget)
     opened, reader_opts = _open_sources(sources, dict(source_options, engine=engine))
-    spec = MixtureSpec(sources, seed, seq_len, weight_units, exhaustion, shuffle, tokenizer, eos_id, partitions)
-    spec.validate(ManifestError)
+    _check_local(opened)  # before sizing items (which may read shards)
     mixture = spec.open(cache_shards=1, sources=opened, error=ManifestError)
     items, names, tok = mixture.items, mixture.names, mixture.tokenizer
     if mixture.partitions > 1 and batch_size is None:
@@ -475,13 +465,7 @@ def assemble(
 ) -> dict:
     """Compute the manifest dict from opened sources, their item counts and the plan's inputs
     (``parts``: partitions, chunk and per-source layouts, as `MixturePlan` takes them)."""
-    for src in sources:
-        pipes = [s.path for s in src.shards if is_pipe(s.path) or is_url(s.path)]
-        if pipes:
-            raise ManifestError(
-                f"source {src.name!r} reads {redact(pipes[0])}, which is not a local file; manifests list "
-                "local files only (download the shards, or open them from local disk)"
-            )
+    _check_local(sources)
     if root is None:
         dirs = [os.path.dirname(s.path) for src in sources for s in src.shards]
         root = os.path.commonpath(dirs)
