@@ -57,6 +57,11 @@ def _state(srcs):
         (lambda s: s["history"][1].update(publisher={"run_id": "r", "seq": -1}), r"history\[1\]\.publisher\.seq"),
         (lambda s: s["history"][1].update(publisher={"run_id": "r", "seq": 1, "published": "x"}),
          r"history\[1\]\.publisher\.published"),
+        (lambda s: s["config"].update(partitions=0), r"config\.partitions"),
+        (lambda s: s["config"].update(chunk_items=3), r"config\.chunk_items.*must divide config\.batch_size \(4\)"),
+        (lambda s: s["config"].pop("ids_eos_id"), r"config\.ids_eos_id is missing"),
+        (lambda s: s["config"].update(ids_eos_id=-1), r"config\.ids_eos_id"),
+        (lambda s: s.pop("config"), r"config is missing"),
     ],
 )
 def test_a_bad_field_is_named(srcs, edit, field):

@@ -46,6 +46,8 @@ def check_state(state: Mapping[str, Any], names: Sequence[str], batch_items: int
         raise _bad("fingerprint", state.get("fingerprint"), "must be a hex string")
     if "config" in state and not isinstance(state["config"], Mapping):
         raise _bad("config", state["config"], "must be a JSON object")
+    if state.get("version", 1) >= 3:
+        _check_partitions(state.get("config"))
     _int(state, "next_batch", "state")
     cursor = state.get("cursor")
     if cursor is not None:
@@ -57,6 +59,24 @@ def check_state(state: Mapping[str, Any], names: Sequence[str], batch_items: int
             raise _bad("cursor.worker", cursor["worker"], f"must be below num_workers ({cursor['num_workers']})")
     _check_history(state.get("history"), names, batch_items)
     _check_probes(state.get("probes", []), names)
+
+
+def _check_partitions(config: Any) -> None:
+    """Version 3: the config names the canonical partitions the content was defined with (P, the
+    items one partition serves at a time, dividing the per-rank batch) and the ids' end-of-document
+    id (null: none)."""
+    if not isinstance(config, Mapping):
+        raise StateError("stream state field config is missing; a version 3 state records the stream's configuration")
+    _int(config, "partitions", "config", lo=1)
+    chunk = _int(config, "chunk_items", "config", lo=1)
+    batch = config.get("batch_size")
+    if isinstance(batch, int) and not isinstance(batch, bool) and batch % chunk:
+        raise _bad("config.chunk_items", chunk, f"must divide config.batch_size ({batch})")
+    if "ids_eos_id" not in config:
+        raise StateError("stream state field config.ids_eos_id is missing")
+    eos = config.get("ids_eos_id")
+    if eos is not None and (not isinstance(eos, int) or isinstance(eos, bool) or eos < 0):
+        raise _bad("config.ids_eos_id", eos, "must be null or an integer >= 0")
 
 
 def _check_history(history: Any, names: Sequence[str], batch_items: int) -> None:
