@@ -37,6 +37,19 @@ def check_resume(
         assert same(e, g), f"item {i} after resume differs: {e!r} != {g!r}"
 
 
+def batch_key(batch, *fields: str) -> tuple:
+    """What identifies a served batch: its index and weight version and, per row, its source, shard
+    and item, then each of ``fields`` per row (lists as tuples), to compare batches across runs."""
+    rows = tuple(tuple(batch[k].tolist()) for k in ("source", "shard", "item"))
+    return (batch["batch_index"], batch["weight_version"], *rows, *(_plain(batch.get(f, ())) for f in fields))
+
+
+def _plain(value):
+    """Tensors, arrays and lists of them as nested tuples (hashable, comparable)."""
+    value = value.tolist() if hasattr(value, "tolist") else value
+    return tuple(_plain(x) for x in value) if isinstance(value, (list, tuple)) else value
+
+
 def check_stream_resume(new_stream, open_batches, key, n_before, n_after, change=None) -> None:
     """`check_resume` for a MixtureStream saved with ``state_dict`` and restored with
     ``load_state_dict``: ``new_stream()`` builds one, ``open_batches(stream)`` iterates it (``iter``,

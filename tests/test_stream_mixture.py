@@ -8,7 +8,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from conformance import check_resume, check_stream_resume
+from conformance import batch_key, check_resume, check_stream_resume
 from shardgen import make_docs, write_hf_source, write_mds_source, write_parquet_source, write_wds_source
 
 from fastmix_data import MixtureStream
@@ -33,14 +33,7 @@ W = {"code": 0.5, "web": 0.4, "small": 0.1}
 
 
 def key(batch):
-    return (
-        batch["batch_index"],
-        batch["weight_version"],
-        tuple(batch["source"].tolist()),
-        tuple(batch["shard"].tolist()),
-        tuple(batch["item"].tolist()),
-        tuple(batch.get("text", ())),
-    )
+    return batch_key(batch, "text")
 
 
 def take(it, n):

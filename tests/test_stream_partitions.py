@@ -8,7 +8,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 import torch
-from conformance import check_stream_resume
+from conformance import batch_key, check_stream_resume
 from shardgen import make_docs, write_parquet_source
 
 from fastmix_data import MixtureStream
@@ -40,15 +40,7 @@ def make(root, **kw):
 
 
 def key(batch):
-    return (
-        batch["batch_index"],
-        batch["weight_version"],
-        tuple(batch["source"].tolist()),
-        tuple(batch["shard"].tolist()),
-        tuple(batch["item"].tolist()),
-        tuple(batch["text"]),
-        tuple(tuple(x.tolist()) for x in batch["input_ids"]),
-    )
+    return batch_key(batch, "text", "input_ids")
 
 
 def take(it, n):

@@ -11,6 +11,7 @@ from __future__ import annotations
 import threading
 
 import pytest
+from conformance import batch_key
 from shardgen import make_docs, write_parquet_source, write_wds_source
 
 from fastmix_data import MixtureStream
@@ -30,14 +31,7 @@ def srcs(tmp_path_factory):
 
 
 def _key(batch):
-    return (
-        batch["batch_index"],
-        batch["weight_version"],
-        tuple(batch["source"].tolist()),
-        tuple(batch["shard"].tolist()),
-        tuple(batch["item"].tolist()),
-        tuple(batch["epoch"].tolist()),
-    )
+    return batch_key(batch, "epoch")
 
 
 def _weights(thread: int, call: int) -> dict[str, float]:
