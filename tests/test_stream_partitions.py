@@ -4,6 +4,8 @@ resume mid-block under live weights, packing with narrow ids and the right end-o
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import pyarrow as pa
 import pytest
@@ -44,12 +46,7 @@ def key(batch):
 
 
 def take(it, n):
-    out = []
-    for b in it:
-        out.append(b)
-        if len(out) == n:
-            break
-    return out
+    return list(itertools.islice(it, n))
 
 
 def test_partitions_in_use_and_a_source_too_small_to_cut(data):
