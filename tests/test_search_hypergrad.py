@@ -10,6 +10,8 @@ import torch.nn.functional as F
 from fastmix_data.search.fastmix import loss_weights
 from fastmix_data.search.hypergrad import (
     GradientEMA,
+    embedding_gradient,
+    embedding_scores,
     full_source_scores,
     full_target_gradient,
     head_gradient,
@@ -17,6 +19,8 @@ from fastmix_data.search.hypergrad import (
     per_token_source,
     softmax_chain_rule,
     source_head_scores,
+    tied_source_scores,
+    tied_target_gradient,
 )
 from fastmix_data.search.model import build_proxy, proxy_config
 
@@ -319,3 +323,89 @@ def test_no_trunk_grad_needed():
     sc = source_head_scores(h, y, src, G, 4, head_weight=W)
     assert not sc.sums.requires_grad
 
+
+
+# ---------------------------------------------------------------------------- tied head
+
+
+def _tied(vocab=13, seed=0):
+    return build_proxy(proxy_config("tiny", vocab_size=vocab, tie_embeddings=True), seed=seed).double()
+
+
+def _full_tied_grad(m, tokens, mask=None, loss=None):
+    V = m.head.out_features
+    logits = m(tokens[:, :-1]).reshape(-1, V)
+    y = tokens[:, 1:].reshape(-1)
+    tl = F.cross_entropy(logits, y, reduction="none") if loss is None else loss(logits, y)
+    if mask is not None:
+        tl = tl[mask.reshape(-1)]
+    (g,) = torch.autograd.grad(tl.mean(), m.embed.weight)
+    return g
+
+
+@pytest.mark.parametrize("loss", [None, _label_smoothed])
+def test_tied_target_gradient_is_the_full_gradient_of_the_shared_matrix(loss):
+    """Head part (closed form) + embedding part (one backward to the embedding output) == autograd's
+    gradient of the tied matrix; the head part alone is not."""
+    m = _tied()
+    g = torch.Generator().manual_seed(1)
+    target = torch.randint(0, 13, (3, 9), generator=g)
+    mask = torch.rand(3, 8, generator=g) < 0.7
+    ref = _full_tied_grad(m, target, mask, loss)
+    hg = tied_target_gradient(m, target, loss_mask=mask, loss_fn=loss, dtype=F64, chunk_tokens=5)
+    torch.testing.assert_close(hg.grad, ref, rtol=1e-11, atol=1e-14)
+    assert hg.tokens == int(mask.sum())
+    with torch.no_grad():
+        head_only = head_gradient(m.final_hidden(target[:, :-1]), target[:, 1:], head_weight=m.head.weight, mask=mask, dtype=F64)
+    assert float((head_only.grad - ref).norm()) > 0.1 * float(ref.norm())  # the embedding part matters
+    assert all(p.grad is None for p in m.parameters())
+
+
+def test_tied_source_scores_equal_per_source_autograd_inner_products():
+    m = _tied()
+    g = torch.Generator().manual_seed(2)
+    tokens = torch.randint(0, 13, (6, 9), generator=g)
+    source = torch.tensor([0, 1, 0, 1, 3, 3])  # source 2 absent
+    G = tied_target_gradient(m, torch.randint(0, 13, (3, 9), generator=g), dtype=F64).grad
+    sc = tied_source_scores(m, tokens, source, G, 4, chunk_tokens=7)
+    for k in (0, 1, 3):
+        ref = (_full_tied_grad(m, tokens[source == k]) * G).sum()
+        torch.testing.assert_close(sc.means()[k], ref, rtol=1e-11, atol=1e-14)
+    assert torch.isnan(sc.means()[2]) and sc.counts.tolist() == [16, 16, 0, 16]
+    assert all(p.grad is None for p in m.parameters())
+
+
+def test_tied_scores_from_a_training_backward():
+    """What the trainer does: the gradient at the embedding output of a weighted training loss,
+    divided by each sequence's weight, gives the embedding part; plus the fused head's scores it
+    equals tied_source_scores."""
+    from fastmix_data.search.fused_head import fused_head_loss
+
+    m = _tied()
+    g = torch.Generator().manual_seed(3)
+    tokens = torch.randint(0, 13, (4, 7), generator=g)
+    source = torch.tensor([2, 0, 2, 1])
+    G = torch.randn(13, 32, generator=g, dtype=F64)
+    x, y = tokens[:, :-1], tokens[:, 1:].reshape(-1)
+    seq_w = torch.tensor([0.5, 2.0, 0.25, 1.0], dtype=F64) / 24  # alpha/serve / (B L)
+    captured = []
+    e = m.embed(x)
+    e.register_hook(captured.append)
+    h = m.trunk(e).reshape(-1, 32)
+    out = fused_head_loss(h, m.head.weight, y, per_token_source(seq_w, 6).reshape(-1), G=G, chunk_tokens=5)
+    out.loss.backward()
+    per_seq = out.scores.view(4, 6).sum(1) + embedding_scores(x, captured[0], G) / seq_w
+    got = torch.zeros(3, dtype=F64).index_add_(0, source, per_seq)
+    ref = tied_source_scores(m, tokens, source, G, 3)
+    torch.testing.assert_close(got, ref.sums, rtol=1e-11, atol=1e-13)
+
+
+def test_embedding_gradient_equals_index_add_and_is_reproducible():
+    g = torch.Generator().manual_seed(4)
+    ids = torch.randint(0, 50, (3, 40), generator=g)
+    ge = torch.randn(3, 40, 8, generator=g)
+    ref = torch.zeros(50, 8, dtype=F64).index_add_(0, ids.reshape(-1), ge.reshape(-1, 8).double())
+    got = embedding_gradient(ids, ge, 50, dtype=F64)
+    torch.testing.assert_close(got, ref, rtol=1e-12, atol=1e-14)
+    assert torch.equal(embedding_gradient(ids, ge, 50), embedding_gradient(ids, ge, 50))
+    assert embedding_gradient(ids[:, :0], ge[:, :0], 50).abs().sum() == 0

@@ -343,6 +343,128 @@ class GradientEMA:
         self.updates = d["updates"]
 
 
+# ----------------------------------------------------------------------------- tied head
+#
+# When the head shares its matrix E (V x d) with the input embedding, the gradient of a loss with
+# respect to E has a second part: besides the head's ``sum_t r_t h_t^T``, every input token x_s
+# adds the gradient at its embedding row, ``e_{x_s} (dl/de_s)^T``. The first-order hypergradient
+# of the tied model is the inner product of the *full* gradients, so both the target gradient
+# ``G_T`` and every source's gradient carry both parts:
+#
+#     <G_T, grad_E L_k> = mean_{t in k} (r_t G_T) . h_t  +  sum_{s in k} G_T[x_s] . dL_k/de_s / n_k
+#
+# The second term needs dL/de, a backward through the trunk: for the target, once per outer step
+# (:func:`tied_target_gradient`); for trained tokens the training step's own backward already has it
+# (the gradient at the embedding output, divided by each sequence's loss weight: sequences do not
+# attend to each other, so it is that sequence's own gradient); :func:`tied_source_scores` runs it
+# for a buffered search batch. Scoring the head part alone would be the hypergradient of a model
+# whose head were a separate copy -- not the model being trained.
+
+
+def embedding_gradient(ids: torch.Tensor, grad_e: torch.Tensor, num_embeddings: int, dtype=torch.float32) -> torch.Tensor:
+    """``sum_t e_{ids_t} grad_e_t^T`` ``[num_embeddings, d]``: the gradient of an embedding matrix given
+    the gradients ``grad_e`` ``[n, d]`` at its lookups ``ids`` ``[n]``.
+
+    Bitwise reproducible on every device: the rows are sorted by id and summed by a float64 running
+    sum (an ``index_add_`` on CUDA adds with atomics in a varying order)."""
+    ids = ids.reshape(-1)
+    grad_e = grad_e.reshape(ids.shape[0], grad_e.shape[-1])
+    out = torch.zeros(num_embeddings, grad_e.shape[1], dtype=dtype, device=grad_e.device)
+    if ids.numel() == 0:
+        return out
+    order = torch.argsort(ids, stable=True)
+    uniq, counts = torch.unique_consecutive(ids[order], return_counts=True)
+    csum = grad_e[order].to(torch.float64).cumsum(0)
+    ends = csum[counts.cumsum(0) - 1]
+    sums = torch.diff(ends, dim=0, prepend=torch.zeros_like(ends[:1]))
+    out[uniq.to(out.device)] = sums.to(dtype)
+    return out
+
+
+def embedding_scores(ids: torch.Tensor, grad_e: torch.Tensor, G: torch.Tensor) -> torch.Tensor:
+    """Per-sequence embedding part of the tied scores: ``sum_s G[ids_s] . grad_e_s`` ``[B]`` for ids
+    ``[B, L]`` and gradients at the embedding output ``[B, L, d]``, in ``G``'s dtype."""
+    B = ids.shape[0]
+    rows = G[ids.reshape(-1).to(G.device)]
+    return (rows * grad_e.reshape(rows.shape).to(G.dtype)).reshape(B, -1).sum(1)
+
+
+def _embedding_leaf_pass(model, x, autocast):
+    """``(e, h)``: the embedding output as a leaf (its gradient is the embedding part) and the trunk's output."""
+    e = model.embed(x).detach().requires_grad_(True)
+    with autocast:
+        h = model.trunk(e)
+    return e, h
+
+
+def _summed_loss(h, W, y, w, loss_fn, chunk_tokens):
+    """``sum_t w_t l_t`` differentiable w.r.t. ``h`` (the fused head when the loss is cross-entropy)."""
+    from .fused_head import fused_head_loss
+
+    if loss_fn is None:
+        return fused_head_loss(h, W, y, w, chunk_tokens=chunk_tokens).loss
+    return (w * token_losses(h @ W.T.to(h.dtype), y, loss_fn)).sum()
+
+
+def tied_target_gradient(
+    model: nn.Module,
+    tokens: torch.Tensor,
+    *,
+    loss_mask: torch.Tensor | None = None,
+    loss_fn: TokenLossFn | None = None,
+    autocast: AbstractContextManager | None = None,
+    dtype: torch.dtype = torch.float32,
+    chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
+) -> HeadGradient:
+    """The full gradient of the (masked) token-mean target loss w.r.t. a tied head/embedding matrix:
+    the head part in closed form (:func:`head_gradient`) plus the embedding part, from one backward
+    to the embedding output (``torch.autograd.grad``; no ``.grad`` buffer is touched). ``tokens``
+    ``[B, L+1]``; ``model`` has ``embed`` and ``trunk`` (see :func:`~fastmix_data.search.model.head_is_tied`)."""
+    x, y = tokens[:, :-1], tokens[:, 1:].reshape(-1)
+    W = model.head.weight.detach()
+    m = torch.ones_like(y, dtype=torch.bool) if loss_mask is None else loss_mask.reshape(-1).bool().to(y.device)
+    n = int(m.sum())
+    with torch.enable_grad():
+        e, h = _embedding_leaf_pass(model, x, autocast or nullcontext())
+        h = h.reshape(y.shape[0], -1)
+        with autocast or nullcontext():
+            loss = _summed_loss(h, W, y, m.to(torch.float64) / max(n, 1), loss_fn, chunk_tokens)
+        (ge,) = torch.autograd.grad(loss, e)
+    hg = head_gradient(h.detach(), y, head_weight=W, mask=m, loss_fn=loss_fn, dtype=dtype, chunk_tokens=chunk_tokens)
+    G = hg.grad + embedding_gradient(x, ge, W.shape[0], dtype) if n else hg.grad
+    return HeadGradient(grad=G, loss=hg.loss, tokens=hg.tokens)
+
+
+def tied_source_scores(
+    model: nn.Module,
+    tokens: torch.Tensor,
+    source: torch.Tensor,
+    G: torch.Tensor,
+    num_sources: int,
+    *,
+    loss_fn: TokenLossFn | None = None,
+    autocast: AbstractContextManager | None = None,
+    chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
+) -> SourceScores:
+    """:func:`source_head_scores` for a tied head: per source, ``<G, grad_E L_k>`` with both parts of
+    the tied gradient, for sequences ``tokens`` ``[B, L+1]`` of per-sequence ``source`` ``[B]``. One
+    forward and one backward to the embedding output (the embedding part)."""
+    x, y = tokens[:, :-1], tokens[:, 1:]
+    B, L = y.shape
+    W = model.head.weight.detach()
+    with torch.enable_grad():
+        e, h = _embedding_leaf_pass(model, x, autocast or nullcontext())
+        h = h.reshape(B * L, -1)
+        with autocast or nullcontext():
+            loss = _summed_loss(h, W, y.reshape(-1), torch.ones(B * L, dtype=G.dtype, device=h.device), loss_fn, chunk_tokens)
+        (ge,) = torch.autograd.grad(loss, e)  # dS_b/de_b for every sequence b at once
+    out = source_head_scores(
+        h.detach(), y, per_token_source(source, L), G, num_sources, head_weight=W, loss_fn=loss_fn, chunk_tokens=chunk_tokens
+    )
+    out.sums += segment_sums(embedding_scores(x, ge, G).to(out.sums.dtype), source.to(out.sums.device), num_sources)
+    return out
+
+
 # ----------------------------------------------------------------------------- full-parameter variant
 
 
@@ -423,6 +545,8 @@ def full_source_scores(
 __all__ = [
     "DEFAULT_CHUNK_TOKENS",
     "GradientEMA",
+    "embedding_gradient",
+    "embedding_scores",
     "HeadGradient",
     "SourceScores",
     "TokenLossFn",
@@ -434,5 +558,7 @@ __all__ = [
     "segment_sums",
     "softmax_chain_rule",
     "source_head_scores",
+    "tied_source_scores",
+    "tied_target_gradient",
     "token_losses",
 ]
