@@ -36,3 +36,8 @@ class CoordinationError(FastMixDataError):
 
 class PublishError(FastMixDataError):
     """A weight publisher or a follower is misconfigured (bad URI, remote address without a token)."""
+
+
+class TokenizerError(FastMixDataError, ValueError):
+    """A tokenizer file or a token-ids column cannot serve as the proxy's vocabulary (missing or
+    unreadable file, unknown special token, ids outside the vocabulary)."""
