@@ -1,4 +1,4 @@
-"""Data-parallel building blocks: two gloo ranks, each with half of every global batch, give the
+"""Data-parallel proxy (ProxyStep on DDP): two gloo ranks, each with half of every global batch, give the
 single-process run's weights, scores and target gradient (up to float summation order).
 
 The model runs in float64 here so that the comparison can be tight: in float32, AdamW's first
@@ -14,10 +14,10 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from fastmix_data.search.ddp import Ranks, no_sync, unwrap, wrap
-from fastmix_data.search.fused_head import fused_head_loss
-from fastmix_data.search.hypergrad import SourceScores, head_gradient, per_token_source, segment_sums
+from fastmix_data.search.ddp import Ranks
+from fastmix_data.search.hypergrad import SourceScores
 from fastmix_data.search.model import build_proxy, proxy_config
+from fastmix_data.search.proxy_step import ProxyStep
 
 V, B, L, K, STEPS, ACCUM = 29, 8, 6, 3, 4, 2
 
@@ -30,42 +30,25 @@ def _data():
 
 
 def _train(ranks: Ranks, tied: bool) -> dict:
-    """A miniature search: target gradient from this rank's target rows, fused loss with per-source
-    weights on this rank's rows, scores summed, gradient accumulation with no_sync."""
-    torch.manual_seed(0)
+    """A miniature search through ProxyStep: the target gradient from this rank's target rows, then
+    micro-steps on this rank's rows with per-source loss weights and scores, gradient accumulation."""
     model = build_proxy(proxy_config("tiny", vocab_size=V, tie_embeddings=tied), seed=0).double()
-    net = wrap(model, ranks, torch.device("cpu"))
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    ps = ProxyStep(model, K, lr=1e-2, grad_accum=ACCUM, ranks=ranks, chunk_tokens=7)
     batches, target = _data()
-    rows = ranks.rows(target.shape[0])
-    with torch.no_grad():
-        t = target[rows]
-        hg = head_gradient(model.final_hidden(t[:, :-1]), t[:, 1:], head_weight=model.head.weight, dtype=torch.float64)
-    G, n, loss_t = ranks.mean_gradient(hg.grad, hg.tokens, hg.loss)
-    alpha_w = torch.tensor([0.5, 1.5, 1.0], dtype=torch.float64)
+    hg = ps.target_gradient(target)
+    loss_w = torch.tensor([0.5, 1.5, 1.0], dtype=torch.float64)
     scores = SourceScores.zeros(K)
-    for step, (tokens, source) in enumerate(batches):
+    for step, (tokens, source) in enumerate(batches, start=1):
         share = ranks.rows(B)
-        tokens, source = tokens[share], source[share]
-        b = tokens.shape[0]
-        w = per_token_source(alpha_w[source] / (b * L), L).reshape(-1)
-        with no_sync(net, sync=(step + 1) % ACCUM == 0):
-            h = net(tokens[:, :-1], head=False).reshape(b * L, -1)
-            out = fused_head_loss(h, model.head.weight, tokens[:, 1:].reshape(-1), w, G=G, chunk_tokens=7)
-            (out.loss / ACCUM).backward()
-        ids = per_token_source(source, L).reshape(-1)
-        scores = scores + SourceScores(
-            segment_sums(out.scores.double(), ids, K), segment_sums(torch.ones(b * L, dtype=torch.float64), ids, K),
-            segment_sums(out.token_losses.double(), ids, K),
-        )
-        if (step + 1) % ACCUM == 0:
-            opt.step()
-            opt.zero_grad()
+        scores = scores + ps.micro_step(tokens[share], source[share], loss_w, G=hg.grad).scores
+        if step % ACCUM == 0:
+            ps.optimizer_step(1e-2)
     scores = ranks.sum_scores(scores)
     ranks.assert_same(scores.sums, "the scores")
     return {
-        "params": {k: v.detach().clone() for k, v in unwrap(net).state_dict().items()},
-        "G": G, "n": n, "loss": loss_t, "sums": scores.sums, "counts": scores.counts, "loss_sums": scores.loss_sums,
+        "params": {k: v.detach().clone() for k, v in ps.state_dict()["model"].items()},
+        "G": hg.grad, "n": hg.tokens, "loss": hg.loss,
+        "sums": scores.sums, "counts": scores.counts, "loss_sums": scores.loss_sums,
     }
 
 

@@ -169,3 +169,15 @@ def test_shape_errors_name_the_shapes():
 def test_default_chunk_bounds_the_logits_block():
     assert default_chunk_tokens(32000) * 32000 <= 2**26
     assert default_chunk_tokens(10**9) == 128
+
+
+def test_scoring_leaves_the_training_gradients_bitwise_unchanged():
+    h, W, y, w, G = _problem(N=300, d=16, V=70, seed=8, dtype=torch.float32)
+    grads = []
+    for with_g in (None, G):
+        hv, Wv = h.clone().requires_grad_(True), W.clone().requires_grad_(True)
+        out = fused_head_loss(hv, Wv, y, w, G=with_g, chunk_tokens=64)
+        out.loss.backward()
+        grads.append((out.loss.detach(), out.token_losses, hv.grad, Wv.grad))
+    for a, b in zip(*grads):
+        assert torch.equal(a, b)

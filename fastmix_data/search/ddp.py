@@ -132,7 +132,8 @@ def wrap(model: nn.Module, ranks: Ranks, device: torch.device) -> nn.Module:
     if ranks.world == 1:
         return model
     ids = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else None
-    return nn.parallel.DistributedDataParallel(model, device_ids=ids)
+    # broadcast_buffers=False: the only buffers are rotary tables, the same on every rank by construction
+    return nn.parallel.DistributedDataParallel(model, device_ids=ids, broadcast_buffers=False)
 
 
 def unwrap(model: nn.Module) -> nn.Module:

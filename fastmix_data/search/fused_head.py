@@ -10,9 +10,10 @@ one pass serves all three. :func:`fused_head_loss` walks the tokens in chunks of
 1. ``z = h_c W^T`` (``[c, V]``, in the compute dtype: bf16 under autocast, tensor cores);
 2. one softmax pass in float32 gives the losses ``lse - z_y`` and the residuals ``r`` (rounded back
    to the compute dtype);
-3. one product ``r [W | G]`` (``[c, V] x [V, 2d]``) gives at once the hidden-state gradient
-   ``w_t r_t W`` and the score factor ``r_t G``: the score costs the extra ``d`` columns of a
-   product the backward needed anyway, and no extra pass over the logits;
+3. ``r W`` (``[c, V] x [V, d]``) is the hidden-state gradient (times ``w_t``), and ``r G`` the
+   score factor: the score costs one more product of the backward's shape, and no pass over the
+   logits of its own. (Two products, not one ``r [W | G]``: a product's rounding can depend on its
+   width, and scoring must leave training bitwise unchanged.)
 4. ``grad_W += r^T (w h_c)`` (``[V, c] x [c, d]``).
 
 The gradients are computed in the forward and kept (``[N, d]`` and ``[V, d]``), as fused
@@ -133,7 +134,7 @@ def _chunked(h, weight, targets, token_weights, G, chunk, cdt, need_h, need_w):
     V = weight.shape[0]
     acc = torch.float32 if cdt in LOW_PRECISION else cdt  # softmax, losses, gradient sums
     W = weight.detach().to(cdt)
-    WG = W if G is None else torch.cat([W, G.detach().to(cdt)], dim=1)  # [V, d] or [V, 2d]
+    Gc = None if G is None else G.detach().to(cdt)
     w = token_weights.detach().to(h.device, acc)
     tok = torch.empty(N, dtype=acc, device=h.device)
     scores = None if G is None else torch.empty(N, dtype=G.dtype, device=h.device)
@@ -143,12 +144,10 @@ def _chunked(h, weight, targets, token_weights, G, chunk, cdt, need_h, need_w):
         j = min(N, i + chunk)
         hc = h[i:j].detach().to(cdt)
         r, tok[i:j] = softmax_residuals(hc @ W.T, targets[i:j], acc, cdt)
-        if need_h or G is not None:
-            rWG = r @ WG  # [c, d] or [c, 2d]: the backward's r W and the scores' r G in one product
-            if need_h:
-                grad_h[i:j] = w[i:j, None] * rWG[:, :d].to(acc)
-            if G is not None:
-                scores[i:j] = (rWG[:, d:].to(acc) * hc.to(acc)).sum(-1).to(G.dtype)
+        if need_h:
+            grad_h[i:j] = w[i:j, None] * (r @ W).to(acc)
+        if G is not None:
+            scores[i:j] = ((r @ Gc).to(acc) * hc.to(acc)).sum(-1).to(G.dtype)
         if need_w:
             grad_w += (r.T @ (hc * w[i:j, None].to(cdt))).to(acc)
     loss = (w * tok).sum()

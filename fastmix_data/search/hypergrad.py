@@ -110,12 +110,14 @@ def _prep(
 
 
 def _chunk_logits(h_c, logits, i, j, head_weight, dtype):
-    """Logits of tokens ``i:j``: the given ones as they are (any dtype), or ``h_c W^T`` in ``dtype``."""
+    """Logits of tokens ``i:j``: the given ones as they are (any dtype), or ``h_c W^T``, computed in
+    ``h_c``'s dtype when it is lower precision (bf16 autocast: tensor cores), else in ``dtype``."""
     if logits is not None:
         return logits[i:j]
     if head_weight is None:
         raise ValueError("pass either logits or head_weight")
-    return h_c @ head_weight.detach().to(dtype).T
+    cdt = h_c.dtype if h_c.dtype in (torch.float16, torch.bfloat16) else dtype
+    return h_c.to(cdt) @ head_weight.detach().to(cdt).T
 
 
 @dataclass
@@ -152,8 +154,8 @@ def head_gradient(
     loss_sum = torch.zeros((), dtype=dtype, device=h.device)
     for i in range(0, n, chunk_tokens):
         j = min(n, i + chunk_tokens)
+        z = _chunk_logits(h[i:j], logits, i, j, head_weight, dtype)
         h_c = h[i:j].to(dtype)
-        z = _chunk_logits(h_c, logits, i, j, head_weight, dtype)
         r, loss = logit_residuals(z, targets[i:j], loss_fn, dtype)
         G.addmm_(r.T, h_c)
         loss_sum += loss.sum()
@@ -256,14 +258,17 @@ def source_head_scores(
     n = h.shape[0]
     if n and src.device.type == "cpu" and (int(src.min()) < 0 or int(src.max()) >= num_sources):
         raise ValueError(f"source ids must lie in [0, {num_sources}), got range [{int(src.min())}, {int(src.max())}]")
-    low = logits.dtype if logits is not None and logits.dtype in (torch.float16, torch.bfloat16) else None
+    low_dtypes = (torch.float16, torch.bfloat16)
+    low = logits.dtype if logits is not None and logits.dtype in low_dtypes else None
+    if logits is None and h.dtype in low_dtypes:
+        low = h.dtype  # the logits are computed in h's precision (see _chunk_logits)
     G_mm = G.to(low) if low is not None else G
     scores = torch.empty(n, dtype=dtype, device=dev)
     losses = torch.empty(n, dtype=dtype, device=dev)
     for i in range(0, n, chunk_tokens):
         j = min(n, i + chunk_tokens)
+        z = _chunk_logits(h[i:j], logits, i, j, head_weight, dtype)
         h_c = h[i:j].to(dtype)
-        z = _chunk_logits(h_c, logits, i, j, head_weight, dtype)
         r, loss = logit_residuals(z, targets[i:j], loss_fn, dtype)
         del z
         rG = (r.to(low) @ G_mm).to(dtype) if low is not None else r @ G_mm  # [c, d]
