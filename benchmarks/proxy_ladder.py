@@ -1,0 +1,453 @@
+"""The proxy preset ladder on one accelerator: throughput, MFU, memory, FastMix's overhead, numerics.
+
+Usage (one H100/H200, about 6-9 minutes including compilation):
+    python benchmarks/proxy_ladder.py --out benchmarks/results/proxy_ladder.md
+CPU smoke test at tiny sizes (proves the script end to end; not a measurement of the ladder):
+    python benchmarks/proxy_ladder.py --device cpu --presets tiny --seq-lens 32,64 --tokens 512 \\
+        --vocab 512 --steps 6 --outer-every 3 --repeats 1 --numerics tiny --head-shapes 256x512x32 \\
+        --out /tmp/ladder_smoke.md
+
+Data: real tokens. The demo corpus (five domains of the local Python installation's text, built in
+seconds, no network) is tokenized with a byte-level BPE of ``--vocab`` ids trained on its training
+split with the ``tokenizers`` library, and served by a ``MixtureStream`` over the five domains
+(``tokenizer=``), packed at each sequence length; the target is the validation split of ``prose``.
+Batches are made before timing (so data loading costs nothing). Both are cached under ``--work``.
+
+Sections of the report:
+
+1. FLOPs per token (``fastmix_data.search.flops``: ``6N + 12 n_layer d L``, N with the head,
+   without the input embedding) and FastMix's extra work at equal efficiency.
+2. Throughput per preset and sequence length, ``--tokens`` tokens per micro-batch: plain proxy
+   training and FastMix (one-pass scores of every trained token folded into the fused head, a
+   target pass and a z update every ``--outer-every`` micro-batches), interleaved, ``--repeats``
+   times after a warm-up run (compilation). tokens/s, model TFLOP/s (training FLOPs only, so plain
+   and FastMix are comparable), MFU against ``--peak-tflops`` (default: the device's dense bf16
+   datasheet peak, e.g. 989 for H100 SXM / H200), peak memory, FastMix/plain wall ratio (per repeat;
+   min / median / max). ``--unfused`` adds the same two runs with the head unfused (logits
+   materialised, float32 cross-entropy, separate scoring pass: the trainer's path before the fused
+   head).
+3. The head alone at ``--head-shapes`` (tokens x vocabulary x width): fused vs unfused, with and
+   without scores: time and peak memory.
+4. Numerics per ``--numerics`` preset: the bf16 target gradient and per-source scores on the device
+   against the same computation in float64 on the CPU (same weights, same real tokens).
+
+What the proxy trains with here is what a search trains with: ``ProxyStep`` (bf16 autocast, fused
+AdamW on CUDA, compiled trunk, fused head) and ``FastMix``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import _common  # noqa: E402  (benchmarks/: the script's own directory)
+
+from fastmix_data.search.fastmix import FastMix  # noqa: E402
+from fastmix_data.search.flops import peak_tflops, proxy_token_flops  # noqa: E402
+from fastmix_data.search.fused_head import fused_head_loss  # noqa: E402
+from fastmix_data.search.hypergrad import SourceScores, source_head_scores, token_losses  # noqa: E402
+from fastmix_data.search.model import build_proxy, count_params, proxy_config  # noqa: E402
+from fastmix_data.search.proxy_step import ProxyStep  # noqa: E402
+from fastmix_data.search.trainer import loss_weights  # noqa: E402
+
+TARGET_DOMAIN = "prose"
+
+
+def mmm(xs, fmt="{:.3g}"):
+    return " / ".join(fmt.format(x) for x in (min(xs), statistics.median(xs), max(xs)))
+
+
+# ---------------------------------------------------------------------------- real-token data
+
+
+def bpe_vocabulary(work: Path, vocab: int):
+    """The demo corpus under ``work`` and a byte-level BPE of ``vocab`` ids trained on it (cached)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    from fastmix_data.corpus import build_corpus, load_corpus_manifest, read_split_texts
+    from fastmix_data.search.vocab import load_tokenizer
+
+    corpus = work / "corpus"
+    if not (corpus / "corpus.json").exists():
+        build_corpus(corpus, progress=False)
+    path = work / f"bpe-{vocab}.json"
+    if not path.exists():
+        domains = list(load_corpus_manifest(corpus)["domains"])
+        texts = [t for d in domains for t in read_split_texts(corpus, "train", d)]
+        tok = Tokenizer(models.BPE())
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tok.decoder = decoders.ByteLevel()
+        trainer = trainers.BpeTrainer(vocab_size=vocab, special_tokens=["<|endoftext|>"],
+                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+        tok.train_from_iterator(texts, trainer)
+        tok.save(str(path))
+    return corpus, load_tokenizer(path)
+
+
+def real_batches(corpus: Path, voc, L: int, B: int, n: int, n_target: int):
+    """``n`` search batches ``(tokens [B, L+1], source [B])`` over the corpus's domains and
+    ``n_target`` target batches from the validation split of TARGET_DOMAIN, in BPE ids."""
+    from fastmix_data.corpus import load_corpus_manifest
+    from fastmix_data.stream import MixtureStream
+
+    domains = list(load_corpus_manifest(corpus)["domains"])
+    srcs = {d: str(corpus / "train" / d / "*.parquet") for d in domains}
+    kw = dict(seq_len=L, tokenizer=voc.tokenizer, world_size=1, rank=0)
+    search = MixtureStream(srcs, {d: 1.0 for d in domains}, batch_size=B, seed=0, **kw)
+    target = MixtureStream({"t": str(corpus / "validation" / TARGET_DOMAIN / "*.parquet")}, {"t": 1.0},
+                           batch_size=max(1, B // 2), seed=1, **kw)
+    batches = [(b["tokens"], b["source"]) for b in itertools.islice(search, n)]
+    targets = [b["tokens"] for b in itertools.islice(target, n_target)]
+    return batches, targets, domains
+
+
+# ---------------------------------------------------------------------------- 2. throughput
+
+
+def run_loop(ps: ProxyStep, batches, targets, K: int, *, fastmix: bool, outer_every: int, lr: float):
+    """The search's inner loop on ``ps``: micro-steps (scored when ``fastmix``), and every
+    ``outer_every`` a z update, new loss weights and a target pass (the next window's ``G``).
+    Returns wall seconds. The first ``G`` is computed before the clock starts: a search computes it
+    once, so in a long run it costs nothing per window."""
+    dev = ps.device
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+    fm = FastMix(K, lr=0.05)
+    serve = torch.full((K,), 1.0 / K, dtype=torch.float64)
+    loss_w = loss_weights(fm.alpha(), serve).to(dev)
+    tgt = itertools.cycle(targets)
+    window = SourceScores.zeros(K, device=dev)
+    G = ps.target_gradient(next(tgt).to(dev)).grad if fastmix else None
+    sync()
+    t0 = time.perf_counter()
+    for i, (tokens, source) in enumerate(batches, start=1):
+        out = ps.micro_step(tokens.to(dev, non_blocking=True), source.to(dev, non_blocking=True), loss_w, G=G)
+        ps.optimizer_step(lr)
+        if fastmix:
+            window = window + out.scores
+            if i % outer_every == 0:
+                sc = ps.ranks.sum_scores(window)
+                fm.step(sc.means().cpu(), present=sc.present.cpu(), proxy_lr=lr, update=True)
+                loss_w = loss_weights(fm.alpha(), serve).to(dev)
+                G = ps.target_gradient(next(tgt).to(dev)).grad
+                window = SourceScores.zeros(K, device=dev)
+    sync()
+    return time.perf_counter() - t0
+
+
+def _ce(z, y):
+    return F.cross_entropy(z, y, reduction="none")
+
+
+def make_step(preset, vocab, margs, dev, bf16, compile_, fused, K, lr):
+    model = build_proxy(proxy_config(preset, vocab_size=vocab, **margs), seed=0)
+    return ProxyStep(model, K, device=dev, bf16=bf16, compile=compile_, lr=lr, loss_fn=None if fused else _ce)
+
+
+def throughput(a, dev, bf16, compile_, peak, shapes_data, lines):
+    """Section 2; returns {(preset, L): (plain MFU median, ratio median)}."""
+    p = lines.append
+    contenders = [("plain", True, False), ("fastmix", True, True)]
+    if a.unfused:
+        contenders += [("plain-unfused", False, False), ("fastmix-unfused", False, True)]
+    p(f"## 2. Throughput ({a.steps} micro-batches of {a.tokens} tokens per run, K=5 BPE sources, outer step every "
+      f"{a.outer_every}; {a.repeats} repeats after a warm-up run; min / median / max)\n")
+    p(f"dtype {'bf16 autocast' if bf16 else 'float32'}, compile={compile_}, model_args={a.model_args or {}}. "
+      f"TFLOP/s and MFU count training FLOPs only (6N + 12 n_layer d L per token; FastMix's own work is the "
+      f"overhead the wall ratio measures); MFU against {f'{peak:g} TFLOP/s' if peak else 'no peak (not a GPU)'}.\n")
+    p("| preset | L | micro-batch | run | tokens/s | model TFLOP/s | MFU | peak memory GiB | / plain wall (per repeat) |")
+    p("|---|---|---|---|---|---|---|---|---|")
+    summary = {}
+    for preset in a.presets:
+        for L in a.seq_lens:
+            batches, targets, K = shapes_data[L]
+            B = batches[0][0].shape[0]
+            f = proxy_token_flops(proxy_config(preset, vocab_size=a.vocab, **a.model_args), L)
+            tok = a.steps * B * L
+            walls: dict[str, list[float]] = {c[0]: [] for c in contenders}
+            mem: dict[str, float] = {}
+            try:
+                steps = {name: make_step(preset, a.vocab, a.model_args, dev, bf16, compile_, fused, K, a.lr)
+                         for name, fused, _ in contenders}
+                for name, _, fm in contenders:  # warm-up: compilation, allocator, autotuning
+                    run_loop(steps[name], batches[: max(2, a.outer_every)], targets, K, fastmix=fm,
+                             outer_every=a.outer_every, lr=a.lr)
+                for r in range(a.repeats):
+                    order = contenders[r % len(contenders):] + contenders[: r % len(contenders)]
+                    for name, _, fm in order:
+                        if dev.type == "cuda":
+                            torch.cuda.reset_peak_memory_stats()
+                        walls[name].append(run_loop(steps[name], batches, targets, K, fastmix=fm,
+                                                    outer_every=a.outer_every, lr=a.lr))
+                        if dev.type == "cuda":
+                            mem[name] = max(mem.get(name, 0.0), torch.cuda.max_memory_allocated() / 2**30)
+                del steps
+            except Exception as e:  # noqa: BLE001 -- report the row and go on
+                print(f"[throughput] {preset} L={L}: {type(e).__name__}: {e}", flush=True)
+                p(f"| {preset} | {L} | {B}x{L} | failed: {type(e).__name__}: {str(e)[:100]} | | | | | |")
+                continue
+            finally:
+                if dev.type == "cuda":
+                    torch.cuda.empty_cache()
+            for name, _, _ in contenders:
+                base = "plain" if "unfused" not in name else "plain-unfused"
+                tps = [tok / w for w in walls[name]]
+                tf = [t * f.train / 1e12 for t in tps]
+                ratio = [w / wp for w, wp in zip(walls[name], walls[base])]
+                m = mem.get(name)
+                p(f"| {preset} | {L} | {B}x{L} | {name} | {mmm(tps)} | {mmm(tf)} | "
+                  f"{mmm([x / peak for x in tf], '{:.1%}') if peak else 'n/a'} | {'n/a' if m is None else f'{m:.1f}'} | "
+                  f"{'1' if name == base else mmm(ratio, '{:.3f}')} |")
+                print(f"[throughput] {preset} L={L} {name}: {statistics.median(tps):.4g} tok/s, "
+                      f"{statistics.median(tf):.1f} TFLOP/s, ratio {statistics.median(ratio):.3f}", flush=True)
+            plain_tf = statistics.median(tok / w * f.train / 1e12 for w in walls["plain"])
+            summary[(preset, L)] = (plain_tf / peak if peak else None,
+                                    statistics.median(w / wp for w, wp in zip(walls["fastmix"], walls["plain"])))
+    p("")
+    return summary
+
+
+# ---------------------------------------------------------------------------- 3. the head alone
+
+
+def head_bench(N, V, d, dev, bf16, repeats, K=5):
+    """Seconds (median) and peak memory of the head's loss + backward, fused vs unfused, +- scores."""
+    g = torch.Generator().manual_seed(0)
+    h0 = torch.randn(N, d, generator=g).to(dev)
+    W = torch.nn.Parameter((torch.randn(V, d, generator=g) / d**0.5).to(dev))
+    y = torch.randint(0, V, (N,), generator=g).to(dev)
+    src = torch.randint(0, K, (N,), generator=g).to(dev)
+    w = torch.full((N,), 1.0 / N, device=dev)
+    G = (torch.randn(V, d, generator=g) * 1e-3).to(dev)
+    ac = (lambda: torch.autocast(dev.type, dtype=torch.bfloat16)) if bf16 else (lambda: torch.autocast(dev.type, enabled=False))
+    hdt = torch.bfloat16 if bf16 else torch.float32
+
+    def unfused(score):
+        h = h0.to(hdt).requires_grad_(True)
+        with ac():
+            logits = h @ W.T
+        loss = (w * token_losses(logits, y)).sum()
+        loss.backward()
+        if score:
+            source_head_scores(h.detach(), y, src, G, K, logits=logits.detach())
+
+    def fused(score):
+        h = h0.to(hdt).requires_grad_(True)
+        with ac():
+            out = fused_head_loss(h, W, y, w, G=G if score else None)
+        out.loss.backward()
+        if score:
+            torch.zeros(K, dtype=torch.float64, device=dev).index_add_(0, src, out.scores.double())
+
+    runs = {"unfused": lambda: unfused(False), "unfused + scores": lambda: unfused(True),
+            "fused": lambda: fused(False), "fused + scores": lambda: fused(True)}
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+    times: dict[str, list[float]] = {k: [] for k in runs}
+    mem: dict[str, float] = {}
+    for fn in runs.values():  # warm-up
+        fn()
+        W.grad = None
+    for r in range(repeats):
+        for name, fn in list(runs.items())[r % 4:] + list(runs.items())[: r % 4]:
+            if dev.type == "cuda":
+                torch.cuda.reset_peak_memory_stats()
+                base = torch.cuda.memory_allocated()
+            sync()
+            t0 = time.perf_counter()
+            fn()
+            sync()
+            times[name].append(time.perf_counter() - t0)
+            if dev.type == "cuda":
+                mem[name] = (torch.cuda.max_memory_allocated() - base) / 2**30
+            W.grad = None
+    return {k: statistics.median(v) for k, v in times.items()}, mem, {k: v for k, v in times.items()}
+
+
+def head_section(a, dev, bf16, lines):
+    p = lines.append
+    p(f"## 3. The head alone: loss + backward, with and without FastMix's scores ({a.head_repeats} interleaved repeats, median ms)\n")
+    p("unfused = logits materialised, float32 cross-entropy, backward through autograd, scores by a separate "
+      "one-pass over the logits (the trainer's path before the fused head); fused = `fused_head_loss` "
+      f"(chunked, scores folded in). dtype {'bf16 autocast' if bf16 else 'float32'}. Memory: peak allocated "
+      "above the inputs (CUDA only); `[N, V]` = the bytes of one float32 logits matrix for scale.\n")
+    p("| N x V x d | unfused | unfused + scores | fused | fused + scores | scores' cost: unfused / fused | fused+scores / unfused plain | peak GiB (unfused+scores / fused+scores) | [N, V] fp32 GiB |")
+    p("|---|---|---|---|---|---|---|---|---|")
+    for shape in a.head_shapes:
+        N, V, d = (int(x) for x in shape.split("x"))
+        med, mem, _ = head_bench(N, V, d, dev, bf16, a.head_repeats)
+        ms = {k: v * 1e3 for k, v in med.items()}
+        mm = "n/a" if not mem else f"{mem['unfused + scores']:.2f} / {mem['fused + scores']:.2f}"
+        p(f"| {N}x{V}x{d} | {ms['unfused']:.1f} | {ms['unfused + scores']:.1f} | {ms['fused']:.1f} | {ms['fused + scores']:.1f} | "
+          f"{med['unfused + scores'] / med['unfused']:.3f} / {med['fused + scores'] / med['fused']:.3f} | "
+          f"{med['fused + scores'] / med['unfused']:.3f} | {mm} | {N * V * 4 / 2**30:.2f} |")
+        print(f"[head] {shape}: {ms}", flush=True)
+    p("")
+
+
+# ---------------------------------------------------------------------------- 4. numerics
+
+
+def numerics(preset, vocab, margs, dev, bf16, batches, targets, K):
+    """Relative errors of the device's (bf16) target gradient and per-source scores against float64 on the CPU."""
+    model = build_proxy(proxy_config(preset, vocab_size=vocab, **margs), seed=0)
+    ref = ProxyStep(build_proxy(proxy_config(preset, vocab_size=vocab, **margs), seed=0).double(), K)
+    dut = ProxyStep(model, K, device=dev, bf16=bf16)
+    tokens, source = batches[0]
+    target = targets[0]
+    ones = torch.ones(K, dtype=torch.float64)
+    G_ref = ref.target_gradient(target).grad
+    s_ref = ref.micro_step(tokens, source, ones, G=G_ref).scores.means()
+    G_dut = dut.target_gradient(target.to(dev)).grad
+    s_dut = dut.micro_step(tokens.to(dev), source.to(dev), ones.float().to(dev), G=G_dut).scores.means().cpu()
+
+    def rel(x, y):
+        x, y = x.double().cpu(), y.double().cpu()
+        ok = ~torch.isnan(y)
+        return float((x[ok] - y[ok]).norm() / y[ok].norm())
+
+    ok = ~torch.isnan(s_ref)
+    return {"G": rel(G_dut, G_ref), "scores": rel(s_dut, s_ref),
+            "rank": bool(torch.equal(s_dut[ok].argsort(), s_ref[ok].argsort())),
+            "tokens": f"{tokens.shape[0]}x{tokens.shape[1] - 1} scored, {target.shape[0]}x{target.shape[1] - 1} target"}
+
+
+# ---------------------------------------------------------------------------- main
+
+
+def flops_section(a, lines):
+    p = lines.append
+    p("## 1. FLOPs per token (analytic)\n")
+    p(f"Vocabulary {a.vocab}. Train = 6N + 12 n_layer d L; score = 2 V d per trained token; target = a forward "
+      f"+ 2 V d per target token, one target batch (half a micro-batch) per {a.outer_every} micro-batches. "
+      "At equal efficiency FastMix would take 1 + score + target of plain training's time.\n")
+    p("| preset | parameters (total / N) | L | train GFLOP/token | score | target (amortised) | FastMix/plain at equal efficiency |")
+    p("|---|---|---|---|---|---|---|")
+    for preset in a.presets:
+        cfg = proxy_config(preset, vocab_size=a.vocab, **a.model_args)
+        with torch.device("meta"):
+            n = count_params(build_proxy(cfg))
+        for L in a.seq_lens:
+            f = proxy_token_flops(cfg, L)
+            tgt = 0.5 / a.outer_every * f.target / f.train
+            p(f"| {preset} | {n['total'] / 1e6:.3g}M / {n['flops'] / 1e6:.3g}M | {L} | {f.train / 1e9:.3g} | "
+              f"{f.score / f.train:.1%} | {tgt:.1%} | {1 + f.score / f.train + tgt:.3f} |")
+    p("")
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--presets", default="p20m,p60m,p150m", type=lambda s: s.split(","))
+    ap.add_argument("--model-args", default="", help="ProxyConfig overrides for every preset, e.g. tie_embeddings=1,activation_checkpointing=1")
+    ap.add_argument("--seq-lens", default="1024,2048", type=lambda s: [int(x) for x in s.split(",")])
+    ap.add_argument("--tokens", type=int, default=65536, help="tokens per micro-batch (B = tokens / L)")
+    ap.add_argument("--vocab", type=int, default=32000)
+    ap.add_argument("--steps", type=int, default=20, help="micro-batches per timed run")
+    ap.add_argument("--outer-every", type=int, default=10)
+    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--lr", type=float, default=3e-4)
+    ap.add_argument("--compile", default="auto", choices=["auto", "on", "off"], help="auto: on for CUDA")
+    ap.add_argument("--unfused", action="store_true", help="also time the unfused head (the pre-fusion trainer path)")
+    ap.add_argument("--head-shapes", default="16384x32000x512,16384x32000x1024", type=lambda s: [x for x in s.split(",") if x])
+    ap.add_argument("--head-repeats", type=int, default=5)
+    ap.add_argument("--numerics", default="p20m,p150m", type=lambda s: [x for x in s.split(",") if x])
+    ap.add_argument("--peak-tflops", type=float, default=None, help="default: the device's dense bf16 datasheet peak")
+    ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (CPU runs)")
+    ap.add_argument("--work", default="out/proxy_ladder", help="cache of the corpus and the BPE")
+    ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "proxy_ladder.md"))
+    a = ap.parse_args(argv)
+    a.model_args = {k: int(v) if v.isdigit() else v for k, v in (x.split("=") for x in a.model_args.split(",") if x)}
+    for k in ("tie_embeddings", "activation_checkpointing"):
+        if k in a.model_args:
+            a.model_args[k] = bool(a.model_args[k])
+    dev = torch.device(a.device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        sys.exit("no CUDA device: run with --device cpu (a smoke test at tiny sizes, see the docstring)")
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    cuda = dev.type == "cuda"
+    bf16 = cuda
+    compile_ = a.compile == "on" or (a.compile == "auto" and cuda)
+    peak = a.peak_tflops or (peak_tflops(torch.cuda.get_device_name(dev)) if cuda else None)
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch._dynamo.config.cache_size_limit = 64
+    rev, t_start, load0 = _common.git_revision(str(Path(__file__).resolve().parents[1])), time.time(), _load()
+    lines: list[str] = []
+
+    work = Path(a.work)
+    work.mkdir(parents=True, exist_ok=True)
+    corpus, voc = bpe_vocabulary(work, a.vocab)
+    data = {}
+    for L in sorted(set(a.seq_lens)):
+        B = max(1, a.tokens // L)
+        batches, targets, domains = real_batches(corpus, voc, L, B, a.steps, 4)
+        data[L] = (batches, targets, len(domains))
+    print(f"[data] BPE {voc.size} ids, domains {domains}, batches {[(L, tuple(v[0][0][0].shape)) for L, v in data.items()]}", flush=True)
+
+    flops_section(a, lines)
+    summary = throughput(a, dev, bf16, compile_, peak, data, lines)
+    head_section(a, dev, bf16, lines)
+
+    p = lines.append
+    if a.numerics:
+        L0 = min(a.seq_lens)
+        batches, targets, K = data[L0]
+        small = [(t[:4], s[:4]) for t, s in batches[:1]]
+        p(f"## 4. Numerics: {'bf16 on ' + a.device if bf16 else a.device + ' float32'} vs float64 on the CPU (same weights, real tokens, L={L0})\n")
+        p("Relative error = ||device - ref|| / ||ref||, over the target head gradient and the per-source mean scores.\n")
+        p("| preset | tokens | target gradient rel. error | per-source scores rel. error | sources ranked the same |")
+        p("|---|---|---|---|---|")
+        for preset in a.numerics:
+            n = numerics(preset, a.vocab, a.model_args, dev, bf16, small, [targets[0][:4]], K)
+            print(f"[numerics] {preset}: {n}", flush=True)
+            p(f"| {preset} | {n['tokens']} | {n['G']:.2e} | {n['scores']:.2e} | {n['rank']} |")
+        p("")
+
+    if summary:
+        top = a.presets[-1]
+        p("## Targets (largest preset)\n")
+        for L in a.seq_lens:
+            if (top, L) in summary:
+                mfu_, ratio = summary[(top, L)]
+                mfu_s = "n/a (no peak)" if mfu_ is None else f"{mfu_:.1%} ({'met' if mfu_ >= 0.40 else 'NOT met'})"
+                p(f"- {top}, L={L}: plain training MFU {mfu_s} (target >= 40 %); FastMix/plain wall "
+                  f"{ratio:.3f} ({'met' if ratio <= 1.2 else 'NOT met'}; target <= 1.2)")
+        p("")
+
+    if cuda:
+        props = torch.cuda.get_device_properties(dev)
+        where = f"{props.name} ({props.total_memory / 2**30:.0f} GiB, {props.multi_processor_count} SMs), CUDA {torch.version.cuda}"
+    else:
+        m = _common.machine_info()
+        where = f"CPU {m['cpu']}, {m['cores']}, {torch.get_num_threads()} torch threads (not a GPU measurement)"
+    head = [
+        "# Proxy preset ladder" + ("" if cuda else " (CPU run)"),
+        "",
+        f"- machine: {where}; torch {torch.__version__}",
+        f"- date: {_common.today()}; fastmix_data {rev}",
+        f"- command: `{_common.command_line() if argv is None else 'python benchmarks/proxy_ladder.py ' + ' '.join(argv)}`",
+        f"- load (1-min average) at start {load0}, at end {_load()}; benchmark wall time {time.time() - t_start:.0f} s",
+        f"- data: BPE of {voc.size} ids trained on the demo corpus; {len(domains)} sources ({', '.join(domains)}); target: validation `{TARGET_DOMAIN}`",
+        "",
+    ]
+    text = "\n".join(head + lines) + "\n"
+    _common.write_atomic(a.out, text)
+    print(text)
+
+
+def _load() -> str:
+    try:
+        return open("/proc/loadavg").read().split()[0]
+    except OSError:
+        return "unknown"
+
+
+if __name__ == "__main__":
+    main()
