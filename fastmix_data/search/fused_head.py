@@ -23,6 +23,11 @@ Chunks run over tokens, not over the vocabulary: a token chunk needs one softmax
 every product ``[c, d] x [d, V]``-shaped (large, efficient GEMMs), while vocabulary chunks would need
 an online log-sum-exp and a second pass to form ``r``. ``chunk_tokens`` bounds ``c``.
 
+The softmax pass is about seven float32 passes over the chunk's ``[c, V]`` block in eager mode;
+``residuals=compiled_residuals()`` (what :class:`~fastmix_data.search.proxy_step.ProxyStep` uses
+with ``compile=True``) has ``torch.compile`` fuse it into one kernel that reads the logits once or
+twice and writes ``r`` once.
+
 Numerics equal the unfused path's: the products run in the compute dtype with float32 accumulation
 (what autocast does for ``F.linear``), the softmax, the losses and the gradient accumulation in
 float32 (float64 inputs stay float64: the tests compare with autograd in float64).
@@ -30,6 +35,7 @@ float32 (float64 inputs stay float64: the tests compare with autograd in float64
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -77,6 +83,7 @@ def fused_head_loss(
     G: torch.Tensor | None = None,
     chunk_tokens: int | None = None,
     compute_dtype: torch.dtype | None = None,
+    residuals: Callable | None = None,
 ) -> HeadLoss:
     """Cross-entropy of ``h W^T`` weighted per token, its gradients and (with ``G``) FastMix's scores.
 
@@ -89,6 +96,7 @@ def fused_head_loss(
         G: the target's head gradient ``[V, d]`` (its dtype is the scores' dtype), or None for no scores.
         chunk_tokens: tokens per chunk (default :func:`default_chunk_tokens`).
         compute_dtype: dtype of the products (default: autocast's when it is on, else the inputs').
+        residuals: the softmax pass, :func:`softmax_residuals` (default) or :func:`compiled_residuals`.
 
     Returns:
         :class:`HeadLoss`. Calling ``.backward()`` on ``loss`` adds ``sum_t w_t r_t h_t^T`` to
@@ -104,16 +112,17 @@ def fused_head_loss(
         raise ValueError(f"G must have the head's shape {tuple(weight.shape)}, got {tuple(G.shape)}")
     cdt = compute_dtype or compute_dtype_for(h, weight)
     chunk = chunk_tokens or default_chunk_tokens(weight.shape[0])
-    loss, tok, scores = _FusedHeadLoss.apply(h, weight, targets, token_weights, G, chunk, cdt)
+    kernel = residuals or softmax_residuals
+    loss, tok, scores = _FusedHeadLoss.apply(h, weight, targets, token_weights, G, chunk, cdt, kernel)
     return HeadLoss(loss, tok, scores)
 
 
 class _FusedHeadLoss(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, h, weight, targets, token_weights, G, chunk, cdt):
+    def forward(ctx, h, weight, targets, token_weights, G, chunk, cdt, kernel):
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         with torch.autocast(h.device.type, enabled=False):
-            out = _chunked(h, weight, targets, token_weights, G, chunk, cdt, need_h, need_w)
+            out = _chunked(h, weight, targets, token_weights, G, chunk, cdt, need_h, need_w, kernel)
         loss, tok, scores, grad_h, grad_w = out
         ctx.save_for_backward(grad_h, grad_w)
         ctx.h_dtype, ctx.w_dtype = h.dtype, weight.dtype
@@ -125,10 +134,10 @@ class _FusedHeadLoss(torch.autograd.Function):
         grad_h, grad_w = ctx.saved_tensors
         gh = None if grad_h.numel() == 0 else (grad_h * grad_loss.to(grad_h.dtype)).to(ctx.h_dtype)
         gw = None if grad_w.numel() == 0 else (grad_w * grad_loss.to(grad_w.dtype)).to(ctx.w_dtype)
-        return gh, gw, None, None, None, None, None
+        return gh, gw, None, None, None, None, None, None
 
 
-def _chunked(h, weight, targets, token_weights, G, chunk, cdt, need_h, need_w):
+def _chunked(h, weight, targets, token_weights, G, chunk, cdt, need_h, need_w, kernel):
     """The chunk loop of :func:`fused_head_loss` (autocast off; dtypes explicit)."""
     N, d = h.shape
     V = weight.shape[0]
@@ -143,7 +152,7 @@ def _chunked(h, weight, targets, token_weights, G, chunk, cdt, need_h, need_w):
     for i in range(0, N, chunk):
         j = min(N, i + chunk)
         hc = h[i:j].detach().to(cdt)
-        r, tok[i:j] = softmax_residuals(hc @ W.T, targets[i:j], acc, cdt)
+        r, tok[i:j] = kernel(hc @ W.T, targets[i:j], acc, cdt)
         if need_h:
             grad_h[i:j] = w[i:j, None] * (r @ W).to(acc)
         if G is not None:
@@ -171,4 +180,17 @@ def softmax_residuals(
     return e.to(out), loss
 
 
-__all__ = ["CHUNK_ELEMENTS", "HeadLoss", "compute_dtype_for", "default_chunk_tokens", "fused_head_loss", "softmax_residuals"]
+_COMPILED: dict[str | None, Callable] = {}
+
+
+def compiled_residuals(backend: str | None = None) -> Callable:
+    """:func:`softmax_residuals` through ``torch.compile`` (``backend`` None: inductor), cached: on a GPU
+    one generated kernel instead of the eager passes. Shapes are static: a run compiles twice, for
+    the full chunk and the last one."""
+    if backend not in _COMPILED:
+        kw = {} if backend is None else {"backend": backend}
+        _COMPILED[backend] = torch.compile(softmax_residuals, dynamic=False, **kw)
+    return _COMPILED[backend]
+
+
+__all__ = ["CHUNK_ELEMENTS", "compiled_residuals", "HeadLoss", "compute_dtype_for", "default_chunk_tokens", "fused_head_loss", "softmax_residuals"]

@@ -31,7 +31,7 @@ from torch import nn
 
 from .ddp import Ranks, no_sync, unwrap, wrap
 from .flops import TokenFlops, token_flops
-from .fused_head import fused_head_loss
+from .fused_head import compiled_residuals, fused_head_loss
 from .hypergrad import (
     HeadGradient,
     SourceScores,
@@ -76,8 +76,8 @@ class ProxyStep:
         num_sources: K.
         device: where the model trains.
         bf16: bf16 autocast for the products (float32 master weights and optimiser state).
-        compile: ``torch.compile`` the trunk (``model.trunk``, else ``model.final_hidden``); the
-            compiled function replaces the model's method on this instance. A string names the
+        compile: ``torch.compile`` the trunk (``model.trunk``, else ``model.final_hidden``) and the
+            fused head's softmax pass; the compiled trunk replaces the model's method on this instance. A string names the
             backend (``"eager"`` traces without generating code: the tests' fast check).
         lr, betas, weight_decay: AdamW (decay on matrices only); fused on CUDA.
         grad_clip: global gradient-norm clip per optimiser step (None: none).
@@ -122,8 +122,11 @@ class ProxyStep:
         self.ranks = ranks or Ranks.current()
         self.tied = head_is_tied(model)
         self.fused = loss_fn is None and model.head.bias is None
+        self._residuals = None
         if compile:
-            _compile_trunk(model, None if compile is True else str(compile))
+            backend = None if compile is True else str(compile)
+            _compile_trunk(model, backend)
+            self._residuals = compiled_residuals(backend)
         self.net = wrap(model, self.ranks, self.device)
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.opt = _adamw(self.params, lr, betas, weight_decay, fused=self.device.type == "cuda")
@@ -206,7 +209,7 @@ class ProxyStep:
         """``(loss, token losses, per-token scores or None, logits or None)``."""
         W = self.model.head.weight
         if self.fused:
-            out = fused_head_loss(h, W, y, w, G=G, chunk_tokens=self.chunk_tokens)
+            out = fused_head_loss(h, W, y, w, G=G, chunk_tokens=self.chunk_tokens, residuals=self._residuals)
             return out.loss, out.token_losses, out.scores, None
         logits = F.linear(h, W, self.model.head.bias)
         tok = token_losses(logits, y, self.loss_fn)
