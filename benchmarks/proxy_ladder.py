@@ -26,12 +26,13 @@ Sections of the report:
    min / median / max). ``--unfused`` adds the same two runs with the head unfused (logits
    materialised, float32 cross-entropy, separate scoring pass: the trainer's path before the fused
    head).
-3. The head alone at ``--head-shapes`` (tokens x vocabulary x width): fused vs unfused, with and
-   without scores: time and peak memory.
-4. Numerics per ``--numerics`` preset: the bf16 target gradient and per-source scores on the device
+3. Numerics per ``--numerics`` preset: the bf16 target gradient and per-source scores on the device
    against the same computation in float64 on the CPU (same weights, same real tokens).
+4. The head alone at ``--head-shapes`` (tokens x vocabulary x width): fused vs unfused, with and
+   without scores: time and peak memory.
 
-What the proxy trains with here is what a search trains with: ``ProxyStep`` (bf16 autocast, fused
+The report is rewritten after every row, so a run cut short (a device session's time limit) keeps
+what it measured. What the proxy trains with here is what a search trains with: ``ProxyStep`` (bf16 autocast, fused
 AdamW on CUDA, compiled trunk, fused head) and ``FastMix``.
 """
 
@@ -151,7 +152,7 @@ def make_step(preset, vocab, margs, dev, bf16, compile_, fused, K, lr):
     return ProxyStep(model, K, device=dev, bf16=bf16, compile=compile_, lr=lr, loss_fn=None if fused else _ce)
 
 
-def throughput(a, dev, bf16, compile_, peak, shapes_data, lines):
+def throughput(a, dev, bf16, compile_, peak, shapes_data, lines, flush):
     """Section 2; returns {(preset, L): (plain MFU median, ratio median)}."""
     p = lines.append
     contenders = [("plain", True, False), ("fastmix", True, True)]
@@ -162,7 +163,9 @@ def throughput(a, dev, bf16, compile_, peak, shapes_data, lines):
     p(f"dtype {'bf16 autocast' if bf16 else 'float32'}, compile={compile_}, model_args={a.model_args or {}}. "
       f"TFLOP/s and MFU count training FLOPs only (6N + 12 n_layer d L per token; FastMix's own work is the "
       f"overhead the wall ratio measures); MFU against {f'{peak:g} TFLOP/s' if peak else 'no peak (not a GPU)'}.\n")
-    p("| preset | L | micro-batch | run | tokens/s | model TFLOP/s | MFU | peak memory GiB | / plain wall (per repeat) |")
+    p("Memory: the model's weights, gradients and AdamW state (16 bytes per parameter), and the peak allocated "
+      "above everything resident when the run started (activations, logits chunks, workspaces).\n")
+    p("| preset | L | micro-batch | run | tokens/s | model TFLOP/s | MFU | memory GiB: state + peak above | / plain wall (per repeat) |")
     p("|---|---|---|---|---|---|---|---|---|")
     summary = {}
     for preset in a.presets:
@@ -184,18 +187,22 @@ def throughput(a, dev, bf16, compile_, peak, shapes_data, lines):
                     for name, _, fm in order:
                         if dev.type == "cuda":
                             torch.cuda.reset_peak_memory_stats()
+                            resident = torch.cuda.memory_allocated()
                         walls[name].append(run_loop(steps[name], batches, targets, K, fastmix=fm,
                                                     outer_every=a.outer_every, lr=a.lr))
                         if dev.type == "cuda":
-                            mem[name] = max(mem.get(name, 0.0), torch.cuda.max_memory_allocated() / 2**30)
+                            above = (torch.cuda.max_memory_allocated() - resident) / 2**30
+                            mem[name] = max(mem.get(name, 0.0), above)
                 del steps
             except Exception as e:  # noqa: BLE001 -- report the row and go on
                 print(f"[throughput] {preset} L={L}: {type(e).__name__}: {e}", flush=True)
                 p(f"| {preset} | {L} | {B}x{L} | failed: {type(e).__name__}: {str(e)[:100]} | | | | | |")
+                flush()
                 continue
             finally:
                 if dev.type == "cuda":
                     torch.cuda.empty_cache()
+            state = 16 * sum(p.numel() for p in build_proxy(proxy_config(preset, vocab_size=a.vocab, **a.model_args)).to("meta").parameters()) / 2**30
             for name, _, _ in contenders:
                 base = "plain" if "unfused" not in name else "plain-unfused"
                 tps = [tok / w for w in walls[name]]
@@ -203,10 +210,11 @@ def throughput(a, dev, bf16, compile_, peak, shapes_data, lines):
                 ratio = [w / wp for w, wp in zip(walls[name], walls[base])]
                 m = mem.get(name)
                 p(f"| {preset} | {L} | {B}x{L} | {name} | {mmm(tps)} | {mmm(tf)} | "
-                  f"{mmm([x / peak for x in tf], '{:.1%}') if peak else 'n/a'} | {'n/a' if m is None else f'{m:.1f}'} | "
+                  f"{mmm([x / peak for x in tf], '{:.1%}') if peak else 'n/a'} | {f'{state:.1f} + ' + ('n/a' if m is None else f'{m:.1f}')} | "
                   f"{'1' if name == base else mmm(ratio, '{:.3f}')} |")
                 print(f"[throughput] {preset} L={L} {name}: {statistics.median(tps):.4g} tok/s, "
                       f"{statistics.median(tf):.1f} TFLOP/s, ratio {statistics.median(ratio):.3f}", flush=True)
+            flush()
             plain_tf = statistics.median(tok / w * f.train / 1e12 for w in walls["plain"])
             summary[(preset, L)] = (plain_tf / peak if peak else None,
                                     statistics.median(w / wp for w, wp in zip(walls["fastmix"], walls["plain"])))
@@ -270,9 +278,9 @@ def head_bench(N, V, d, dev, bf16, repeats, K=5):
     return {k: statistics.median(v) for k, v in times.items()}, mem, {k: v for k, v in times.items()}
 
 
-def head_section(a, dev, bf16, lines):
+def head_section(a, dev, bf16, lines, flush):
     p = lines.append
-    p(f"## 3. The head alone: loss + backward, with and without FastMix's scores ({a.head_repeats} interleaved repeats, median ms)\n")
+    p(f"## 4. The head alone: loss + backward, with and without FastMix's scores ({a.head_repeats} interleaved repeats, median ms)\n")
     p("unfused = logits materialised, float32 cross-entropy, backward through autograd, scores by a separate "
       "one-pass over the logits (the trainer's path before the fused head); fused = `fused_head_loss` "
       f"(chunked, scores folded in). dtype {'bf16 autocast' if bf16 else 'float32'}. Memory: peak allocated "
@@ -288,6 +296,7 @@ def head_section(a, dev, bf16, lines):
           f"{med['unfused + scores'] / med['unfused']:.3f} / {med['fused + scores'] / med['fused']:.3f} | "
           f"{med['fused + scores'] / med['unfused']:.3f} | {mm} | {N * V * 4 / 2**30:.2f} |")
         print(f"[head] {shape}: {ms}", flush=True)
+        flush()
     p("")
 
 
@@ -301,11 +310,11 @@ def numerics(preset, vocab, margs, dev, bf16, batches, targets, K):
     dut = ProxyStep(model, K, device=dev, bf16=bf16)
     tokens, source = batches[0]
     target = targets[0]
-    ones = torch.ones(K, dtype=torch.float64)
+    ones = torch.ones(K)
     G_ref = ref.target_gradient(target).grad
-    s_ref = ref.micro_step(tokens, source, ones, G=G_ref).scores.means()
+    s_ref = ref.score_batch(tokens, source, G_ref).means()  # = the fused scores in float64 (tested), forward only
     G_dut = dut.target_gradient(target.to(dev)).grad
-    s_dut = dut.micro_step(tokens.to(dev), source.to(dev), ones.float().to(dev), G=G_dut).scores.means().cpu()
+    s_dut = dut.micro_step(tokens.to(dev), source.to(dev), ones.to(dev), G=G_dut).scores.means().cpu()
 
     def rel(x, y):
         x, y = x.double().cpu(), y.double().cpu()
@@ -381,6 +390,13 @@ def main(argv=None):
     rev, t_start, load0 = _common.git_revision(str(Path(__file__).resolve().parents[1])), time.time(), _load()
     lines: list[str] = []
 
+    def flush(final: bool = False) -> None:
+        """Rewrite the report with what is measured so far (a run cut short keeps its rows)."""
+        text = "\n".join(_header(a, argv, dev, rev, load0, t_start, voc, domains, final) + lines) + "\n"
+        _common.write_atomic(a.out, text)
+        if final:
+            print(text)
+
     work = Path(a.work)
     work.mkdir(parents=True, exist_ok=True)
     corpus, voc = bpe_vocabulary(work, a.vocab)
@@ -392,15 +408,15 @@ def main(argv=None):
     print(f"[data] BPE {voc.size} ids, domains {domains}, batches {[(L, tuple(v[0][0][0].shape)) for L, v in data.items()]}", flush=True)
 
     flops_section(a, lines)
-    summary = throughput(a, dev, bf16, compile_, peak, data, lines)
-    head_section(a, dev, bf16, lines)
+    flush()
+    summary = throughput(a, dev, bf16, compile_, peak, data, lines, flush)
 
     p = lines.append
     if a.numerics:
         L0 = min(a.seq_lens)
         batches, targets, K = data[L0]
         small = [(t[:4], s[:4]) for t, s in batches[:1]]
-        p(f"## 4. Numerics: {'bf16 on ' + a.device if bf16 else a.device + ' float32'} vs float64 on the CPU (same weights, real tokens, L={L0})\n")
+        p(f"## 3. Numerics: {'bf16 on ' + a.device if bf16 else a.device + ' float32'} vs float64 on the CPU (same weights, real tokens, L={L0})\n")
         p("Relative error = ||device - ref|| / ||ref||, over the target head gradient and the per-source mean scores.\n")
         p("| preset | tokens | target gradient rel. error | per-source scores rel. error | sources ranked the same |")
         p("|---|---|---|---|---|")
@@ -408,7 +424,9 @@ def main(argv=None):
             n = numerics(preset, a.vocab, a.model_args, dev, bf16, small, [targets[0][:4]], K)
             print(f"[numerics] {preset}: {n}", flush=True)
             p(f"| {preset} | {n['tokens']} | {n['G']:.2e} | {n['scores']:.2e} | {n['rank']} |")
+            flush()
         p("")
+    head_section(a, dev, bf16, lines, flush)
 
     if summary:
         top = a.presets[-1]
@@ -421,25 +439,28 @@ def main(argv=None):
                   f"{ratio:.3f} ({'met' if ratio <= 1.2 else 'NOT met'}; target <= 1.2)")
         p("")
 
-    if cuda:
+    flush(final=True)
+
+
+def _header(a, argv, dev, rev, load0, t_start, voc, domains, final) -> list[str]:
+    if dev.type == "cuda":
         props = torch.cuda.get_device_properties(dev)
         where = f"{props.name} ({props.total_memory / 2**30:.0f} GiB, {props.multi_processor_count} SMs), CUDA {torch.version.cuda}"
     else:
         m = _common.machine_info()
         where = f"CPU {m['cpu']}, {m['cores']}, {torch.get_num_threads()} torch threads (not a GPU measurement)"
-    head = [
-        "# Proxy preset ladder" + ("" if cuda else " (CPU run)"),
+    cmd = _common.command_line() if argv is None else "python benchmarks/proxy_ladder.py " + " ".join(argv)
+    return [
+        "# Proxy preset ladder" + ("" if dev.type == "cuda" else " (CPU run)") + ("" if final else " (run in progress or cut short)"),
         "",
         f"- machine: {where}; torch {torch.__version__}",
         f"- date: {_common.today()}; fastmix_data {rev}",
-        f"- command: `{_common.command_line() if argv is None else 'python benchmarks/proxy_ladder.py ' + ' '.join(argv)}`",
-        f"- load (1-min average) at start {load0}, at end {_load()}; benchmark wall time {time.time() - t_start:.0f} s",
-        f"- data: BPE of {voc.size} ids trained on the demo corpus; {len(domains)} sources ({', '.join(domains)}); target: validation `{TARGET_DOMAIN}`",
+        f"- command: `{cmd}`",
+        f"- load (1-min average) at start {load0}, now {_load()}; benchmark wall time so far {time.time() - t_start:.0f} s",
+        f"- data: BPE of {voc.size} ids trained on the demo corpus; {len(domains)} sources ({', '.join(domains)}); "
+        f"target: validation `{TARGET_DOMAIN}`",
         "",
     ]
-    text = "\n".join(head + lines) + "\n"
-    _common.write_atomic(a.out, text)
-    print(text)
 
 
 def _load() -> str:
