@@ -160,7 +160,10 @@ def test_register_preset_defines_a_named_shape(monkeypatch):
     from fastmix_data.search import model as model_mod
 
     monkeypatch.setattr(model_mod, "PRESETS", dict(model_mod.PRESETS))
-    assert register_preset("my300m", n_layer=24, d_model=1024, n_head=8, mlp_hidden=2816) is None
+    monkeypatch.setattr(model_mod, "PRESET_LR", dict(model_mod.PRESET_LR))
+    assert set(model_mod.PRESET_LR) == set(model_mod.PRESETS)  # every built-in preset has a default lr
+    assert register_preset("my300m", n_layer=24, d_model=1024, n_head=8, mlp_hidden=2816, lr=3e-4) is None
+    assert model_mod.PRESET_LR["my300m"] == 3e-4
     cfg = proxy_config("my300m", vocab_size=50304, tie_embeddings=True)
     assert (cfg.n_layer, cfg.d_model, cfg.tie_embeddings) == (24, 1024, True)
     with pytest.raises(ValueError, match="exists already"):
@@ -169,4 +172,6 @@ def test_register_preset_defines_a_named_shape(monkeypatch):
         register_preset("bad", layers=2)
     with pytest.raises(ValueError, match="divisible"):
         register_preset("bad", d_model=100, n_head=3)
+    with pytest.raises(ValueError, match="lr must be a positive number"):
+        register_preset("bad", n_layer=2, lr=-1)
     assert register_preset("small", vocab_size=100, n_layer=1, d_model=16, n_head=2).vocab_size == 100

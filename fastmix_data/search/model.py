@@ -154,10 +154,19 @@ PRESETS: dict[str, dict] = {
 }
 
 
-def register_preset(name: str, *, replace: bool = False, **fields_: object) -> ProxyConfig | None:
+#: Default AdamW learning rate of each preset's proxy. The small CPU proxies run for few steps and
+#: take a large one; the ladder follows GPT-3's table (125M: 6e-4) upwards for smaller models. Not
+#: tuned here: override with the search's ``lr``.
+PRESET_LR: dict[str, float] = {"cpu": 2e-3, "tiny": 3e-3, "gpu": 4e-4, "p20m": 1e-3, "p60m": 8e-4, "p150m": 6e-4}
+
+
+def register_preset(
+    name: str, *, replace: bool = False, lr: float | None = None, **fields_: object
+) -> ProxyConfig | None:
     """Add a named model shape to :data:`PRESETS` (``fields_`` are :class:`ProxyConfig` fields;
-    leave ``vocab_size`` out to take the tokenizer's). Returns the validated config when it has a
-    vocabulary, else None. Registering an existing name needs ``replace=True``.
+    leave ``vocab_size`` out to take the tokenizer's) and optionally its default learning rate
+    ``lr`` (:data:`PRESET_LR`). Returns the validated config when it has a vocabulary, else None.
+    Registering an existing name needs ``replace=True``.
 
     Example: ``register_preset("p400m", n_layer=24, d_model=1024, n_head=8, mlp_hidden=2816)``, then
     ``SearchConfig(model="p400m", ...)``.
@@ -169,7 +178,11 @@ def register_preset(name: str, *, replace: bool = False, **fields_: object) -> P
     _check_fields(fields_)
     # validate the shape now (with a stand-in vocabulary when it comes from the tokenizer)
     ProxyConfig(**{**fields_, "vocab_size": fields_.get("vocab_size") or 2}).validate()
+    if lr is not None and not (isinstance(lr, (int, float)) and lr > 0):
+        raise ValueError(f"lr must be a positive number, got {lr!r}")
     PRESETS[name] = {"vocab_size": None, **fields_}
+    if lr is not None:
+        PRESET_LR[name] = float(lr)
     return proxy_config(name) if fields_.get("vocab_size") else None
 
 
@@ -334,6 +347,7 @@ __all__ = [
     "is_headed_lm",
     "head_is_tied",
     "PRESETS",
+    "PRESET_LR",
     "ProxyConfig",
     "ProxyLM",
     "build_proxy",

@@ -186,7 +186,7 @@ class ProxyStep:
         """
         x, y = tokens[:, :-1], tokens[:, 1:].reshape(-1)
         B, L = x.shape
-        seq_w = loss_w.to(self.device, torch.float32)[source] / (B * L)
+        seq_w = loss_w.to(self.device, self.grad_dtype)[source] / (B * L)
         w = seq_w.repeat_interleave(L)
         self._micro += 1
         self._grad_e, self._capture = None, self.tied and G is not None
