@@ -145,7 +145,10 @@ def head_gradient(
 
     ``h``: hidden states ``[..., d]``; ``targets``: ``[...]``; ``logits`` ``[..., V]`` (or give
     ``head_weight`` to compute them); ``mask``: optional bool ``[...]`` of the tokens that count
-    (e.g. answer tokens). No autograd through the model is involved.
+    (e.g. answer tokens). No autograd through the model is involved. With bf16 ``h`` and
+    ``head_weight`` (autocast) the chunk products run in bf16 with float32 accumulation and each
+    chunk's ``r^T h`` is added to ``G`` in ``dtype`` -- as autocast computes a weight gradient --
+    instead of a float32 product without tensor cores.
     """
     h, targets, logits, _ = _prep(h, targets, logits, mask)
     n = h.shape[0]
@@ -155,9 +158,11 @@ def head_gradient(
     for i in range(0, n, chunk_tokens):
         j = min(n, i + chunk_tokens)
         z = _chunk_logits(h[i:j], logits, i, j, head_weight, dtype)
-        h_c = h[i:j].to(dtype)
         r, loss = logit_residuals(z, targets[i:j], loss_fn, dtype)
-        G.addmm_(r.T, h_c)
+        if logits is None and h.dtype in (torch.float16, torch.bfloat16):
+            G += (r.to(h.dtype).T @ h[i:j]).to(dtype)
+        else:
+            G.addmm_(r.T, h[i:j].to(dtype))
         loss_sum += loss.sum()
     if n:
         G /= n

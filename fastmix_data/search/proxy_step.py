@@ -134,8 +134,7 @@ class ProxyStep:
         self._micro = 0
         self._grad_e: torch.Tensor | None = None
         self._capture = False
-        if self.tied:
-            model.embed.register_forward_hook(self._tap_embedding)
+        self._hook = model.embed.register_forward_hook(self._tap_embedding) if self.tied else None
 
     # ------------------------------------------------------------------ basics
     @property
@@ -293,6 +292,12 @@ class ProxyStep:
         from .fused_head import default_chunk_tokens
 
         return self.chunk_tokens or default_chunk_tokens(self.vocab_size)
+
+    def close(self) -> None:
+        """Remove the embedding hook a tied head installed on the model (the model stays usable)."""
+        if self._hook is not None:
+            self._hook.remove()
+            self._hook = None
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict:
