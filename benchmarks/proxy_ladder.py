@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import os
 import statistics
 import sys
 import time
@@ -236,8 +237,8 @@ def throughput(a, dev, bf16, compile_, peak, shapes_data, lines, flush):
 # ---------------------------------------------------------------------------- 3. the head alone
 
 
-def head_bench(N, V, d, dev, bf16, repeats, K=5):
-    """Seconds (median) and peak memory of the head's loss + backward, fused vs unfused, +- scores."""
+def head_runs(N, V, d, dev, bf16, K=5):
+    """``({name: fn}, W)``: the head's loss + backward, fused vs unfused, with and without scores."""
     g = torch.Generator().manual_seed(0)
     h0 = torch.randn(N, d, generator=g).to(dev)
     W = torch.nn.Parameter((torch.randn(V, d, generator=g) / d**0.5).to(dev))
@@ -267,6 +268,12 @@ def head_bench(N, V, d, dev, bf16, repeats, K=5):
 
     runs = {"unfused": lambda: unfused(False), "unfused + scores": lambda: unfused(True),
             "fused": lambda: fused(False), "fused + scores": lambda: fused(True)}
+    return runs, W
+
+
+def head_bench(N, V, d, dev, bf16, repeats, K=5):
+    """Seconds (median) and peak memory of the head's loss + backward, fused vs unfused, +- scores."""
+    runs, W = head_runs(N, V, d, dev, bf16, K)
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
     times: dict[str, list[float]] = {k: [] for k in runs}
     mem: dict[str, float] = {}
@@ -287,6 +294,50 @@ def head_bench(N, V, d, dev, bf16, repeats, K=5):
                 mem[name] = (torch.cuda.max_memory_allocated() - base) / 2**30
             W.grad = None
     return {k: statistics.median(v) for k, v in times.items()}, mem, {k: v for k, v in times.items()}
+
+
+def _rss() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _head_memory_child(N, V, d, name) -> float:
+    """In a fresh process: GiB of peak resident memory above what the inputs hold, for one run."""
+    import resource
+
+    torch.set_num_threads(1)
+    runs, _ = head_runs(N, V, d, torch.device("cpu"), False)
+    base = _rss()
+    runs[name]()
+    return (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base) / 2**30
+
+
+def head_memory_cpu(N, V, d) -> dict[str, float]:
+    """Peak RSS above the inputs of each head run, each in its own spawned process (CPU)."""
+    import multiprocessing as mp
+
+    out = {}
+    ctx = mp.get_context("spawn")
+    for name in ("unfused", "unfused + scores", "fused", "fused + scores"):
+        with ctx.Pool(1) as pool:
+            out[name] = pool.apply(_head_memory_child, (N, V, d, name))
+    return out
+
+
+def head_memory_section(a, lines, flush):
+    p = lines.append
+    p("## 5. The head alone: peak memory on the CPU (resident set above the inputs, one fresh process per run)\n")
+    p("Float32. The fused head keeps one chunk of logits (`2^26 / V` tokens) instead of `[N, V]`.\n")
+    p("| N x V x d | unfused | unfused + scores | fused | fused + scores | [N, V] fp32 GiB |")
+    p("|---|---|---|---|---|---|")
+    for shape in a.head_memory:
+        N, V, d = (int(x) for x in shape.split("x"))
+        m = head_memory_cpu(N, V, d)
+        print(f"[head memory] {shape}: {m}", flush=True)
+        p(f"| {N}x{V}x{d} | {m['unfused']:.2f} | {m['unfused + scores']:.2f} | {m['fused']:.2f} | "
+          f"{m['fused + scores']:.2f} | {N * V * 4 / 2**30:.2f} |")
+        flush()
+    p("")
 
 
 def head_section(a, dev, bf16, lines, flush):
@@ -378,6 +429,10 @@ def main(argv=None):
     ap.add_argument("--unfused", action="store_true", help="also time the unfused head (the pre-fusion trainer path)")
     ap.add_argument("--head-shapes", default="16384x32000x512,16384x32000x1024", type=lambda s: [x for x in s.split(",") if x])
     ap.add_argument("--head-repeats", type=int, default=5)
+    ap.add_argument("--head-memory", default="", type=lambda s: [x for x in s.split(",") if x],
+                    help="CPU only: head shapes whose peak memory is measured in fresh processes, e.g. 16384x32000x512")
+    ap.add_argument("--sections", default="flops,throughput,numerics,head",
+                    type=lambda s: set(s.split(",")), help="any of flops,throughput,numerics,head,head-memory")
     ap.add_argument("--numerics", default="p20m,p150m", type=lambda s: [x for x in s.split(",") if x])
     ap.add_argument("--peak-tflops", type=float, default=None, help="default: the device's dense bf16 datasheet peak")
     ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (CPU runs)")
@@ -419,12 +474,13 @@ def main(argv=None):
         data[L] = (batches, targets, len(domains))
     print(f"[data] BPE {voc.size} ids, domains {domains}, batches {[(L, tuple(v[0][0][0].shape)) for L, v in data.items()]}", flush=True)
 
-    flops_section(a, lines)
-    flush()
-    summary = throughput(a, dev, bf16, compile_, peak, data, lines, flush)
+    if "flops" in a.sections:
+        flops_section(a, lines)
+        flush()
+    summary = throughput(a, dev, bf16, compile_, peak, data, lines, flush) if "throughput" in a.sections else {}
 
     p = lines.append
-    if a.numerics:
+    if a.numerics and "numerics" in a.sections:
         L0 = min(a.seq_lens)
         batches, targets, K = data[L0]
         small = [(t[:4], s[:4]) for t, s in batches[:1]]
@@ -438,7 +494,10 @@ def main(argv=None):
             p(f"| {preset} | {n['tokens']} | {n['G']:.2e} | {n['scores']:.2e} | {n['rank']} |")
             flush()
         p("")
-    head_section(a, dev, bf16, lines, flush)
+    if "head" in a.sections:
+        head_section(a, dev, bf16, lines, flush)
+    if "head-memory" in a.sections and a.head_memory:
+        head_memory_section(a, lines, flush)
 
     if summary:
         top = a.presets[-1]
