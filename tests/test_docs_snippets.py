@@ -34,6 +34,8 @@ IMPORTS_ONLY = {
     "docs/live.md#2": "`model`, `opt` are the user's (tests/test_live_integrations.py trains with accelerate)",
     "docs/sources.md#1": "reads s3://my-bucket (tests/test_remote_sources.py streams from a loopback S3 for real)",
     "docs/manifest.md#1": "needs a Ray cluster and /shared data (tests/test_engine_ray.py makes these calls on a local one)",
+    "docs/proxy.md#0": "registers a preset in the process-wide table (tests/test_search_model.py does it under monkeypatch)",
+    "docs/proxy.md#1": "needs a tokenizers file and `sources` (tests/test_search_vocab.py trains a BPE and packs with it)",
 }
 SCALE = {"docs/manifest.md#0": {'"10B_tokens"': '"30k_tokens"'}}
 
