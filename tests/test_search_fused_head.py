@@ -14,14 +14,6 @@ from fastmix_data.search.model import build_proxy, proxy_config
 F64 = torch.float64
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _problem(N=53, d=7, V=19, seed=0, dtype=F64):
     g = torch.Generator().manual_seed(seed)
     h = torch.randn(N, d, generator=g, dtype=dtype)

@@ -22,14 +22,6 @@ F64 = torch.float64
 V, B, L, K = 31, 6, 8, 3
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _batches(n, seed=0):
     g = torch.Generator().manual_seed(seed)
     return [(torch.randint(0, V, (B, L + 1), generator=g), torch.tensor([0, 1, 2, 0, 1, 2])) for _ in range(n)]
