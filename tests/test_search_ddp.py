@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from fastmix_data.search.ddp import Ranks
+from fastmix_data.search.ddp import Ranks, init_distributed, rank_rows
 from fastmix_data.search.hypergrad import SourceScores
 from fastmix_data.search.model import build_proxy, proxy_config
 from fastmix_data.search.proxy_step import ProxyStep
@@ -99,3 +99,15 @@ def test_rows_split_any_batch_and_identity_without_ranks():
     assert one.sum_scores(sc) is sc and one.is_main and one.rows(5) == slice(0, 5)
     G = torch.ones(2, 2)
     assert one.mean_gradient(G, 3, 1.5) == (G, 3, 1.5)
+
+
+def test_rank_rows_and_init_without_torchrun(monkeypatch):
+    batch = {"tokens": torch.arange(10).view(5, 2), "source": torch.arange(5), "name": "x", "scalar": torch.tensor(3)}
+    one = rank_rows(batch, Ranks(1, 2))
+    assert one["tokens"].tolist() == [[6, 7], [8, 9]] and one["source"].tolist() == [3, 4]
+    assert one["name"] == "x" and int(one["scalar"]) == 3
+    assert rank_rows(batch, Ranks()) is batch
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    assert init_distributed() == Ranks() and not dist.is_initialized()
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    assert init_distributed() == Ranks()

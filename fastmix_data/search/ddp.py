@@ -108,6 +108,17 @@ class Ranks:
             dist.barrier()
 
 
+def rank_rows(batch, ranks: Ranks):
+    """This rank's rows of a *global* batch: every tensor whose first dimension is the batch size
+    (``batch["tokens"]``'s) is sliced by :meth:`Ranks.rows`; anything else is passed on. For data
+    that does not split itself by rank (a ``MixtureStream`` does)."""
+    if ranks.world == 1:
+        return batch
+    rows = ranks.rows(len(batch["tokens"]))
+    n = len(batch["tokens"])
+    return {k: v[rows] if isinstance(v, torch.Tensor) and v.dim() and v.shape[0] == n else v for k, v in batch.items()}
+
+
 def init_distributed(backend: str | None = None, init_method: str | None = None) -> Ranks:
     """Join the process group ``torchrun`` describes (``WORLD_SIZE``, ``RANK``, ``MASTER_ADDR``...).
 
@@ -153,4 +164,4 @@ def no_sync(model: nn.Module, sync: bool):
     return model.no_sync()
 
 
-__all__ = ["Ranks", "init_distributed", "no_sync", "unwrap", "wrap"]
+__all__ = ["Ranks", "init_distributed", "no_sync", "rank_rows", "unwrap", "wrap"]
