@@ -153,12 +153,41 @@ def make_step(preset, vocab, margs, dev, bf16, compile_, fused, K, lr):
     return ProxyStep(model, K, device=dev, bf16=bf16, compile=compile_, lr=lr, loss_fn=None if fused else _ce)
 
 
-def throughput(a, dev, bf16, compile_, peak, shapes_data, lines, flush):
-    """Section 2; returns {(preset, L): (plain MFU median, ratio median)}."""
-    p = lines.append
-    contenders = [("plain", True, False), ("fastmix", True, True)]
+def contenders_of(a) -> list[tuple[str, bool, bool]]:
+    """``(name, fused head, FastMix)`` of the runs section 2 interleaves."""
+    out = [("plain", True, False), ("fastmix", True, True)]
     if a.unfused:
-        contenders += [("plain-unfused", False, False), ("fastmix-unfused", False, True)]
+        out += [("plain-unfused", False, False), ("fastmix-unfused", False, True)]
+    return out
+
+
+def measure_cell(a, preset, L, data, dev, bf16, compile_):
+    """One preset at one sequence length: ``({run: [wall s]}, {run: [CPU s]}, {run: peak GiB above})``
+    of every contender, a warm-up each, then ``a.repeats`` interleaved rounds in rotating order."""
+    batches, targets, K = data
+    contenders = contenders_of(a)
+    walls = {c[0]: [] for c in contenders}
+    cpus = {c[0]: [] for c in contenders}
+    mem: dict[str, float] = {}
+    steps = {name: make_step(preset, a.vocab, a.model_args, dev, bf16, compile_, fused, K, a.lr)
+             for name, fused, _ in contenders}
+    loop = dict(outer_every=a.outer_every, lr=a.lr)
+    for name, _, fm in contenders:  # warm-up: compilation, allocator, autotuning
+        run_loop(steps[name], batches[: max(2, a.outer_every)], targets, K, fastmix=fm, **loop)
+    for r in range(a.repeats):
+        for name, _, fm in contenders[r % len(contenders):] + contenders[: r % len(contenders)]:
+            if dev.type == "cuda":
+                torch.cuda.reset_peak_memory_stats()
+                resident = torch.cuda.memory_allocated()
+            wall, cpu = run_loop(steps[name], batches, targets, K, fastmix=fm, **loop)
+            walls[name].append(wall)
+            cpus[name].append(cpu)
+            if dev.type == "cuda":
+                mem[name] = max(mem.get(name, 0.0), (torch.cuda.max_memory_allocated() - resident) / 2**30)
+    return walls, cpus, mem
+
+
+def _throughput_header(a, dev, bf16, compile_, peak, p) -> None:
     p(f"## 2. Throughput ({a.steps} micro-batches of {a.tokens} tokens per run, K=5 BPE sources, outer step every "
       f"{a.outer_every}; {a.repeats} repeats after a warm-up run; min / median / max)\n")
     p(f"dtype {'bf16 autocast' if bf16 else 'float32'}, compile={compile_}, model_args={a.model_args or {}}. "
@@ -166,41 +195,50 @@ def throughput(a, dev, bf16, compile_, peak, shapes_data, lines, flush):
       f"overhead the wall ratio measures); MFU against {f'{peak:g} TFLOP/s' if peak else 'no peak (not a GPU)'}.\n")
     p("Memory: the model's weights, gradients and AdamW state (16 bytes per parameter), and the peak allocated "
       "above everything resident when the run started (activations, logits chunks, workspaces).\n")
-    if dev.type == "cpu":
+    cpu = dev.type == "cpu"
+    if cpu:
         p("On the CPU the last column also gives the ratio of this process's CPU time (one intra-op thread): the "
           "work done, much less disturbed by other jobs on a shared machine than wall time.\n")
-    p("| preset | L | micro-batch | run | tokens/s | model TFLOP/s | MFU | memory GiB: state + peak above | / plain wall (per repeat) |"
-      + (" / plain CPU time |" if dev.type == "cpu" else ""))
-    p("|---|---|---|---|---|---|---|---|---|" + ("---|" if dev.type == "cpu" else ""))
+    p("| preset | L | micro-batch | run | tokens/s | model TFLOP/s | MFU | memory GiB: state + peak above | "
+      "/ plain wall (per repeat) |" + (" / plain CPU time |" if cpu else ""))
+    p("|---|---|---|---|---|---|---|---|---|" + ("---|" if cpu else ""))
+
+
+def _throughput_rows(a, preset, L, B, peak, cpu_clock, walls, cpus, mem, p):
+    cfg = proxy_config(preset, vocab_size=a.vocab, **a.model_args)
+    f = proxy_token_flops(cfg, L)
+    with torch.device("meta"):
+        state = 16 * count_params(build_proxy(cfg))["total"] / 2**30
+    tok = a.steps * B * L
+    for name, _, _ in contenders_of(a):
+        base = "plain" if "unfused" not in name else "plain-unfused"
+        tps = [tok / w for w in walls[name]]
+        tf = [t * f.train / 1e12 for t in tps]
+        ratio = [w / wp for w, wp in zip(walls[name], walls[base])]
+        cratio = [c / cp for c, cp in zip(cpus[name], cpus[base])]
+        m = mem.get(name)
+        mfu_ = mmm([x / peak for x in tf], "{:.1%}") if peak else "n/a"
+        p(f"| {preset} | {L} | {B}x{L} | {name} | {mmm(tps)} | {mmm(tf)} | {mfu_} | "
+          f"{state:.1f} + {'n/a' if m is None else f'{m:.1f}'} | {'1' if name == base else mmm(ratio, '{:.3f}')} |"
+          + ((" 1 |" if name == base else f" {mmm(cratio, '{:.3f}')} |") if cpu_clock else ""))
+        print(f"[throughput] {preset} L={L} {name}: {statistics.median(tps):.4g} tok/s, "
+              f"{statistics.median(tf):.1f} TFLOP/s, ratio {statistics.median(ratio):.3f}", flush=True)
+    plain_tf = statistics.median(tok / w * f.train / 1e12 for w in walls["plain"])
+    return (plain_tf / peak if peak else None,
+            statistics.median(w / wp for w, wp in zip(walls["fastmix"], walls["plain"])),
+            statistics.median(c / cp for c, cp in zip(cpus["fastmix"], cpus["plain"])))
+
+
+def throughput(a, dev, bf16, compile_, peak, shapes_data, lines, flush):
+    """Section 2; returns {(preset, L): (plain MFU, FastMix/plain wall, FastMix/plain CPU time)} (medians)."""
+    p = lines.append
+    _throughput_header(a, dev, bf16, compile_, peak, p)
     summary = {}
     for preset in a.presets:
         for L in a.seq_lens:
-            batches, targets, K = shapes_data[L]
-            B = batches[0][0].shape[0]
-            f = proxy_token_flops(proxy_config(preset, vocab_size=a.vocab, **a.model_args), L)
-            tok = a.steps * B * L
-            walls: dict[str, list[float]] = {c[0]: [] for c in contenders}
-            cpus: dict[str, list[float]] = {c[0]: [] for c in contenders}
-            mem: dict[str, float] = {}
+            B = shapes_data[L][0][0][0].shape[0]
             try:
-                steps = {name: make_step(preset, a.vocab, a.model_args, dev, bf16, compile_, fused, K, a.lr)
-                         for name, fused, _ in contenders}
-                for name, _, fm in contenders:  # warm-up: compilation, allocator, autotuning
-                    run_loop(steps[name], batches[: max(2, a.outer_every)], targets, K, fastmix=fm,
-                             outer_every=a.outer_every, lr=a.lr)
-                for r in range(a.repeats):
-                    order = contenders[r % len(contenders):] + contenders[: r % len(contenders)]
-                    for name, _, fm in order:
-                        if dev.type == "cuda":
-                            torch.cuda.reset_peak_memory_stats()
-                            resident = torch.cuda.memory_allocated()
-                        wall, cpu = run_loop(steps[name], batches, targets, K, fastmix=fm, outer_every=a.outer_every, lr=a.lr)
-                        walls[name].append(wall)
-                        cpus[name].append(cpu)
-                        if dev.type == "cuda":
-                            above = (torch.cuda.max_memory_allocated() - resident) / 2**30
-                            mem[name] = max(mem.get(name, 0.0), above)
-                del steps
+                walls, cpus, mem = measure_cell(a, preset, L, shapes_data[L], dev, bf16, compile_)
             except Exception as e:  # noqa: BLE001 -- report the row and go on
                 print(f"[throughput] {preset} L={L}: {type(e).__name__}: {e}", flush=True)
                 p(f"| {preset} | {L} | {B}x{L} | failed: {type(e).__name__}: {str(e)[:100]} | | | | | |")
@@ -209,27 +247,8 @@ def throughput(a, dev, bf16, compile_, peak, shapes_data, lines, flush):
             finally:
                 if dev.type == "cuda":
                     torch.cuda.empty_cache()
-            with torch.device("meta"):
-                n_total = count_params(build_proxy(proxy_config(preset, vocab_size=a.vocab, **a.model_args)))["total"]
-            state = 16 * n_total / 2**30
-            for name, _, _ in contenders:
-                base = "plain" if "unfused" not in name else "plain-unfused"
-                tps = [tok / w for w in walls[name]]
-                tf = [t * f.train / 1e12 for t in tps]
-                ratio = [w / wp for w, wp in zip(walls[name], walls[base])]
-                cratio = [c / cp for c, cp in zip(cpus[name], cpus[base])]
-                m = mem.get(name)
-                p(f"| {preset} | {L} | {B}x{L} | {name} | {mmm(tps)} | {mmm(tf)} | "
-                  f"{mmm([x / peak for x in tf], '{:.1%}') if peak else 'n/a'} | {f'{state:.1f} + ' + ('n/a' if m is None else f'{m:.1f}')} | "
-                  f"{'1' if name == base else mmm(ratio, '{:.3f}')} |"
-                  + ((" 1 |" if name == base else f" {mmm(cratio, '{:.3f}')} |") if dev.type == "cpu" else ""))
-                print(f"[throughput] {preset} L={L} {name}: {statistics.median(tps):.4g} tok/s, "
-                      f"{statistics.median(tf):.1f} TFLOP/s, ratio {statistics.median(ratio):.3f}", flush=True)
+            summary[(preset, L)] = _throughput_rows(a, preset, L, B, peak, dev.type == "cpu", walls, cpus, mem, p)
             flush()
-            plain_tf = statistics.median(tok / w * f.train / 1e12 for w in walls["plain"])
-            summary[(preset, L)] = (plain_tf / peak if peak else None,
-                                    statistics.median(w / wp for w, wp in zip(walls["fastmix"], walls["plain"])),
-                                    statistics.median(c / cp for c, cp in zip(cpus["fastmix"], cpus["plain"])))
     p("")
     return summary
 
