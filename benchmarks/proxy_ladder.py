@@ -126,7 +126,7 @@ def run_loop(ps: ProxyStep, batches, targets, K: int, *, fastmix: bool, outer_ev
     loss_w = loss_weights(fm.alpha(), serve).to(dev)
     tgt = itertools.cycle(targets)
     window = SourceScores.zeros(K, device=dev)
-    G = ps.target_gradient(next(tgt).to(dev)).grad if fastmix else None
+    G = ps.head_gradient(next(tgt).to(dev)).grad if fastmix else None
     sync()
     t0, c0 = time.perf_counter(), time.process_time()
     for i, (tokens, source) in enumerate(batches, start=1):
@@ -138,7 +138,7 @@ def run_loop(ps: ProxyStep, batches, targets, K: int, *, fastmix: bool, outer_ev
                 sc = ps.ranks.sum_scores(window)
                 fm.step(sc.means().cpu(), present=sc.present.cpu(), proxy_lr=lr, update=True)
                 loss_w = loss_weights(fm.alpha(), serve).to(dev)
-                G = ps.target_gradient(next(tgt).to(dev)).grad
+                G = ps.head_gradient(next(tgt).to(dev)).grad
                 window = SourceScores.zeros(K, device=dev)
     sync()
     return time.perf_counter() - t0, time.process_time() - c0
@@ -393,9 +393,9 @@ def numerics(preset, vocab, margs, dev, bf16, batches, targets, K):
     tokens, source = batches[0]
     target = targets[0]
     ones = torch.ones(K)
-    G_ref = ref.target_gradient(target).grad
+    G_ref = ref.head_gradient(target).grad
     s_ref = ref.score_batch(tokens, source, G_ref).means()  # = the fused scores in float64 (tested), forward only
-    G_dut = dut.target_gradient(target.to(dev)).grad
+    G_dut = dut.head_gradient(target.to(dev)).grad
     s_dut = dut.micro_step(tokens.to(dev), source.to(dev), ones.to(dev), G=G_dut).scores.means().cpu()
 
     def rel(x, y):

@@ -35,7 +35,7 @@ def _train(ranks: Ranks, tied: bool) -> dict:
     model = build_proxy(proxy_config("tiny", vocab_size=V, tie_embeddings=tied), seed=0).double()
     ps = ProxyStep(model, K, lr=1e-2, grad_accum=ACCUM, ranks=ranks, chunk_tokens=7)
     batches, target = _data()
-    hg = ps.target_gradient(target)
+    hg = ps.head_gradient(target)
     loss_w = torch.tensor([0.5, 1.5, 1.0], dtype=torch.float64)
     scores = SourceScores.zeros(K)
     for step, (tokens, source) in enumerate(batches, start=1):

@@ -19,8 +19,8 @@ from fastmix_data.search.hypergrad import (
     per_token_source,
     softmax_chain_rule,
     source_head_scores,
+    tied_head_gradient,
     tied_source_scores,
-    tied_target_gradient,
 )
 from fastmix_data.search.model import build_proxy, proxy_config
 
@@ -348,19 +348,43 @@ def _tied(vocab=13, seed=0):
     return build_proxy(proxy_config("tiny", vocab_size=vocab, tie_embeddings=True), seed=seed).double()
 
 
-def _full_tied_grad(m, tokens, mask=None, loss=None):
+def _full_tied_grad(m, tokens, mask=None, loss=None, weights=None):
     V = m.head.out_features
     logits = m(tokens[:, :-1]).reshape(-1, V)
     y = tokens[:, 1:].reshape(-1)
     tl = F.cross_entropy(logits, y, reduction="none") if loss is None else loss(logits, y)
+    if weights is not None:
+        tl = tl * weights.expand(tokens[:, 1:].shape).reshape(-1)
     if mask is not None:
         tl = tl[mask.reshape(-1)]
     (g,) = torch.autograd.grad(tl.mean(), m.embed.weight)
     return g
 
 
+def test_weighted_head_gradients_equal_autograd():
+    """Per-sequence loss weights (the alpha-weighted training loss): untied closed form and tied
+    head + embedding parts against autograd."""
+    g = torch.Generator().manual_seed(9)
+    tokens = torch.randint(0, 13, (4, 7), generator=g)
+    seq_w = torch.tensor([[0.5], [2.0], [1.0], [0.25]], dtype=F64)
+    mask = torch.rand(4, 6, generator=g) < 0.8
+    m = _tied()
+    got = tied_head_gradient(m, tokens, loss_mask=mask, weights=seq_w, dtype=F64, chunk_tokens=5)
+    torch.testing.assert_close(got.grad, _full_tied_grad(m, tokens, mask, weights=seq_w), rtol=1e-11, atol=1e-14)
+    u = _tiny_model()
+    with torch.no_grad():
+        h = u.final_hidden(tokens[:, :-1])
+    got = head_gradient(h, tokens[:, 1:], head_weight=u.head.weight, mask=mask, weights=seq_w, dtype=F64, chunk_tokens=4)
+    W = u.head.weight.detach().clone().requires_grad_(True)
+    tl = F.cross_entropy(h.reshape(-1, 32) @ W.T, tokens[:, 1:].reshape(-1), reduction="none")
+    lw = (tl * seq_w.expand(4, 6).reshape(-1))[mask.reshape(-1)].mean()
+    (ref,) = torch.autograd.grad(lw, W)
+    torch.testing.assert_close(got.grad, ref, rtol=1e-11, atol=1e-14)
+    assert got.loss == pytest.approx(float(lw), rel=1e-12)
+
+
 @pytest.mark.parametrize("loss", [None, _label_smoothed])
-def test_tied_target_gradient_is_the_full_gradient_of_the_shared_matrix(loss):
+def test_tied_head_gradient_is_the_full_gradient_of_the_shared_matrix(loss):
     """Head part (closed form) + embedding part (one backward to the embedding output) == autograd's
     gradient of the tied matrix; the head part alone is not."""
     m = _tied()
@@ -368,7 +392,7 @@ def test_tied_target_gradient_is_the_full_gradient_of_the_shared_matrix(loss):
     target = torch.randint(0, 13, (3, 9), generator=g)
     mask = torch.rand(3, 8, generator=g) < 0.7
     ref = _full_tied_grad(m, target, mask, loss)
-    hg = tied_target_gradient(m, target, loss_mask=mask, loss_fn=loss, dtype=F64, chunk_tokens=5)
+    hg = tied_head_gradient(m, target, loss_mask=mask, loss_fn=loss, dtype=F64, chunk_tokens=5)
     torch.testing.assert_close(hg.grad, ref, rtol=1e-11, atol=1e-14)
     assert hg.tokens == int(mask.sum())
     with torch.no_grad():
@@ -382,7 +406,7 @@ def test_tied_source_scores_equal_per_source_autograd_inner_products():
     g = torch.Generator().manual_seed(2)
     tokens = torch.randint(0, 13, (6, 9), generator=g)
     source = torch.tensor([0, 1, 0, 1, 3, 3])  # source 2 absent
-    G = tied_target_gradient(m, torch.randint(0, 13, (3, 9), generator=g), dtype=F64).grad
+    G = tied_head_gradient(m, torch.randint(0, 13, (3, 9), generator=g), dtype=F64).grad
     sc = tied_source_scores(m, tokens, source, G, 4, chunk_tokens=7)
     for k in (0, 1, 3):
         ref = (_full_tied_grad(m, tokens[source == k]) * G).sum()

@@ -12,8 +12,8 @@ from fastmix_data.search.hypergrad import (
     head_gradient,
     per_token_source,
     source_head_scores,
+    tied_head_gradient,
     tied_source_scores,
-    tied_target_gradient,
 )
 from fastmix_data.search.model import build_proxy, proxy_config
 from fastmix_data.search.proxy_step import ProxyStep
@@ -119,15 +119,15 @@ def test_custom_loss_and_head_bias_take_the_unfused_path():
 
 
 @pytest.mark.parametrize("tied", [False, True])
-def test_target_gradient_is_the_head_or_tied_gradient(tied):
+def test_head_gradient_is_the_head_or_tied_gradient(tied):
     m = _model(tied, double=True)
     ps = ProxyStep(m, K)
     g = torch.Generator().manual_seed(5)
     target = torch.randint(0, V, (3, L + 1), generator=g)
     mask = torch.rand(3, L, generator=g) < 0.6
-    got = ps.target_gradient(target, mask)
+    got = ps.head_gradient(target, mask)
     if tied:
-        ref = tied_target_gradient(m, target, loss_mask=mask, dtype=F64)
+        ref = tied_head_gradient(m, target, loss_mask=mask, dtype=F64)
     else:
         with torch.no_grad():
             ref = head_gradient(m.final_hidden(target[:, :-1]), target[:, 1:], head_weight=m.head.weight, mask=mask, dtype=F64)
@@ -176,3 +176,17 @@ def test_non_finite_loss_accumulates_nothing():
     tokens, source = _batches(1)[0]
     out = ps.micro_step(tokens, source, torch.tensor([float("nan"), 1.0, 1.0]), G=torch.zeros(V, 32))
     assert not out.finite and all(p.grad is None for p in m.parameters())
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_weighted_head_gradient_of_a_training_loss(tied):
+    """seq_weights: the alpha-weighted training loss's head gradient (the residual signal's G_train)."""
+    m = _model(tied, double=True)
+    ps = ProxyStep(m, K)
+    tokens, source = _batches(1, seed=7)[0]
+    w = LOSS_W.double()[source]
+    got = ps.head_gradient(tokens, seq_weights=w)
+    W = m.embed.weight if tied else m.head.weight
+    tl = F.cross_entropy(m(tokens[:, :-1]).reshape(-1, V), tokens[:, 1:].reshape(-1), reduction="none").view(B, L)
+    (ref,) = torch.autograd.grad((w[:, None] * tl).mean(), W)
+    torch.testing.assert_close(got.grad, ref, rtol=1e-11, atol=1e-14)

@@ -140,17 +140,22 @@ def head_gradient(
     loss_fn: TokenLossFn | None = None,
     dtype: torch.dtype = torch.float32,
     chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
+    weights: torch.Tensor | None = None,
 ) -> HeadGradient:
-    """Closed-form gradient of the token-mean loss w.r.t. the head weight: ``sum_t r_t h_t^T / n``.
+    """Closed-form gradient of the token-mean loss w.r.t. the head weight: ``sum_t w_t r_t h_t^T / n``.
 
     ``h``: hidden states ``[..., d]``; ``targets``: ``[...]``; ``logits`` ``[..., V]`` (or give
     ``head_weight`` to compute them); ``mask``: optional bool ``[...]`` of the tokens that count
-    (e.g. answer tokens). No autograd through the model is involved. With bf16 ``h`` and
+    (e.g. answer tokens), n their number; ``weights``: optional per-token loss weights ``w_t``
+    ``[...]`` (default 1; e.g. a sequence's ``alpha / serve``), which also weigh the returned mean
+    loss. No autograd through the model is involved. With bf16 ``h`` and
     ``head_weight`` (autocast) the chunk products run in bf16 with float32 accumulation and each
     chunk's ``r^T h`` is added to ``G`` in ``dtype`` -- as autocast computes a weight gradient --
     instead of a float32 product without tensor cores.
     """
-    h, targets, logits, _ = _prep(h, targets, logits, mask)
+    if weights is not None:
+        weights = torch.as_tensor(weights).to(h.device, dtype).expand(targets.shape)
+    h, targets, logits, w = _prep(h, targets, logits, mask, weights)
     n = h.shape[0]
     V = logits.shape[-1] if logits is not None else head_weight.shape[0]
     G = torch.zeros(V, h.shape[1], dtype=dtype, device=h.device)
@@ -159,6 +164,8 @@ def head_gradient(
         j = min(n, i + chunk_tokens)
         z = _chunk_logits(h[i:j], logits, i, j, head_weight, dtype)
         r, loss = logit_residuals(z, targets[i:j], loss_fn, dtype)
+        if w is not None:
+            r, loss = r * w[i:j, None], loss * w[i:j]
         if logits is None and h.dtype in (torch.float16, torch.bfloat16):
             G += (r.to(h.dtype).T @ h[i:j]).to(dtype)
         else:
@@ -364,7 +371,7 @@ class GradientEMA:
 #     <G_T, grad_E L_k> = mean_{t in k} (r_t G_T) . h_t  +  sum_{s in k} G_T[x_s] . dL_k/de_s / n_k
 #
 # The second term needs dL/de, a backward through the trunk: for the target, once per outer step
-# (:func:`tied_target_gradient`); for trained tokens the training step's own backward already has it
+# (:func:`tied_head_gradient`); for trained tokens the training step's own backward already has it
 # (the gradient at the embedding output, divided by each sequence's loss weight: sequences do not
 # attend to each other, so it is that sequence's own gradient); :func:`tied_source_scores` runs it
 # for a buffered search batch. Scoring the head part alone would be the hypergradient of a model
@@ -416,7 +423,7 @@ def _summed_loss(h, W, y, w, loss_fn, chunk_tokens):
     return (w * token_losses(h @ W.T.to(h.dtype), y, loss_fn)).sum()
 
 
-def tied_target_gradient(
+def tied_head_gradient(
     model: nn.Module,
     tokens: torch.Tensor,
     *,
@@ -425,22 +432,29 @@ def tied_target_gradient(
     autocast: AbstractContextManager | None = None,
     dtype: torch.dtype = torch.float32,
     chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
+    weights: torch.Tensor | None = None,
 ) -> HeadGradient:
-    """The full gradient of the (masked) token-mean target loss w.r.t. a tied head/embedding matrix:
-    the head part in closed form (:func:`head_gradient`) plus the embedding part, from one backward
-    to the embedding output (``torch.autograd.grad``; no ``.grad`` buffer is touched). ``tokens``
-    ``[B, L+1]``; ``model`` has ``embed`` and ``trunk`` (see :func:`~fastmix_data.search.model.head_is_tied`)."""
+    """:func:`head_gradient` for a tied head/embedding matrix: the full gradient of the (masked,
+    optionally weighted) token-mean loss of ``tokens`` ``[B, L+1]`` -- the head part in closed form
+    plus the embedding part, from one backward to the embedding output (``torch.autograd.grad``; no
+    ``.grad`` buffer is touched). ``weights``: per-token ``[B, L]`` or per-sequence ``[B, 1]`` loss
+    weights. ``model`` has ``embed`` and ``trunk`` (see :func:`~fastmix_data.search.model.head_is_tied`)."""
     x, y = tokens[:, :-1], tokens[:, 1:].reshape(-1)
     W = model.head.weight.detach()
     m = torch.ones_like(y, dtype=torch.bool) if loss_mask is None else loss_mask.reshape(-1).bool().to(y.device)
     n = int(m.sum())
+    w = m.to(torch.float64)
+    if weights is not None:
+        weights = torch.as_tensor(weights).to(y.device, torch.float64).expand(tokens[:, 1:].shape).reshape(-1)
+        w = w * weights
     with torch.enable_grad():
         e, h = _embedding_leaf_pass(model, x, autocast or nullcontext())
         h = h.reshape(y.shape[0], -1)
         with autocast or nullcontext():
-            loss = _summed_loss(h, W, y, m.to(torch.float64) / max(n, 1), loss_fn, chunk_tokens)
+            loss = _summed_loss(h, W, y, w / max(n, 1), loss_fn, chunk_tokens)
         (ge,) = torch.autograd.grad(loss, e)
-    hg = head_gradient(h.detach(), y, head_weight=W, mask=m, loss_fn=loss_fn, dtype=dtype, chunk_tokens=chunk_tokens)
+    hg = head_gradient(h.detach(), y, head_weight=W, mask=m, loss_fn=loss_fn, dtype=dtype, chunk_tokens=chunk_tokens,
+                       weights=weights)
     G = hg.grad + embedding_gradient(x, ge, W.shape[0], dtype) if n else hg.grad
     return HeadGradient(grad=G, loss=hg.loss, tokens=hg.tokens)
 
@@ -568,7 +582,7 @@ __all__ = [
     "segment_sums",
     "softmax_chain_rule",
     "source_head_scores",
+    "tied_head_gradient",
     "tied_source_scores",
-    "tied_target_gradient",
     "token_losses",
 ]

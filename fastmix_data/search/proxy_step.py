@@ -12,8 +12,8 @@ several GPUs:
   accumulation (DDP all-reduces on the last micro-step of an optimiser step only);
 * a tied head's second score term, from the gradient at the embedding output that the backward
   computes anyway (a hook; see :mod:`.hypergrad`'s tied-head section);
-* the target gradient from this rank's share of the target batch, all-reduced, and the scores of a
-  buffered search batch.
+* head gradients (the target's; an alpha-weighted training loss's) from this rank's share of a
+  batch, all-reduced, and the scores of a buffered search batch.
 
 Scoring never changes training: with and without ``G`` the parameters move bitwise the same (tested).
 Scores and telemetry come back as this rank's per-source sums; the loop sums them over ranks at
@@ -41,8 +41,8 @@ from .hypergrad import (
     per_token_source,
     segment_sums,
     source_head_scores,
+    tied_head_gradient,
     tied_source_scores,
-    tied_target_gradient,
     token_losses,
 )
 from .model import count_params, head_is_tied, is_headed_lm
@@ -247,27 +247,28 @@ class ProxyStep:
         self.opt.zero_grad(set_to_none=True)
 
     # ------------------------------------------------------------------ search passes
-    def target_gradient(self, tokens: torch.Tensor, loss_mask: torch.Tensor | None = None) -> HeadGradient:
-        """The target head gradient ``G`` (``[V, d]`` float32), mean loss and token count of the target
-        batch ``tokens`` ``[B, L+1]`` (optional ``loss_mask`` ``[B, L]``), computed on this rank's
-        rows and summed over ranks: every rank gets the whole batch's ``G``."""
+    def head_gradient(
+        self, tokens: torch.Tensor, loss_mask: torch.Tensor | None = None, seq_weights: torch.Tensor | None = None
+    ) -> HeadGradient:
+        """The head gradient ``G`` (``[V, d]``; a tied head's full gradient), mean loss and token count
+        of the (masked, weighted) token-mean loss of ``tokens`` ``[B, L+1]`` at the current
+        parameters -- the target's, or with per-sequence ``seq_weights`` ``[B]`` an alpha-weighted
+        training loss's. Computed on this rank's rows and summed over ranks: every rank gets the
+        whole batch's ``G``. ``loss_mask`` ``[B, L]``: the tokens that count."""
         rows = self.ranks.rows(tokens.shape[0])
         t = tokens[rows]
         m = None if loss_mask is None else loss_mask[rows]
+        w = None if seq_weights is None else seq_weights[rows].reshape(-1, 1).to(self.device, self.grad_dtype)
+        kw = dict(loss_mask=m, loss_fn=self.loss_fn, dtype=self.grad_dtype, chunk_tokens=self._chunk(), weights=w)
         if t.shape[0] == 0:
             hg = HeadGradient(torch.zeros(self.vocab_size, self.d_model, dtype=self.grad_dtype, device=self.device), 0.0, 0)
         elif self.tied:
-            hg = tied_target_gradient(
-                self.model, t, loss_mask=m, loss_fn=self.loss_fn, autocast=self.autocast(), dtype=self.grad_dtype,
-                chunk_tokens=self._chunk(),
-            )
+            hg = tied_head_gradient(self.model, t, autocast=self.autocast(), **kw)
         else:
             with torch.no_grad(), self.autocast():
                 h = self.model.final_hidden(t[:, :-1])
-            hg = head_gradient(
-                h, t[:, 1:], head_weight=self.model.head.weight, mask=m, loss_fn=self.loss_fn, dtype=self.grad_dtype,
-                chunk_tokens=self._chunk(),
-            )
+            kw["mask"] = kw.pop("loss_mask")
+            hg = head_gradient(h, t[:, 1:], head_weight=self.model.head.weight, **kw)
         G, n, loss = self.ranks.mean_gradient(hg.grad, hg.tokens, hg.loss)
         return HeadGradient(G, loss, n)
 
