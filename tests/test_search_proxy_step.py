@@ -190,3 +190,29 @@ def test_weighted_head_gradient_of_a_training_loss(tied):
     tl = F.cross_entropy(m(tokens[:, :-1]).reshape(-1, V), tokens[:, 1:].reshape(-1), reduction="none").view(B, L)
     (ref,) = torch.autograd.grad((w[:, None] * tl).mean(), W)
     torch.testing.assert_close(got.grad, ref, rtol=1e-11, atol=1e-14)
+
+
+def test_token_mean_and_custom_reduce_micro_steps():
+    """No source / weights: the plain token mean (what static methods train with); reduce=: any
+    loss of the token losses, through the unfused head (e.g. DoReMi's group weights)."""
+    tokens, source = _batches(1, seed=8)[0]
+    a, b, c = _model(double=True), _model(double=True), _model(double=True)
+    out = ProxyStep(a, K).micro_step(tokens)
+    F.cross_entropy(b(tokens[:, :-1]).reshape(-1, V), tokens[:, 1:].reshape(-1)).backward()
+    assert out.token_losses.shape == (B, L) and out.scores is None
+    for p, q in zip(a.parameters(), b.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-11, atol=1e-14)
+    seen = []
+
+    def reduce(tl, src):
+        seen.append(src)
+        return (tl.mean(1) * torch.tensor([3.0, 1.0, 0.5], dtype=F64)[src]).sum()
+
+    out = ProxyStep(c, K).micro_step(tokens, source, G=torch.zeros(V, 32, dtype=F64), reduce=reduce)
+    assert out.scores is None and torch.equal(seen[0], source)  # a custom loss is not scored
+    b.zero_grad()
+    tl = F.cross_entropy(b(tokens[:, :-1]).reshape(-1, V), tokens[:, 1:].reshape(-1), reduction="none").view(B, L)
+    (tl.mean(1) * torch.tensor([3.0, 1.0, 0.5], dtype=F64)[source]).sum().backward()
+    for p, q in zip(c.parameters(), b.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-11, atol=1e-14)
+

@@ -22,6 +22,7 @@ the outer step (:meth:`Ranks.sum_scores`).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass
 
@@ -53,17 +54,22 @@ class MicroStep:
     """What one micro-step returns (all on the device, detached).
 
     Attributes:
-        seq_losses: mean token loss per sequence ``[B]``.
+        token_losses: per-token losses ``[B, L]`` (float32, or float64 for a float64 model).
         losses: per-source token ``counts`` and ``loss_sums`` of this rank (``sums`` zero).
         scores: per-source FastMix score sums (and the same counts and loss sums), or None when
             the step was not scored (no ``G``).
         finite: whether the loss was finite on every rank (if not, no gradient was accumulated).
     """
 
-    seq_losses: torch.Tensor
+    token_losses: torch.Tensor
     losses: SourceScores
     scores: SourceScores | None
     finite: bool
+
+    @property
+    def seq_losses(self) -> torch.Tensor:
+        """Mean token loss per sequence ``[B]``."""
+        return self.token_losses.mean(1)
 
 
 class ProxyStep:
@@ -175,34 +181,49 @@ class ProxyStep:
 
     # ------------------------------------------------------------------ training
     def micro_step(
-        self, tokens: torch.Tensor, source: torch.Tensor, loss_w: torch.Tensor, G: torch.Tensor | None = None
+        self,
+        tokens: torch.Tensor,
+        source: torch.Tensor | None = None,
+        loss_w: torch.Tensor | None = None,
+        G: torch.Tensor | None = None,
+        *,
+        reduce: Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor] | None = None,
     ) -> MicroStep:
         """Forward, loss ``mean_b loss_w[source_b] * mean_t l_bt``, backward (accumulated), and with
         ``G`` the per-source FastMix scores of every trained token.
 
-        ``tokens`` ``[B, L+1]`` and ``source`` ``[B]`` on the device (this rank's rows);
-        ``loss_w`` ``[K]`` per-source loss weights; ``G`` the target head gradient ``[V, d]``.
+        ``tokens`` ``[B, L+1]`` and ``source`` ``[B]`` on the device (this rank's rows; None: all
+        source 0); ``loss_w`` ``[K]`` per-source loss weights (None: 1, the token mean); ``G`` the
+        target head gradient ``[V, d]``. ``reduce(token_losses [B, L], source) -> loss`` replaces
+        the weighted mean by any loss of the token losses (then the head is not fused and nothing
+        is scored).
         """
         x, y = tokens[:, :-1], tokens[:, 1:].reshape(-1)
         B, L = x.shape
-        seq_w = loss_w.to(self.device, self.grad_dtype)[source] / (B * L)
-        w = seq_w.repeat_interleave(L)
+        if source is None:
+            source = torch.zeros(B, dtype=torch.long, device=tokens.device)
+        ones = torch.ones(self.K, dtype=self.grad_dtype, device=self.device)
+        seq_w = (ones if loss_w is None else loss_w.to(self.device, self.grad_dtype))[source] / (B * L)
         self._micro += 1
-        self._grad_e, self._capture = None, self.tied and G is not None
+        self._grad_e, self._capture = None, self.tied and G is not None and reduce is None
         with no_sync(self.net, sync=self._micro % self.grad_accum == 0):
             with self.autocast():
                 h = self._hidden(x).reshape(B * L, -1)
-                loss, tok, tok_scores, logits = self._head_loss(h, y, w, G)
+                if reduce is None:
+                    loss, tok, tok_scores, logits = self._head_loss(h, y, seq_w.repeat_interleave(L), G)
+                else:
+                    tok = token_losses(self.model.head(h), y, self.loss_fn)
+                    loss, tok_scores, logits, G = reduce(tok.view(B, L), source), None, None, None
             finite = self._all_finite(loss)
             if finite:
                 (loss / self.grad_accum).backward()
         self._capture = False
-        seq = tok.detach().view(B, L).mean(1)
-        losses = _loss_sums(seq, source, L, self.K)
+        tok = tok.detach().view(B, L)
+        losses = _loss_sums(tok.mean(1), source, L, self.K)
         scores = None
         if G is not None:
             scores = self._scores(h, x, y, source, G, tok_scores, logits, seq_w, losses)
-        return MicroStep(seq, losses, scores, finite)
+        return MicroStep(tok, losses, scores, finite)
 
     def _head_loss(self, h, y, w, G):
         """``(loss, token losses, per-token scores or None, logits or None)``."""
@@ -248,14 +269,20 @@ class ProxyStep:
 
     # ------------------------------------------------------------------ search passes
     def head_gradient(
-        self, tokens: torch.Tensor, loss_mask: torch.Tensor | None = None, seq_weights: torch.Tensor | None = None
+        self,
+        tokens: torch.Tensor,
+        loss_mask: torch.Tensor | None = None,
+        seq_weights: torch.Tensor | None = None,
+        *,
+        split: bool = True,
     ) -> HeadGradient:
         """The head gradient ``G`` (``[V, d]``; a tied head's full gradient), mean loss and token count
         of the (masked, weighted) token-mean loss of ``tokens`` ``[B, L+1]`` at the current
         parameters -- the target's, or with per-sequence ``seq_weights`` ``[B]`` an alpha-weighted
         training loss's. Computed on this rank's rows and summed over ranks: every rank gets the
-        whole batch's ``G``. ``loss_mask`` ``[B, L]``: the tokens that count."""
-        rows = self.ranks.rows(tokens.shape[0])
+        whole batch's ``G``. ``loss_mask`` ``[B, L]``: the tokens that count. ``split=False``: the
+        batch is this rank's already (a rank's own stream batch), use all of it."""
+        rows = self.ranks.rows(tokens.shape[0]) if split else slice(None)
         t = tokens[rows]
         m = None if loss_mask is None else loss_mask[rows]
         w = None if seq_weights is None else seq_weights[rows].reshape(-1, 1).to(self.device, self.grad_dtype)
