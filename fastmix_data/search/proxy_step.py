@@ -192,18 +192,21 @@ class ProxyStep:
         """Forward, loss ``mean_b loss_w[source_b] * mean_t l_bt``, backward (accumulated), and with
         ``G`` the per-source FastMix scores of every trained token.
 
-        ``tokens`` ``[B, L+1]`` and ``source`` ``[B]`` on the device (this rank's rows; None: all
-        source 0); ``loss_w`` ``[K]`` per-source loss weights (None: 1, the token mean); ``G`` the
-        target head gradient ``[V, d]``. ``reduce(token_losses [B, L], source) -> loss`` replaces
+        ``tokens`` ``[B, L+1]`` and ``source`` ``[B]`` on the device (this rank's rows); ``loss_w``
+        ``[K]`` per-source loss weights (None: 1, the token mean; then, without ``G`` either, the
+        per-source sums of the result put every sequence in source 0); ``G`` the target head
+        gradient ``[V, d]``. ``reduce(token_losses [B, L], source) -> loss`` replaces
         the weighted mean by any loss of the token losses (then the head is not fused and nothing
         is scored).
         """
         x, y = tokens[:, :-1], tokens[:, 1:].reshape(-1)
         B, L = x.shape
-        if source is None:
+        given = source
+        if loss_w is None and G is None:  # plain training: no per-source weights or sums
             source = torch.zeros(B, dtype=torch.long, device=tokens.device)
-        ones = torch.ones(self.K, dtype=self.grad_dtype, device=self.device)
-        seq_w = (ones if loss_w is None else loss_w.to(self.device, self.grad_dtype))[source] / (B * L)
+        seq_w = torch.full((B,), 1.0 / (B * L), dtype=self.grad_dtype, device=self.device)
+        if loss_w is not None:
+            seq_w = loss_w.to(self.device, self.grad_dtype)[source] / (B * L)
         self._micro += 1
         self._grad_e, self._capture = None, self.tied and G is not None and reduce is None
         with no_sync(self.net, sync=self._micro % self.grad_accum == 0):
@@ -213,7 +216,7 @@ class ProxyStep:
                     loss, tok, tok_scores, logits = self._head_loss(h, y, seq_w.repeat_interleave(L), G)
                 else:
                     tok = token_losses(self.model.head(h), y, self.loss_fn)
-                    loss, tok_scores, logits, G = reduce(tok.view(B, L), source), None, None, None
+                    loss, tok_scores, logits, G = reduce(tok.view(B, L), given), None, None, None
             finite = self._all_finite(loss)
             if finite:
                 (loss / self.grad_accum).backward()
