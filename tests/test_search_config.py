@@ -107,12 +107,37 @@ def test_bad_configs_are_one_line_errors_naming_the_field():
         SearchConfig().validate()
     with pytest.raises(ConfigError, match="did you mean 'z_lr'"):
         SearchConfig.from_dict({"max_tokens": 5, "fastmix": {"z_lrr": 1}})
-    with pytest.raises(ConfigError, match="train.proxy.*vocab_size"):
-        SearchConfig.from_dict({"max_tokens": 5, "train": {"proxy": "gpu"}}).validate()
+    SearchConfig.from_dict({"max_tokens": 5, "train": {"proxy": "p20m"}}).validate()  # vocabulary: the run's
+    with pytest.raises(ConfigError, match=r"train.proxy \(--proxy\): unknown model field.*d_modl"):
+        SearchConfig.from_dict({"max_tokens": 5, "train": {"proxy": "p20m,d_modl=3"}}).validate()
     with pytest.raises(ConfigError, match="hypergrad.*search_batch='buffer'"):
         SearchConfig.from_dict({"max_tokens": 5, "fastmix": {"hypergrad": "full"}}).validate()
     with pytest.raises(ConfigError, match="max_tokens: .*count like '20M'"):
         SearchConfig.from_dict({"max_tokens": "lots"})
+
+
+@pytest.mark.parametrize("train,match", [
+    ({"proxy": "p150m,n_head=7"}, r"train.proxy \(--proxy\): invalid proxy model config: d_model=1024 is not divisible"),
+    ({"proxy": "p20m,tie_embeddings=maybe"}, r"train.proxy \(--proxy\): .*tie_embeddings must be true or false"),
+    ({"proxy": "p999m"}, r"train.proxy \(--proxy\): unknown model preset 'p999m'"),
+    ({"tokenizer": "/nowhere/tokenizer.json"}, r"train.tokenizer \(--tokenizer\): no tokenizer file '/nowhere/"),
+    ({"eos_token": 3}, r"train.eos_token \(--eos-token\)"),
+    ({"fused_head": "sometimes"}, r"train.fused_head: must be true or false"),
+])
+def test_proxy_fields_bad_values_are_one_line_errors(train, match):
+    with pytest.raises(ConfigError, match=match) as e:
+        SearchConfig.from_dict({"max_tokens": 5, "train": train}).validate()
+    assert "\n" not in str(e.value)
+
+
+def test_proxy_spec_parses_ladder_presets_and_booleans():
+    cfg = SearchConfig.from_dict({"max_tokens": 5, "train": {"proxy": "p60m,tie_embeddings=true,activation_checkpointing=True"}})
+    cfg.validate()
+    shape = cfg.train.proxy.shape(vocab_size=2048)
+    assert shape.tie_embeddings is True and shape.activation_checkpointing is True and shape.vocab_size == 2048
+    assert cfg.train.proxy.shape(vocab_size=None if False else 2048).d_model == 768
+    assert SearchConfig.from_dict({"max_tokens": 5, "train": {"proxy": "p20m,vocab_size=4096"}}).train.proxy.shape(2000).vocab_size == 4096
+    assert cfg.train.learning_rate == 8e-4  # the preset's default (model.PRESET_LR)
 
 
 def test_cli_reports_a_bad_config_on_one_line(capsys):

@@ -11,8 +11,8 @@ import torch
 
 import fastmix_data.search.fastmix.loop as loop_mod
 from fastmix_data.search import SearchConfig, read_trajectory, run_method
-from fastmix_data.search.hypergrad import token_losses
 from fastmix_data.search.model import build_proxy, proxy_config
+from fastmix_data.search.proxy import ProxyTrainer
 from fastmix_data.search.synthetic import SyntheticStream, markov_sources, mixture_target
 
 K = 3
@@ -73,24 +73,11 @@ def test_known_answer_target_source_rises_and_ends_highest(seed):
 
 
 def _plain_training(model, batches, c: SearchConfig):
-    """Plain uniformly weighted proxy training, written out by hand (no search at all)."""
-    t = c.train
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW([{"params": [p for p in params if p.dim() >= 2], "weight_decay": t.weight_decay},
-                             {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}],
-                            lr=t.learning_rate, betas=t.betas)
-    for i, b in enumerate(batches, start=1):
-        x, y = b["tokens"][:, :-1], b["tokens"][:, 1:]
-        logits = model.head(model.final_hidden(x))
-        tl = token_losses(logits.reshape(B * L, -1), y.reshape(-1)).view(B, L)
-        loss = (torch.ones(K, dtype=torch.float32)[b["source"]] * tl.mean(1)).mean()
-        (loss / t.grad_accum).backward()
-        if i % t.grad_accum == 0:
-            for g in opt.param_groups:
-                g["lr"] = t.learning_rate
-            torch.nn.utils.clip_grad_norm_(params, t.grad_clip)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
+    """Plain uniformly weighted proxy training on the same trainer (no target, no scores, no
+    outer steps, no held-out batches): what the search must not disturb."""
+    tr = ProxyTrainer(c.train, 1_000, model=model, num_sources=K)
+    for b in batches:
+        tr.train_step(b["tokens"], b["source"], loss_w=torch.ones(K))
     return model
 
 
@@ -119,17 +106,17 @@ def test_search_never_touches_proxy_training(hypergrad, search_batch, grad_accum
 
 
 def test_nonfinite_hypergradient_is_skipped_and_counted(monkeypatch, tmp_path):
-    real = loop_mod.source_head_scores
+    real = ProxyTrainer.train_step
     calls = {"n": 0}
 
-    def flaky(*a, **kw):
-        sc = real(*a, **kw)
+    def flaky(self, *a, **kw):
+        m = real(self, *a, **kw)
         calls["n"] += 1
         if calls["n"] == 23:  # one micro-batch of the window of steps 21..25
-            sc.sums[:] = math.nan
-        return sc
+            m.scores.sums[:] = math.nan
+        return m
 
-    monkeypatch.setattr(loop_mod, "source_head_scores", flaky)
+    monkeypatch.setattr(ProxyTrainer, "train_step", flaky)
     r = search(stream(), target([1, 0, 0]), cfg(40), out_dir=tmp_path)
     assert r.details["skipped_nonfinite_hypergrad"] == 1
     bad = [rec for rec in r.trajectory if rec["reason"] == "nonfinite"]

@@ -30,17 +30,17 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, ClassVar
 
 from .config_fields import Section, opt, section
-from .model import PRESETS, ProxyConfig, proxy_config
+from .model import PRESET_LR, PRESETS, ProxyConfig, proxy_config
 
 #: every registered method (the registry in :mod:`fastmix_data.search.methods` must match)
 METHOD_NAMES = ("fastmix", "mixmin", "aioli", "doremi", "stratified", "natural", "grid", "mixmin_fastmix")
 
-#: default proxy learning rate per model preset (the reference's 4e-4 for the GPU proxy; the small
-#: CPU proxies run far fewer steps and take a larger one); other presets: 1e-3
-DEFAULT_LR = {"cpu": 2e-3, "tiny": 3e-3, "gpu": 4e-4}
+#: a stand-in vocabulary for checking a preset's shape before the run resolves the real one
+_CHECK_VOCAB = 2
 
 
 # ============================================================================ the proxy model
@@ -51,8 +51,13 @@ class ProxySpec:
     """The proxy model: a preset name from :data:`fastmix_data.search.model.PRESETS` plus overrides
     of :class:`~fastmix_data.search.model.ProxyConfig` fields.
 
-    Written ``cpu`` or ``gpu,vocab_size=50304,d_model=512`` (command line), or ``{preset: gpu,
-    vocab_size: 50304}`` (YAML). New presets only need an entry in ``PRESETS``.
+    Written ``cpu``, ``p20m`` or ``p60m,tie_embeddings=true,activation_checkpointing=true``
+    (command line), or ``{preset: p20m, tie_embeddings: true}`` (YAML). New presets only need an
+    entry in ``PRESETS`` (:func:`~fastmix_data.search.model.register_preset`).
+
+    The vocabulary size is the run's (:func:`fastmix_data.search.vocab.search_vocabulary`: the
+    tokenizer file's, the ids columns', or 257 bytes) unless ``vocab_size`` is given here, e.g.
+    ``p20m,vocab_size=32768`` to pad a 32,000-id BPE to a multiple of 128 for the GPU's matmuls.
     """
 
     preset: str = "cpu"
@@ -79,9 +84,18 @@ class ProxySpec:
             return cls(str(preset), {**dict(over), **d})
         raise ValueError(f"proxy must be a preset name or a mapping with 'preset', got {v!r}")
 
-    def shape(self) -> ProxyConfig:
-        """The model shape (raises ``ValueError`` for an unknown preset or field)."""
-        return proxy_config(self.preset, **dict(self.overrides))
+    def shape(self, vocab_size: int | None = None) -> ProxyConfig:
+        """The model shape for a run whose vocabulary has ``vocab_size`` ids (an explicit
+        ``vocab_size`` override wins; None: the preset's own). Raises ``ValueError`` for an unknown
+        preset or field, or a preset without a vocabulary and none given."""
+        over = dict(self.overrides)
+        if over.get("vocab_size") is None and vocab_size is not None:
+            over["vocab_size"] = int(vocab_size)
+        return proxy_config(self.preset, **over)
+
+    def check(self) -> None:
+        """Validate preset and overrides without a vocabulary (a stand-in one where the run's is missing)."""
+        self.shape(None if self.preset in PRESETS and PRESETS[self.preset].get("vocab_size") else _CHECK_VOCAB)
 
     def to_value(self) -> dict:
         return {"preset": self.preset, **dict(self.overrides)}
@@ -91,6 +105,8 @@ class ProxySpec:
 
 
 def _number(s: str) -> Any:
+    if s.lower() in ("true", "false"):
+        return s.lower() == "true"
     for t in (int, float):
         try:
             return t(s)
@@ -110,8 +126,18 @@ class TrainConfig(Section):
     (``batch_size * seq_len`` trained tokens); ``grad_accum`` micro-batches make one optimiser step.
     """
 
-    proxy: ProxySpec = opt(ProxySpec(), "proxy model: a preset (cpu, tiny, gpu) plus overrides, e.g. "
-                           "'gpu,vocab_size=50304'", "proxy", aliases=("model",))
+    proxy: ProxySpec = opt(ProxySpec(), "proxy model: a preset (tiny, cpu, gpu; the ladder p20m, p60m, p150m; "
+                           "or one added with register_preset) plus ProxyConfig overrides, e.g. "
+                           "'p20m,tie_embeddings=true,activation_checkpointing=true'", "proxy", aliases=("model",))
+    tokenizer: str | None = opt(None, "a tokenizers JSON file (tokenizer.json, e.g. a BPE): the sources' and the "
+                                "target's text is encoded with it and the proxy's vocab_size is its size", "str",
+                                auto="the sources' pre-tokenized ids columns when every source has one, else "
+                                "UTF-8 bytes (257 ids)")
+    eos_token: str | None = opt(None, "the tokenizer's end-of-document token, appended between packed documents",
+                                "str", auto="the first of <|endoftext|>, </s>, <eos>... the tokenizer has")
+    fused_head: bool = opt(True, "the LM head's loss, its gradients and FastMix's scores from one chunked pass over "
+                           "the logits (no [tokens, vocab] tensor kept); off: materialised logits and a "
+                           "separate scoring pass", "bool")
     seed: int = opt(0, "seed of the proxy's initialisation", "int", lo=0, hi=2**63 - 1)
     data_seed: int | None = opt(None, "seed of the training stream's order", "int", lo=0, hi=2**63 - 1,
                                 auto="the seed")
@@ -119,7 +145,8 @@ class TrainConfig(Section):
     seq_len: int = opt(128, "tokens predicted per sequence (sequences hold seq_len + 1 tokens)", "int", lo=1)
     grad_accum: int = opt(1, "micro-batches per optimiser step", "int", lo=1)
     lr: float | None = opt(None, "AdamW learning rate of the proxy", "float", lo=0, lo_open=True,
-                           auto="the preset's (cpu 2e-3, tiny 3e-3, gpu 4e-4)")
+                           auto="the preset's (model.PRESET_LR: tiny 3e-3, cpu 2e-3, gpu 4e-4, p20m 1e-3, "
+                           "p60m 8e-4, p150m 6e-4; others 1e-3)")
     lr_schedule: str = opt("cosine", "learning-rate schedule after the warm-up", "str",
                            choices=("cosine", "constant"))
     lr_warmup_steps: int | None = opt(None, "optimiser steps of linear learning-rate warm-up", "int", lo=0,
@@ -131,7 +158,7 @@ class TrainConfig(Section):
     device: str = opt("auto", "'auto' (CUDA when available), 'cpu', 'cuda' or 'cuda:N'", "str")
     dtype: str = opt("auto", "'auto' (bf16 autocast on CUDA, fp32 on CPU), 'float32' or 'bfloat16'", "str",
                      choices=("auto", "float32", "bfloat16"))
-    compile: bool = opt(False, "torch.compile the proxy's trunk", "bool")
+    compile: bool = opt(False, "torch.compile the proxy's trunk (and the fused head's softmax pass)", "bool")
     eval_batch_size: int = opt(64, "sequences per evaluation forward pass", "int", lo=1)
 
     @classmethod
@@ -146,9 +173,13 @@ class TrainConfig(Section):
             if not isinstance(value, ProxySpec):
                 return f"must be a preset name or {{preset: ..., field: value}}, got {value!r}"
             try:
-                value.shape()
+                value.check()
             except (ValueError, TypeError) as e:
                 return str(e)
+        if name in ("tokenizer", "eos_token") and value is not None and (not isinstance(value, str) or not value):
+            return f"must be a non-empty string, got {value!r}"
+        if name == "tokenizer" and value is not None and not Path(value).is_file():
+            return f"no tokenizer file {value!r}: give the path of a tokenizers JSON file (tokenizer.json)"
         if name == "device" and not (value in ("auto", "cpu", "cuda") or str(value).startswith("cuda:")):
             return f"must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {value!r}"
         return None
@@ -166,7 +197,7 @@ class TrainConfig(Section):
     @property
     def learning_rate(self) -> float:
         """``lr``, or the preset's default."""
-        return self.lr if self.lr is not None else DEFAULT_LR.get(self.proxy.preset, 1e-3)
+        return self.lr if self.lr is not None else PRESET_LR.get(self.proxy.preset, 1e-3)
 
 
 @dataclass
@@ -258,7 +289,9 @@ class FastMixConfig(Section):
                                               "int", lo=1, auto="about as many sequences as the window trains on")
     target_ema: float = opt(0.0, "EMA factor of the target gradient across outer steps (0: latest only)",
                             "float", lo=0, hi=0.999)
-    chunk_tokens: int = opt(4096, "tokens per chunk of the scoring matmuls (bounds memory)", "int", lo=1)
+    chunk_tokens: int | None = opt(None, "tokens per chunk of the fused head and the scoring matmuls (bounds "
+                                   "memory: chunk x vocabulary float32 logits at a time)", "int", lo=1,
+                                   auto="2**26 / vocab_size (256 MiB of logits), at least 128")
 
     def checks(self) -> list[tuple[str, str]]:
         p = []
@@ -413,7 +446,6 @@ class SearchConfig(Section):
 
 
 __all__ = [
-    "DEFAULT_LR",
     "METHOD_NAMES",
     "PRESETS",
     "AioliConfig",

@@ -28,12 +28,14 @@ from typing import Any, Protocol, runtime_checkable
 from torch import nn
 
 from .config import SearchConfig
+from .ddp import Ranks
 from .hypergrad import TokenLossFn
 from .outputs import RunWriter
 from .proxy.compute import ComputeMeter
 from .proxy.trainer import make_stream
 from .schedule import Budget
 from .targets import TargetSet
+from .vocab import Vocabulary, byte_vocabulary
 
 
 @runtime_checkable
@@ -63,6 +65,9 @@ class RunContext:
         stream: a caller-supplied search stream (online methods), instead of one over ``sources``.
         model, loss_fn: a caller-supplied proxy / per-token loss (FastMix).
         resume: resume an online search from ``out_dir/checkpoint.pt`` (True, False, "auto").
+        vocab: the proxy's vocabulary (:func:`~fastmix_data.search.vocab.search_vocabulary`).
+        ranks: the data-parallel ranks under ``torchrun`` (rank 0 of 1 otherwise); only rank 0's
+            writer writes.
     """
 
     config: SearchConfig
@@ -76,6 +81,8 @@ class RunContext:
     model: nn.Module | None = None
     loss_fn: TokenLossFn | None = None
     resume: bool | str = False
+    vocab: Vocabulary = field(default_factory=byte_vocabulary)
+    ranks: Ranks = field(default_factory=Ranks)
     published: list[dict[str, float]] = field(default_factory=list)
 
     @property
@@ -84,8 +91,9 @@ class RunContext:
 
     @property
     def budget(self) -> Budget:
+        """The budget in micro-batches of the global batch (``train.batch_size`` per rank)."""
         t = self.config.train
-        return Budget(int(self.config.max_tokens), t.tokens_per_step, t.grad_accum)
+        return Budget(int(self.config.max_tokens), t.tokens_per_step * self.ranks.world, t.grad_accum)
 
     def publish(self, weights: Mapping[str, float]) -> int | None:
         """THE hook through which every new mixture leaves the search (see the module docstring).

@@ -91,6 +91,8 @@ class ProxyStep:
         chunk_tokens: token chunk of the fused head and the score products (None: by vocabulary).
         loss_fn: a per-token loss ``(logits [N, V], targets [N]) -> [N]`` instead of cross-entropy
             (then, as with a head bias, the head is not fused: its logits are materialised).
+        fused: the fused head loss (:mod:`.fused_head`) where it applies; False: the logits are
+            materialised and scored in a separate pass over them.
         ranks: data-parallel ranks (default: the initialised process group's, else one).
     """
 
@@ -110,6 +112,7 @@ class ProxyStep:
         chunk_tokens: int | None = None,
         loss_fn: TokenLossFn | None = None,
         ranks: Ranks | None = None,
+        fused: bool = True,
     ):
         if not is_headed_lm(model):
             raise TypeError(
@@ -127,7 +130,7 @@ class ProxyStep:
         self.loss_fn = loss_fn
         self.ranks = ranks or Ranks.current()
         self.tied = head_is_tied(model)
-        self.fused = loss_fn is None and model.head.bias is None
+        self.fused = bool(fused) and loss_fn is None and model.head.bias is None
         self._residuals = None
         if compile:
             backend = None if compile is True else str(compile)

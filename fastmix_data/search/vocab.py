@@ -21,6 +21,7 @@ Example (a 2,000-id BPE trained on local text with the ``tokenizers`` library)::
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 from collections.abc import Mapping
@@ -206,6 +207,38 @@ def resolve_vocabulary(
     return byte_vocabulary()
 
 
+@functools.lru_cache(maxsize=8)
+def _cached_tokenizer(path: str, eos_token: str | None, mtime_ns: int) -> Vocabulary:
+    return load_tokenizer(path, eos_token)
+
+
+def search_vocabulary(train: Any, sources: Mapping[str, Any] | None = None) -> Vocabulary:
+    """The vocabulary a search's proxy trains on, from its ``train`` config section
+    (:class:`~fastmix_data.search.config.TrainConfig`): ``train.tokenizer`` when set; else the
+    sources' pre-tokenized ids columns when every source has one (the size declared as the proxy's
+    ``vocab_size`` override, else scanned); else bytes. ``sources`` are specs (paths, globs) or
+    opened sources; None (a caller's own stream) means bytes unless a tokenizer is set. A tokenizer
+    file is read once per process (cached by path and modification time)."""
+    declared = train.proxy.overrides.get("vocab_size")
+    if train.tokenizer is not None:
+        p = Path(train.tokenizer)
+        voc = _cached_tokenizer(str(p), train.eos_token, p.stat().st_mtime_ns if p.is_file() else 0)
+        if declared is not None and declared < voc.size:
+            raise TokenizerError(f"train.proxy vocab_size={declared} is smaller than tokenizer {p}'s {voc.size} ids")
+        return voc
+    if sources:
+        opened = _open_specs(sources)
+        if all(getattr(getattr(s, "columns", None), "ids", None) is not None for s in opened.values()):
+            return ids_vocabulary(opened, declared)
+    return byte_vocabulary()
+
+
+def _open_specs(sources: Mapping[str, Any]) -> dict[str, Any]:
+    from fastmix_data.sources import open_source
+
+    return {n: s if hasattr(s, "shards") else open_source(n, s) for n, s in sources.items()}
+
+
 def check_ids(tokens, vocab_size: int, where: str) -> None:
     """Raise :class:`TokenizerError` naming ``where`` when ``tokens`` (a CPU tensor or array) holds an
     id outside ``[0, vocab_size)``. Cheap: one min/max over the batch, before it goes to a device."""
@@ -228,4 +261,5 @@ __all__ = [
     "ids_vocabulary",
     "load_tokenizer",
     "resolve_vocabulary",
+    "search_vocabulary",
 ]

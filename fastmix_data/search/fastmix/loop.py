@@ -10,16 +10,23 @@ Solution: :class:`FastMixLoop`, whose methods are the phases, called by :meth:`F
 
 * :meth:`~FastMixLoop.inner_step` -- one micro-batch of proxy training on the alpha-weighted loss
   (a source-k sequence's loss times ``alpha_k / serve_k``: training on a uniform stream with these
-  weights has the expected loss and gradient of training on an alpha-sampled stream);
-* :meth:`~FastMixLoop.score` -- the micro-batch's per-source inner products with the target's
-  LM-head gradient, from the hidden states and logits it was trained on (no extra forward, no
-  backward through the trunk, no ``.grad`` buffer touched), summed over the outer step's window;
+  weights has the expected loss and gradient of training on an alpha-sampled stream) and, in the
+  same pass (:class:`~fastmix_data.search.proxy_step.ProxyStep`: the fused head loss), the
+  micro-batch's per-source inner products with the target's LM-head gradient, summed over the
+  outer step's window (no extra forward, no backward through the trunk, no ``.grad`` touched);
+* :meth:`~FastMixLoop.score` -- keeps the micro-batch for the buffered search batch
+  (``search_batch="buffer"``);
 * :meth:`~FastMixLoop.outer_step` -- every ``outer_every`` micro-batches: hypergradient -> Adam
   step on the mixture logits (after the warm-up) -> :meth:`RunContext.publish` -> trajectory
   record -> ``weights.json`` -> a fresh target gradient for the next window;
 * :meth:`~FastMixLoop.checkpoint` / :meth:`~FastMixLoop.restore` -- everything needed to continue
   bitwise, every ``checkpoint_every`` micro-batches and at the end;
 * :meth:`~FastMixLoop.budget_reached` -- stop at ``max_tokens``.
+
+Under ``torchrun`` every rank runs this loop on its rows of each global batch (DDP averages the
+gradients); scores, telemetry and head gradients are summed over the ranks before they are used,
+so every rank takes the same mixture update and the outputs (written by rank 0) mean what one
+process's would with ``train.batch_size`` times the number of ranks (:mod:`..ddp`).
 
 The schedule (warm-up, outer-step interval, z step size) comes from the budget
 (:func:`fastmix_data.search.schedule.fastmix_schedule`). The exported mixture is chosen by
@@ -42,17 +49,7 @@ import torch
 from fastmix_data.io import atomic_path
 
 from ..context import MethodResult, RunContext, finish
-from ..hypergrad import (
-    GradientEMA,
-    SourceScores,
-    full_source_scores,
-    full_target_gradient,
-    head_gradient,
-    logit_residuals,
-    per_token_source,
-    segment_sums,
-    source_head_scores,
-)
+from ..hypergrad import GradientEMA, SourceScores, full_source_scores, full_target_gradient
 from ..outputs import CHECKPOINT_FILE
 from ..proxy.trainer import ProxyTrainer
 from ..schedule import FastMixSchedule, checkpoint_every, fastmix_schedule
@@ -73,32 +70,12 @@ def loss_weights(alpha: torch.Tensor, serve: torch.Tensor, dtype: torch.dtype = 
     return (alpha.to(torch.float64) / serve.to(torch.float64)).to(dtype)
 
 
-@torch.no_grad()
-def weighted_head_gradient(h: torch.Tensor, y: torch.Tensor, logits: torch.Tensor, weights: torch.Tensor,
-                           loss_fn=None, chunk_tokens: int = 4096) -> torch.Tensor:
-    """``mean_t w_t r_t h_t^T`` (float32 ``[V, d]``): the LM-head gradient of a loss whose tokens
-    weigh ``w_t`` (per sequence ``weights`` ``[B]``, e.g. the proxy's ``alpha_k / serve_k``), in
-    closed form from hidden states ``[B, L, d]`` and logits ``[B, L, V]`` -- one softmax pass and
-    one ``[V, n] x [n, d]`` product, independent of K."""
-    d = h.shape[-1]
-    h2, z2, y2 = h.reshape(-1, d), logits.reshape(-1, logits.shape[-1]), y.reshape(-1)
-    w = weights.reshape(-1, 1).expand(-1, y.shape[-1]).reshape(-1).to(torch.float32)
-    G = torch.zeros(z2.shape[-1], d, dtype=torch.float32, device=h.device)
-    for i in range(0, len(y2), chunk_tokens):
-        j = min(len(y2), i + chunk_tokens)
-        r, _ = logit_residuals(z2[i:j], y2[i:j], loss_fn, torch.float32)
-        G.addmm_((r * w[i:j, None]).T, h2[i:j].to(torch.float32))
-    return G / max(1, len(y2))
-
-
 @dataclass
 class _Micro:
-    """What one inner step leaves for scoring."""
+    """What one inner step leaves for the buffered search batch."""
 
     tokens: torch.Tensor
     source: torch.Tensor
-    h: torch.Tensor
-    logits: torch.Tensor
 
 
 @dataclass
@@ -136,14 +113,19 @@ class FastMixLoop:
         if target is None and self.fc.hypergrad != "none":
             raise ValueError("FastMix needs a target unless fastmix.hypergrad='none'")
         self.budget = ctx.budget
-        tbs = self.cfg.target.batch_size or self.cfg.train.batch_size
+        self.world = ctx.ranks.world
+        global_batch = self.cfg.train.batch_size * self.world  # sequences per micro-batch, all ranks
+        tbs = self.cfg.target.batch_size or global_batch
         self.sched: FastMixSchedule = fastmix_schedule(
             self.budget.steps, warmup_steps=self.fc.warmup_steps, outer_every=self.fc.outer_every, z_lr=self.fc.z_lr,
-            target_batches_per_step=self.fc.target_batches_per_step, batch_size=self.cfg.train.batch_size,
+            target_batches_per_step=self.fc.target_batches_per_step, batch_size=global_batch,
             target_batch_size=tbs, target_seqs=len(target) if target is not None else None,
             z_lr_schedule=self.fc.z_lr_schedule, z_min_lr_ratio=self.fc.z_min_lr_ratio)
         self.trainer = ProxyTrainer(self.cfg.train, self.budget.optimizer_steps, ctx.meter, model=ctx.model,
-                                    loss_fn=ctx.loss_fn)
+                                    loss_fn=ctx.loss_fn, num_sources=self.K,
+                                    chunk_tokens=self.fc.chunk_tokens, ranks=ctx.ranks)
+        self.proxy = self.trainer.proxy
+        self.ranks = ctx.ranks
         self.device = self.trainer.device
         init = init_weights if init_weights is not None else self.fc.init_weights
         self.z = FastMix(self.K, lr=self.sched.z_lr, betas=tuple(self.fc.z_betas), eps=self.fc.z_eps,
@@ -184,38 +166,37 @@ class FastMixLoop:
 
     # ================================================================== phases
     def inner_step(self, batch: Mapping) -> _Micro:
-        """Train the proxy on one micro-batch with the alpha-weighted loss."""
+        """Train the proxy on one micro-batch with the alpha-weighted loss; in window mode add its
+        per-source scores against the current reference gradient, from the same pass, to the window."""
         tokens, source = self._unpack(batch)
-        B, L = tokens.shape[0], tokens.shape[1] - 1
-        h, logits = self.trainer.forward(tokens[:, :-1])
-        tl = self.trainer.token_losses(logits, tokens[:, 1:])
-        seq = tl.mean(1)
-        self.trainer.micro_step((self.loss_w[source] * seq).mean(), B * L)
-        with torch.no_grad():
-            sd = seq.detach().double()
-            self.tele.counts += segment_sums(torch.full_like(sd, L), source, self.K)
-            self.tele.loss_sums += segment_sums(sd * L, source, self.K)
+        G = self._window_reference()
+        m = self.trainer.train_step(tokens, source, loss_w=self.loss_w, G=G)
+        self.tele = self.tele + m.losses
         self.state.step += 1
-        return _Micro(tokens, source, h.detach(), logits.detach())
+        if m.scores is not None:
+            self.window = self.window + m.scores
+            n = m.token_losses.numel() * self.world
+            self.ctx.meter.hypergrad(2.0 * self._V * self._d * n, scored=n)
+        return _Micro(tokens, source)
+
+    def _window_reference(self) -> torch.Tensor | None:
+        """The gradient the next micro-batch is scored against in window mode, or None (not scored:
+        no hypergradient, buffer mode, no reference yet, or outside ``score_last``)."""
+        if self.fc.hypergrad != "head" or self.fc.search_batch != "window" or self.reference is None:
+            return None
+        E = self.sched.outer_every
+        pos = self.state.step % E + 1  # the next micro-batch's place in its window, 1..outer_every
+        if self.fc.score_last is not None and pos <= E - self.fc.score_last:
+            return None
+        return self.reference
 
     def score(self, m: _Micro) -> None:
-        """Add the micro-batch's per-source scores to the window (or keep it in the buffers)."""
-        if self.fc.hypergrad == "none":
+        """Keep the micro-batch's sequences for the buffered search batch (window mode scored them
+        in :meth:`inner_step` already)."""
+        if self.fc.hypergrad == "none" or self.fc.search_batch != "buffer":
             return
-        if self.fc.search_batch == "buffer":
-            for i, k in enumerate(m.source.tolist()):
-                self.buffers[k].append(m.tokens[i].detach())
-            return
-        E = self.sched.outer_every
-        pos = (self.state.step - 1) % E + 1  # 1..outer_every within the window
-        L = m.tokens.shape[1] - 1
-        y = m.tokens[:, 1:]
-        if self.reference is None or (self.fc.score_last is not None and pos <= E - self.fc.score_last):
-            return
-        self.window = self.window + source_head_scores(
-            m.h, y, per_token_source(m.source, L), self.reference, self.K, logits=m.logits,
-            loss_fn=self.ctx.loss_fn, chunk_tokens=self.fc.chunk_tokens)
-        self.ctx.meter.hypergrad(2.0 * self._V * self._d * y.numel(), scored=y.numel())
+        for i, k in enumerate(m.source.tolist()):
+            self.buffers[k].append(m.tokens[i].detach())
 
     def outer_step(self) -> None:
         """Hypergradient -> mixture update (after the warm-up) -> publish -> record -> weights.json."""
@@ -223,14 +204,15 @@ class FastMixLoop:
         if self.fc.hypergrad != "none":
             if self.fc.search_batch == "buffer":
                 self.state.target_loss = self.target_pass()
-                scores = self.buffer_scores()
+                scores = self.ranks.sum_scores(self.buffer_scores())
             else:
-                scores = self.window
+                scores = self.ranks.sum_scores(self.window)
             update = self.state.step >= self.sched.warmup_steps
             self.z.lr = self.sched.z_lr_at(self.z.steps)
             info = self.z.step(scores.means(), present=scores.present, proxy_lr=self.trainer.lr(), update=update)
             if info.updated:
                 alpha = self.z.alpha()
+                self.ranks.assert_same(alpha, "the mixture")
                 self.state.history.append(alpha.tolist())
                 self.loss_w = loss_weights(alpha, self.serve).to(self.device)
                 self.state.effective_batch = self.ctx.publish(dict(zip(self.names, alpha.tolist())))
@@ -261,11 +243,8 @@ class FastMixLoop:
                 G, loss, n = full_target_gradient(tr.model, tokens, tr.params, loss_mask=mask, loss_fn=self.ctx.loss_fn,
                                                   autocast=tr.autocast())
                 self.ctx.meter.hypergrad(4.0 * self.ctx.meter.N * ntok)
-            else:
-                with torch.no_grad():
-                    h, logits = tr.forward(tokens[:, :-1])
-                hg = head_gradient(h, tokens[:, 1:], logits=logits, mask=mask, loss_fn=self.ctx.loss_fn,
-                                   chunk_tokens=self.fc.chunk_tokens)
+            else:  # this rank's rows of the target batch, the gradient summed over the ranks
+                hg = self.proxy.head_gradient(tokens, loss_mask=mask)
                 self.ctx.meter.hypergrad(2.0 * self._V * self._d * hg.tokens)
                 G, loss, n = hg.grad, hg.loss, hg.tokens
             if n == 0:
@@ -293,13 +272,9 @@ class FastMixLoop:
                                     autocast=tr.autocast())
             meter.hypergrad(4.0 * meter.N * ntok * int(sc.present.sum()), scored=ntok)
             return sc
-        with torch.no_grad():
-            h, logits = tr.forward(tokens[:, :-1])
-        L = tokens.shape[1] - 1
         meter.hypergrad(2.0 * self._V * self._d * ntok, scored=ntok)
         train = self.train_gradient() if self.residual else None
-        return source_head_scores(h, tokens[:, 1:], per_token_source(src, L), self._reference(train), self.K,
-                                  logits=logits, loss_fn=self.ctx.loss_fn, chunk_tokens=self.fc.chunk_tokens)
+        return self.proxy.score_batch(tokens, src, self._reference(train))
 
     def train_gradient(self) -> torch.Tensor | None:
         """The alpha-weighted training loss's LM-head gradient at the CURRENT parameters (where the
@@ -312,18 +287,14 @@ class FastMixLoop:
             return None
         G, n, seqs = None, 0, 0
         while seqs < self.sched.target_batches_per_step * self.tbs:
-            tokens, src = self._unpack(next(self._it))
-            seqs += tokens.shape[0]
+            tokens, src = self._unpack(next(self._it))  # this rank's rows of the next global batch
+            seqs += tokens.shape[0] * self.world
             self.state.held_out_batches += 1
-            with torch.no_grad():
-                h, logits = self.trainer.forward(tokens[:, :-1])
-            ntok = tokens.shape[0] * (tokens.shape[1] - 1)
-            self.ctx.meter.eval(ntok)
-            self.ctx.meter.hypergrad(2.0 * self._V * self._d * ntok)
-            g = weighted_head_gradient(h, tokens[:, 1:], logits, self.loss_w[src], self.ctx.loss_fn,
-                                       self.fc.chunk_tokens)
-            G = g * ntok if G is None else G + g * ntok
-            n += ntok
+            hg = self.proxy.head_gradient(tokens, seq_weights=self.loss_w[src], split=False)
+            self.ctx.meter.eval(hg.tokens)
+            self.ctx.meter.hypergrad(2.0 * self._V * self._d * hg.tokens)
+            G = hg.grad * hg.tokens if G is None else G + hg.grad * hg.tokens
+            n += hg.tokens
         return G / n
 
     def _reference(self, train_grad: torch.Tensor | None):
@@ -353,7 +324,7 @@ class FastMixLoop:
         self.ctx.writer.record({
             "outer_step": self.state.outer, "step": self.state.step, "tokens": self.trainer.tokens,
             "weights": dict(zip(self.names, a.tolist())),
-            "source_loss": dict(zip(self.names, self.tele.losses().tolist())),
+            "source_loss": dict(zip(self.names, self.ranks.sum_scores(self.tele).losses().tolist())),
             "target_loss": self.state.target_loss, "entropy": self.z.entropy(a), "min_weight": float(a.min()),
             "lr": self.trainer.lr(), "z_lr": self.z.lr, "updated": bool(info and info.updated),
             "reason": None if info is None else info.reason,
@@ -471,6 +442,8 @@ class FastMixLoop:
         self.ctx.writer.write_config(self.cfg.to_dict(), {"fastmix": self.sched.to_dict(),
                                                           "lr_warmup_steps": self.trainer.warmup,
                                                           "checkpoint_every": self.ckpt_every,
+                                                          "vocabulary": self.ctx.vocab.to_dict(),
+                                                          "ranks": self.ranks.world,
                                                           "micro_batches": self.budget.steps})
         if self.fc.hypergrad != "none" and self.sched.updates == 0:
             warnings.warn(f"the budget allows {self.budget.steps} micro-batches but the mixture is first updated "
@@ -499,7 +472,7 @@ class FastMixLoop:
                     self.outer_step()
                     clock.lap("outer")
                 if bar is not None:
-                    bar.update(self.cfg.train.tokens_per_step)
+                    bar.update(self.budget.tokens_per_step)
                     if self.state.step % self.sched.outer_every == 0:
                         bar.set_postfix_str(self._postfix(), refresh=False)
                 if self.trainer.micro % self.cfg.train.grad_accum == 0:
@@ -531,7 +504,7 @@ class FastMixLoop:
             return None
         from tqdm.auto import tqdm
 
-        return tqdm(total=self.budget.steps * self.cfg.train.tokens_per_step, initial=self.trainer.tokens, unit="tok",
+        return tqdm(total=self.budget.steps * self.budget.tokens_per_step, initial=self.trainer.tokens, unit="tok",
                     unit_scale=True, desc="fastmix search", dynamic_ncols=True)
 
     def _postfix(self) -> str:

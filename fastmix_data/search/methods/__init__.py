@@ -32,10 +32,13 @@ from fastmix_data.errors import ConfigError
 
 from ..config import METHOD_NAMES, SearchConfig
 from ..context import MethodResult, MethodSpec, RunContext, Sink, WeightSink, finish
+from ..ddp import init_distributed
 from ..hypergrad import TokenLossFn
+from ..model import PRESETS
 from ..outputs import RunWriter, SourceStats
 from ..proxy.compute import ComputeMeter
 from ..targets import TargetSet, load_target
+from ..vocab import Vocabulary, search_vocabulary
 from . import aioli, doremi, fastmix, grid, mixmin, mixmin_fastmix, natural, stratified
 
 METHODS: dict[str, MethodSpec] = {
@@ -81,12 +84,29 @@ def run_method(
     names = _names(srcs, stream)
     if (model is not None or loss_fn is not None or resume) and cfg.method not in ("fastmix", "mixmin_fastmix"):
         raise ConfigError(f"model=, loss_fn= and resume= are FastMix options; method {cfg.method!r} takes none")
-    tset = _target(cfg, spec, target)
+    ranks = init_distributed()
+    if resume and ranks.world > 1:
+        raise ConfigError("resume= is not supported under torchrun yet: resume the search in one process, or "
+                          "start it afresh")
+    vocab = search_vocabulary(cfg.train, srcs if model is None else None)
+    cfg = with_vocabulary(cfg, vocab.size) if model is None else cfg
+    tset = _target(cfg, spec, target, vocab)
     stats = SourceStats.of_sources(srcs) if srcs else None
-    writer = RunWriter(out_dir, spec.name, names, stats=stats, flush_every_s=cfg.output.flush_every_s)
+    writer = RunWriter(out_dir if ranks.is_main else None, spec.name, names, stats=stats,
+                       flush_every_s=cfg.output.flush_every_s)
     ctx = RunContext(cfg, names, srcs, tset, writer, ComputeMeter(), sink=sink, stream=stream, model=model,
-                     loss_fn=loss_fn, resume=resume)
+                     loss_fn=loss_fn, resume=resume, vocab=vocab, ranks=ranks)
     return spec.run(ctx)
+
+
+def with_vocabulary(cfg: SearchConfig, vocab_size: int) -> SearchConfig:
+    """``cfg`` with the run's vocabulary size as the proxy's ``vocab_size`` where its preset has
+    another (or none) and no size was given: every proxy the method builds from ``cfg.train``
+    (and every cache key) then has it. The byte vocabulary with the byte presets changes nothing."""
+    spec = cfg.train.proxy
+    if spec.overrides.get("vocab_size") is not None or PRESETS.get(spec.preset, {}).get("vocab_size") == vocab_size:
+        return cfg
+    return cfg.replace(**{"train.proxy": {**spec.to_value(), "vocab_size": int(vocab_size)}})
 
 
 def _plain(sources: Mapping) -> bool:
@@ -105,7 +125,7 @@ def _names(sources: Mapping | None, stream: Iterable | None) -> list[str]:
     return names
 
 
-def _target(cfg: SearchConfig, spec: MethodSpec, target: Any) -> TargetSet | None:
+def _target(cfg: SearchConfig, spec: MethodSpec, target: Any, vocab: Vocabulary) -> TargetSet | None:
     t = cfg.target
     given = target if target is not None else t.path
     if given is None:
@@ -114,7 +134,9 @@ def _target(cfg: SearchConfig, spec: MethodSpec, target: Any) -> TargetSet | Non
                               "YAML target.path, or target= in Python")
         return None
     return load_target(given, cfg.train.seq_len, max_seqs=t.max_seqs, seed=t.seed, average=t.average,
-                       text_field=t.text_field, answer_field=t.answer_field, question_field=t.question_field)
+                       text_field=t.text_field, answer_field=t.answer_field, question_field=t.question_field,
+                       tokenizer=vocab.tokenizer)
 
 
-__all__ = ["METHODS", "MethodResult", "MethodSpec", "RunContext", "WeightSink", "finish", "run_method"]
+__all__ = ["METHODS", "MethodResult", "MethodSpec", "RunContext", "WeightSink", "finish", "run_method",
+           "with_vocabulary"]

@@ -16,8 +16,8 @@ hidden states it trained on); the static methods call :meth:`ProxyTrainer.step`.
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Callable, Mapping, Sequence
-from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,20 +25,28 @@ import torch
 from torch import nn
 
 from ..config import TrainConfig
+from ..ddp import Ranks
 from ..hypergrad import TokenLossFn, token_losses
 from ..model import build_proxy, count_params, is_headed_lm
+from ..proxy_step import MicroStep, ProxyStep
 from ..schedule import lr_warmup_steps
 from ..targets import TargetSet, iter_batches
+from ..vocab import search_vocabulary
 from .compute import ComputeMeter
 
 #: ``reduce(token_losses [B, L], source [B]) -> scalar loss`` for :meth:`ProxyTrainer.step`
 LossReduce = Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor]
 
 
-def resolve_device(device: str) -> torch.device:
-    """``"auto"`` -> CUDA when available, else CPU; refuses CUDA when there is none."""
+def resolve_device(device: str, ranks: Ranks | None = None) -> torch.device:
+    """``"auto"`` -> CUDA when available (under ``torchrun``: GPU ``LOCAL_RANK``), else CPU; refuses
+    CUDA when there is none."""
     if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if not torch.cuda.is_available():
+            return torch.device("cpu")
+        if ranks is not None and ranks.world > 1:
+            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", ranks.rank % torch.cuda.device_count())))
+        return torch.device("cuda")
     dev = torch.device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {device!r} requested but CUDA is not available; use device='auto' or 'cpu'")
@@ -48,18 +56,27 @@ def resolve_device(device: str) -> torch.device:
 def make_stream(sources: Mapping[str, Any], weights: Mapping[str, float] | Sequence[float] | None,
                 train: TrainConfig, *, seed: int | None = None, **kwargs):
     """A packing-mode :class:`~fastmix_data.stream.MixtureStream` over ``sources`` (uniform when
-    ``weights`` is None) with the batch shape of ``train``; weights are shares of packed sequences,
-    i.e. token shares."""
+    ``weights`` is None) with the batch shape of ``train`` and its tokenizer (``train.tokenizer``;
+    else ids columns as they are, or bytes); weights are shares of packed sequences, i.e. token
+    shares. Under ``torchrun`` each rank gets its rows of every global batch."""
     from fastmix_data.stream import MixtureStream
 
     if weights is None:
         weights = {n: 1.0 for n in sources}
+    if train.tokenizer is not None and "tokenizer" not in kwargs:
+        kwargs["tokenizer"] = search_vocabulary(train).tokenizer
     return MixtureStream(dict(sources), weights, train.batch_size, train.stream_seed if seed is None else seed,
                          seq_len=train.seq_len, **kwargs)
 
 
 class ProxyTrainer:
     """A proxy model and its optimiser, trained one micro-batch at a time.
+
+    The work of a micro-batch -- device, DistributedDataParallel under ``torchrun``, the compiled
+    trunk, bf16 autocast, fused AdamW on CUDA, the fused head loss with FastMix's scores folded in
+    -- is :class:`~fastmix_data.search.proxy_step.ProxyStep`'s; this class adds what every method
+    shares around it: the model built from ``train.proxy``, the learning-rate schedule, when an
+    optimiser step is taken (every ``grad_accum`` micro-batches), and the count of what was trained.
 
     Args:
         train: model, optimiser, schedule and batch settings.
@@ -68,36 +85,45 @@ class ProxyTrainer:
         meter: where trained tokens and FLOPs are counted (a new one when None).
         model: an existing model (default: ``train.proxy`` built with ``train.seed``).
         loss_fn: ``loss_fn(logits [N, V], targets [N]) -> [N]`` (default cross-entropy).
+        vocab_size: the vocabulary of a proxy without a ``vocab_size`` in ``train.proxy`` (None:
+            ``train.tokenizer``'s, else the preset's; ``run_method`` writes the run's vocabulary
+            into ``train.proxy``, see :func:`~fastmix_data.search.methods.with_vocabulary`).
+        num_sources: K, for the per-source sums of :meth:`train_step`.
+        chunk_tokens: token chunk of the fused head and the score products (None: by vocabulary).
+        ranks: data-parallel ranks (default: the initialised process group's, else one process).
     """
 
     def __init__(self, train: TrainConfig, optimizer_steps: int, meter: ComputeMeter | None = None, *,
-                 model: nn.Module | None = None, loss_fn: TokenLossFn | None = None):
+                 model: nn.Module | None = None, loss_fn: TokenLossFn | None = None, vocab_size: int | None = None,
+                 num_sources: int = 1, chunk_tokens: int | None = None, ranks: Ranks | None = None):
         self.cfg = train
-        self.device = resolve_device(train.device)
+        self.ranks = ranks or Ranks.current()
+        self.device = resolve_device(train.device, self.ranks)
         self.bf16 = train.dtype == "bfloat16" or (train.dtype == "auto" and self.device.type == "cuda")
-        self.model = model if model is not None else build_proxy(train.proxy.shape(), seed=train.seed)
-        if not is_headed_lm(self.model):
+        if model is None:
+            if vocab_size is None and train.tokenizer is not None:
+                vocab_size = search_vocabulary(train).size
+            model = build_proxy(train.proxy.shape(vocab_size), seed=train.seed)
+        if not is_headed_lm(model):
             raise TypeError("the proxy model must expose final_hidden(x) -> [B, L, d] and head: nn.Linear(d, V) "
                             "(see fastmix_data.search.model.HeadedLM)")
-        self.model.to(self.device).train()
         self.loss_fn = loss_fn
-        self.hidden = torch.compile(self.model.final_hidden) if train.compile else self.model.final_hidden
+        self.proxy = ProxyStep(model, num_sources, device=self.device, bf16=self.bf16, compile=train.compile,
+                               lr=train.learning_rate, betas=tuple(train.betas), weight_decay=train.weight_decay,
+                               grad_clip=train.grad_clip, grad_accum=train.grad_accum, chunk_tokens=chunk_tokens,
+                               loss_fn=loss_fn, ranks=self.ranks, fused=train.fused_head)
+        self.model = self.proxy.model
         self.n_params = count_params(self.model)
         self.meter = meter if meter is not None else ComputeMeter(self.n_params["flops"])
         if self.meter.N == 0:
             self.meter.N = self.n_params["flops"]
-        self.params = [p for p in self.model.parameters() if p.requires_grad]
-        kw: dict[str, Any] = {"lr": train.learning_rate, "betas": tuple(train.betas)}
-        if self.device.type == "cuda":
-            kw["fused"] = True
-        self.opt = torch.optim.AdamW(
-            [{"params": [p for p in self.params if p.dim() >= 2], "weight_decay": train.weight_decay},
-             {"params": [p for p in self.params if p.dim() < 2], "weight_decay": 0.0}], **kw)
+        self.params = self.proxy.params
+        self.opt = self.proxy.opt
         self.total_steps = max(1, int(optimizer_steps))
         self.warmup = lr_warmup_steps(self.total_steps, train.lr_warmup_steps)
         self.micro = 0  # micro-batches trained
         self.steps = 0  # optimiser steps taken
-        self.tokens = 0
+        self.tokens = 0  # trained tokens, all ranks together
         self.skipped_nonfinite = 0
 
     # ------------------------------------------------------------------ pieces
@@ -115,7 +141,7 @@ class ProxyTrainer:
 
     def autocast(self):
         """bf16 autocast on CUDA (or when asked), a no-op otherwise."""
-        return torch.autocast(self.device.type, dtype=torch.bfloat16) if self.bf16 else nullcontext()
+        return self.proxy.autocast()
 
     def lr(self) -> float:
         """Learning rate at the current optimiser step: linear warm-up, then cosine or constant."""
@@ -129,59 +155,49 @@ class ProxyTrainer:
         return base
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(h, logits)``: final hidden states ``[B, L, d]`` and logits ``[B, L, V]`` of ids ``x``."""
+        """``(h, logits)``: final hidden states ``[B, L, d]`` and logits ``[B, L, V]`` of ids ``x``
+        (no training; the buffered search batch's full hypergradient and tests use it)."""
         with self.autocast():
-            h = self.hidden(x)
+            h = self.model.final_hidden(x)
             return h, self.model.head(h)
 
-    def token_losses(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """Per-token losses ``[B, L]`` (float32 or wider)."""
-        B, L = y.shape
-        return token_losses(logits.reshape(B * L, -1), y.reshape(-1), self.loss_fn).view(B, L)
-
-    def micro_step(self, loss: torch.Tensor, ntok: int) -> bool:
-        """Accumulate ``loss`` (a micro-batch of ``ntok`` trained tokens); take an optimiser step
-        every ``grad_accum`` micro-batches. A non-finite loss is skipped and counted. Returns whether
-        an optimiser step was taken."""
-        if torch.isfinite(loss):
-            (loss / self.cfg.grad_accum).backward()
-        else:
+    def train_step(self, tokens: torch.Tensor, source: torch.Tensor | None = None, *,
+                   loss_w: torch.Tensor | None = None, G: torch.Tensor | None = None,
+                   reduce: LossReduce | None = None) -> MicroStep:
+        """Train on one micro-batch ``tokens`` ``[B, L+1]`` (this rank's rows) through
+        :meth:`ProxyStep.micro_step <fastmix_data.search.proxy_step.ProxyStep.micro_step>`: the loss
+        ``mean_b loss_w[source_b] * mean_t l_bt`` (``loss_w`` None: the token mean) or
+        ``reduce(token_losses, source)``, and with a head gradient ``G`` FastMix's per-source scores
+        from the same pass; an optimiser step every ``grad_accum`` micro-batches. A non-finite loss
+        is skipped (no gradient) and counted."""
+        tokens = tokens.to(self.device)
+        src = source.to(self.device) if source is not None else None
+        m = self.proxy.micro_step(tokens, src, loss_w, G, reduce=reduce)
+        if not m.finite:
             self.skipped_nonfinite += 1
+        ntok = m.token_losses.numel() * self.ranks.world
         self.micro += 1
-        self.tokens += int(ntok)
+        self.tokens += ntok
         self.meter.train(ntok)
-        if self.micro % self.cfg.grad_accum:
-            return False
-        for g in self.opt.param_groups:
-            g["lr"] = self.lr()
-        if self.cfg.grad_clip is not None:
-            torch.nn.utils.clip_grad_norm_(self.params, self.cfg.grad_clip)
-        self.opt.step()
-        self.opt.zero_grad(set_to_none=True)
-        self.steps += 1
-        return True
+        if self.micro % self.cfg.grad_accum == 0:
+            self.proxy.optimizer_step(self.lr())
+            self.steps += 1
+        return m
 
     def step(self, tokens: torch.Tensor, source: torch.Tensor | None = None,
              reduce: LossReduce | None = None) -> torch.Tensor:
         """Train on one micro-batch ``tokens`` ``[B, L+1]``; returns the detached token losses ``[B, L]``.
 
         ``reduce(token_losses, source)`` gives the scalar loss (default: the token mean)."""
-        tokens = tokens.to(self.device)
-        src = source.to(self.device) if source is not None else None
-        _, logits = self.forward(tokens[:, :-1])
-        tl = self.token_losses(logits, tokens[:, 1:])
-        loss = tl.mean() if reduce is None else reduce(tl, src)
-        self.micro_step(loss, tl.numel())
-        return tl.detach()
+        return self.train_step(tokens, source, reduce=reduce).token_losses
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict:
-        return {"model": self.model.state_dict(), "optimizer": self.opt.state_dict(), "micro": self.micro,
-                "steps": self.steps, "tokens": self.tokens, "skipped_nonfinite": self.skipped_nonfinite}
+        return {**self.proxy.state_dict(), "micro": self.micro, "steps": self.steps, "tokens": self.tokens,
+                "skipped_nonfinite": self.skipped_nonfinite}
 
     def load_state_dict(self, d: Mapping) -> None:
-        self.model.load_state_dict(d["model"])
-        self.opt.load_state_dict(d["optimizer"])
+        self.proxy.load_state_dict(d)
         self.micro, self.steps, self.tokens = int(d["micro"]), int(d["steps"]), int(d["tokens"])
         self.skipped_nonfinite = int(d["skipped_nonfinite"])
 
