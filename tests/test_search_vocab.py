@@ -120,3 +120,61 @@ def test_check_ids_names_where_and_the_id():
         check_ids(torch.tensor([[0, 10]]), 10, "batch 3")
     with pytest.raises(TokenizerError, match="id -1"):
         check_ids(torch.tensor([-1, 2]), 10, "the target")
+
+
+# ---------------------------------------------------------------------------------------- in the search
+
+
+def _search_cfg(method="fastmix", **train):
+    from search_corpus import tiny_config
+
+    cfg = tiny_config(method, steps=12)
+    cfg["train"] = {**cfg["train"], **train}
+    return cfg
+
+
+def test_search_trains_on_the_tokenizers_ids(tmp_path, bpe):
+    """train.tokenizer: the stream and the target are BPE-encoded and the proxy's vocabulary is the
+    tokenizer's (recorded in search_config.json); the static methods' proxies get it too."""
+    import json
+
+    from search_corpus import sources, write_tiny_corpus
+
+    from fastmix_data.search import run_method
+
+    root = write_tiny_corpus(tmp_path / "c", docs=30)
+    seen = []
+    r = run_method(_search_cfg(tokenizer=str(bpe)), sources=sources(root), target=str(root / "planted"),
+                   out_dir=tmp_path / "run", sink=seen.append)
+    assert r.model.head.out_features == r.model.embed.num_embeddings == 400
+    resolved = json.loads((tmp_path / "run" / "search_config.json").read_text())["resolved"]
+    assert resolved["vocabulary"] == {"size": 400, "eos_id": 0, "origin": f"tokenizer file {bpe}"}
+    assert r.compute["tokens"]["scored"] > 0 and len(seen) > 2
+    m = run_method(_search_cfg("mixmin", tokenizer=str(bpe)), sources=sources(root), target=str(root / "planted"))
+    assert abs(sum(m.weights.values()) - 1) < 1e-9
+
+
+def test_search_on_ids_columns_takes_their_vocabulary(tmp_path):
+    """Sources that are pre-tokenized ids columns: the proxy's vocabulary is the declared size (the
+    proxy's vocab_size) or, undeclared, the largest id + 1 (scanned)."""
+    from fastmix_data.search import run_method
+
+    for name, off in (("a", 0), ("b", 300)):
+        ids = [[(off + i * 7 + j) % 600 for j in range(40)] for i in range(30)]
+        ids[3][5] = 599  # the largest id
+        write_parquet_source(tmp_path / name, [""] * 30, shards=1, text_col=None, ids_col="input_ids", ids=ids)
+    srcs = {n: str(tmp_path / n) for n in ("a", "b")}
+    cfg = _search_cfg("stratified")
+    r = run_method(cfg, sources=srcs)
+    assert r.weights == {"a": 0.5, "b": 0.5}
+    from fastmix_data.search import SearchConfig
+    from fastmix_data.search.methods import with_vocabulary
+    from fastmix_data.search.vocab import search_vocabulary
+
+    c = SearchConfig.from_dict(cfg)
+    assert search_vocabulary(c.train, srcs).size == 600
+    assert with_vocabulary(c, 600).train.proxy.shape().vocab_size == 600
+    declared = c.replace(**{"train.proxy": "tiny,vocab_size=1024"})
+    assert search_vocabulary(declared.train, srcs).size == 1024
+    r = run_method({**cfg, "method": "fastmix", "fastmix": {"hypergrad": "none"}}, sources=srcs)
+    assert r.model.head.out_features == 600

@@ -1,0 +1,74 @@
+"""The search under torchrun: two gloo ranks running ``run_method`` (FastMix at its defaults, each
+rank on its half of every global batch) write the outputs one process writes with the whole
+global batch -- the same budget, steps, held-out batches, token counts and compute, and the same
+mixture up to the order of floating-point sums. The proxy runs in float64 (``model=``) so that
+the comparison can be tight; float32 differs by all-reduce rounding amplified by AdamW's first
+steps (docs/proxy.md)."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from search_corpus import sources, tiny_config, write_tiny_corpus
+
+from fastmix_data.search import run_method
+from fastmix_data.search.model import build_proxy, proxy_config
+
+B, STEPS = 4, 16  # per-rank rows; micro-batches of the global batch
+
+
+def _config(batch_size: int) -> dict:
+    cfg = tiny_config("fastmix", steps=STEPS)
+    cfg["max_tokens"] = 2 * B * 32 * STEPS  # the global batch's tokens times the steps
+    cfg["train"] = {**cfg["train"], "batch_size": batch_size}
+    cfg["fastmix"] = {"warmup_steps": 4, "outer_every": 4}
+    return cfg
+
+
+def _search(root, out_dir, batch_size: int):
+    model = build_proxy(proxy_config("tiny"), seed=0).double()
+    return run_method(_config(batch_size), sources=sources(root), target=str(root / "planted"), out_dir=out_dir,
+                      model=model)
+
+
+def _rank_main(rank, world, init_file, root, out_dir):
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        torch.set_num_threads(1)
+        _search(root, out_dir, B)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    return write_tiny_corpus(tmp_path_factory.mktemp("ddp_corpus"), docs=40)
+
+
+def test_two_ranks_write_what_one_process_writes(corpus, tmp_path):
+    os.environ.pop("WORLD_SIZE", None)
+    mp.start_processes(_rank_main, args=(2, str(tmp_path / "init"), corpus, tmp_path / "ddp"), nprocs=2,
+                       start_method="spawn")
+    one = _search(corpus, tmp_path / "one", 2 * B)
+    assert one.details["updates"] >= 2 and max(one.weights.values()) > 0.34  # the mixture moved
+    read = lambda d, f: json.loads((d / f).read_text())  # noqa: E731
+    w2, w1 = read(tmp_path / "ddp", "weights.json"), read(tmp_path / "one", "weights.json")
+    for n in one.weights:
+        assert w2["weights"][n] == pytest.approx(w1["weights"][n], rel=1e-7, abs=1e-9)
+    for k in ("updates", "outer_steps", "micro_batches", "held_out_batches", "schedule"):
+        assert w2["details"][k] == w1["details"][k], k
+    c2, c1 = read(tmp_path / "ddp", "compute.json"), read(tmp_path / "one", "compute.json")
+    assert c2["tokens"] == c1["tokens"] and c2["optimizer_steps"] == c1["optimizer_steps"]
+    t2 = [json.loads(x) for x in (tmp_path / "ddp" / "trajectory.jsonl").read_text().splitlines()]
+    assert len(t2) == len(one.trajectory)
+    for a, b in zip(t2, one.trajectory):
+        assert a["tokens"] == b["tokens"] and a["updated"] == b["updated"]
+        for n in one.weights:  # None: no token of that source since the last record
+            sa, sb = a["source_loss"][n], b["source_loss"][n]
+            assert (sa is None and sb is None) or sa == pytest.approx(sb, rel=1e-7)
+    assert json.loads((tmp_path / "ddp" / "search_config.json").read_text())["resolved"]["ranks"] == 2
