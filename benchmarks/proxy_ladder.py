@@ -1,6 +1,7 @@
 """The proxy preset ladder on one accelerator: throughput, MFU, memory, FastMix's overhead, numerics.
 
-Usage (one H100/H200, about 6-9 minutes including compilation):
+Usage (one H100/H200; the whole report in one command, about 10 minutes including compilation and
+the BPE encoding; the largest preset first, and the report is rewritten after every row):
     python benchmarks/proxy_ladder.py --out benchmarks/results/proxy_ladder.md
 CPU smoke test at tiny sizes (proves the script end to end; not a measurement of the ladder):
     python benchmarks/proxy_ladder.py --device cpu --presets tiny --seq-lens 32,64 --tokens 512 \\
@@ -8,32 +9,32 @@ CPU smoke test at tiny sizes (proves the script end to end; not a measurement of
         --out /tmp/ladder_smoke.md
 
 Data: real tokens. The demo corpus (five domains of the local Python installation's text, built in
-seconds, no network) is tokenized with a byte-level BPE of ``--vocab`` ids trained on its training
-split with the ``tokenizers`` library, and served by a ``MixtureStream`` over the five domains
-(``tokenizer=``), packed at each sequence length; the target is the validation split of ``prose``.
-Batches are made before timing (so data loading costs nothing). Both are cached under ``--work``.
+seconds, no network) and a byte-level BPE of ``--vocab`` ids trained on its training split with
+the ``tokenizers`` library (both cached under ``--work``); the searches get the BPE file as
+``train.tokenizer``, the five domains as sources and the validation split of ``prose`` as target.
 
 Sections of the report:
 
 1. FLOPs per token (``fastmix_data.search.flops``: ``6N + 12 n_layer d L``, N with the head,
    without the input embedding) and FastMix's extra work at equal efficiency.
-2. Throughput per preset and sequence length, ``--tokens`` tokens per micro-batch: plain proxy
-   training and FastMix (one-pass scores of every trained token folded into the fused head, a
-   target pass and a z update every ``--outer-every`` micro-batches), interleaved, ``--repeats``
-   times after a warm-up run (compilation). tokens/s, model TFLOP/s (training FLOPs only, so plain
-   and FastMix are comparable), MFU against ``--peak-tflops`` (default: the device's dense bf16
-   datasheet peak, e.g. 989 for H100 SXM / H200), peak memory, FastMix/plain wall ratio (per repeat;
-   min / median / max). ``--unfused`` adds the same two runs with the head unfused (logits
-   materialised, float32 cross-entropy, separate scoring pass: the trainer's path before the fused
-   head).
+2. Throughput per preset and sequence length, ``--tokens`` tokens per micro-batch: whole searches
+   through ``run_method`` -- the code path of ``fastmix-data search`` (the stream encoding the
+   sources with the BPE, ProxyTrainer on ProxyStep: bf16 autocast, fused AdamW, compiled trunk and
+   fused head on CUDA) --, plain proxy training (``fastmix.hypergrad=none``) and FastMix at its
+   defaults with an outer step every ``--outer-every`` micro-batches (``--fastmix-args`` overrides,
+   e.g. ``target_batches_per_step=1``), interleaved, ``--repeats`` times after a warm-up search.
+   tokens/s in the steady state (the trajectory's clock from the first outer step to the last),
+   model TFLOP/s (training FLOPs only, so plain and FastMix are comparable), MFU against
+   ``--peak-tflops`` (default: the device's dense bf16 datasheet peak, e.g. 989 for H100 SXM /
+   H200), peak memory, FastMix/plain wall ratio per trained token (per repeat; min / median / max).
+   ``--unfused`` adds the same two searches with ``train.fused_head=false``.
 3. Numerics per ``--numerics`` preset: the bf16 target gradient and per-source scores on the device
    against the same computation in float64 on the CPU (same weights, same real tokens).
 4. The head alone at ``--head-shapes`` (tokens x vocabulary x width): fused vs unfused, with and
    without scores: time and peak memory.
 
 The report is rewritten after every row, so a run cut short (a device session's time limit) keeps
-what it measured. What the proxy trains with here is what a search trains with: ``ProxyStep`` (bf16 autocast, fused
-AdamW on CUDA, compiled trunk, fused head) and ``FastMix``.
+what it measured. Sections 3-5 time and check the pieces (ProxyStep, the fused head) directly.
 """
 
 from __future__ import annotations
@@ -47,18 +48,15 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import _common  # noqa: E402  (benchmarks/: the script's own directory)
 
-from fastmix_data.search.fastmix import FastMix  # noqa: E402
 from fastmix_data.search.flops import peak_tflops, proxy_token_flops  # noqa: E402
 from fastmix_data.search.fused_head import fused_head_loss  # noqa: E402
-from fastmix_data.search.hypergrad import SourceScores, source_head_scores, token_losses  # noqa: E402
+from fastmix_data.search.hypergrad import source_head_scores, token_losses  # noqa: E402
 from fastmix_data.search.model import build_proxy, count_params, proxy_config  # noqa: E402
 from fastmix_data.search.proxy_step import ProxyStep  # noqa: E402
-from fastmix_data.search.trainer import loss_weights  # noqa: E402
 
 TARGET_DOMAIN = "prose"
 
@@ -114,140 +112,137 @@ def real_batches(corpus: Path, voc, L: int, B: int, n: int, n_target: int):
 # ---------------------------------------------------------------------------- 2. throughput
 
 
-def run_loop(ps: ProxyStep, batches, targets, K: int, *, fastmix: bool, outer_every: int, lr: float):
-    """The search's inner loop on ``ps``: micro-steps (scored when ``fastmix``), and every
-    ``outer_every`` a z update, new loss weights and a target pass (the next window's ``G``).
-    Returns (wall seconds, this process's CPU seconds). The first ``G`` is computed before the clock starts: a search computes it
-    once, so in a long run it costs nothing per window."""
-    dev = ps.device
-    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
-    fm = FastMix(K, lr=0.05)
-    serve = torch.full((K,), 1.0 / K, dtype=torch.float64)
-    loss_w = loss_weights(fm.alpha(), serve).to(dev)
-    tgt = itertools.cycle(targets)
-    window = SourceScores.zeros(K, device=dev)
-    G = ps.head_gradient(next(tgt).to(dev)).grad if fastmix else None
-    sync()
-    t0, c0 = time.perf_counter(), time.process_time()
-    for i, (tokens, source) in enumerate(batches, start=1):
-        out = ps.micro_step(tokens.to(dev, non_blocking=True), source.to(dev, non_blocking=True), loss_w, G=G)
-        ps.optimizer_step(lr)
-        if fastmix:
-            window = window + out.scores
-            if i % outer_every == 0:
-                sc = ps.ranks.sum_scores(window)
-                fm.step(sc.means().cpu(), present=sc.present.cpu(), proxy_lr=lr, update=True)
-                loss_w = loss_weights(fm.alpha(), serve).to(dev)
-                G = ps.head_gradient(next(tgt).to(dev)).grad
-                window = SourceScores.zeros(K, device=dev)
-    sync()
-    return time.perf_counter() - t0, time.process_time() - c0
+def search_config(a, preset: str, L: int, B: int, *, fused: bool, hypergrad: str, data: dict) -> dict:
+    """The config of one timed search: exactly what ``fastmix-data search`` builds from flags
+    (``--proxy PRESET[,overrides] --tokenizer BPE --batch-size B --seq-len L --max-tokens ...``)."""
+    spec = ",".join([preset] + [f"{k}={v}" for k, v in a.model_args.items()])
+    return {
+        "method": "fastmix", "max_tokens": a.steps * B * L, "sources": data["sources"],
+        "train": {"proxy": spec, "tokenizer": data["tokenizer"], "batch_size": B, "seq_len": L, "lr": a.lr,
+                  "device": a.device, "compile": a.compile_on, "fused_head": fused},
+        "target": {"path": data["target"], "max_seqs": a.target_seqs},
+        "fastmix": {"hypergrad": hypergrad, "warmup_steps": 0, "outer_every": a.outer_every, **a.fastmix_args},
+        "output": {"progress": False, "plot": False},
+    }
 
 
-def _ce(z, y):
-    return F.cross_entropy(z, y, reduction="none")
+def timed_search(cfg: dict, dev) -> dict:
+    """One search through ``run_method`` (the command line's code path, no output directory):
+    steady-state seconds per trained token from its trajectory (the wall clock between the first
+    outer step -- compilation and the first target pass are before it -- and the last), the
+    process's CPU time for the whole run, and the peak memory above what was resident at the start."""
+    from fastmix_data.search import run_method
 
-
-def make_step(preset, vocab, margs, dev, bf16, compile_, fused, K, lr):
-    model = build_proxy(proxy_config(preset, vocab_size=vocab, **margs), seed=0)
-    return ProxyStep(model, K, device=dev, bf16=bf16, compile=compile_, lr=lr, loss_fn=None if fused else _ce)
-
-
-def contenders_of(a) -> list[tuple[str, bool, bool]]:
-    """``(name, fused head, FastMix)`` of the runs section 2 interleaves."""
-    out = [("plain", True, False), ("fastmix", True, True)]
-    if a.unfused:
-        out += [("plain-unfused", False, False), ("fastmix-unfused", False, True)]
+    if dev.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        resident = torch.cuda.memory_allocated()
+    c0 = time.process_time()
+    r = run_method(cfg)
+    cpu = time.process_time() - c0
+    recs = [x for x in r.trajectory if x["tokens"] > 0]
+    first, last = recs[0], recs[-1]
+    out = {"tokens": last["tokens"] - first["tokens"], "wall": last["wall_s"] - first["wall_s"], "cpu": cpu,
+           "phases": r.details.get("wall_breakdown_s", {}), "state": 16 * count_params(r.model)["total"] / 2**30}
+    if dev.type == "cuda":
+        out["peak"] = (torch.cuda.max_memory_allocated() - resident) / 2**30
     return out
 
 
-def measure_cell(a, preset, L, data, dev, bf16, compile_):
-    """One preset at one sequence length: ``({run: [wall s]}, {run: [CPU s]}, {run: peak GiB above})``
-    of every contender, a warm-up each, then ``a.repeats`` interleaved rounds in rotating order."""
-    batches, targets, K = data
+def contenders_of(a) -> list[tuple[str, bool, str]]:
+    """``(name, fused head, fastmix.hypergrad)`` of the searches section 2 interleaves: plain proxy
+    training is FastMix's loop with ``hypergrad=none``."""
+    out = [("plain", True, "none"), ("fastmix", True, "head")]
+    if a.unfused:
+        out += [("plain-unfused", False, "none"), ("fastmix-unfused", False, "head")]
+    return out
+
+
+def measure_cell(a, preset, L, data, dev):
+    """One preset at one sequence length: ``{run: [timed_search results]}``, a warm-up search each
+    (compilation caches, allocator), then ``a.repeats`` interleaved rounds in rotating order."""
+    B = max(1, a.tokens // L)
     contenders = contenders_of(a)
-    walls = {c[0]: [] for c in contenders}
-    cpus = {c[0]: [] for c in contenders}
-    mem: dict[str, float] = {}
-    steps = {name: make_step(preset, a.vocab, a.model_args, dev, bf16, compile_, fused, K, a.lr)
-             for name, fused, _ in contenders}
-    loop = dict(outer_every=a.outer_every, lr=a.lr)
-    for name, _, fm in contenders:  # warm-up: compilation, allocator, autotuning
-        run_loop(steps[name], batches[: max(2, a.outer_every)], targets, K, fastmix=fm, **loop)
+    runs = {c[0]: [] for c in contenders}
+    cfgs = {name: search_config(a, preset, L, B, fused=fused, hypergrad=hg, data=data) for name, fused, hg in contenders}
+    for name, _, _ in contenders if dev.type == "cuda" or a.compile_on else ():  # warm-up: compilation, allocator
+        timed_search({**cfgs[name], "max_tokens": 2 * a.outer_every * B * L}, dev)
     for r in range(a.repeats):
-        for name, _, fm in contenders[r % len(contenders):] + contenders[: r % len(contenders)]:
-            if dev.type == "cuda":
-                torch.cuda.reset_peak_memory_stats()
-                resident = torch.cuda.memory_allocated()
-            wall, cpu = run_loop(steps[name], batches, targets, K, fastmix=fm, **loop)
-            walls[name].append(wall)
-            cpus[name].append(cpu)
-            if dev.type == "cuda":
-                mem[name] = max(mem.get(name, 0.0), (torch.cuda.max_memory_allocated() - resident) / 2**30)
-    return walls, cpus, mem
+        for name, _, _ in contenders[r % len(contenders):] + contenders[: r % len(contenders)]:
+            runs[name].append(timed_search(cfgs[name], dev))
+    return B, runs
 
 
-def _throughput_header(a, dev, bf16, compile_, peak, p) -> None:
-    p(f"## 2. Throughput ({a.steps} micro-batches of {a.tokens} tokens per run, K=5 BPE sources, outer step every "
-      f"{a.outer_every}; {a.repeats} repeats after a warm-up run; min / median / max)\n")
-    p(f"dtype {'bf16 autocast' if bf16 else 'float32'}, compile={compile_}, model_args={a.model_args or {}}. "
-      f"TFLOP/s and MFU count training FLOPs only (6N + 12 n_layer d L per token; FastMix's own work is the "
-      f"overhead the wall ratio measures); MFU against {f'{peak:g} TFLOP/s' if peak else 'no peak (not a GPU)'}.\n")
+def _throughput_header(a, dev, bf16, peak, p) -> None:
+    p(f"## 2. Throughput: searches through run_method ({a.steps} micro-batches of {a.tokens} tokens per search, K=5 "
+      f"BPE sources, outer step every {a.outer_every}; {a.repeats} repeats after a warm-up search; min / median / max)\n")
+    p(f"Each row is a whole search as the command line runs it (`run_method`: the stream BPE-encodes the sources, "
+      f"ProxyTrainer/ProxyStep trains; dtype {'bf16 autocast' if bf16 else 'float32'}, compile={a.compile_on}, "
+      f"proxy overrides {a.model_args or {}}, FastMix overrides {a.fastmix_args or {}}). plain = the same loop with "
+      "`fastmix.hypergrad=none`; fastmix = its defaults (residual signal, target passes sized to the window) "
+      "unless overridden. tokens/s: steady state, from the trajectory's clock between the first outer step and "
+      "the last (compilation and setup excluded; on a GPU a warm-up search first); data loading (BPE encoding in the loop's thread) included. "
+      f"TFLOP/s and MFU count training FLOPs only (6N + 12 n_layer d L per token); MFU against "
+      f"{f'{peak:g} TFLOP/s' if peak else 'no peak (not a GPU)'}.\n")
     p("Memory: the model's weights, gradients and AdamW state (16 bytes per parameter), and the peak allocated "
-      "above everything resident when the run started (activations, logits chunks, workspaces).\n")
+      "above everything resident when the search started.\n")
     cpu = dev.type == "cpu"
     if cpu:
-        p("On the CPU the last column also gives the ratio of this process's CPU time (one intra-op thread): the "
-          "work done, much less disturbed by other jobs on a shared machine than wall time.\n")
+        p("On the CPU the last column also gives the ratio of this process's CPU time over the whole search "
+          "(setup included; one intra-op thread): much less disturbed by other jobs than wall time.\n")
     p("| preset | L | micro-batch | run | tokens/s | model TFLOP/s | MFU | memory GiB: state + peak above | "
-      "/ plain wall (per repeat) |" + (" / plain CPU time |" if cpu else ""))
-    p("|---|---|---|---|---|---|---|---|---|" + ("---|" if cpu else ""))
+      "/ plain wall (per repeat) | data s / all phases s (last repeat) |" + (" / plain CPU time |" if cpu else ""))
+    p("|---|---|---|---|---|---|---|---|---|---|" + ("---|" if cpu else ""))
 
 
-def _throughput_rows(a, preset, L, B, peak, cpu_clock, walls, cpus, mem, p):
-    cfg = proxy_config(preset, vocab_size=a.vocab, **a.model_args)
+def _throughput_rows(a, preset, L, B, peak, cpu_clock, runs, p):
+    cfg = proxy_config(preset, vocab_size=a.vocab_size, **a.model_args)
     f = proxy_token_flops(cfg, L)
-    with torch.device("meta"):
-        state = 16 * count_params(build_proxy(cfg))["total"] / 2**30
-    tok = a.steps * B * L
     for name, _, _ in contenders_of(a):
         base = "plain" if "unfused" not in name else "plain-unfused"
-        tps = [tok / w for w in walls[name]]
+        rs, rb = runs[name], runs[base]
+        tps = [x["tokens"] / x["wall"] for x in rs]
         tf = [t * f.train / 1e12 for t in tps]
-        ratio = [w / wp for w, wp in zip(walls[name], walls[base])]
-        cratio = [c / cp for c, cp in zip(cpus[name], cpus[base])]
-        m = mem.get(name)
+        per_tok = lambda x: x["wall"] / x["tokens"]  # noqa: E731
+        ratio = [per_tok(x) / per_tok(y) for x, y in zip(rs, rb)]
+        cratio = [x["cpu"] / y["cpu"] for x, y in zip(rs, rb)]
+        peak_m = max((x.get("peak", -1) for x in rs), default=-1)
+        ph = rs[-1]["phases"]
+        data_s = ph.get("data", 0.0)
+        loop_s = sum(ph.values())
         mfu_ = mmm([x / peak for x in tf], "{:.1%}") if peak else "n/a"
         p(f"| {preset} | {L} | {B}x{L} | {name} | {mmm(tps)} | {mmm(tf)} | {mfu_} | "
-          f"{state:.1f} + {'n/a' if m is None else f'{m:.1f}'} | {'1' if name == base else mmm(ratio, '{:.3f}')} |"
+          f"{rs[0]['state']:.2f} + {'n/a' if peak_m < 0 else f'{peak_m:.1f}'} | "
+          f"{'1' if name == base else mmm(ratio, '{:.3f}')} | {data_s:.1f} / {loop_s:.1f} |"
           + ((" 1 |" if name == base else f" {mmm(cratio, '{:.3f}')} |") if cpu_clock else ""))
         print(f"[throughput] {preset} L={L} {name}: {statistics.median(tps):.4g} tok/s, "
-              f"{statistics.median(tf):.1f} TFLOP/s, ratio {statistics.median(ratio):.3f}", flush=True)
-    plain_tf = statistics.median(tok / w * f.train / 1e12 for w in walls["plain"])
+              f"{statistics.median(tf):.3g} TFLOP/s, ratio {statistics.median(ratio):.3f}", flush=True)
+    per_tok = lambda x: x["wall"] / x["tokens"]  # noqa: E731
+    plain_tf = statistics.median(x["tokens"] / x["wall"] * f.train / 1e12 for x in runs["plain"])
     return (plain_tf / peak if peak else None,
-            statistics.median(w / wp for w, wp in zip(walls["fastmix"], walls["plain"])),
-            statistics.median(c / cp for c, cp in zip(cpus["fastmix"], cpus["plain"])))
+            statistics.median(per_tok(x) / per_tok(y) for x, y in zip(runs["fastmix"], runs["plain"])),
+            statistics.median(x["cpu"] / y["cpu"] for x, y in zip(runs["fastmix"], runs["plain"])))
 
 
-def throughput(a, dev, bf16, compile_, peak, shapes_data, lines, flush):
+def throughput(a, dev, bf16, peak, data, lines, flush):
     """Section 2; returns {(preset, L): (plain MFU, FastMix/plain wall, FastMix/plain CPU time)} (medians)."""
     p = lines.append
-    _throughput_header(a, dev, bf16, compile_, peak, p)
+    _throughput_header(a, dev, bf16, peak, p)
     summary = {}
     for preset in a.presets:
         for L in a.seq_lens:
-            B = shapes_data[L][0][0][0].shape[0]
+            B = max(1, a.tokens // L)
             try:
-                walls, cpus, mem = measure_cell(a, preset, L, shapes_data[L], dev, bf16, compile_)
+                B, runs = measure_cell(a, preset, L, data, dev)
             except Exception as e:  # noqa: BLE001 -- report the row and go on
                 print(f"[throughput] {preset} L={L}: {type(e).__name__}: {e}", flush=True)
-                p(f"| {preset} | {L} | {B}x{L} | failed: {type(e).__name__}: {str(e)[:100]} | | | | | |")
+                p(f"| {preset} | {L} | {B}x{L} | failed: {type(e).__name__}: {str(e)[:100]} | | | | | | |")
                 flush()
                 continue
             finally:
                 if dev.type == "cuda":
                     torch.cuda.empty_cache()
-            summary[(preset, L)] = _throughput_rows(a, preset, L, B, peak, dev.type == "cpu", walls, cpus, mem, p)
+            summary[(preset, L)] = _throughput_rows(a, preset, L, B, peak, dev.type == "cpu", runs, p)
             flush()
     p("")
     return summary
@@ -435,7 +430,8 @@ def flops_section(a, lines):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--device", default="cuda")
-    ap.add_argument("--presets", default="p20m,p60m,p150m", type=lambda s: s.split(","))
+    ap.add_argument("--presets", default="p150m,p60m,p20m", type=lambda s: s.split(","),
+                    help="largest first: a run cut short has the targets' row")
     ap.add_argument("--model-args", default="", help="ProxyConfig overrides for every preset, e.g. tie_embeddings=1,activation_checkpointing=1")
     ap.add_argument("--seq-lens", default="1024,2048", type=lambda s: [int(x) for x in s.split(",")])
     ap.add_argument("--tokens", type=int, default=65536, help="tokens per micro-batch (B = tokens / L)")
@@ -445,7 +441,10 @@ def main(argv=None):
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--lr", type=float, default=3e-4)
     ap.add_argument("--compile", default="auto", choices=["auto", "on", "off"], help="auto: on for CUDA")
-    ap.add_argument("--unfused", action="store_true", help="also time the unfused head (the pre-fusion trainer path)")
+    ap.add_argument("--unfused", action="store_true", help="also time the unfused head (train.fused_head=false)")
+    ap.add_argument("--fastmix-args", default="", help="FastMix overrides of the timed searches, e.g. "
+                    "target_batches_per_step=1,residual=false (default: its defaults)")
+    ap.add_argument("--target-seqs", type=int, default=1024, help="target.max_seqs of the timed searches")
     ap.add_argument("--head-shapes", default="16384x32000x512,16384x32000x1024", type=lambda s: [x for x in s.split(",") if x])
     ap.add_argument("--head-repeats", type=int, default=5)
     ap.add_argument("--head-memory", default="", type=lambda s: [x for x in s.split(",") if x],
@@ -461,7 +460,10 @@ def main(argv=None):
     a.model_args = {k: int(v) if v.isdigit() else v for k, v in (x.split("=") for x in a.model_args.split(",") if x)}
     for k in ("tie_embeddings", "activation_checkpointing"):
         if k in a.model_args:
-            a.model_args[k] = bool(a.model_args[k])
+            a.model_args[k] = str(a.model_args[k]).lower() in ("1", "true")
+    from fastmix_data.search.config import _number
+
+    a.fastmix_args = {k: _number(v) for k, v in (x.split("=") for x in a.fastmix_args.split(",") if x)}
     dev = torch.device(a.device)
     if dev.type == "cuda" and not torch.cuda.is_available():
         sys.exit("no CUDA device: run with --device cpu (a smoke test at tiny sizes, see the docstring)")
@@ -470,6 +472,7 @@ def main(argv=None):
     cuda = dev.type == "cuda"
     bf16 = cuda
     compile_ = a.compile == "on" or (a.compile == "auto" and cuda)
+    a.compile_on = compile_
     peak = a.peak_tflops or (peak_tflops(torch.cuda.get_device_name(dev)) if cuda else None)
     torch.backends.cuda.matmul.allow_tf32 = False
     torch._dynamo.config.cache_size_limit = 64
@@ -489,22 +492,22 @@ def main(argv=None):
     from fastmix_data.corpus import load_corpus_manifest
 
     domains = list(load_corpus_manifest(corpus)["domains"])
-    data = {}
-    for L in sorted(set(a.seq_lens)) if a.sections & {"throughput", "numerics"} else ():
-        B = max(1, a.tokens // L)
-        batches, targets, _ = real_batches(corpus, voc, L, B, a.steps, 4)
-        data[L] = (batches, targets, len(domains))
-    print(f"[data] BPE {voc.size} ids, domains {domains}, batches {[(L, tuple(v[0][0][0].shape)) for L, v in data.items()]}", flush=True)
+    a.vocab_size = voc.size
+    search_data = {"sources": {d: str(corpus / "train" / d / "*.parquet") for d in domains},
+                   "target": str(corpus / "validation" / TARGET_DOMAIN / "*.parquet"),
+                   "tokenizer": str(work / f"bpe-{a.vocab}.json")}
+    print(f"[data] BPE {voc.size} ids, domains {domains}", flush=True)
 
     if "flops" in a.sections:
         flops_section(a, lines)
         flush()
-    summary = throughput(a, dev, bf16, compile_, peak, data, lines, flush) if "throughput" in a.sections else {}
+    summary = throughput(a, dev, bf16, peak, search_data, lines, flush) if "throughput" in a.sections else {}
 
     p = lines.append
     if a.numerics and "numerics" in a.sections:
         L0 = min(a.seq_lens)
-        batches, targets, K = data[L0]
+        batches, targets, doms = real_batches(corpus, voc, L0, max(1, a.tokens // L0), 1, 1)
+        K = len(doms)
         small = [(t[:4], s[:4]) for t, s in batches[:1]]
         p(f"## 3. Numerics: {'bf16 on ' + a.device if bf16 else a.device + ' float32'} vs float64 on the CPU (same weights, real tokens, L={L0})\n")
         p("Relative error = ||device - ref|| / ||ref||, over the target head gradient and the per-source mean scores.\n")
@@ -522,7 +525,7 @@ def main(argv=None):
         head_memory_section(a, lines, flush)
 
     if summary:
-        top = a.presets[-1]
+        top = max(a.presets, key=lambda q: _flops_n(a, q))
         p("## Targets (largest preset)\n")
         for L in a.seq_lens:
             if (top, L) in summary:
@@ -534,6 +537,12 @@ def main(argv=None):
         p("")
 
     flush(final=True)
+
+
+def _flops_n(a, preset: str) -> int:
+    """Matmul parameters of ``preset`` at the run's vocabulary (on the meta device: nothing allocated)."""
+    with torch.device("meta"):
+        return count_params(build_proxy(proxy_config(preset, vocab_size=a.vocab_size, **a.model_args)))["flops"]
 
 
 def _header(a, argv, dev, rev, load0, t_start, voc, domains, final) -> list[str]:
