@@ -180,3 +180,9 @@ def test_every_field_is_documented():
         name = leaf.path.split(".")[-1]
         assert f"`{leaf.path}`" in doc or (f"`{leaf.section_path}.{name}`" in doc) or (
             leaf.section_path and f"{leaf.section_path}.{name}" in doc), leaf.path
+
+
+def test_a_vanishing_grid_step_is_a_range_error_not_an_overflow():
+    """Found by the fuzz test: 1/1e-320 is infinite; the range check answers, on one line."""
+    with pytest.raises(ConfigError, match=r"grid.step \(--grid-step\): must be >= 0.001, got 1e-320"):
+        SearchConfig.from_dict({"max_tokens": 5, "grid": {"step": 1e-320}}).validate()

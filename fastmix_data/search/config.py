@@ -380,7 +380,9 @@ class GridConfig(Section):
                            "int", lo=1)
 
     def checks(self) -> list[tuple[str, str]]:
-        inv = 1.0 / self.step if isinstance(self.step, (int, float)) and self.step > 0 else 0
+        if not (isinstance(self.step, (int, float)) and self.step >= 0.001):
+            return []  # out of range: the field's own check says so (1/step of 1e-320 overflows)
+        inv = 1.0 / self.step
         return [] if abs(inv - round(inv)) < 1e-6 else [("step", f"1/step must be a whole number, got {self.step}")]
 
 
