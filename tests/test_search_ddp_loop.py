@@ -22,17 +22,17 @@ from fastmix_data.search.model import build_proxy, proxy_config
 B, STEPS = 4, 16  # per-rank rows; micro-batches of the global batch
 
 
-def _config(batch_size: int) -> dict:
+def _config(batch_size: int, ddp: bool) -> dict:
     cfg = tiny_config("fastmix", steps=STEPS)
     cfg["max_tokens"] = 2 * B * 32 * STEPS  # the global batch's tokens times the steps
-    cfg["train"] = {**cfg["train"], "batch_size": batch_size}
+    cfg["train"] = {**cfg["train"], "batch_size": batch_size, "ddp": ddp}
     cfg["fastmix"] = {"warmup_steps": 4, "outer_every": 4}
     return cfg
 
 
-def _search(root, out_dir, batch_size: int):
+def _search(root, out_dir, batch_size: int, ddp: bool = False):
     model = build_proxy(proxy_config("tiny"), seed=0).double()
-    return run_method(_config(batch_size), sources=sources(root), target=str(root / "planted"), out_dir=out_dir,
+    return run_method(_config(batch_size, ddp), sources=sources(root), target=str(root / "planted"), out_dir=out_dir,
                       model=model)
 
 
@@ -40,7 +40,7 @@ def _rank_main(rank, world, init_file, root, out_dir):
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
         torch.set_num_threads(1)
-        _search(root, out_dir, B)
+        _search(root, out_dir, B, ddp=True)
     finally:
         dist.destroy_process_group()
 
@@ -72,3 +72,23 @@ def test_two_ranks_write_what_one_process_writes(corpus, tmp_path):
             sa, sb = a["source_loss"][n], b["source_loss"][n]
             assert (sa is None and sb is None) or sa == pytest.approx(sb, rel=1e-7)
     assert json.loads((tmp_path / "ddp" / "search_config.json").read_text())["resolved"]["ranks"] == 2
+
+
+def test_without_ddp_a_search_is_one_process_whatever_the_environment(corpus, monkeypatch):
+    """A search started from a torchrun job's rank (an embedded search) inherits RANK/WORLD_SIZE: without
+    train.ddp it must neither join a process group nor serve only that rank's rows."""
+    alone = run_method(_config(B, False), sources=sources(corpus), target=str(corpus / "planted"))
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    inherited = run_method(_config(B, False), sources=sources(corpus), target=str(corpus / "planted"))
+    assert not dist.is_initialized()
+    assert inherited.weights == alone.weights and inherited.compute["tokens"] == alone.compute["tokens"]
+
+
+def test_ddp_is_fastmix_only_and_not_resumed():
+    from fastmix_data.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"train.ddp \(--ddp\): only method 'fastmix'.*'mixmin'"):
+        run_method({**_config(B, True), "method": "mixmin"}, sources={"a": "x"}, target=["t"])
+    with pytest.raises(ConfigError, match=r"train.ddp \(--ddp\): resume= is not supported"):
+        run_method(_config(B, True), sources={"a": "x"}, target=["t"], resume=True)

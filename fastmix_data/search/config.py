@@ -135,6 +135,9 @@ class TrainConfig(Section):
                                 "UTF-8 bytes (257 ids)")
     eos_token: str | None = opt(None, "the tokenizer's end-of-document token, appended between packed documents",
                                 "str", auto="the first of <|endoftext|>, </s>, <eos>... the tokenizer has")
+    ddp: bool = opt(False, "train the proxy data-parallel across the ranks torchrun started (DDP; FastMix only): "
+                    "train.batch_size is per rank, rank 0 writes the outputs; off: one process, whatever the "
+                    "environment (a search started from a torchrun job's rank stays a single process)", "bool")
     fused_head: bool = opt(True, "the LM head's loss, its gradients and FastMix's scores from one chunked pass over "
                            "the logits (no [tokens, vocab] tensor kept); off: materialised logits and a "
                            "separate scoring pass", "bool")

@@ -32,7 +32,7 @@ from fastmix_data.errors import ConfigError
 
 from ..config import METHOD_NAMES, SearchConfig
 from ..context import MethodResult, MethodSpec, RunContext, Sink, WeightSink, finish
-from ..ddp import init_distributed
+from ..ddp import Ranks, init_distributed
 from ..hypergrad import TokenLossFn
 from ..model import PRESETS
 from ..outputs import RunWriter, SourceStats
@@ -84,10 +84,7 @@ def run_method(
     names = _names(srcs, stream)
     if (model is not None or loss_fn is not None or resume) and cfg.method not in ("fastmix", "mixmin_fastmix"):
         raise ConfigError(f"model=, loss_fn= and resume= are FastMix options; method {cfg.method!r} takes none")
-    ranks = init_distributed()
-    if resume and ranks.world > 1:
-        raise ConfigError("resume= is not supported under torchrun yet: resume the search in one process, or "
-                          "start it afresh")
+    ranks = _ranks(cfg, resume)
     vocab = search_vocabulary(cfg.train, srcs if model is None else None)
     cfg = with_vocabulary(cfg, vocab.size) if model is None else cfg
     tset = _target(cfg, spec, target, vocab)
@@ -97,6 +94,18 @@ def run_method(
     ctx = RunContext(cfg, names, srcs, tset, writer, ComputeMeter(), sink=sink, stream=stream, model=model,
                      loss_fn=loss_fn, resume=resume, vocab=vocab, ranks=ranks)
     return spec.run(ctx)
+
+
+def _ranks(cfg: SearchConfig, resume: bool | str) -> Ranks:
+    """torchrun's ranks with ``train.ddp`` (FastMix only; no resumption yet), else one process."""
+    if not cfg.train.ddp:
+        return Ranks()
+    if cfg.method != "fastmix":
+        raise ConfigError(f"train.ddp (--ddp): only method 'fastmix' trains data-parallel so far, not {cfg.method!r}")
+    if resume:
+        raise ConfigError("train.ddp (--ddp): resume= is not supported with DDP yet: resume in one process, or start "
+                          "afresh")
+    return init_distributed()
 
 
 def with_vocabulary(cfg: SearchConfig, vocab_size: int) -> SearchConfig:

@@ -25,7 +25,7 @@ from fastmix_data.io import atomic_path
 from ..config import TrainConfig
 from ..model import build_proxy
 from ..outputs import write_json
-from .trainer import resolve_device
+from .trainer import proxy_shape, resolve_device
 
 
 def source_fingerprints(sources: Mapping[str, Any]) -> dict[str, str]:
@@ -63,7 +63,7 @@ class ProxyCache:
             d = self.dir / key
             try:
                 meta = json.loads((d / "meta.json").read_text())
-                model = build_proxy(train.proxy.shape())
+                model = build_proxy(proxy_shape(train))
                 model.load_state_dict(torch.load(d / "model.pt", map_location="cpu", weights_only=True))
                 return model.to(resolve_device(train.device)), meta["compute"], True
             except (OSError, KeyError, ValueError, RuntimeError):

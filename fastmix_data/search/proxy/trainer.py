@@ -27,7 +27,7 @@ from torch import nn
 from ..config import TrainConfig
 from ..ddp import Ranks
 from ..hypergrad import TokenLossFn, token_losses
-from ..model import build_proxy, count_params, is_headed_lm
+from ..model import ProxyConfig, build_proxy, count_params, is_headed_lm
 from ..proxy_step import MicroStep, ProxyStep
 from ..schedule import lr_warmup_steps
 from ..targets import TargetSet, iter_batches
@@ -58,15 +58,26 @@ def make_stream(sources: Mapping[str, Any], weights: Mapping[str, float] | Seque
     """A packing-mode :class:`~fastmix_data.stream.MixtureStream` over ``sources`` (uniform when
     ``weights`` is None) with the batch shape of ``train`` and its tokenizer (``train.tokenizer``;
     else ids columns as they are, or bytes); weights are shares of packed sequences, i.e. token
-    shares. Under ``torchrun`` each rank gets its rows of every global batch."""
+    shares. With ``train.ddp`` each rank gets its rows of every global batch."""
     from fastmix_data.stream import MixtureStream
 
     if weights is None:
         weights = {n: 1.0 for n in sources}
     if train.tokenizer is not None and "tokenizer" not in kwargs:
         kwargs["tokenizer"] = search_vocabulary(train).tokenizer
+    if not train.ddp:  # one process: all of every batch, whatever RANK/WORLD_SIZE the environment holds
+        kwargs.setdefault("rank", 0)
+        kwargs.setdefault("world_size", 1)
     return MixtureStream(dict(sources), weights, train.batch_size, train.stream_seed if seed is None else seed,
                          seq_len=train.seq_len, **kwargs)
+
+
+def proxy_shape(train: TrainConfig, vocab_size: int | None = None) -> ProxyConfig:
+    """The proxy's shape from ``train.proxy``: its ``vocab_size`` override, else ``vocab_size``,
+    else ``train.tokenizer``'s size, else the preset's own."""
+    if vocab_size is None and train.tokenizer is not None:
+        vocab_size = search_vocabulary(train).size
+    return train.proxy.shape(vocab_size)
 
 
 class ProxyTrainer:
@@ -90,20 +101,19 @@ class ProxyTrainer:
             into ``train.proxy``, see :func:`~fastmix_data.search.methods.with_vocabulary`).
         num_sources: K, for the per-source sums of :meth:`train_step`.
         chunk_tokens: token chunk of the fused head and the score products (None: by vocabulary).
-        ranks: data-parallel ranks (default: the initialised process group's, else one process).
+        ranks: data-parallel ranks (default: with ``train.ddp`` the initialised process group's, else
+            one process, even inside someone else's process group).
     """
 
     def __init__(self, train: TrainConfig, optimizer_steps: int, meter: ComputeMeter | None = None, *,
                  model: nn.Module | None = None, loss_fn: TokenLossFn | None = None, vocab_size: int | None = None,
                  num_sources: int = 1, chunk_tokens: int | None = None, ranks: Ranks | None = None):
         self.cfg = train
-        self.ranks = ranks or Ranks.current()
+        self.ranks = ranks or (Ranks.current() if train.ddp else Ranks())
         self.device = resolve_device(train.device, self.ranks)
         self.bf16 = train.dtype == "bfloat16" or (train.dtype == "auto" and self.device.type == "cuda")
         if model is None:
-            if vocab_size is None and train.tokenizer is not None:
-                vocab_size = search_vocabulary(train).size
-            model = build_proxy(train.proxy.shape(vocab_size), seed=train.seed)
+            model = build_proxy(proxy_shape(train, vocab_size), seed=train.seed)
         if not is_headed_lm(model):
             raise TypeError("the proxy model must expose final_hidden(x) -> [B, L, d] and head: nn.Linear(d, V) "
                             "(see fastmix_data.search.model.HeadedLM)")
@@ -248,4 +258,4 @@ def evaluate(model: nn.Module, target: TargetSet, *, batch_size: int = 64, meter
     return EvalResult(target.loss(s), groups, s, target.num_tokens, torch.cat(toks) if keep_token_logprobs else None)
 
 
-__all__ = ["EvalResult", "LossReduce", "ProxyTrainer", "evaluate", "make_stream", "resolve_device"]
+__all__ = ["EvalResult", "LossReduce", "ProxyTrainer", "evaluate", "make_stream", "proxy_shape", "resolve_device"]
