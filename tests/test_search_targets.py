@@ -58,6 +58,34 @@ def test_a_target_stored_as_one_file_per_domain_gives_each_domain_its_share(tmp_
     assert abs(mean_a - 0.5) < 0.05
 
 
+def test_a_few_long_documents_keep_their_token_share(tmp_path):
+    """A planted-style target of few documents with unequal lengths: domain "a" is 4 long documents
+    holding half the tokens, "b" 96 short ones. Sampling just enough documents for ``max_seqs``
+    sequences (about 10 of 100) gave "a" anywhere from 0 to most of the set; the sample must read
+    enough documents (here all) that every seed keeps both shares."""
+    root = tmp_path / "t"
+    root.mkdir()
+    pq.write_table(pa.table({"text": ["a" * 2400] * 4, "domain": ["a"] * 4}), root / "a.parquet")
+    pq.write_table(pa.table({"text": ["b" * 99] * 96, "domain": ["b"] * 96}), root / "b.parquet")
+    for seed in range(6):
+        t = load_target(str(root), seq_len=63, max_seqs=40, seed=seed)  # 40 of ~300 sequences
+        assert len(t) == 40
+        assert abs(t.shares()["a"] - 0.5) < 0.2, (seed, t.shares())
+        assert t.full_shares["a"] == pytest.approx(0.5, abs=0.02), (seed, t.full_shares)
+
+
+def test_documents_to_read_keeps_enough_documents():
+    from fastmix_data.search.targets import MIN_DOCS, MIN_DOCS_MAX_FACTOR, OVERSAMPLE, documents_to_read
+
+    assert documents_to_read(100, 10_000, None) == 100  # no cap: everything
+    assert documents_to_read(100, 10_000, 9_000) == 100  # the source is smaller than the need
+    # a million documents of 1,000 tokens, 100,000 tokens needed: 130 by tokens, raised to MIN_DOCS
+    assert documents_to_read(10**6, 10**9, 10**5) == max(MIN_DOCS, 130) == MIN_DOCS
+    # very long documents: at most MIN_DOCS_MAX_FACTOR times what the tokens need
+    n = documents_to_read(10**6, 10**11, 10**5)
+    assert n == MIN_DOCS_MAX_FACTOR * 2 and OVERSAMPLE * 10**5 / 10**5 <= n
+
+
 def test_the_sample_is_seeded_and_reads_across_formats(tmp_path):
     root = _domain_files(tmp_path / "t", {"a": 100, "b": 100})
     one = load_target(str(root), 44, max_seqs=30, seed=1)

@@ -85,6 +85,16 @@ def _key(obj) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+def _code_fingerprint() -> str:
+    """Hash of the search package's sources: a cached search result is reused only by the code that
+    produced it (a search's outcome depends on more than its config, e.g. how the target is sampled)."""
+    h = hashlib.sha256()
+    for p in sorted((REPO / "fastmix_data" / "search").rglob("*.py")):
+        h.update(p.relative_to(REPO).as_posix().encode())
+        h.update(p.read_bytes())
+    return h.hexdigest()[:16]
+
+
 # ============================================================================ data
 
 
@@ -165,7 +175,8 @@ def method_config(args, method: str, seed: int, work: Path) -> SearchConfig:
 def run_search_cached(work: Path, exp: str, method: str, tname: str | None, seed: int, data: dict, args) -> dict:
     cfg = method_config(args, method, seed, work)
     target = data["search"][tname] if tname else None
-    desc = {"exp": exp, "method": method, "target": target, "cfg": cfg.to_dict(), "sources": data["sources"]}
+    desc = {"exp": exp, "method": method, "target": target, "cfg": cfg.to_dict(), "sources": data["sources"],
+            "code": _code_fingerprint()}
     path = work / "methods" / f"{exp}-{method}-{tname or 'blind'}-s{seed}-{_key(desc)}.json"
     if path.exists():
         return json.loads(path.read_text())

@@ -7,7 +7,8 @@ that subsample differently optimise two different targets under one ``--target``
 
 Solution: :func:`load_target` opens the target with the sources layer (any supported format),
 lists every document of every file from the shard index, draws a seeded uniform sample of
-documents across all of them (enough for ``max_seqs`` packed sequences), reads only the shards
+documents across all of them (enough for ``max_seqs`` packed sequences, and at least
+:data:`MIN_DOCS` of them), reads only the shards
 that hold them, packs them like the stream's packing mode, and keeps a seeded uniform sample of
 ``max_seqs`` sequences. Every document is equally likely to be used, so every file and every
 domain gets its token share in expectation. The result is a :class:`TargetSet`: packed sequences,
@@ -42,6 +43,14 @@ GROUP_COLUMN = "domain"
 #: documents are sampled for this many times the tokens ``max_seqs`` sequences need (packing and
 #: the tail of each group lose a little)
 OVERSAMPLE = 1.3
+#: but at least this many documents (or all of them) ...
+MIN_DOCS = 2048
+#: ... unless that is more than this many times the documents the tokens need. A uniform sample of
+#: n documents estimates each file's / domain's token share with a relative error of about
+#: cv / sqrt(n) (cv: the spread of the document lengths, often 1-3): the ~30 documents that 1,024
+#: sequences of a 100-document planted target need gave its domains 0.16 / 0.23 instead of their
+#: token shares 0.28 / 0.13, while 2,048 documents keep the error to a few percent.
+MIN_DOCS_MAX_FACTOR = 16
 
 
 # ============================================================================ the target set
@@ -340,19 +349,28 @@ def _open(name: str, spec: Any, text_field: str, extra: Sequence[str]):
     return open_source(name, spec, text_field=text_field, extra_fields=tuple(extra)), False
 
 
+def documents_to_read(total_docs: int, total_tokens: int | None, need_tokens: int | None) -> int:
+    """How many of ``total_docs`` documents (``total_tokens`` tokens) a sample needing ``need_tokens``
+    tokens reads: enough for ``OVERSAMPLE * need_tokens`` tokens, raised to :data:`MIN_DOCS` (at
+    most :data:`MIN_DOCS_MAX_FACTOR` times the documents the tokens need) so that the token shares
+    of its files and domains are kept; all of them when ``need_tokens`` is None."""
+    if need_tokens is None or not total_tokens or total_tokens <= OVERSAMPLE * need_tokens:
+        return total_docs
+    n = max(1, math.ceil(total_docs * OVERSAMPLE * need_tokens / total_tokens))
+    return min(total_docs, max(n, min(MIN_DOCS, MIN_DOCS_MAX_FACTOR * n)))
+
+
 def sample_documents(name: str, spec: Any, *, need_tokens: int | None, seed: int, text_field: str = "text",
                      extra: Sequence[str] = ()) -> _Docs:
     """A seeded uniform sample of the documents of every shard of ``spec``, in random order:
     all of them when ``need_tokens`` is None or the source holds fewer than ``OVERSAMPLE *
-    need_tokens`` tokens, else each document with the same probability, enough for about
-    ``OVERSAMPLE * need_tokens`` tokens. Only the shards holding sampled documents are read."""
+    need_tokens`` tokens, else each document with the same probability, as many as
+    :func:`documents_to_read` says. Only the shards holding sampled documents are read."""
     src, grouped = _open(name, spec, text_field, extra)
     rows = np.array([s.rows for s in src.shards], dtype=np.int64)
     total = int(rows.sum())
     order = np.random.default_rng([int(seed), 0x7A6]).permutation(total)
-    tokens = src.tokens
-    if need_tokens is not None and tokens and tokens > OVERSAMPLE * need_tokens:
-        order = order[: max(1, math.ceil(total * OVERSAMPLE * need_tokens / tokens))]
+    order = order[: documents_to_read(total, src.tokens, need_tokens)]
     starts = np.concatenate([[0], np.cumsum(rows)])
     shard_of = np.searchsorted(starts, order, side="right") - 1
     picked: dict[int, tuple[Any, list, dict]] = {}
@@ -476,6 +494,7 @@ __all__ = [
     "iter_batches",
     "load_target",
     "pack_texts",
+    "documents_to_read",
     "sample_documents",
     "target_from_texts",
 ]
