@@ -107,3 +107,35 @@ def test_config_validation():
         SearchConfig.from_dict({"max_tokens": 1, "mixmin": {"eta_scale": "auto"}}).validate()
     with pytest.raises(ConfigError, match="mixmin.fit_fraction"):
         SearchConfig.from_dict({"max_tokens": 1, "mixmin": {"fit_fraction": 0}}).validate()
+
+
+def test_examples_group_a_documents_sequences_and_keep_token_shares():
+    """A document's consecutive sequences form examples of up to example_tokens tokens; the EG on the
+    examples estimates TOKEN shares (long documents of source 0, short ones of source 1: half the
+    documents each, 10/11 of the tokens from source 0: the example shares are not token shares)."""
+    from fastmix_data.search.methods.mixmin import example_columns, example_ids
+    from fastmix_data.search.targets import TargetSet
+
+    rng = np.random.default_rng(0)
+    L, V = 8, 6
+    P = np.array([[0.3, 0.25, 0.2, 0.1, 0.08, 0.07], [0.07, 0.08, 0.1, 0.2, 0.25, 0.3]])
+    docs = [(k, 20 if k == 0 else 2) for k in rng.permutation([0] * 60 + [1] * 60)]
+    src = np.concatenate([[k] * n for k, n in docs])
+    doc = torch.from_numpy(np.concatenate([[i] * n for i, (_, n) in enumerate(docs)]))
+    x = np.stack([rng.choice(V, size=L + 1, p=P[k]) for k in src])
+    t = TargetSet(torch.from_numpy(x), torch.zeros(len(x), dtype=torch.int64), ["t"], doc=doc)
+    ex = example_ids(t, 8 * L)  # blocks of 8 sequences of one document
+    assert int(ex.max()) + 1 == sum(-(-n // 8) for _, n in docs)
+    for e in range(int(ex.max()) + 1):
+        assert len(set(doc[ex == e].tolist())) == 1 and int((ex == e).sum()) <= 8
+    logq = torch.from_numpy(np.log(P)[:, x[:, 1:]].sum(2))  # [K, N]
+    coef = t.example_weights() / t.scored()
+    token_share = np.array([1 - src.mean(), src.mean()])  # 1,200 of 1,320 sequences from source 0
+    e = example_columns(logq, t, ex)
+    by_doc = e.token_shares(exponentiated_gradient(e.logq, e.coef(), max_steps=2000, tol=1e-8).alpha).numpy()
+    by_seq = exponentiated_gradient(logq, coef, max_steps=2000, tol=1e-8).alpha.numpy()
+    assert np.abs(by_doc - token_share).sum() < 0.05, (by_doc, token_share)
+    assert np.abs(by_seq - token_share).sum() < 0.05, (by_seq, token_share)  # one sequence each: the same target
+    beta = exponentiated_gradient(e.logq, e.coef(), max_steps=2000, tol=1e-8).alpha.numpy()
+    assert abs(beta[0] - 0.75) < 0.05  # the examples' own shares: 60 x 3 blocks against 60 x 1
+    assert example_ids(t, 0).tolist() == list(range(len(x)))  # 0: one sequence per example

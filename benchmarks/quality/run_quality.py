@@ -347,7 +347,8 @@ def summarise(rows: list[dict], data: dict, args) -> dict:
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--work", default="out/quality", help="cache and run folder")
-    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4],
+                    help="final-run seeds (5: the regret SEs were the size of the 0.005-nat target with 3)")
     ap.add_argument("--experiments", nargs="+", default=list(EXPERIMENTS), choices=list(EXPERIMENTS))
     ap.add_argument("--final-tokens", type=int, default=16 * 64 * 256, help="final run = search budget (tokens)")
     ap.add_argument("--batch-size", type=int, default=16)

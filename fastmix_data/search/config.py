@@ -321,7 +321,10 @@ class MixMinConfig(Section):
     fit_fraction: float = opt(0.8, "share of target sequences the mixture is fitted on (the rest is reported)",
                               "float", lo=0, lo_open=True, hi=1)
     split_seed: int = opt(0, "seed of the fit/report split", "int", lo=0, hi=2**63 - 1)
-    per_token: bool = opt(False, "mix the proxies per token instead of per sequence (ablation)", "bool")
+    per_token: bool = opt(False, "mix the proxies per token instead of per example (ablation)", "bool")
+    example_tokens: int = opt(1024, "target tokens per example: a document's consecutive target sequences are "
+                              "scored as one example of up to this many tokens (0 or seq_len: every sequence "
+                              "is an example)", "int", lo=0)
 
 
 @dataclass

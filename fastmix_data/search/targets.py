@@ -70,6 +70,8 @@ class TargetSet:
         full_shares: token share of each group in the documents read (before ``max_seqs``).
         loss_mask: bool ``[N, L]`` or None; ``loss_mask[n, t]`` says whether the prediction of
             ``tokens[n, t+1]`` counts (Q/A targets: the answer tokens).
+        doc: int64 ``[N]`` or None: the document each sequence starts in (ids unique across groups;
+            MixMin scores a document's sequences as one example).
     """
 
     tokens: torch.Tensor
@@ -79,6 +81,7 @@ class TargetSet:
     name: str = "target"
     full_shares: dict[str, float] | None = None
     loss_mask: torch.Tensor | None = None
+    doc: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         if self.average not in ("tokens", "groups"):
@@ -92,6 +95,8 @@ class TargetSet:
         if self.loss_mask is not None and self.loss_mask.shape != (len(self.tokens), self.seq_len):
             raise ValueError(f"target loss_mask must be [N, L] = [{len(self.tokens)}, {self.seq_len}], "
                              f"got {tuple(self.loss_mask.shape)}")
+        if self.doc is not None and self.doc.shape != (len(self.tokens),):
+            raise ValueError(f"target doc must be [N] = [{len(self.tokens)}], got {tuple(self.doc.shape)}")
 
     def __len__(self) -> int:
         return int(self.tokens.shape[0])
@@ -152,8 +157,9 @@ class TargetSet:
     def subset(self, idx: torch.Tensor | Sequence[int], name: str | None = None) -> TargetSet:
         idx = torch.as_tensor(idx, dtype=torch.int64)
         mask = None if self.loss_mask is None else self.loss_mask[idx]
+        doc = None if self.doc is None else self.doc[idx]
         return TargetSet(self.tokens[idx], self.group[idx], list(self.group_names), self.average,
-                         name or self.name, self.full_shares, mask)
+                         name or self.name, self.full_shares, mask, doc)
 
     def split_indices(self, fraction: float, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
         """Sorted indices of a seeded split into (``fraction``, rest), stratified by group (each
@@ -258,12 +264,24 @@ def pack_texts(texts: Iterable[Any], seq_len: int, tokenizer: Any = None) -> tor
     none); the documents are concatenated and cut into consecutive ``seq_len + 1``-token
     sequences; the tail shorter than that is dropped.
     """
+    return pack_documents(texts, seq_len, tokenizer)[0]
+
+
+def pack_documents(texts: Iterable[Any], seq_len: int, tokenizer: Any = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`pack_texts` and, for each sequence, the index of the document its first token belongs to."""
     tok = as_tokenizer(tokenizer, getattr(tokenizer, "eos_id", None))
     eos = [] if tok.eos_id is None else [np.array([tok.eos_id], dtype=np.int64)]
-    parts = [p for t in texts for p in (_ids(tok, t), *eos)]
+    parts, lens = [], []
+    for t in texts:
+        ids = _ids(tok, t)
+        parts += [ids, *eos]
+        lens.append(len(ids) + len(eos))
     flat = np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
     n = len(flat) // (seq_len + 1)
-    return torch.from_numpy(flat[: n * (seq_len + 1)].reshape(n, seq_len + 1).copy())
+    ends = np.cumsum(np.asarray(lens, dtype=np.int64))
+    doc = np.searchsorted(ends, np.arange(n, dtype=np.int64) * (seq_len + 1), side="right")
+    return (torch.from_numpy(flat[: n * (seq_len + 1)].reshape(n, seq_len + 1).copy()),
+            torch.from_numpy(doc.astype(np.int64)))
 
 
 def _ids(tok, doc) -> np.ndarray:
@@ -291,12 +309,14 @@ def target_from_texts(
     ``max_seqs // G`` per group. ``full_shares`` records the token shares before the cap.
     """
     names = list(texts_by_group)
-    toks, grp = [], []
+    toks, grp, docs, offset = [], [], [], 0
     for k, n in enumerate(names):
-        t = pack_texts(texts_by_group[n], seq_len, tokenizer)
+        t, d = pack_documents(texts_by_group[n], seq_len, tokenizer)
         toks.append(t)
         grp.append(torch.full((len(t),), k, dtype=torch.int64))
-    tokens, group = torch.cat(toks), torch.cat(grp)
+        docs.append(d + offset)
+        offset += len(texts_by_group[n])
+    tokens, group, doc = torch.cat(toks), torch.cat(grp), torch.cat(docs)
     counts = np.bincount(group.numpy(), minlength=len(names))
     empty = [n for n, c in zip(names, counts) if c == 0]
     if empty and (average == "groups" or len(empty) == len(names)):
@@ -311,8 +331,8 @@ def target_from_texts(
     full = {n: float(c / counts.sum()) for n, c in zip(names, counts)}
     if max_seqs is not None and len(tokens) > max_seqs:
         keep = _cap(group, len(names), max_seqs, average, seed)
-        tokens, group = tokens[keep], group[keep]
-    return TargetSet(tokens, group, names, average, name, full)
+        tokens, group, doc = tokens[keep], group[keep], doc[keep]
+    return TargetSet(tokens, group, names, average, name, full, doc=doc)
 
 
 def _cap(group: torch.Tensor, G: int, max_seqs: int, average: str, seed: int) -> torch.Tensor:
@@ -478,7 +498,7 @@ def _qa_target(spec, seq_len, max_seqs, seed, name, tokenizer, answer_field, que
         raise SourceError(f"Q/A target {label!r} has no row with an answer inside {seq_len} tokens")
     tokens = torch.from_numpy(np.stack(rows_t).astype(np.int64))
     return TargetSet(tokens, torch.zeros(len(tokens), dtype=torch.int64), [label], "tokens", label, {label: 1.0},
-                     torch.from_numpy(np.stack(rows_m)))
+                     torch.from_numpy(np.stack(rows_m)), torch.arange(len(tokens)))
 
 
 def iter_batches(target: TargetSet, batch_size: int) -> Iterator[dict]:
@@ -493,6 +513,7 @@ __all__ = [
     "TargetSet",
     "iter_batches",
     "load_target",
+    "pack_documents",
     "pack_texts",
     "documents_to_read",
     "sample_documents",
