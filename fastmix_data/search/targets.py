@@ -164,17 +164,7 @@ class TargetSet:
     def split_indices(self, fraction: float, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
         """Sorted indices of a seeded split into (``fraction``, rest), stratified by group (each
         group with >= 2 sequences puts at least one on each side)."""
-        g = torch.Generator().manual_seed(int(seed))
-        a, b = [], []
-        for k in range(len(self.group_names)):
-            idx = torch.nonzero(self.group == k).flatten()
-            idx = idx[torch.randperm(len(idx), generator=g)]
-            cut = int(round(fraction * len(idx)))
-            if len(idx) >= 2:
-                cut = min(max(cut, 1), len(idx) - 1)
-            a.append(idx[:cut])
-            b.append(idx[cut:])
-        ia, ib = torch.cat(a).sort().values, torch.cat(b).sort().values
+        ia, ib = stratified_split(self.group, len(self.group_names), fraction, seed)
         if len(ia) == 0 or len(ib) == 0:
             raise ValueError(f"target {self.name!r} has too few sequences ({len(self)}) to split")
         return ia, ib
@@ -221,6 +211,22 @@ class TargetSet:
         return {"name": self.name, "sequences": len(self), "seq_len": self.seq_len, "average": self.average,
                 "groups": self.group_names, "shares": self.shares(), "full_shares": self.full_shares,
                 "qa": self.loss_mask is not None, "fingerprint": self.fingerprint()}
+
+
+def stratified_split(group: torch.Tensor, groups: int, fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sorted indices of a seeded split of items (of ``group`` ``[N]`` in ``range(groups)``) into
+    (``fraction``, rest), per group; a group of >= 2 items puts at least one on each side."""
+    g = torch.Generator().manual_seed(int(seed))
+    a, b = [], []
+    for k in range(groups):
+        idx = torch.nonzero(group == k).flatten()
+        idx = idx[torch.randperm(len(idx), generator=g)]
+        cut = int(round(fraction * len(idx)))
+        if len(idx) >= 2:
+            cut = min(max(cut, 1), len(idx) - 1)
+        a.append(idx[:cut])
+        b.append(idx[cut:])
+    return torch.cat(a).sort().values, torch.cat(b).sort().values
 
 
 class TargetBatches:
@@ -517,5 +523,6 @@ __all__ = [
     "pack_texts",
     "documents_to_read",
     "sample_documents",
+    "stratified_split",
     "target_from_texts",
 ]

@@ -50,7 +50,7 @@ from ..proxy.cache import ProxyCache, source_fingerprints
 from ..proxy.compute import ComputeMeter
 from ..proxy.trainer import ProxyTrainer, evaluate, make_stream
 from ..schedule import Budget, mixmin_proxy_tokens
-from ..targets import TargetSet
+from ..targets import TargetSet, stratified_split
 
 
 def _lse_columns(log_alpha: torch.Tensor, logq: torch.Tensor) -> torch.Tensor:
@@ -211,19 +211,9 @@ def example_columns(logq: torch.Tensor, target: TargetSet, ex: torch.Tensor) -> 
                     torch.zeros(E, dtype=torch.int64).index_copy_(0, ex, target.group))
 
 
-def _split_examples(group: torch.Tensor, fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _split_examples(group: torch.Tensor, groups: int, fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Seeded (fit, report) split of examples, stratified by group (as :meth:`TargetSet.split_indices`)."""
-    g = torch.Generator().manual_seed(int(seed))
-    a, b = [], []
-    for k in group.unique().tolist():
-        idx = torch.nonzero(group == k).flatten()
-        idx = idx[torch.randperm(len(idx), generator=g)]
-        cut = int(round(fraction * len(idx)))
-        if len(idx) >= 2:
-            cut = min(max(cut, 1), len(idx) - 1)
-        a.append(idx[:cut])
-        b.append(idx[cut:])
-    ia, ib = torch.cat(a).sort().values, torch.cat(b).sort().values
+    ia, ib = stratified_split(group, groups, fraction, seed)
     if len(ia) == 0 or len(ib) == 0:
         raise ValueError(f"the target has too few examples ({len(group)}) to split fit/report; set "
                          "mixmin.fit_fraction=1 or lower mixmin.example_tokens")
@@ -248,7 +238,7 @@ def fit(ctx: RunContext, tokens_total: int) -> MixMinFit:
     ex = None if cfg.per_token else example_columns(logq, tset, example_ids(tset, cfg.example_tokens))
     if cfg.fit_fraction < 1:
         fit_idx, rep_idx = (tset.split_indices(cfg.fit_fraction, cfg.split_seed) if ex is None else
-                            _split_examples(ex.group, cfg.fit_fraction, cfg.split_seed))
+                            _split_examples(ex.group, len(tset.group_names), cfg.fit_fraction, cfg.split_seed))
     else:
         fit_idx, rep_idx = torch.arange(len(tset) if ex is None else len(ex.weight)), None
 
