@@ -120,6 +120,52 @@ def test_changed_object_is_refused_by_name(on_s3, tmp_path):
     assert src.read_shard(1).texts  # the other shard is fine
 
 
+def _through_proxy(s3, faults: Faults, fn):
+    with fault_proxy(s3.endpoint, faults) as proxy:
+        os.environ["AWS_ENDPOINT_URL"] = proxy
+        try:
+            return fn()
+        finally:
+            os.environ["AWS_ENDPOINT_URL"] = s3.endpoint
+
+
+def test_cold_parquet_read_is_one_round_of_gets_and_no_head(on_s3, tmp_path):
+    """A cold read of a shard's row groups costs one GET per run of touching byte ranges (footer and
+    row groups merged where adjacent), all at once, with no HEAD: the identity is checked on the GETs'
+    answers. The node-local cache still holds one entry per part (footer, each row group)."""
+    from fastmix_data.storage.store import merge_ranges
+
+    src = open_source("pq", f"s3://{on_s3.bucket}/pq", cache_dir=tmp_path / "c")  # indexed directly
+    src.storage.cache.clear()
+    parts = src.reader.parts(src.shards[1].path, src.columns, [0, 2])
+    runs = merge_ranges([r for p in parts for r in p])
+    faults = Faults()
+    table = _through_proxy(on_s3, faults, lambda: src.read_shard_table(1, row_groups=[0, 2]))
+    assert table.num_rows == 8 + 4  # 20 rows in groups of 8: groups 0 and 2
+    methods = [line.split()[0] for line in faults.log]
+    assert methods == ["GET"] * len(runs) and len(runs) < len(parts), (faults.log, runs)
+    assert faults.bytes == src.fetch_bytes(1, [0, 2])  # exactly the plan's bytes
+    assert sorted(os.listdir(src.storage.cache.directory / "blobs")) == sorted(src.cache_keys(1, [0, 2]))
+    faults = Faults()
+    assert _through_proxy(on_s3, faults, lambda: src.read_shard_table(1, row_groups=[2])).num_rows == 4
+    assert faults.requests == 0  # warm: the row group and the footer are cache hits
+
+
+@pytest.mark.parametrize("docs", [5, 60], ids=["shrunk", "grown"])
+def test_parquet_object_changed_after_indexing_is_refused_without_head(on_s3, tmp_path, docs):
+    src = open_source("pq", f"s3://{on_s3.bucket}/pq", cache_dir=tmp_path / "c")
+    src.storage.cache.clear()
+    write_parquet_source(tmp_path / "new", make_docs(docs, seed=11), shards=1, ids_col="input_ids", row_group_size=8)
+    os.rename(tmp_path / "new" / "part-00000.parquet", tmp_path / "new" / "part-00001.parquet")
+    upload_dir(on_s3.endpoint, tmp_path / "new", on_s3.bucket, "pq")  # overwrites part-00001.parquet
+    faults = Faults()
+    with pytest.raises(ShardChangedError, match=r"part-00001\.parquet.*changed since it was indexed.*re-open"):
+        _through_proxy(on_s3, faults, lambda: src.read_shard_table(1, row_groups=[0]))
+    assert not any(line.startswith("HEAD") for line in faults.log)
+    assert os.listdir(src.storage.cache.directory / "blobs") == []  # nothing of the changed object was cached
+    assert src.read_shard_table(0, row_groups=[0]).num_rows == 8  # the other shards are fine
+
+
 def test_index_file_is_loaded_instead_of_listing(on_s3, corpus, tmp_path):
     index_url = f"s3://{on_s3.bucket}/indexes/mds.json"
     doc = index_source("m", f"s3://{on_s3.bucket}/mds", out=index_url)

@@ -23,6 +23,7 @@ from fastmix_data.storage import (
     stat,
 )
 from fastmix_data.storage.cache import entry_key, parse_size
+from fastmix_data.storage.retry import call
 from fastmix_data.storage.urls import check_no_credentials, common_dir, join, relative_name
 
 FAST = RetryPolicy(tries=4, base_delay=0.01, max_delay=0.05)
@@ -94,6 +95,26 @@ def test_not_found_is_not_retried(served):
     with fault_proxy(served, faults) as url, pytest.raises(RemoteError, match="1 try.*check the URL"):
         RemoteFS(retry=FAST).stat(url + "missing.bin")
     assert faults.requests <= 2  # one HEAD (fsspec may follow with one GET); never retried
+
+
+def test_a_call_at_interpreter_exit_is_not_retried():
+    """At exit asyncio can no longer resolve names; retrying only delays the exit (a DataLoader
+    worker's prefetch threads held its shutdown for seconds)."""
+    from fastmix_data.storage.retry import is_transient
+
+    calls = []
+
+    def at_exit():
+        calls.append(1)
+        try:
+            raise RuntimeError("cannot schedule new futures after shutdown")
+        except RuntimeError as exc:
+            raise ConnectionError("An HTTP Client raised an unhandled exception") from exc
+
+    assert is_transient(ConnectionError("reset")) and not is_transient(RuntimeError("cannot schedule new futures after shutdown"))
+    with pytest.raises(RemoteError, match="1 try"):
+        call(at_exit, "s3://b/k", "read", FAST)
+    assert calls == [1]
 
 
 # ---------------------------------------------------------------------------------------- cache

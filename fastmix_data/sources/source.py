@@ -154,14 +154,14 @@ class ShardedSource:
 
     # ------------------------------------------------------------------ remote: prefetch
     def _requests(self, index: int, row_groups: Sequence[int] | None = None) -> list:
-        """[(cache key, bytes, fetch job)] of what reading shard ``index`` (Parquet: only
+        """[(cache key, bytes, part)] of what reading shard ``index`` (Parquet: only
         ``row_groups``, all when None) fetches from a remote store: one entry per part (Parquet:
         the footer, then one per row group; other formats: the whole object)."""
         path = self.shards[index].path
         parts: list = [None]
         if self.format == "parquet":
             parts = self.reader.parts(path, self.columns, row_groups)  # type: ignore[attr-defined]
-        return [self.reader.files.cache_request(path, p) for p in parts]
+        return [(*self.reader.files.cache_request(path, p), p) for p in parts]
 
     def cache_keys(self, index: int, row_groups: Sequence[int] | None = None) -> list[str]:
         """The node-local cache entries a read of shard ``index`` (``row_groups`` of it) uses."""
@@ -199,7 +199,8 @@ class ShardedSource:
         cache = self.storage.cache  # type: ignore[union-attr]
         keys: dict[str, None] = {}
         for index, groups in reads:
-            for key, _, job in self._requests(index, groups):
+            todo: dict[str, object] = {}  # the read's entries neither on this node nor in flight: one job
+            for key, _, part in self._requests(index, groups):
                 if key in keys:
                     continue
                 keys[key] = None
@@ -209,7 +210,9 @@ class ShardedSource:
                 if pin is not None:
                     pool.keep(key, pin)
                 else:
-                    pool.submit(key, job, after)
+                    todo[key] = part
+            if todo:
+                pool.submit(list(todo), self.reader.files.fetch_job(self.shards[index].path, list(todo.values())), after)
         return list(keys)
 
     def _release(self, index: int, row_groups: Sequence[int] | None = None) -> None:

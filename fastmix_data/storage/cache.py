@@ -203,12 +203,7 @@ class ShardCache:
         if hit is not None:
             self.hits += 1
             return hit
-        budget = self.budget()
-        if size > budget:
-            raise CacheBudgetError(
-                f"a shard of {size:,} bytes does not fit in the shard cache's budget of {budget:,} bytes "
-                f"({self.directory}); raise cache_limit to at least one block's shards"
-            )
+        self._check_fits(size, self.budget())
         blobs, partial = self._dirs()
         claim = str(partial / f"{key}.lock")
         fd = os.open(claim, os.O_RDWR | os.O_CREAT, 0o644)
@@ -222,18 +217,97 @@ class ShardCache:
             part = str(partial / f"{key}.{os.getpid()}.{threading.get_ident()}.tmp")
             try:
                 fill(part)
-                got = os.stat(part).st_size
-                if got != size:
-                    raise SourceError(f"downloaded {got:,} bytes for cache entry {key} but expected {size:,}")
-                self._publish(part, str(blobs / key), size)
+                self._publish_checked(part, str(blobs / key), key, size)
             finally:
                 with contextlib.suppress(OSError):
                     os.unlink(part)
-            self.downloaded_bytes += got
             with contextlib.suppress(OSError):
                 os.unlink(claim)  # later arrivals make a new claim file and find the blob
         finally:
             os.close(fd)
+        return self._pin_published(key)
+
+    def get_many(self, entries: Sequence[tuple[str, int]], fill: Callable[[list[int]], list[bytes]]) -> list[Pin]:
+        """Entries ``[(key, size)]`` pinned, the missing ones downloaded together.
+
+        The missing entries that no other process is downloading are claimed (a non-blocking
+        exclusive flock each) and filled by one call ``fill(indices) -> bytes per index`` (one
+        round of requests for all of them); the others are waited for as in :meth:`get` (their
+        downloader's claim), so there is still one download per entry and node.
+
+        Raises:
+            CacheBudgetError, SourceError: as :meth:`get`.
+        """
+        pins: list[Pin | None] = [self.pin(key) for key, _ in entries]
+        self.hits += sum(p is not None for p in pins)
+        try:
+            missing = [i for i, p in enumerate(pins) if p is None]
+            self._fill_claimed(entries, missing, pins, fill)
+            for i in missing:
+                if pins[i] is None:  # another process's download (or a failed one: then ours)
+                    key, size = entries[i]
+                    pins[i] = self.get(key, size, lambda part, i=i: _write(part, fill([i])[0]))
+        except BaseException:
+            for pin in pins:
+                if pin is not None:
+                    pin.close()
+            raise
+        return pins  # type: ignore[return-value]
+
+    def _fill_claimed(self, entries, missing: list[int], pins: list, fill) -> None:
+        """Claim what of ``missing`` nobody else downloads, fill it in one call, publish and pin it."""
+        if not missing:
+            return
+        budget = self.budget()
+        for i in missing:
+            self._check_fits(entries[i][1], budget)
+        blobs, partial = self._dirs()
+        claims: dict[int, int] = {}
+        try:
+            for i in missing:
+                fd = os.open(str(partial / f"{entries[i][0]}.lock"), os.O_RDWR | os.O_CREAT, 0o644)
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    os.close(fd)  # another process downloads it: waited for by the caller
+                    continue
+                claims[i] = fd
+                pins[i] = self.pin(entries[i][0])  # published just before our claim?
+                self.hits += pins[i] is not None
+            mine = [i for i in claims if pins[i] is None]
+            if mine:
+                for i, data in zip(mine, fill(mine)):
+                    key, size = entries[i]
+                    part = str(partial / f"{key}.{os.getpid()}.{threading.get_ident()}.tmp")
+                    try:
+                        _write(part, data)
+                        self._publish_checked(part, str(blobs / key), key, size)
+                    finally:
+                        with contextlib.suppress(OSError):
+                            os.unlink(part)
+                    self.misses += 1
+                    with contextlib.suppress(OSError):
+                        os.unlink(partial / f"{key}.lock")
+                    pins[i] = self._pin_published(key)
+        finally:
+            for fd in claims.values():
+                os.close(fd)
+
+    def _check_fits(self, size: int, budget: int) -> None:
+        if size > budget:
+            raise CacheBudgetError(
+                f"a shard of {size:,} bytes does not fit in the shard cache's budget of {budget:,} bytes "
+                f"({self.directory}); raise cache_limit to at least one block's shards"
+            )
+
+    def _publish_checked(self, part: str, blob: str, key: str, size: int) -> None:
+        got = os.stat(part).st_size
+        if got != size:
+            raise SourceError(f"downloaded {got:,} bytes for cache entry {key} but expected {size:,}")
+        self._publish(part, blob, size)
+        self.downloaded_bytes += got
+
+    def _pin_published(self, key: str) -> Pin:
         hit = self.pin(key)
         if hit is None:  # evicted between publish and pin: only by a budget far below one shard
             raise CacheBudgetError(f"cache entry {key} was evicted as soon as it was published; raise cache_limit")
@@ -301,3 +375,8 @@ class ShardCache:
         if blobs.is_dir():
             for entry in os.scandir(blobs):
                 self._evict(entry.path)
+
+
+def _write(path: str, data: bytes) -> None:
+    with open(path, "wb") as f:
+        f.write(data)

@@ -53,39 +53,45 @@ class Prefetcher:
         self.fetched = 0
         self.failed = 0
 
-    def submit(self, key: str, job: Callable[[], Pin], after: Sequence[str] = ()) -> None:
-        """Run ``job`` (a cache fetch returning its pin) in the background unless ``key`` is already
+    def submit(self, keys: Sequence[str], job: Callable[[], Sequence[Pin]], after: Sequence[str] = ()) -> None:
+        """Run ``job`` (a cache fetch of the entries ``keys``, returning their pins in that order; one
+        read's entries, downloaded together) in the background unless one of ``keys`` is already
         pinned or in flight; with ``after``, only once those keys' fetches have ended (the shards the
         current block reads get the bandwidth first). Failures are logged at DEBUG: the stream's own
         read retries and reports."""
+        keys = list(keys)
         with self._lock:
-            if key in self._pending or key in self._pins:
+            if not keys or any(k in self._pending or k in self._pins for k in keys):
                 return
-            self._pending.add(key)
-            waits = [f for f in (self._futures.get(k) for k in after) if f is not None]
-            self._futures[key] = self._pool.submit(self._run, key, job, waits)
+            self._pending.update(keys)
+            waits = list({id(f): f for f in (self._futures.get(k) for k in after) if f is not None}.values())
+            future = self._pool.submit(self._run, keys, job, waits)
+            for k in keys:
+                self._futures[k] = future
 
-    def _run(self, key: str, job: Callable[[], Pin], waits=()) -> None:
+    def _run(self, keys: list[str], job: Callable[[], Sequence[Pin]], waits=()) -> None:
         for future in waits:
             with contextlib.suppress(Exception):
                 future.result()
         try:
-            pin = job()
+            pins: Sequence[Pin] | None = job()
         except CacheBudgetError as exc:
             log.info("prefetch skipped: %s", exc)
             self.failed += 1
-            pin = None
+            pins = None
         except Exception as exc:  # the synchronous read will retry and raise a clear error
-            log.debug("prefetch of cache entry %s failed: %s", key, exc)
+            log.debug("prefetch of cache entries %s failed: %s", keys, exc)
             self.failed += 1
-            pin = None
+            pins = None
         with self._lock:
-            self._pending.discard(key)
-            self._futures.pop(key, None)
-            if pin is None:
+            for k in keys:
+                self._pending.discard(k)
+                self._futures.pop(k, None)
+            if pins is None:
                 return
-            self.fetched += 1
-            self._pins[key] = pin
+            self.fetched += len(keys)
+            for k, pin in zip(keys, pins):
+                self._pins[k] = pin
             while len(self._pins) > self.max_pins:
                 self._pins.popitem(last=False)[1].close()
 
@@ -141,7 +147,11 @@ def prefetcher() -> Prefetcher:
 Read = tuple  # (shard index, tuple of row groups or None for the whole shard)
 
 
-def prefetch_block(sources: Sequence, now: Mapping[int, Sequence[Read]], ahead: Mapping[int, Sequence[Read]]) -> None:
+def prefetch_block(
+    sources: Sequence,
+    now: Mapping[int, Sequence[Read]],
+    ahead: Mapping[int, Sequence[Read]] | Callable[[], Mapping[int, Sequence[Read]]],
+) -> None:
     """Fetch this block's reads, then the next block's first ones, of every remote source (the
     stream's hook, one call per block).
 
@@ -149,26 +159,27 @@ def prefetch_block(sources: Sequence, now: Mapping[int, Sequence[Read]], ahead: 
         sources: the stream's sources, in plan order; those with a ``prefetch(reads)`` method and
             ``remote`` true take part.
         now: per source index, the current block's reads ``(shard, row groups or None)`` in read order.
-        ahead: the same for this process's next block; at most ``storage.prefetch`` of them per
-            source (those the current block does not make) are fetched.
+        ahead: the same for this process's next block, or a function returning it (called once this
+            block's fetches are under way: planning the next block then no longer delays them); at
+            most ``storage.prefetch`` of them per source (those the current block does not make) are
+            fetched.
 
     Raises:
         CacheBudgetError: what this block reads does not fit in the cache budget at once.
     """
-    wanted: list[tuple[object, list, list]] = []
-    for k in sorted(set(now) | set(ahead)):
-        source = sources[k]
-        if not getattr(source, "remote", False) or not hasattr(source, "prefetch"):
-            continue
-        current = list(now.get(k, ()))
-        distance = source.storage.prefetch if source.storage is not None else 0
-        seen = set(current)
-        wanted.append((source, current, [r for r in ahead.get(k, ()) if r not in seen][:distance]))
-    if not wanted:
+    remote = [k for k, source in enumerate(sources)
+              if getattr(source, "remote", False) and hasattr(source, "prefetch")]  # fmt: skip
+    if not remote:
         return
-    _check_block_budget(wanted)
-    current_keys = [key for source, reads, _ in wanted for key in source.prefetch(reads)]
-    for source, _, next_reads in wanted:  # the next block's reads start once this block's are in
+    current = [(sources[k], list(now.get(k, ()))) for k in remote]
+    _check_block_budget(current)
+    current_keys = [key for source, reads in current for key in source.prefetch(reads)]
+    later = ahead() if callable(ahead) else ahead
+    for k in remote:  # the next block's reads start once this block's are in
+        source = sources[k]
+        distance = source.storage.prefetch if source.storage is not None else 0
+        seen = set(now.get(k, ()))
+        next_reads = [r for r in later.get(k, ()) if r not in seen][:distance]
         if next_reads:
             source.prefetch(next_reads, after=current_keys)
 
@@ -176,7 +187,7 @@ def prefetch_block(sources: Sequence, now: Mapping[int, Sequence[Read]], ahead: 
 def _check_block_budget(wanted) -> None:
     need = 0
     cache = None
-    for source, reads, _ in wanted:
+    for source, reads in wanted:
         if source.storage is None or source.storage.cache is None:
             continue
         cache = source.storage.cache
@@ -184,6 +195,6 @@ def _check_block_budget(wanted) -> None:
     if cache is not None and need > cache.budget():
         raise CacheBudgetError(
             f"cache_limit={cache.budget():,} bytes is smaller than one block: the next block reads "
-            f"{need:,} bytes of remote shards ({sum(len(n) for _, n, _ in wanted)} shard reads); raise "
+            f"{need:,} bytes of remote shards ({sum(len(n) for _, n in wanted)} shard reads); raise "
             "cache_limit to at least that, or lower block_batches"
         )

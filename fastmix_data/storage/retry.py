@@ -28,6 +28,7 @@ from fastmix_data.storage.urls import redact
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 TRANSIENT_STATUS = frozenset({408, 429, 500, 502, 503, 504})
+_SHUTDOWN = "cannot schedule new futures after shutdown"
 _TRANSIENT_NAMES = frozenset(
     {
         "ConnectionClosedError", "EndpointConnectionError", "ReadTimeoutError", "ConnectTimeoutError",
@@ -100,6 +101,8 @@ def is_transient(exc: BaseException) -> bool:
     """True for failures worth retrying: connection drops, timeouts, 408/429/5xx."""
     if isinstance(exc, FileNotFoundError | PermissionError | IsADirectoryError | NotADirectoryError):
         return False
+    if any(_SHUTDOWN in str(e) for e in _chain(exc)):
+        return False  # the interpreter is exiting (asyncio can no longer resolve names): no retry helps
     status = status_of(exc)
     if status is not None:
         return status in TRANSIENT_STATUS

@@ -5,12 +5,16 @@ options (never shown), the retry policy, the shard cache (directory and byte bud
 prefetch distance. :class:`ShardFiles` is what a format reader sees: bytes of a shard by path,
 whole or as byte ranges, local or remote alike.
 
-Every download first asks the store for the object's size and version (one HEAD) and refuses an
-object that differs from the index (:class:`ShardChangedError`, naming the shard): the same rule as
-a local file whose size changed. A cached copy is keyed by (URL, size, version, ranges), so it is
+Every download checks the object's size and version against the index and refuses an object that
+differs (:class:`ShardChangedError`, naming the shard): the same rule as a local file whose size
+changed. Range reads from S3 are checked on the GETs' own answers (``Content-Range`` gives the size,
+the ETag / version id header the version), with no extra request; whole-object downloads and other
+stores ask first (one HEAD). A cached copy is keyed by (URL, size, version, ranges), so it is
 always the indexed version. A read may span several cache entries of one object
 (:meth:`Storage.read_parts`: a Parquet read is its footer's entry and one entry per row group), so
-that every reader of a row group, whichever others it reads with it, shares one copy on the node. With ``verify="sha256"`` the sha256 of every whole-object download is
+that every reader of a row group, whichever others it reads with it, shares one copy on the node;
+the missing entries of one read are downloaded together (:meth:`Storage.fetch_parts`: touching
+ranges merged into one GET, all GETs at once). With ``verify="sha256"`` the sha256 of every whole-object download is
 checked against the index too.
 """
 
@@ -20,18 +24,16 @@ import contextlib
 import os
 import tempfile
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
 from fastmix_data.errors import SourceError
 from fastmix_data.storage.cache import Pin, ShardCache, entry_key
 from fastmix_data.storage.fs import ObjectInfo, RemoteFS
-from fastmix_data.storage.retry import RetryPolicy
+from fastmix_data.storage.retry import RemoteError, RetryPolicy
 from fastmix_data.storage.urls import is_url, redact
 
 DEFAULT_PREFETCH = 4  # shard reads per source fetched ahead of the ones the current block reads
-PART_THREADS = 8  # concurrent downloads of the missing cache entries of one read (read_parts)
 
 
 class ShardChangedError(SourceError):
@@ -172,45 +174,73 @@ class Storage:
         return self.remote.stat(url)
 
     def check(self, url: str, expect: Expected, where: str = "") -> None:
-        """Refuse ``url`` when its size or version now differs from ``expect``.
+        """Refuse ``url`` when its size or version now differs from ``expect`` (one HEAD).
 
         Raises:
             ShardChangedError: naming the shard, the indexed and current size/version.
         """
-        now = self.stat(url)
-        if now.size != expect.size or (expect.version and now.version and now.version != expect.version):
-            raise ShardChangedError(
-                f"{where or 'shard ' + redact(url)} changed since it was indexed ({now.size} bytes, "
-                f"version {now.version!r} now; {expect.size} bytes, version {expect.version!r} then); "
-                "re-open the source to re-index it"
-            )
+        _refuse_changed(self.stat(url), expect, where)
 
     # ------------------------------------------------------------------ reads
     def fetch(
         self, url: str, expect: Expected, ranges: Sequence[tuple[int, int]] | None = None, where: str = "",
-        checked: bool = False,
     ) -> Pin:  # fmt: skip
         """The object's bytes (or its ``ranges`` concatenated) pinned in the cache, downloaded when
-        missing (one download per node; the object's identity is checked first unless ``checked``:
-        the caller just did). Close the pin once read."""
+        missing (one download per node; the object's identity checked with it). Close the pin once
+        read."""
+        if ranges is not None:
+            return self.fetch_parts(url, expect, [ranges], where)[0]
         if self.cache is None:
             raise ValueError("fetch needs a cache; this Storage streams (cache_dir=False)")
-        size = expect.size if ranges is None else sum(int(n) for _, n in ranges)
-        key = entry_key(url, expect.size, expect.version, ranges)
 
         def fill(part: str) -> None:
-            if not checked:
-                self.check(url, expect, where)
-            if ranges is None:
-                self.remote.download(url, part)
-                if expect.sha256:
-                    self._verify_sha256(part, url, expect, where)
-            else:
-                with open(part, "wb") as f:
-                    for chunk in self.remote.read_ranges(url, ranges):
-                        f.write(chunk)
+            self.check(url, expect, where)
+            self.remote.download(url, part)
+            if expect.sha256:
+                self._verify_sha256(part, url, expect, where)
 
-        return self.cache.get(key, size, fill)
+        return self.cache.get(entry_key(url, expect.size, expect.version, None), expect.size, fill)
+
+    def fetch_parts(
+        self, url: str, expect: Expected, parts: Sequence[Sequence[tuple[int, int]]], where: str = ""
+    ) -> list[Pin]:
+        """One pinned cache entry per part (a list of byte ranges of the object), the missing ones
+        downloaded together: their ranges, merged where they touch, one GET each, all at once;
+        the identity checked on the GETs' answers (S3) or with one HEAD (other stores). Entries
+        another process is downloading are waited for (one download per node). Close the pins."""
+        if self.cache is None:
+            raise ValueError("fetch needs a cache; this Storage streams (cache_dir=False)")
+        parts = [merge_ranges(p) for p in parts]
+        entries = [(entry_key(url, expect.size, expect.version, p), sum(n for _, n in p)) for p in parts]
+        return self.cache.get_many(entries, lambda idx: self._download_parts(url, expect, [parts[i] for i in idx], where))
+
+    def _download_parts(self, url: str, expect: Expected, parts: list[list[tuple[int, int]]], where: str) -> list[bytes]:
+        runs = merge_ranges([r for p in parts for r in p])
+        pieces = dict(zip((o for o, _ in runs), self._read_checked(url, expect, runs, where)))
+        out = []
+        for ranges in parts:
+            out.append(b"".join(_cut(runs, pieces, offset, length) for offset, length in ranges))
+        return out
+
+    def _read_checked(self, url: str, expect: Expected, ranges: list[tuple[int, int]], where: str) -> list[bytes]:
+        """Byte ranges of the object, refused (ShardChangedError) unless it is the indexed version:
+        checked on the answers themselves where the store reports size and version with them (S3),
+        else by one HEAD first."""
+        try:
+            got = self.remote.read_ranges_identified(url, ranges)
+        except RemoteError as exc:
+            if exc.status == 416:  # a range past the end: the object shrank
+                raise ShardChangedError(
+                    f"{where or 'shard ' + redact(url)} changed since it was indexed (the indexed byte ranges are "
+                    f"past its end now; {expect.size} bytes then); re-open the source to re-index it"
+                ) from exc
+            raise
+        if got is None or any(info.size < 0 for _, info in got):
+            self.check(url, expect, where)
+            return self.remote.read_ranges(url, ranges) if got is None else [data for data, _ in got]
+        for _, info in got:
+            _refuse_changed(info, expect, where)
+        return [data for data, _ in got]
 
     def read_bytes(self, url: str, expect: Expected, where: str = "") -> bytes:
         """The whole object, through the cache (or streamed when the cache is off)."""
@@ -228,37 +258,19 @@ class Storage:
         self, url: str, expect: Expected, parts: Sequence[Sequence[tuple[int, int]]], where: str = ""
     ) -> RangeFile:
         """A :class:`RangeFile` over several lists of byte ranges of the object, each its own cache
-        entry: hits are pinned and read, misses downloaded concurrently (one identity check for
-        them all). Without a cache, every range is fetched in one round."""
+        entry (:meth:`fetch_parts`: hits pinned and read, misses downloaded together). Without a
+        cache, every range is fetched in one round."""
         parts = [merge_ranges(p) for p in parts]
 
         def fallback(offset: int, length: int) -> bytes:
             return self.remote.read(url, offset, offset + length)
 
         if self.cache is None:
-            self.check(url, expect, where)
             ranges = merge_ranges([r for p in parts for r in p])
-            data = b"".join(self.remote.read_ranges(url, ranges))
+            data = b"".join(self._read_checked(url, expect, ranges, where))
             self.streamed_bytes += len(data)
             return RangeFile(expect.size, ranges, data, fallback)
-        datas: list[bytes | None] = []
-        for ranges in parts:
-            pin = self.cache.pin(entry_key(url, expect.size, expect.version, ranges))
-            self.cache.hits += pin is not None
-            datas.append(None if pin is None else _read_pin(pin))
-        missing = [i for i, d in enumerate(datas) if d is None]
-        if missing:
-            self.check(url, expect, where)
-
-            def get(i: int) -> bytes:
-                return _read_pin(self.fetch(url, expect, parts[i], where, checked=True))
-
-            if len(missing) == 1:
-                datas[missing[0]] = get(missing[0])
-            else:
-                with ThreadPoolExecutor(max_workers=min(PART_THREADS, len(missing))) as pool:
-                    for i, data in zip(missing, pool.map(get, missing)):
-                        datas[i] = data
+        datas = [_read_pin(pin) for pin in self.fetch_parts(url, expect, parts, where)]
         pieces = []
         for ranges, data in zip(parts, datas):
             at = 0
@@ -299,6 +311,24 @@ class Storage:
     def fetched_bytes(self) -> int:
         """Bytes this process downloaded from stores (cache fills and streamed reads)."""
         return self.streamed_bytes + (self.cache.downloaded_bytes if self.cache is not None else 0)
+
+
+def _refuse_changed(now: ObjectInfo, expect: Expected, where: str) -> None:
+    if now.size != expect.size or (expect.version and now.version and now.version != expect.version):
+        raise ShardChangedError(
+            f"{where or 'shard ' + redact(now.url)} changed since it was indexed ({now.size} bytes, "
+            f"version {now.version!r} now; {expect.size} bytes, version {expect.version!r} then); "
+            "re-open the source to re-index it"
+        )
+
+
+def _cut(runs: list[tuple[int, int]], pieces: dict[int, bytes], offset: int, length: int) -> bytes:
+    """Bytes [offset, offset + length) out of the fetched ``runs`` (merged ranges; ``pieces``: their
+    bytes by start offset)."""
+    for start, n in runs:
+        if start <= offset and offset + length <= start + n:
+            return pieces[start][offset - start : offset - start + length]
+    raise AssertionError(f"range ({offset}, {length}) is in no fetched run")
 
 
 def _read_pin(pin: Pin) -> bytes:
@@ -373,16 +403,28 @@ class ShardFiles:
         storage, expect = self._remote(path)
         return storage.read_parts(path, expect, parts)
 
-    def cache_request(self, path: str, ranges: Sequence[tuple[int, int]] | None) -> tuple[str, int, Callable[[], Pin]]:
-        """(cache key, bytes, fetch job) of a remote shard's bytes (``ranges`` None: whole), as the
-        reads above will ask for them: what the prefetcher runs ahead of the stream."""
+    def cache_request(self, path: str, ranges: Sequence[tuple[int, int]] | None) -> tuple[str, int]:
+        """(cache key, bytes) of a remote shard's bytes (``ranges`` None: whole), as the reads above
+        will ask for them."""
         storage, expect = self._remote(path)
         if storage.cache is None:
             raise ValueError("prefetch needs the shard cache")
         merged = None if ranges is None else merge_ranges(ranges)
         size = expect.size if merged is None else sum(n for _, n in merged)
-        key = entry_key(path, expect.size, expect.version, merged)
-        return key, size, lambda: storage.fetch(path, expect, merged)
+        return entry_key(path, expect.size, expect.version, merged), size
+
+    def fetch_job(self, path: str, parts: Sequence[Sequence[tuple[int, int]] | None]) -> Callable[[], list[Pin]]:
+        """A job fetching these cache entries of a remote shard (a part None: the whole object; else
+        byte ranges, fetched together, see :meth:`Storage.fetch_parts`) and returning their pins in
+        order: what the prefetcher runs ahead of the stream."""
+        storage, expect = self._remote(path)
+        ranged = [p for p in parts if p is not None]
+
+        def job() -> list[Pin]:
+            pins = iter(storage.fetch_parts(path, expect, ranged) if ranged else [])
+            return [storage.fetch(path, expect) if p is None else next(pins) for p in parts]
+
+        return job
 
     @contextlib.contextmanager
     def local_file(self, path: str) -> Iterator[str]:

@@ -341,11 +341,13 @@ class MixtureStream(torch.utils.data.IterableDataset):
         remote = [k for k, s in enumerate(self.sources) if getattr(s, "remote", False)]
         if not remote:
             return
-        nxt = self._plan_block(next_indices)
-        self._lookahead = (tuple(next_indices), nxt)
-        prefetch_block(
-            self.sources, batch_format.block_reads(self.items, sl, remote), batch_format.block_reads(self.items, nxt, remote)
-        )
+
+        def ahead() -> dict:  # planned once this block's fetches are submitted
+            nxt = self._plan_block(next_indices)
+            self._lookahead = (tuple(next_indices), nxt)
+            return batch_format.block_reads(self.items, nxt, remote)
+
+        prefetch_block(self.sources, batch_format.block_reads(self.items, sl, remote), ahead)
 
     # ------------------------------------------------------------------------------ live weights
     def set_weights(self, weights: Mapping[str, float] | Sequence[float]) -> int:
