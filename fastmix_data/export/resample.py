@@ -201,7 +201,7 @@ class Materialiser:
             ids = np.empty((n, self.seq_len + 1), dtype=np.int64)
             starts = np.empty((n, self.seq_len + 1), dtype=bool)
             for src, epoch, shard, idx in self._groups(sl):
-                ids[idx], starts[idx] = self.items[src].sequences(epoch, shard, sl.item[idx])
+                self.items[src].sequences(epoch, shard, sl.item[idx], out=(ids, starts, idx))
             if ids.size and (ids.max() > np.iinfo(np.int32).max or ids.min() < np.iinfo(np.int32).min):
                 raise ResampleError("token ids do not fit int32; the resampled shards store int32 ids")
             out["input_ids"] = ids.astype(np.int32)

@@ -46,7 +46,7 @@ def build(
         tokens = np.empty((n, seq_len + 1), dtype=dtype)
         starts = np.empty((n, seq_len + 1), dtype=bool)
         for (src, epoch, shard), idx in groups:
-            tokens[idx], starts[idx] = items[src].sequences(epoch, shard, meta[2, idx])
+            items[src].sequences(epoch, shard, meta[2, idx], out=(tokens, starts, idx))
         meta[4] = seq_len + 1
     else:
         picked = [(idx, items[src].gather(shard, meta[2, idx])) for (src, _epoch, shard), idx in groups]

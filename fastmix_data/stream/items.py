@@ -457,15 +457,16 @@ class ItemSource:
         return ShardData(texts=got.texts, ids=None if got.ids is None else list(got.ids), extra=got.extra)
 
     # ----------------------------------------------------------------------------- packing
-    def _piece_rows(self, shard: int, lo: int, hi: int) -> IdRows:
-        """Rows [lo, hi) of ``shard`` as packing ids (pre-tokenized ids, else the tokenizer's)."""
+    def _piece_rows(self, shard: int, lo: int, hi: int) -> list[IdRows]:
+        """Rows [lo, hi) of ``shard`` as packing ids (pre-tokenized ids, else the tokenizer's): one
+        `IdRows` per row group, views of the cached units (`pack` reads them in place)."""
         parts = []
         for unit in self._units(shard, list(self._groups_of_rows(shard, lo, hi))):
             ids = self._unit_ids(unit)
             n = len(ids)
             a, b = max(lo - unit.start, 0), min(hi - unit.start, n)
             parts.append(ids if (a, b) == (0, n) else ids.slice(a, b))
-        return IdRows.concat(parts)
+        return parts
 
     def _unit_ids(self, unit: _Unit) -> IdRows:
         if unit.packed_ids is None:
@@ -505,21 +506,27 @@ class ItemSource:
         self._remember(key, packed)
         return packed
 
-    def sequences(self, epoch: int, shard: int, items: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def sequences(self, epoch: int, shard: int, items: np.ndarray, out=None) -> tuple[np.ndarray, np.ndarray]:
         """Packed sequences ``items`` of ``shard`` in ``epoch``: (ids [n, L+1] in ``dtype``,
-        doc_start [n, L+1])."""
+        doc_start [n, L+1]). With ``out = (ids, doc_start, rows)`` they are written to
+        ``ids[rows]``, ``doc_start[rows]`` instead (no intermediate arrays), and those are returned."""
         pieces = self._pieces[shard]
         width = self.seq_len + 1
         items = np.asarray(items, dtype=np.int64)
+        if out is None:
+            if len(pieces) == 1:
+                return sequences(*self._packed(epoch, shard, 0), width, items)
+            out = (np.empty((len(items), width), dtype=self.dtype), np.empty((len(items), width), dtype=bool), None)
+        ids, starts, rows = out
         if len(pieces) == 1:
-            return sequences(*self._packed(epoch, shard, 0), width, items)
+            ids[rows], starts[rows] = sequences(*self._packed(epoch, shard, 0), width, items)
+            return ids, starts
         firsts = np.array([p[2] for p in pieces], dtype=np.int64)
         which = np.searchsorted(firsts, items, side="right") - 1
-        ids = np.empty((len(items), width), dtype=self.dtype)
-        starts = np.empty((len(items), width), dtype=bool)
+        rows = np.arange(len(items)) if rows is None else np.asarray(rows)
         for piece in np.unique(which).tolist():
             m = which == piece
-            ids[m], starts[m] = sequences(*self._packed(epoch, shard, piece), width, items[m] - firsts[piece])
+            ids[rows[m]], starts[rows[m]] = sequences(*self._packed(epoch, shard, piece), width, items[m] - firsts[piece])
         return ids, starts
 
     def mean_tokens_per_item(self) -> float:
