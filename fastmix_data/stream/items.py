@@ -293,10 +293,11 @@ class ItemSource:
         self._save_cache("slices", cached)
         return cuts
 
-    def _piece_tokens(self, shard: int, lo: int, hi: int, count: int) -> int:
+    def _piece_tokens(self, shard: int, lo: int, hi: int, count: int, slices: dict) -> int:
+        """Tokens of rows [lo, hi) of ``shard``, from ``slices`` (the loaded "slices" cache) when there."""
         if lo == 0 and hi == self.source.shards[shard].rows:
             return int(self.shard_tokens[shard])
-        counts = self._load_cache("slices").get(f"{self.tokenizer.fingerprint()}:{self.eos_id}:{count}:{shard}")
+        counts = slices.get(f"{self.tokenizer.fingerprint()}:{self.eos_id}:{count}:{shard}")
         if counts is None:
             counts = np.concatenate([[0], np.cumsum(self._row_token_counts(shard))]).tolist()
         return int(counts[hi] - counts[lo])
@@ -306,6 +307,7 @@ class ItemSource:
         pieces: list[list[tuple[int, int, int, int, int]]] = []
         s = 0
         cuts = sorted(cut_rows)
+        slices = self._load_cache("slices") if cuts else {}  # once, not per piece (a JSON file)
         for shard, info in enumerate(self.source.shards):
             lo, item = 0, 0
             mine: list[tuple[int, int, int, int, int]] = []
@@ -313,7 +315,7 @@ class ItemSource:
                 hi = info.rows
                 if s < len(cuts) and cuts[s][0] == shard:
                     hi = min(max(cuts[s][1], lo), info.rows)
-                tok = self._piece_tokens(shard, lo, hi, count)
+                tok = self._piece_tokens(shard, lo, hi, count, slices)
                 n = tok // width
                 if hi > lo or not mine:
                     mine.append((lo, hi, item, item + n, tok))
