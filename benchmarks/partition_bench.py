@@ -315,18 +315,20 @@ def packing(data: dict, n_seq: int, repeats: int) -> list[dict]:
     files = [f for fs in zip(*data["tokens"].values()) for f in fs]
     width, batch = 2049, 8
 
-    def scan():
+    def scan():  # file after file, again from the first when n_seq is more than one pass
         served = 0
-        for f in files:
-            col = pq.ParquetFile(f).read(columns=["input_ids"], use_threads=False).column("input_ids")
-            values = np.concatenate([c.values.to_numpy(zero_copy_only=False) for c in col.chunks])
-            rows = values[: len(values) // width * width].reshape(-1, width)
-            for i in range(0, len(rows) - batch + 1, batch):
-                torch.from_numpy(rows[i : i + batch].astype(np.int64))
-                served += batch
-                if served >= n_seq:
-                    return served
-        return served
+        while True:
+            for f in files:
+                col = pq.ParquetFile(f).read(columns=["input_ids"], use_threads=False).column("input_ids")
+                values = np.concatenate([c.values.to_numpy(zero_copy_only=False) for c in col.chunks])
+                rows = values[: len(values) // width * width].reshape(-1, width)
+                for i in range(0, len(rows) - batch + 1, batch):
+                    torch.from_numpy(rows[i : i + batch].astype(np.int64))
+                    served += batch
+                    if served >= n_seq:
+                        return served
+            if served == 0:
+                return served
 
     def fastmix(narrow=False):
         stream = MixtureStream(data["tokens"], WEIGHTS, batch_size=batch, seq_len=2048, seed=0, narrow_tokens=narrow,
@@ -351,6 +353,15 @@ def packing(data: dict, n_seq: int, repeats: int) -> list[dict]:
             row[name + " cpu"] = (_common._process_tree_cpu() - cpu0) / served * 1000
         out.append(row)
     return out
+
+
+def _pass_sequences(data: dict) -> int:
+    """2049-token sequences the scan cuts from one pass over the token shards (from their footers)."""
+    total = 0
+    for f in (f for fs in data["tokens"].values() for f in fs):
+        meta = pq.ParquetFile(f).metadata
+        total += sum(meta.row_group(g).column(0).num_values for g in range(meta.num_row_groups)) // 2049
+    return total
 
 
 # ============================================================================ report
@@ -409,17 +420,30 @@ def render(args, data, cells, ranks, pack, load0, load1, t_start, wall) -> str:
     two = [r for r in ranks if r["world"] == 2]
     halves = ", ".join(f"{r['bytes'] / one['bytes']:.2f}" for r in two)
     lines += ["", f"Bytes read per rank with 2 ranks / with 1 rank (same global samples): {halves} (target: 0.5)."]
-    lines += ["", "## Packing (seq_len 2048, uint16 ids, in-process)", ""]
-    lines.append(_common.markdown_table(
-        ["contender", "sequences/s", "CPU s / 1k sequences", "vs scan (paired)"],
-        [(name, S(r[name] for r in pack).fmt(), S(r[name + " cpu"] for r in pack).fmt(digits=3),
-          S(r[name] / r["scan"] for r in pack).fmt(digits=2)) for name in ("scan", "fastmix", "fastmix narrow")],
-    ))  # fmt: skip
-    lines += ["", "`scan`: pyarrow reads the token column, its values cut into 2049-token rows, each batch of 8 made "
-              "an int64 tensor. `fastmix`: `MixtureStream(seq_len=2048, batch_size=8)` (plan, shuffled pieces, "
-              "packed per piece with the vectorised packer, int64 tensors); `fastmix narrow`: "
-              "`narrow_tokens=True` (uint16 tensors). Target: fastmix >= 0.8x the scan."]  # fmt: skip
+    lines += ["", *packing_section(pack, args.pack_seqs, _pass_sequences(data))]
     return "\n".join(lines) + "\n"
+
+
+def packing_section(pack: list[dict], n_seq: int, per_pass: int) -> list[str]:
+    """The packing section of the results file: per contender, median (min-max) over repetitions, and
+    each one's sequences/s divided by the scan's of the same repetition."""
+    S = _common.Summary.of
+    table = _common.markdown_table(
+        ["contender", "sequences/s", "CPU s / 1k sequences", "vs scan (paired)", "CPU vs scan (paired)"],
+        [(name, S(r[name] for r in pack).fmt(), S(r[name + " cpu"] for r in pack).fmt(digits=3),
+          S(r[name] / r["scan"] for r in pack).fmt(digits=2),
+          S(r[name + " cpu"] / r["scan cpu"] for r in pack).fmt(digits=2)) for name in ("scan", "fastmix", "fastmix narrow")],
+    )  # fmt: skip
+    return [
+        "## Packing (seq_len 2048, uint16 ids, in-process)", "",
+        f"{n_seq:,} sequences per cell ({n_seq / per_pass:.2f} passes of the token shards, {per_pass:,} sequences "
+        f"each); median (min–max) over {len(pack)} repetitions, contenders interleaved, the order reversed every "
+        "other repetition.", "", table, "",
+        "`scan`: pyarrow reads the token column file after file (again from the first past one pass), its values "
+        "cut into 2049-token rows, each batch of 8 made an int64 tensor. `fastmix`: `MixtureStream(seq_len=2048, "
+        "batch_size=8)` (plan, shuffled pieces, packed per piece with the vectorised packer, doc_start, int64 "
+        "tensors); `fastmix narrow`: `narrow_tokens=True` (uint16 tensors). Target: fastmix >= 0.8x the scan.",
+    ]  # fmt: skip
 
 
 def _verdicts(cells) -> list[str]:
@@ -454,7 +478,11 @@ def main(argv=None) -> int:
     p.add_argument("--files", type=int, default=3, help="text shards per domain (token shards: half)")
     p.add_argument("--baseline", default=None, help="a checkout of the code before partitions (fastmix@main)")
     p.add_argument("--contenders", default="fastmix,litdata,torchdata,scan")
-    p.add_argument("--pack-seqs", type=int, default=4000, help="sequences per packing measurement")
+    p.add_argument("--pack-seqs", type=int, default=48_000,
+                   help="sequences per packing measurement; default about one pass of the token shards at the "
+                        "default sizes, where the stream and the scan decode the same row groups once (shorter "
+                        "windows charge the stream for decoding every partition's pieces up front; longer ones "
+                        "favour it: its unit cache keeps the decoded ids while the scan decodes again)")  # fmt: skip
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--only-packing", action="store_true", help="run only the packing comparison and print it")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
@@ -466,8 +494,12 @@ def main(argv=None) -> int:
         return 0
     if args.only_packing:
         index_once(data)
+        load0, rows = os.getloadavg(), []
         for row in packing(data, args.pack_seqs, args.repeats):
+            rows.append(row)
             print(json.dumps({k: round(v, 3) for k, v in row.items()}), f"load {os.getloadavg()[0]:.1f}", flush=True)
+        print(f"\nLoad (1/5/15 min) at start: {load0}; at end: {os.getloadavg()}\n")
+        print("\n".join(packing_section(rows, args.pack_seqs, _pass_sequences(data))))
         return 0
     args.revision = _common.git_revision(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     index_once(data)
