@@ -8,7 +8,7 @@ packing, the same rows as pre-tokenized uint16 ids (their UTF-8 bytes) in a seco
 Contenders, sample mode, batches of 32 texts, same weights, in-process and with 2 and 4 DataLoader
 workers (repetitions interleaved in a seeded random order):
 
-* ``fastmix``    : `MixtureStream` (partitions=64, the default) via ``stream.loader(num_workers=W)``.
+* ``fastmix``    : `MixtureStream` (partitions=8, the default) via ``stream.loader(num_workers=W)``.
 * ``fastmix@main``: the same on the code of ``--baseline`` (a checkout without partitions, whose
                    workers share decoded shards through slot files from 3 workers on), run in a child
                    process with that code on its path: the measurement before retiring the slot files.
