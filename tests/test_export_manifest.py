@@ -359,6 +359,16 @@ def test_symlink_out_of_root_is_refused(corpus, tmp_path_factory):
         validate_manifest(m, verify="none")
 
 
+def test_symlinked_directory_out_of_root_is_refused(corpus, tmp_path_factory):
+    # the directory is resolved once for all its shards (after another source's shards were checked)
+    outside = tmp_path_factory.mktemp("outside-dir")
+    write_parquet_source(outside, make_docs(10), shards=2)
+    (corpus / "linked").symlink_to(outside, target_is_directory=True)
+    sources = {"web": str(corpus / "web"), "linked": str(corpus / "linked")}
+    with pytest.raises(ManifestError, match=r"linked/.*resolves to .*outside the manifest root"):
+        build_manifest(sources, [1, 1], 10, root=corpus)
+
+
 def test_shard_outside_root_at_build(corpus):
     with pytest.raises(ManifestError, match=r"part-00000\.parquet is outside the manifest root"):
         build_manifest(_sources(corpus), [1, 1], 10, root=corpus / "web")

@@ -58,10 +58,11 @@ def canonical_json(obj: Any) -> bytes:
     return json.dumps(obj, sort_keys=True, separators=(",", ":"), allow_nan=False).encode("utf-8")
 
 
-def relative_inside(root: str, path: str, what: str) -> str:
+def relative_inside(root: str, path: str, what: str, resolved: dict[str, str] | None = None) -> str:
     """``path`` relative to ``root`` (POSIX separators), refusing anything that leaves ``root``.
 
-    Both the lexical path and its symlink-resolved target must stay inside the root.
+    Both the lexical path and its symlink-resolved target must stay inside the root. ``resolved``: a
+    dict the caller keeps across the shards of one call, so each directory is resolved once.
 
     Raises:
         ManifestError: naming the path, when it is outside root or a symlink pointing outside.
@@ -73,14 +74,15 @@ def relative_inside(root: str, path: str, what: str) -> str:
         raise ManifestError(
             f"{what} {path} is outside the manifest root {root}; pass a root that contains it"
         )
-    _check_real(root, path, what)
+    _check_real(root, path, what, resolved)
     return rel.replace(os.sep, "/")
 
 
-def join_inside(root: str, rel: str, what: str) -> str:
+def join_inside(root: str, rel: str, what: str, resolved: dict[str, str] | None = None) -> str:
     """``root/rel`` for a relative path read from a manifest, refusing escapes.
 
     Refused: absolute paths, ``..`` components, empty names, and symlinks resolving outside root.
+    ``resolved``: as for :func:`relative_inside`.
     """
     if not isinstance(rel, str) or not rel:
         raise ManifestError(f"{what} has an empty or non-string path {rel!r}")
@@ -92,14 +94,33 @@ def join_inside(root: str, rel: str, what: str) -> str:
             f"{what} path {rel!r} escapes the manifest root (it has '..' or empty components)"
         )
     path = os.path.join(os.path.abspath(root), *parts)
-    _check_real(root, path, what)
+    _check_real(root, path, what, resolved)
     return path
 
 
-def _check_real(root: str, path: str, what: str) -> None:
-    real_root = os.path.realpath(root)
-    real = os.path.realpath(path)
-    if os.path.commonpath([real_root, real]) != real_root:
+def _realpath(path: str, resolved: dict[str, str] | None) -> str:
+    """``os.path.realpath``, resolving each directory once through ``resolved`` (a file that is not
+    a symlink resolves to its resolved directory joined with its name: one lstat per file)."""
+    if resolved is None:
+        return os.path.realpath(path)
+    head, name = os.path.split(path)
+    if head not in resolved:
+        resolved[head] = os.path.realpath(head)
+    if name in ("", os.curdir, os.pardir) or os.path.islink(path):
+        return os.path.realpath(path)
+    return os.path.join(resolved[head], name)
+
+
+def _check_real(root: str, path: str, what: str, resolved: dict[str, str] | None = None) -> None:
+    if resolved is None:
+        real_root = os.path.realpath(root)
+    else:
+        key = "\0root:" + root  # no path holds a NUL
+        if key not in resolved:
+            resolved[key] = os.path.realpath(root)
+        real_root = resolved[key]
+    real = _realpath(path, resolved)
+    if real != real_root and not real.startswith(real_root.rstrip(os.sep) + os.sep):
         raise ManifestError(
             f"{what} {path} resolves to {real}, outside the manifest root {real_root} (a symlink "
             "pointing out of the root); copy the file under the root or choose a root that contains it"

@@ -41,8 +41,10 @@ def _shares(manifest: Mapping[str, Any]) -> dict[str, float]:
 
 
 def _paths(manifest: Mapping[str, Any], src: Mapping[str, Any]) -> list[str]:
+    resolved: dict[str, str] = {}  # each directory resolved once
     return [
-        join_inside(manifest["root"], sh["path"], f"shard of source {src['name']!r}") for sh in src["shards"]
+        join_inside(manifest["root"], sh["path"], f"shard of source {src['name']!r}", resolved)
+        for sh in src["shards"]
     ]
 
 

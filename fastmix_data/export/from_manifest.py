@@ -58,9 +58,9 @@ def manifest_sources(manifest: Mapping[str, Any], *, allow_unsafe: bool = False)
     """
     validate_manifest(manifest, verify="none")
     root = manifest["root"]
-    out = []
+    out, resolved = [], {}
     for src in manifest["sources"]:
-        paths = [join_inside(root, sh["path"], f"shard of source {src['name']!r}") for sh in src["shards"]]
+        paths = [join_inside(root, sh["path"], f"shard of source {src['name']!r}", resolved) for sh in src["shards"]]
         fmt = src["format"]
         if fmt not in READERS:
             raise ManifestError(

@@ -486,11 +486,11 @@ def assemble(
         sizes = np.asarray(it.items_per_shard, dtype=np.int64)
         # packing: exact; samples: whole epochs exact, the partial epoch's share of a shard at its mean
         tok_take = take * rates[k]
-        shards = []
+        shards, resolved = [], {}
         for i, info in enumerate(src.shards):
             shards.append(
                 {
-                    "path": relative_inside(root, info.path, f"shard of source {src.name!r}"),
+                    "path": relative_inside(root, info.path, f"shard of source {src.name!r}", resolved),
                     "rows": int(info.rows),
                     "tokens": None if info.tokens is None else int(info.tokens),
                     "bytes": int(info.bytes),
@@ -690,9 +690,10 @@ def _check_contents(manifest: Mapping[str, Any], root: str | None, verify: str) 
         )
     check_counts(out)  # the derived counts (take, epochs, shares), which the fingerprint leaves out
     problems: list[str] = []
+    resolved: dict[str, str] = {}  # each directory resolved once (join_inside)
     for src in out["sources"]:
         for sh in src["shards"]:
-            path = join_inside(out["root"], sh["path"], f"shard of source {src['name']!r}")
+            path = join_inside(out["root"], sh["path"], f"shard of source {src['name']!r}", resolved)
             if verify == "none":
                 continue
             try:
