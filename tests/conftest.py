@@ -66,3 +66,30 @@ def s3(moto_endpoint, monkeypatch, request):
             return f"s3://{self.bucket}/{prefix}"
 
     return S3()
+
+
+@pytest.fixture
+def crash_third_parquet_write(monkeypatch):
+    """A function that makes resample's Parquet writer crash on its next third shard (half a file
+    written, then KeyboardInterrupt, as a killed process leaves it) and returns the function that
+    restores the writer."""
+    import importlib
+
+    module = importlib.import_module("fastmix_data.export.resample")  # the module, not the function
+    real = module._write_parquet
+    calls = {"n": 0}
+
+    def crashing(path, chunks, names, columns):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            next(iter(chunks))
+            with open(path, "wb") as f:
+                f.write(b"PAR1 half a shard")
+            raise KeyboardInterrupt("simulated crash")
+        return real(path, chunks, names, columns)
+
+    def arm():
+        monkeypatch.setattr(module, "_write_parquet", crashing)
+        return lambda: monkeypatch.setattr(module, "_write_parquet", real)
+
+    return arm

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import importlib
 import json
 import os
 
@@ -18,7 +17,6 @@ from fastmix_data.export.resample import STATE_DIR, ResampleError, plan_layout, 
 from fastmix_data.sources import open_source
 
 # the module (``fastmix_data.export.resample`` as an attribute is the function)
-resample_mod = importlib.import_module("fastmix_data.export.resample")
 
 
 @pytest.fixture
@@ -147,23 +145,11 @@ def test_layout_depends_only_on_the_manifest(manifest):
         plan_layout(manifest, "parquet", "lots")
 
 
-def test_resume_after_interruption(manifest, tmp_path, monkeypatch):
+def test_resume_after_interruption(manifest, tmp_path, crash_third_parquet_write):
     clean = tmp_path / "clean"
     resample(manifest, clean, shard_items=100, progress=False)
     out = tmp_path / "out"
-    real = resample_mod._write_parquet
-    calls = {"n": 0}
-
-    def crashing(path, chunks, names, columns):
-        calls["n"] += 1
-        if calls["n"] == 3:
-            next(iter(chunks))
-            with open(path, "wb") as f:
-                f.write(b"PAR1 half a shard")
-            raise KeyboardInterrupt("simulated crash")
-        return real(path, chunks, names, columns)
-
-    monkeypatch.setattr(resample_mod, "_write_parquet", crashing)
+    restore = crash_third_parquet_write()
     with pytest.raises(KeyboardInterrupt):
         resample(manifest, out, shard_items=100, progress=False)
     visible = sorted(p.name for p in out.glob("*.parquet"))
@@ -172,7 +158,7 @@ def test_resume_after_interruption(manifest, tmp_path, monkeypatch):
     mtimes = {p: os.stat(out / p).st_mtime_ns for p in visible}
     # a stale temporary file of a crashed writer is cleaned up by the shard's next writer
     (out / STATE_DIR / "tmp" / "part-00002.parquet.otherhost.1.tmp").write_bytes(b"junk")
-    monkeypatch.setattr(resample_mod, "_write_parquet", real)
+    restore()
     index = resample(manifest, out, shard_items=100, progress=False)
     assert index["complete"]
     assert {p: os.stat(out / p).st_mtime_ns for p in visible} == mtimes  # finished shards were skipped

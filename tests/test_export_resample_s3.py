@@ -4,15 +4,12 @@ nothing partial visible after a crash, and a rerun that resumes."""
 from __future__ import annotations
 
 import hashlib
-import importlib
 
 import pytest
 from shardgen import code_web_manifest, write_code_web
 
 from fastmix_data.export.resample import read_index, resample
 from fastmix_data.storage import list_objects, read_bytes
-
-resample_mod = importlib.import_module("fastmix_data.export.resample")  # the module, not the function
 
 
 @pytest.fixture
@@ -51,27 +48,15 @@ def test_same_bytes_on_s3_as_on_local_disk(s3, manifest, tmp_path, fmt):
     assert again["stats"]["skipped"] == again["stats"]["tasks"] == 6 and again["stats"]["bytes_written"] == 0
 
 
-def test_a_crash_leaves_nothing_partial_on_s3_and_a_rerun_resumes(s3, manifest, tmp_path, monkeypatch):
+def test_a_crash_leaves_nothing_partial_on_s3_and_a_rerun_resumes(s3, manifest, tmp_path, crash_third_parquet_write):
     s3.put(tmp_path / "corpus" / "code", "unused")  # creates the test's bucket
     url = f"s3://{s3.bucket}/mix"
     resample(manifest, tmp_path / "local", shard_items=100, progress=False)
-    real = resample_mod._write_parquet
-    calls = {"n": 0}
-
-    def crashing(path, chunks, names, columns):
-        calls["n"] += 1
-        if calls["n"] == 3:
-            next(iter(chunks))
-            with open(path, "wb") as f:
-                f.write(b"PAR1 half a shard")
-            raise KeyboardInterrupt("simulated crash")
-        return real(path, chunks, names, columns)
-
-    monkeypatch.setattr(resample_mod, "_write_parquet", crashing)
+    restore = crash_third_parquet_write()
     with pytest.raises(KeyboardInterrupt):
         resample(manifest, url, shard_items=100, progress=False)
     assert sorted(_objects(url)) == ["manifest.json", "part-00000.parquet", "part-00001.parquet"]
-    monkeypatch.setattr(resample_mod, "_write_parquet", real)
+    restore()
     index = resample(manifest, url, shard_items=100, progress=False)
     assert index["complete"] and index["stats"]["skipped"] == 2
     assert _objects(url) == _files(tmp_path / "local")

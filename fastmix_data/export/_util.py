@@ -98,27 +98,26 @@ def join_inside(root: str, rel: str, what: str, resolved: dict[str, str] | None 
     return path
 
 
-def _realpath(path: str, resolved: dict[str, str] | None) -> str:
-    """``os.path.realpath``, resolving each directory once through ``resolved`` (a file that is not
-    a symlink resolves to its resolved directory joined with its name: one lstat per file)."""
+def _resolved_dir(directory: str, resolved: dict[str, str] | None) -> str:
+    """``os.path.realpath(directory)``, once per directory when the caller keeps ``resolved``."""
     if resolved is None:
-        return os.path.realpath(path)
+        return os.path.realpath(directory)
+    if directory not in resolved:
+        resolved[directory] = os.path.realpath(directory)
+    return resolved[directory]
+
+
+def _realpath(path: str, resolved: dict[str, str] | None) -> str:
+    """``os.path.realpath(path)``: a file that is not a symlink resolves to its resolved directory
+    joined with its name (one lstat per file when ``resolved`` is kept across files)."""
     head, name = os.path.split(path)
-    if head not in resolved:
-        resolved[head] = os.path.realpath(head)
-    if name in ("", os.curdir, os.pardir) or os.path.islink(path):
+    if resolved is None or name in ("", os.curdir, os.pardir) or os.path.islink(path):
         return os.path.realpath(path)
-    return os.path.join(resolved[head], name)
+    return os.path.join(_resolved_dir(head, resolved), name)
 
 
 def _check_real(root: str, path: str, what: str, resolved: dict[str, str] | None = None) -> None:
-    if resolved is None:
-        real_root = os.path.realpath(root)
-    else:
-        key = "\0root:" + root  # no path holds a NUL
-        if key not in resolved:
-            resolved[key] = os.path.realpath(root)
-        real_root = resolved[key]
+    real_root = _resolved_dir(root, resolved)
     real = _realpath(path, resolved)
     if real != real_root and not real.startswith(real_root.rstrip(os.sep) + os.sep):
         raise ManifestError(
