@@ -1,0 +1,66 @@
+"""The quality benchmark's grid oracle: held out (selected on other seeds than it is scored on)."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+QUALITY = Path(__file__).resolve().parent.parent / "benchmarks" / "quality"
+
+
+@pytest.fixture(scope="module")
+def rq():
+    sys.path.insert(0, str(QUALITY))
+    try:
+        spec = importlib.util.spec_from_file_location("run_quality_under_test", QUALITY / "run_quality.py")
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+        yield mod
+    finally:
+        sys.path.remove(str(QUALITY))
+
+
+def grid_rows(losses: dict[str, dict[int, float]], target: str = "planted") -> list[dict]:
+    return [{"method": "grid-point", "target": target, "seed": s, "weights": {"a": float(p), "b": 1 - float(p)},
+             "final_loss": v} for p, by in losses.items() for s, v in by.items()]
+
+
+def test_held_out_oracle_selects_on_the_other_seeds(rq):
+    # point 0.0 is best on seeds 0-1 and worst on 2; point 1.0 the reverse; 0.5 steady
+    losses = {"0.0": {0: 1.0, 1: 1.0, 2: 1.6}, "0.5": {0: 1.2, 1: 1.2, 2: 1.2}, "1.0": {0: 1.5, 1: 1.5, 2: 0.6}}
+    rows = grid_rows(losses) + grid_rows({"0.3": {0: 2.0}})  # screened out after seed 0
+    o = rq.oracle(rows, "planted", [0, 1, 2])
+    # seed 1: mean over seeds {0, 2}: 0.0 -> 1.3, 0.5 -> 1.2, 1.0 -> 1.05 => 1.0, scored 1.5 at seed 1
+    # seed 2: mean over seeds {0, 1}: 0.0 -> 1.0 => 0.0, scored 1.6 at seed 2
+    assert o["by_seed"] == {1: 1.5, 2: 1.6}
+    assert o["picks"][1] == {"a": 1.0, "b": 0.0} and o["picks"][2] == {"a": 0.0, "b": 1.0}
+    assert o["candidates"] == 3 and o["points"] == 4
+    # the old rule: the best mean over all seeds (1.0: 1.2 = 0.5: 1.2, 0.0: 1.2 -> the first), scored on them
+    ins = o["in_sample"]
+    assert np.mean(list(ins["by_seed"].values())) == pytest.approx(1.2)
+
+
+def test_regrets_are_taken_on_the_evaluation_seeds(rq):
+    o = {"by_seed": {1: 2.0, 2: 3.0}}
+    method = [{"seed": s, "final_loss": v} for s, v in ((0, 9.0), (1, 2.5), (2, 3.5))]
+    r = rq._regret(method, o["by_seed"])
+    assert r["regret"][0] == pytest.approx(0.5) and r["regret_seeds"] == 2  # seed 0 (screening) left out
+
+
+def test_in_sample_oracle_is_biased_low_on_a_flat_grid_and_held_out_is_not(rq):
+    # 9 equally good points, independent seed noise: the best mean over the scored seeds is too
+    # optimistic by the max of 9 noisy means; the held-out pick is scored on a fresh seed
+    rng = np.random.default_rng(0)
+    seeds = list(range(6))
+    bias_in, bias_out = [], []
+    for _ in range(200):
+        losses = {str(i / 10): {s: float(rng.normal(2.0, 0.02)) for s in seeds} for i in range(9)}
+        o = rq.oracle(grid_rows(losses), "planted", seeds)
+        bias_in.append(np.mean([o["in_sample"]["by_seed"][s] for s in seeds[1:]]) - 2.0)
+        bias_out.append(o["loss"][0] - 2.0)
+    assert np.mean(bias_in) < -0.01  # about -0.02 * E[max of 9 normals] / sqrt(6)
+    assert abs(np.mean(bias_out)) < 0.004
