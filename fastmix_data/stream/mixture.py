@@ -37,6 +37,7 @@ from fastmix_data.plan.weights import UNITS, normalize_weights, to_item_units
 from fastmix_data.spec import MixtureSpec
 from fastmix_data.storage.prefetch import prefetch_block
 from fastmix_data.stream import batches as batch_format
+from fastmix_data.stream import worker_memory
 from fastmix_data.stream.batch_ring import RingWriter
 from fastmix_data.stream.channel import WeightChannel
 from fastmix_data.stream.distributed import Coordinator, rank_and_world, stream_namespace, worker_and_count
@@ -270,6 +271,8 @@ class MixtureStream(torch.utils.data.IterableDataset):
             g = self._next_batch + worker
         self._resume_cursor = None
         in_main = torch.utils.data.get_worker_info() is None
+        if not in_main:
+            worker_memory.disable_huge_pages()  # huge-page faults for every decode: half a worker's CPU
         output = None if in_main else self.worker_output  # loader() workers send packed numpy batches
         ring = RingWriter(output.ring[0], worker, output.ring[1]) if output is not None and output.ring else None
         if ring is not None and ring.mm is None:  # no usable shared memory: the pipe, as without one
