@@ -93,6 +93,20 @@ def test_round_trip_across_processes(ring_dir):
     assert proc.exitcode == 0
 
 
+def test_ascii_and_non_ascii_texts_round_trip_alike(ring_dir):
+    # an all-ASCII column is decoded once and sliced; one non-ASCII row sends the batch row by row
+    ascii_rows = ["", "abc", None, "x" * 3000, "", "tail"]
+    mixed = [*ascii_rows, "é"]
+    writer, reader = RingWriter(ring_dir, 0, slots=2), RingReader(ring_dir)
+    try:
+        for rows in (ascii_rows, mixed, [None, None], [], [""]):
+            got = reader.receive(writer.send({"text": rows, "batch_index": 0}))
+            assert got["text"] == rows and all(type(t) is str for t in got["text"] if t is not None)
+    finally:
+        writer.close()
+        reader.close()
+
+
 def test_a_slot_not_yet_taken_is_not_overwritten(ring_dir):
     writer, reader = RingWriter(ring_dir, 0, slots=2), RingReader(ring_dir)
     try:

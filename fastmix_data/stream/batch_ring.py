@@ -24,6 +24,7 @@ and decoded with ``surrogatepass``, so any Python str survives).
 from __future__ import annotations
 
 import atexit
+import math
 import mmap
 import os
 import shutil
@@ -126,7 +127,7 @@ class RingWriter:
                     sizes = [-1 if v is None else len(v) for v in rows]
                     rows = [v for v in rows if v is not None]
                 at_lengths = put(_bytes_of(np.array(sizes, dtype=np.int64)))
-                at_text = put_all(rows, sum(n for n in sizes if n > 0))
+                at_text = put(b"".join(rows))  # one C-level gather, one write into the slot
                 layout.append(("text", key, len(sizes), at_lengths, at_text))
             else:
                 out[key] = value
@@ -188,16 +189,7 @@ class RingReader:
             elif kind == "arrays":
                 out[key] = tuple(_array(mm, base + at, dtype, shape) for dtype, shape, at in a)
             else:  # text: a = rows, b = offset of the lengths (bytes), c = offset of the UTF-8 bytes
-                lengths = np.frombuffer(mm, dtype=np.int64, count=a, offset=base + b).tolist()
-                rows, pos = [], base + c
-                with memoryview(mm) as view:
-                    for n in lengths:
-                        if n < 0:
-                            rows.append(None)
-                        else:
-                            rows.append(str(view[pos : pos + n], "utf-8", "surrogatepass"))
-                            pos += n
-                out[key] = rows
+                out[key] = _texts(mm, a, base + b, base + c)
         _ACKED.pack_into(mm, 0, seq + 1)
         return out
 
@@ -248,9 +240,25 @@ def inline(batch: dict) -> dict:
 
 
 def _array(mm: mmap.mmap, at: int, dtype: str, shape: Any) -> np.ndarray:
-    dt = np.dtype(dtype)
-    count = int(np.prod(shape, dtype=np.int64))
-    return np.frombuffer(mm, dtype=dt, count=count, offset=at).reshape(shape).copy()
+    return np.frombuffer(mm, dtype=dtype, count=math.prod(shape), offset=at).reshape(shape).copy()
+
+
+def _texts(mm: mmap.mmap, rows: int, at_lengths: int, at_text: int) -> list:
+    """The text column of a slot as ``str`` (None for a missing value): the rows' bytes are copied
+    out once; ASCII text (most code and markup) is decoded once and sliced per row."""
+    lengths = np.frombuffer(mm, dtype=np.int64, count=rows, offset=at_lengths)
+    sizes = np.maximum(lengths, 0)
+    ends = np.cumsum(sizes).tolist()
+    blob = mm[at_text : at_text + (ends[-1] if rows else 0)]
+    starts = [0, *ends[:-1]]
+    if blob.isascii():
+        text = blob.decode("ascii")
+        out = [text[i:j] for i, j in zip(starts, ends)]
+    else:
+        out = [str(blob[i:j], "utf-8", "surrogatepass") for i, j in zip(starts, ends)]
+    if rows and lengths.min() < 0:
+        out = [None if n < 0 else t for n, t in zip(lengths.tolist(), out)]
+    return out
 
 
 def ring_directory() -> str:
