@@ -20,11 +20,21 @@ workers (repetitions interleaved in a seeded random order):
                    ceiling.
 
 Reported per cell: samples/s, MB/s of served UTF-8 text, and CPU seconds per 1,000 served samples
-summed over the training process and all its workers (`_common._process_tree_cpu`). Then two ranks
+summed over the training process and all its workers (`_common._process_tree_cpu`): over the whole
+run, and after the first batch, with the seconds until the first batch and the training process's
+share apart. Then the same fastmix cells over ``--steady-n`` samples (default 300,000, ten times the
+usual cell): CPU per sample in a long run, start-up apart. Then two ranks
 (``rank=r, world_size=2``, each in its own process with its own TMPDIR, as on two hosts) against one:
 Parquet bytes (compressed column chunks of the row groups read) and rows decoded per rank. Then
 packing (seq_len 2048, uint16 ids, in-process) against a pyarrow scan of the token column cut into
 2049-token rows, both handing the training loop int64 tensors.
+
+The command of the results file (3.7 minutes on the 2-core machine at load 2-3, data already prepared in the workdir):
+
+    python benchmarks/partition_bench.py --workdir /tmp/perf-bench --shard-mb 22 --files 3 --n 30000 \
+        --repeats 3 --pack-seqs 48000 --steady-n 300000 --out benchmarks/results/partitions-quiet.md
+
+With the code before partitions as a baseline (``fastmix@main`` cells):
 
     python benchmarks/partition_bench.py --baseline /path/to/main/checkout --out benchmarks/results/partitions.md
 """
@@ -50,6 +60,7 @@ import _common  # noqa: E402
 
 WEIGHTS = {"code": 0.3, "docstrings": 0.1, "tests": 0.2, "prose": 0.15, "markup": 0.25}
 BATCH = 32
+STEADY = "fastmix steady"  # the long fastmix cells (--steady-n samples each)
 LIBRARIES = ("torch", "numpy", "pyarrow", "litdata", "torchdata", "fastmix_data")
 
 
@@ -232,18 +243,34 @@ CONTENDERS = {"fastmix": open_fastmix, "litdata": open_litdata, "torchdata": ope
 
 # ============================================================================ measurement
 def measure(open_fn, data: dict, seed: int, workers: int, n: int) -> dict:
-    """samples/s, MB/s of served text and CPU s per 1,000 samples over the whole process tree."""
-    cpu0, t0 = _common._process_tree_cpu(), time.perf_counter()
+    """samples/s, CPU s per 1,000 samples over the whole process tree (the whole run, and after the
+    first batch), the seconds and CPU until the first batch, and the CPU of the training process
+    apart from its workers'."""
+    cpu0, own0, t0 = _common._process_tree_cpu(), _own_cpu(), time.perf_counter()
     it = open_fn(data, seed, workers)
     served = 0
+    first = None
     for texts, _ in it:
         served += len(texts)
+        if first is None:  # start-up: worker start, footers, planning, the first blocks' decode
+            first = (time.perf_counter() - t0, _common._process_tree_cpu() - cpu0, served)
         if served >= n:
             break
     wall = time.perf_counter() - t0
     cpu = _common._process_tree_cpu() - cpu0  # before the workers exit
+    own = _own_cpu() - own0
     del it
-    return {"samples_s": served / wall, "cpu_per_1k": 1000 * cpu / served, "served": served, "wall": wall}
+    first_s, first_cpu, first_served = first
+    return {"samples_s": served / wall, "cpu_per_1k": 1000 * cpu / served, "served": served, "wall": wall,
+            "first_s": first_s, "first_cpu": first_cpu,
+            "steady_per_1k": 1000 * (cpu - first_cpu) / max(served - first_served, 1),
+            "main_per_1k": 1000 * own / served, "workers_per_1k": 1000 * max(cpu - own, 0.0) / served}  # fmt: skip
+
+
+def _own_cpu() -> float:
+    """CPU seconds of this process alone (all its threads; not its workers)."""
+    t = os.times()
+    return t.user + t.system
 
 
 def measure_mb(data: dict, n: int) -> float:
@@ -253,12 +280,12 @@ def measure_mb(data: dict, n: int) -> float:
     return float(sum(WEIGHTS[d] * per[d] for d in WEIGHTS))
 
 
-def measure_child(name: str, baseline: str | None, args, seed: int, workers: int) -> dict:
+def measure_child(name: str, baseline: str | None, args, seed: int, workers: int, n: int | None = None) -> dict:
     """One cell measured in a fresh child process, so that no cell's DataLoader workers fork a parent
     grown by the cells before it (``baseline``: that code first on the path, for ``fastmix@main``)."""
     env = dict(os.environ, **({"PYTHONPATH": baseline} if baseline else {}))
     cmd = [sys.executable, os.path.abspath(__file__), "--child", name, "--workdir", args.workdir, "--seed", str(seed),
-           "--workers", str(workers), "--n", str(args.n), "--shard-mb", str(args.shard_mb),
+           "--workers", str(workers), "--n", str(n or args.n), "--shard-mb", str(args.shard_mb),
            "--files", str(args.files)]  # fmt: skip
     # cwd outside the checkout: ``python`` puts the working directory first on sys.path
     out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True, timeout=900, cwd=args.workdir)
@@ -411,10 +438,16 @@ def render(args, data, cells, ranks, pack, load0, load1, t_start, wall) -> str:
     ]
     rows = []
     for (name, w), runs in sorted(cells.items(), key=lambda x: (x[0][1], x[0][0])):
+        if name == STEADY:
+            continue
         rows.append((name, w, S(r["samples_s"] for r in runs).fmt(), S(r["samples_s"] * mb / 1e6 for r in runs).fmt(digits=1),
-                     S(r["cpu_per_1k"] for r in runs).fmt(digits=3)))  # fmt: skip
-    lines += [_common.markdown_table(["contender", "workers", "samples/s", "MB/s", "CPU s / 1k samples"], rows), ""]
+                     S(r["cpu_per_1k"] for r in runs).fmt(digits=3), S(r["steady_per_1k"] for r in runs).fmt(digits=4),
+                     S(r["first_s"] for r in runs).fmt(digits=2), _split(runs)))  # fmt: skip
+    lines += [_common.markdown_table(["contender", "workers", "samples/s", "MB/s", "CPU s / 1k samples",
+                                      "CPU s / 1k after the first batch", "first batch (s)",
+                                      "CPU s / 1k: training process + workers"], rows), ""]  # fmt: skip
     lines += _verdicts(cells)
+    lines += steady_section(cells, args.steady_n, data["rows"])
     lines += ["", "## Two ranks, each in its own process and TMPDIR (as on two hosts)", ""]
     lines.append(_common.markdown_table(
         ["world size", "rank", "served samples", "Parquet bytes read (MB)", "rows decoded"],
@@ -450,6 +483,48 @@ def packing_section(pack: list[dict], n_seq: int, per_pass: int) -> list[str]:
     ]  # fmt: skip
 
 
+def _split(runs: list[dict]) -> str:
+    """Median CPU s / 1k samples of the training process + of its workers (0 workers: all its own)."""
+    med = lambda key: float(np.median([r[key] for r in runs]))  # noqa: E731
+    return f"{med('main_per_1k'):.4f} + {med('workers_per_1k'):.4f}"
+
+
+def _paired(cells, name: str, w: int, key: str) -> _common.Summary:
+    """Per repetition, ``key`` of (name, w) over the in-process cell of the same repetition."""
+    pairs = zip(cells.get((name, w), []), cells.get((name, 0), []))
+    return _common.Summary.of(a[key] / b[key] for a, b in pairs)
+
+
+def steady_section(cells, n: int, rows: dict) -> list[str]:
+    """The long fastmix cells: CPU per sample over the whole run and after the first batch, start-up
+    apart, and the CPU of the training process and of the workers; paired ratios to in-process."""
+    ws = sorted(w for name, w in cells if name == STEADY)
+    if not ws:
+        return []
+    S = _common.Summary.of
+    epochs = ", ".join(f"{d} {WEIGHTS[d] * n / rows[d]:.2f}" for d in WEIGHTS)
+    table = []
+    for w in ws:
+        runs = cells[(STEADY, w)]
+        table.append((w, S(r["samples_s"] for r in runs).fmt(), S(r["cpu_per_1k"] for r in runs).fmt(digits=4),
+                     S(r["steady_per_1k"] for r in runs).fmt(digits=4), S(r["first_s"] for r in runs).fmt(digits=2),
+                     S(r["first_cpu"] for r in runs).fmt(digits=2), _split(runs),
+                     "–" if not w else _paired(cells, STEADY, w, "cpu_per_1k").fmt(digits=2),
+                     "–" if not w else _paired(cells, STEADY, w, "steady_per_1k").fmt(digits=2)))  # fmt: skip
+    return [
+        "", f"## Steady state: fastmix over {n:,} samples per cell", "",
+        f"The same cells as above for fastmix alone, {n:,} samples each (epochs of each source: {epochs}), "
+        "interleaved with the cells above. *After the first batch*: CPU from the first served batch to the end, per sample served "
+        "then; *first batch*: seconds and CPU (all processes) from the request of the iterator to the first batch "
+        "(worker start, footers, planning, the first blocks' decode). Ratios: paired with the in-process cell of the "
+        "same repetition, median (min–max).", "",
+        _common.markdown_table(["workers", "samples/s", "CPU s / 1k (whole run)", "CPU s / 1k after the first batch",
+                                "first batch (s)", "first batch CPU (s)", "CPU s / 1k: training process + workers",
+                                "whole run / in-process", "after first batch / in-process"], table),  # fmt: skip
+        "", "Target (issue 16): workers' total CPU per sample <= 1.3x the in-process stream's.",
+    ]  # fmt: skip
+
+
 def _verdicts(cells) -> list[str]:
     def med(name, w, key="samples_s"):
         runs = cells.get((name, w))
@@ -462,7 +537,9 @@ def _verdicts(cells) -> list[str]:
         ratio = med("fastmix", w) / peers[best]
         out.append(f"* workers={w}: fastmix / fastest peer ({best}) = {ratio:.2f}x (target with 2 workers: >= 1.5x).")
         cpu = med("fastmix", w, "cpu_per_1k") / med("fastmix", 0, "cpu_per_1k")
-        out.append(f"  fastmix CPU per sample with {w} workers / in-process = {cpu:.2f}x (target: <= 1.3x).")
+        out.append(f"  fastmix CPU per sample with {w} workers / in-process = {cpu:.2f}x (target: <= 1.3x); paired per "
+                   f"repetition {_paired(cells, 'fastmix', w, 'cpu_per_1k').fmt(digits=2)}, after the first batch "
+                   f"{_paired(cells, 'fastmix', w, 'steady_per_1k').fmt(digits=2)}.")  # fmt: skip
         if ("fastmix@main", w) in cells:
             main = med("fastmix@main", w)
             out.append(f"  fastmix / fastmix@main (slot files from 3 workers) = {med('fastmix', w) / main:.2f}x samples/s, "
@@ -487,6 +564,8 @@ def main(argv=None) -> int:
                         "default sizes, where the stream and the scan decode the same row groups once (shorter "
                         "windows charge the stream for decoding every partition's pieces up front; longer ones "
                         "favour it: its unit cache keeps the decoded ids while the scan decodes again)")  # fmt: skip
+    p.add_argument("--steady-n", type=int, default=300_000,
+                   help="samples per steady-state cell (fastmix only, at each worker count; 0: none)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--only-packing", action="store_true", help="run only the packing comparison and print it")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
@@ -513,10 +592,13 @@ def main(argv=None) -> int:
     cells: dict = {}
     for r in range(args.repeats):
         plan = [(n, w) for n in names for w in workers] + ([("fastmix@main", w) for w in workers] if args.baseline else [])
+        plan += [(STEADY, w) for w in workers] if args.steady_n else []
         random.Random(args.seed + r).shuffle(plan)
         for name, w in plan:
             if name == "fastmix@main":
                 res = measure_child("fastmix", args.baseline, args, args.seed + r, w)
+            elif name == STEADY:
+                res = measure_child("fastmix", None, args, args.seed + r, w, args.steady_n)
             else:
                 res = measure_child(name, None, args, args.seed + r, w)
             cells.setdefault((name, w), []).append(res)
