@@ -202,6 +202,32 @@ def test_atomic_local_writes_leave_no_temporary_files(tmp_path):
     assert target.read_text() == '{\n "a": 1\n}\n'
 
 
+def test_threads_share_one_filesystem_and_start_one_s3_client(s3, tmp_path):
+    """Concurrent first requests from several threads (a worker's prefetch threads) share one
+    filesystem and start one S3 client between them: fsspec keys its instances on the thread too,
+    and s3fs makes a new client whenever its client has no open HTTP session yet (0.1-0.5 s of CPU
+    each in a fresh DataLoader worker)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from fastmix_data.storage.fs import filesystem
+
+    payload = os.urandom(5000)
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "x.bin").write_bytes(payload)
+    url = s3.put(tmp_path / "d", "one-client") + "/x.bin"
+    options = {"config_kwargs": {"connect_timeout": 7}}  # a filesystem of this test's own
+    fs = filesystem(url, options)[0]
+    made: list = []
+    create = fs.session.create_client
+    fs.session.create_client = lambda *a, **kw: (made.append(1), create(*a, **kw))[1]  # counts, then the real one
+    remote = RemoteFS(options)
+    with ThreadPoolExecutor(8) as pool:
+        got = list(pool.map(lambda i: remote.read_ranges_identified(url, [(i * 100, 100)]), range(8)))
+        seen = list(pool.map(lambda _: filesystem(url, options)[0], range(8)))
+    assert [data for (data, _), in got] == [payload[i * 100 : (i + 1) * 100] for i in range(8)]
+    assert all(f is fs for f in seen) and len(made) == 1
+
+
 def test_atomic_write_and_hash_on_s3(s3, tmp_path):
     s3.put(_one_file(tmp_path), "seed")  # creates the bucket
     url = f"s3://{s3.bucket}/out/report.bin"

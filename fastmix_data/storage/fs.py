@@ -1,7 +1,11 @@
 """fsspec filesystems for URLs, object identity (size + ETag/version), listing, range reads, uploads.
 
-One filesystem object per (protocol, options) and process, made by fsspec (which caches instances
-and drops them in a forked child, so DataLoader workers get their own). Credentials come from the
+One filesystem object per (protocol, options) and process: fsspec's instance cache keys on the
+calling thread too, so each prefetch thread would start its own S3 client (0.1-0.5 s of CPU each:
+botocore's service model, a new connection pool); an asynchronous filesystem (s3fs, gcsfs, adlfs,
+HTTP), whose calls all run on fsspec's one event loop thread, is made once per process here and
+shared by its threads, and an S3 client is started once (:func:`start_client`). A forked child
+(a DataLoader worker) makes its own. Credentials come from the
 store's usual chain, untouched by us: for S3 the AWS environment variables, ``~/.aws`` profiles
 (``AWS_PROFILE``) and instance/container roles (botocore); for GCS ``GOOGLE_APPLICATION_CREDENTIALS``
 or the metadata server (gcsfs); for Azure ``AZURE_STORAGE_*`` or ``DefaultAzureCredential``
@@ -20,7 +24,9 @@ Packages per scheme (``pip install 'fastmix_data[remote]'`` brings s3fs and aioh
 
 from __future__ import annotations
 
+import contextlib
 import os
+import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -81,23 +87,88 @@ def _defaults(scheme: str) -> dict[str, Any]:
     return {}
 
 
+_SHARED: dict[tuple, Any] = {}  # (pid, scheme, options) -> an asynchronous filesystem shared by threads
+_SHARED_LOCK = threading.Lock()
+_START_LOCK = threading.Lock()
+_BOTO_LOADER: list = []  # botocore's data loader, shared by this process's S3 sessions (and inherited at fork)
+
+
 def filesystem(url: str, storage_options: Mapping[str, Any] | None = None):
-    """``(fs, path)`` for ``url``: the fsspec filesystem (cached per process) and the path in it.
+    """``(fs, path)`` for ``url``: the fsspec filesystem (one per process, protocol and options for
+    asynchronous filesystems; see the module docstring) and the path in it.
 
     Raises:
         SourceError: the scheme's package is missing (names the package to install).
         UnsafeInputError: credentials in the URL.
     """
-    import fsspec
-
     check_no_credentials(url)
     scheme = scheme_of(url) or "file"
+    options = _options(scheme, storage_options)
+    key = (os.getpid(), scheme, repr(options))  # the options include the endpoint read from the environment
+    fs = _SHARED.get(key)
+    if fs is not None:
+        return fs, fs._strip_protocol(url)
+    fs, path = _new_filesystem(url, scheme, options)
+    if getattr(fs, "async_impl", False):
+        with _SHARED_LOCK:
+            fs = _SHARED.setdefault(key, fs)
+        if hasattr(fs, "set_session") and not hasattr(fs, "_fastmix_started"):
+            if getattr(fs, "session", "") is None and not getattr(fs, "kwargs", None):
+                fs.session = _s3_session()
+            fs._fastmix_started = False  # started by RemoteFS.fs, with retries
+    return fs, path
+
+
+def start_client(fs) -> None:
+    """Start ``fs``'s client once per process (S3: the aiobotocore client and its connection pool),
+    so that concurrent first requests from several threads do not each make one. Other stores: no-op."""
+    if getattr(fs, "_fastmix_started", False) or not hasattr(fs, "set_session"):
+        return
+    from fsspec.asyn import sync
+
+    with _START_LOCK:
+        if not getattr(fs, "_fastmix_started", False):
+            sync(fs.loop, _start_s3, fs)
+            fs._fastmix_started = True
+
+
+async def _start_s3(fs) -> None:
+    client = await fs.set_session()
+    # s3fs makes a new client (and a new session) whenever all of the client's HTTP sessions are
+    # closed, and it counts none as all closed: so each first request of a fresh client, and every
+    # concurrent one, would make its own. Opening the (lazily made) HTTP session avoids that.
+    http = getattr(getattr(client, "_endpoint", None), "http_session", None)
+    with contextlib.suppress(Exception):
+        await http._get_session(None)
+
+
+def _s3_session():
+    """An aiobotocore session on this process tree's one botocore data loader: the S3 service model
+    (~1 MB of JSON, 0.1-0.3 s to parse) is parsed once, by the first client, and a forked DataLoader
+    worker inherits it parsed instead of parsing it again for its own client."""
+    import aiobotocore.session
+    from botocore.loaders import create_loader
+
+    if not _BOTO_LOADER:
+        _BOTO_LOADER.append(create_loader(os.environ.get("AWS_DATA_PATH")))
+    session = aiobotocore.session.AioSession()
+    session.register_component("data_loader", _BOTO_LOADER[0])
+    return session
+
+
+def _options(scheme: str, storage_options: Mapping[str, Any] | None) -> dict[str, Any]:
     options = _defaults(scheme)
     for key, value in (storage_options or {}).items():
         if isinstance(value, Mapping) and isinstance(options.get(key), Mapping):
             options[key] = {**options[key], **value}
         else:
             options[key] = value
+    return options
+
+
+def _new_filesystem(url: str, scheme: str, options: dict[str, Any]):
+    import fsspec
+
     try:
         fs, path = fsspec.core.url_to_fs(url, **options)
     except (ImportError, ValueError) as exc:
@@ -126,7 +197,11 @@ class RemoteFS:
         return f"RemoteFS(options={sorted(self.storage_options)}, retry={self.retry})"
 
     def fs(self, url: str):
-        return filesystem(url, self.storage_options)
+        """``(fs, path)`` (see :func:`filesystem`), the store's client started (once per process)."""
+        fs, path = filesystem(url, self.storage_options)
+        if not getattr(fs, "_fastmix_started", True):
+            call(lambda: start_client(fs), url, "connect to", self.retry)
+        return fs, path
 
     def stat(self, url: str) -> ObjectInfo:
         """Size and version of one object (one HEAD request)."""
