@@ -243,11 +243,15 @@ def test_two_workers_download_each_needed_byte_once(on_s3, tmp_path):
                                    {"pq": 1.0}, batch_size=6, seed=1)
             loader = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=2)
             batches = [b for _, b in zip(range(10), loader)]  # one epoch: 60 rows
+            cold_requests = faults.requests
+            warm = [b for _, b in zip(range(10), torch.utils.data.DataLoader(stream, batch_size=None, num_workers=2))]
         finally:
             os.environ["AWS_ENDPOINT_URL"] = on_s3.endpoint
     assert sum(len(b["text"]) for b in batches) == 60
     shard_bytes = sum(n for path, n in faults.bytes_by_path.items() if path.endswith(".parquet"))
     assert shard_bytes == needed  # every shard's needed bytes fetched once for the node (the rest: listing)
+    assert [b["text"] for b in warm] == [b["text"] for b in batches]
+    assert faults.requests == cold_requests  # warm: the index and the cache prove every shard; no request
 
 
 def test_cache_budget_below_one_block_is_a_clear_error(on_s3, tmp_path):
@@ -268,12 +272,34 @@ def test_prefetch_fetches_the_row_groups_the_plan_reads_next(on_s3, tmp_path):
     block, later = stream._plan_block([0]), stream._plan_block(list(range(1, 30)))
     now, ahead = block_reads(stream.items, block, [0]), block_reads(stream.items, later, [0])
     assert all(groups is not None for _, groups in now[0] + ahead[0])  # row groups, not whole shards
-    prefetch_block(stream.sources, now, ahead)
+    prefetch_block(stream.sources, now, [ahead])  # one coming block
     prefetcher().wait()
     cached = set(os.listdir(src.storage.cache.directory / "blobs"))
     first_next = next(r for r in ahead[0] if r not in now[0])
     wanted = {key for shard, groups in [*now[0], first_next] for key in src.cache_keys(shard, groups)}
     assert cached == wanted  # this block's row groups (and footers) and the next read's, nothing else
+    prefetcher().release_all()
+
+
+@pytest.mark.parametrize("budget_reads", [2, None], ids=["two-reads", "all"])
+def test_prefetch_fetches_the_coming_reads_up_to_its_byte_budget(on_s3, tmp_path, budget_reads):
+    """The coming blocks' reads, in plan order, are fetched together until their bytes reach the
+    source's prefetch budget: exactly the first two with a budget of their bytes, every one of two
+    coming blocks with a large budget; nothing else."""
+    stream = MixtureStream({"pq": {"path": f"s3://{on_s3.bucket}/pq", "cache_dir": tmp_path / "c"}},
+                           {"pq": 1.0}, batch_size=4, seed=3)
+    src = stream.sources[0]
+    src.storage.cache.clear()
+    now = block_reads(stream.items, stream._plan_block([0]), [0])
+    coming = [block_reads(stream.items, stream._plan_block(b), [0]) for b in (list(range(1, 6)), list(range(6, 30)))]
+    reads = list(dict.fromkeys(r for block in coming for r in block[0] if r not in now[0]))
+    assert len(reads) >= 3
+    wanted = reads if budget_reads is None else reads[:budget_reads]
+    src.storage.prefetch = 10**9 if budget_reads is None else sum(src.reads_bytes([r]) for r in wanted)
+    prefetch_block(stream.sources, now, iter(coming))
+    prefetcher().wait()
+    cached = set(os.listdir(src.storage.cache.directory / "blobs"))
+    assert cached == {key for shard, groups in [*now[0], *wanted] for key in src.cache_keys(shard, groups)}
     prefetcher().release_all()
 
 

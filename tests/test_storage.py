@@ -58,6 +58,16 @@ def test_parse_size():
         parse_size("lots")
 
 
+def test_prefetch_is_a_byte_size_capped_by_the_cache_budget(tmp_path):
+    from fastmix_data.storage import Storage
+
+    assert Storage(tmp_path, prefetch="64MB").prefetch == 64_000_000
+    assert Storage(tmp_path, cache_limit=1000, prefetch="1GB").prefetch_bytes() == 250  # a quarter of the budget
+    assert Storage(tmp_path, prefetch=0).prefetch_bytes() == 0
+    with pytest.raises(ValueError, match="prefetch must be a byte size"):
+        Storage(tmp_path, prefetch=-1)
+
+
 # ---------------------------------------------------------------------------------------- retries
 def test_jitter_stays_under_the_exponential_cap():
     policy = RetryPolicy(tries=6, base_delay=0.1, max_delay=0.5)
@@ -162,6 +172,30 @@ def test_short_download_is_refused(tmp_path):
     with pytest.raises(SourceError, match="expected 10"):
         ShardCache(tmp_path, limit=100).get("k", 10, _filler(b"x" * 3))
     assert not os.listdir(tmp_path / "blobs")
+
+
+def test_prefetch_leaves_an_entry_another_process_downloads(tmp_path):
+    """``get_many(wait=False)`` (prefetch) fills what it can claim and returns None for an entry
+    whose download claim another process holds, instead of blocking a prefetch thread on it."""
+    import fcntl
+
+    cache = ShardCache(tmp_path, limit=10**6)
+    (tmp_path / "partial").mkdir()
+    other = os.open(tmp_path / "partial" / "b.lock", os.O_RDWR | os.O_CREAT)  # "another process" claims b
+    fcntl.flock(other, fcntl.LOCK_EX)  # flock is per open file: the cache's own open conflicts with it
+    asked: list = []
+
+    def fill(indices):
+        asked.append(indices)
+        return [b"x" * 10 for _ in indices]
+
+    try:
+        pins = cache.get_many([("a", 10), ("b", 10)], fill, wait=False)
+        assert asked == [[0]] and pins[1] is None and pins[0].read() == b"x" * 10
+        pins[0].close()
+    finally:
+        os.close(other)
+    assert not cache.has("b") and cache.has("a")
 
 
 def _get_in_process(directory: str, log: str, out: multiprocessing.Queue) -> None:

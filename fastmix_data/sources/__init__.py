@@ -121,7 +121,7 @@ def open_source(
     verify: str = "auto",
     index_file: str | os.PathLike | None = None,
     cache_limit: int | str | None = None,
-    prefetch: int = DEFAULT_PREFETCH,
+    prefetch: int | str = DEFAULT_PREFETCH,
     remote_cache: bool = True,
     storage_options: Mapping[str, Any] | None = None,
     retry: RetryPolicy | None = None,
@@ -152,8 +152,9 @@ def open_source(
             as they are, without listing the store (``spec`` may then be None).
         cache_limit: byte budget of the remote shard cache (int or ``"20GB"``; default 80 % of the
             free space). It must hold the remote shards of one block.
-        prefetch: remote shard reads per source (a shard, or the row groups of a Parquet shard that a
-            block reads) fetched ahead of the current block (default 4; 0: none).
+        prefetch: bytes (int or ``"128MB"``) of the remote reads this process's plan makes after its
+            current block (shards, or row groups of Parquet shards) fetched ahead, all at once
+            (default 128 MB, at most a quarter of ``cache_limit``, at least the next read; 0: none).
         remote_cache: False reads remote shards into memory without a local copy (no prefetch).
         storage_options: fsspec options (credentials, endpoint, ...); never logged or stored.
         retry: retry policy of remote calls (default ``RetryPolicy()``: 6 tries, backoff from 0.2 s).

@@ -157,11 +157,18 @@ class ShardedSource:
         """[(cache key, bytes, part)] of what reading shard ``index`` (Parquet: only
         ``row_groups``, all when None) fetches from a remote store: one entry per part (Parquet:
         the footer, then one per row group; other formats: the whole object)."""
-        path = self.shards[index].path
-        parts: list = [None]
-        if self.format == "parquet":
-            parts = self.reader.parts(path, self.columns, row_groups)  # type: ignore[attr-defined]
-        return [(*self.reader.files.cache_request(path, p), p) for p in parts]
+        memo = self.__dict__.setdefault("_request_memo", {})
+        key = (index, None if row_groups is None else tuple(row_groups))
+        hit = memo.get(key)
+        if hit is None:
+            path = self.shards[index].path
+            parts: list = [None]
+            if self.format == "parquet":
+                parts = self.reader.parts(path, self.columns, row_groups)  # type: ignore[attr-defined]
+            hit = memo[key] = [(*self.reader.files.cache_request(path, p), p) for p in parts]
+            if len(memo) > 4096:  # a few blocks' reads; plans revisit them every epoch
+                memo.clear()
+        return hit
 
     def cache_keys(self, index: int, row_groups: Sequence[int] | None = None) -> list[str]:
         """The node-local cache entries a read of shard ``index`` (``row_groups`` of it) uses."""
@@ -179,14 +186,14 @@ class ShardedSource:
             return 0
         return sum({key: n for index, groups in reads for key, n, _ in self._requests(index, groups)}.values())
 
-    def prefetch(self, reads: Sequence[tuple[int, Sequence[int] | None]], after: Sequence[str] = ()) -> list[str]:
-        """Fetch what these reads need into the node-local cache in the background, in this order,
-        once the cache entries ``after`` are fetched (the stream's block hook calls it; see
-        :mod:`fastmix_data.storage.prefetch`).
+    def prefetch(self, reads: Sequence[tuple[int, Sequence[int] | None]], pin_hits: bool = True) -> list[str]:
+        """Fetch what these reads need into the node-local cache in the background, in this order
+        (the stream's block hook calls it; see :mod:`fastmix_data.storage.prefetch`).
 
         Args:
             reads: ``(shard index, row groups or None for all)`` per read.
-            after: cache keys to wait for (the current block's, so they get the bandwidth first).
+            pin_hits: pin the entries already on this node until they are read (False for the
+                current block's reads, which their read pins within moments: no flock then).
 
         Returns:
             The cache keys of the reads (each once). ``[]`` for local sources or without a cache.
@@ -206,13 +213,17 @@ class ShardedSource:
                 keys[key] = None
                 if pool.holds(key):
                     continue
+                if not pin_hits:
+                    if not cache.has(key):
+                        todo[key] = part
+                    continue
                 pin = cache.pin(key)  # already on this node: pin it here, no background job (warm cache)
                 if pin is not None:
                     pool.keep(key, pin)
                 else:
                     todo[key] = part
             if todo:
-                pool.submit(list(todo), self.reader.files.fetch_job(self.shards[index].path, list(todo.values())), after)
+                pool.submit(list(todo), self.reader.files.fetch_job(self.shards[index].path, list(todo.values())))
         return list(keys)
 
     def _release(self, index: int, row_groups: Sequence[int] | None = None) -> None:

@@ -227,13 +227,20 @@ class ShardCache:
             os.close(fd)
         return self._pin_published(key)
 
-    def get_many(self, entries: Sequence[tuple[str, int]], fill: Callable[[list[int]], list[bytes]]) -> list[Pin]:
+    def has(self, key: str) -> bool:
+        """Whether entry ``key`` is in the cache now (unpinned: it may be evicted later)."""
+        return os.path.exists(os.path.join(self.directory, "blobs", key))
+
+    def get_many(
+        self, entries: Sequence[tuple[str, int]], fill: Callable[[list[int]], list[bytes]], wait: bool = True
+    ) -> list[Pin | None]:
         """Entries ``[(key, size)]`` pinned, the missing ones downloaded together.
 
         The missing entries that no other process is downloading are claimed (a non-blocking
         exclusive flock each) and filled by one call ``fill(indices) -> bytes per index`` (one
         round of requests for all of them); the others are waited for as in :meth:`get` (their
-        downloader's claim), so there is still one download per entry and node.
+        downloader's claim), so there is still one download per entry and node. With ``wait``
+        False they are not waited for: None in their place (prefetch: the read will wait).
 
         Raises:
             CacheBudgetError, SourceError: as :meth:`get`.
@@ -243,7 +250,7 @@ class ShardCache:
         try:
             missing = [i for i, p in enumerate(pins) if p is None]
             self._fill_claimed(entries, missing, pins, fill)
-            for i in missing:
+            for i in missing if wait else ():
                 if pins[i] is None:  # another process's download (or a failed one: then ours)
                     key, size = entries[i]
                     pins[i] = self.get(key, size, lambda part, i=i: _write(part, fill([i])[0]))

@@ -1,16 +1,20 @@
-"""Plan-driven prefetch: fetch what this process's next block reads while the current one is served.
+"""Plan-driven prefetch: fetch what this process reads next, by a byte budget, while it serves.
 
 The plan knows the future. With canonical partitions a process serves only its own partitions, and
-the plan of its next block (its batches g, g + W, ... after the current block, ``plan_ranges``)
+the plan of its coming blocks (its batches g, g + W, ... after the current block, ``plan_ranges``)
 names exactly the shards, and the Parquet row groups of them, that it will read there: the stream
 lists them per source (`fastmix_data.stream.batches.block_reads`: ``(shard, row groups or None)``
-per shard read, in read order) for the current block and for the next one. One call per block,
-:func:`prefetch_block`, then fetches into the node-local cache, in background threads: first the
-current block's reads (concurrently, so a cold block is not fetched one shard at a time), then,
-once those are in (they get the bandwidth first), the first ``prefetch`` reads per source of the
-next block that the current one does not make. A process fetches nothing its own partitions will
-not read (unless a weight change alters the next block), and the cache makes what several processes
-of a node need (a slice shared by partitions, or P = 1) one download per node.
+per shard read, in read order) for the current block and, lazily, for each coming block. One call
+per block, :func:`prefetch_block`, then submits to background threads the current block's reads
+that are not on the node and, once those are in (they get the bandwidth first: the first batch
+waits for them), all the coming reads at once, in plan order, until their bytes reach the
+source's ``prefetch`` budget (``Storage.prefetch_bytes``; at least one read). The coming reads are
+in flight together (``PREFETCH_THREADS`` per process) while the current block is served, so a cold
+epoch costs about one block's download more than a warm one rather than one round trip per read. A process
+fetches nothing its own partitions will not read (unless a weight change alters a coming block),
+and the cache makes what several processes of a node need one download per node; an entry another
+process is downloading is left to it (the read waits for it), so a prefetch thread never blocks on
+another process's download while its own reads wait in the queue.
 
 Sources that are not remote, or have no ``prefetch`` method, are skipped. Prefetch only warms the
 cache: what is served is decided by the plan alone, so it never changes content or order.
@@ -18,19 +22,19 @@ cache: what is served is decided by the plan alone, so it never changes content 
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import threading
 from collections import OrderedDict
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 
 from fastmix_data.storage.cache import CacheBudgetError, Pin
 
 log = logging.getLogger(__name__)
-PREFETCH_THREADS = 4
-MAX_PINS = 256  # prefetched entries kept pinned per process before the oldest are released
+PREFETCH_THREADS = 8  # concurrent fetch jobs per process (each one read's GETs; they wait on the network)
+MAX_PINS = 256  # prefetched entries kept pinned per process before the oldest are released (one fd each)
+MAX_BLOCKS_AHEAD = 16  # coming blocks planned for prefetch at most
 
 
 class Prefetcher:
@@ -49,32 +53,52 @@ class Prefetcher:
         self._lock = threading.Lock()
         self._pending: set[str] = set()
         self._futures: dict[str, Future] = {}
+        self._gates = 0  # `after` calls waiting to run
         self._pins: OrderedDict[str, Pin] = OrderedDict()
         self.fetched = 0
         self.failed = 0
 
-    def submit(self, keys: Sequence[str], job: Callable[[], Sequence[Pin]], after: Sequence[str] = ()) -> None:
-        """Run ``job`` (a cache fetch of the entries ``keys``, returning their pins in that order; one
-        read's entries, downloaded together) in the background unless one of ``keys`` is already
-        pinned or in flight; with ``after``, only once those keys' fetches have ended (the shards the
-        current block reads get the bandwidth first). Failures are logged at DEBUG: the stream's own
-        read retries and reports."""
+    def submit(self, keys: Sequence[str], job: Callable[[], Sequence[Pin | None]]) -> None:
+        """Run ``job`` (a cache fetch of the entries ``keys``, returning their pins in that order, None
+        for one another process is downloading; one read's entries, downloaded together) in the
+        background, after those submitted before, unless one of ``keys`` is already pinned or in
+        flight. Failures are logged at DEBUG: the stream's own read retries and reports."""
         keys = list(keys)
         with self._lock:
             if not keys or any(k in self._pending or k in self._pins for k in keys):
                 return
             self._pending.update(keys)
-            waits = list({id(f): f for f in (self._futures.get(k) for k in after) if f is not None}.values())
-            future = self._pool.submit(self._run, keys, job, waits)
+            future = self._pool.submit(self._run, keys, job)
             for k in keys:
                 self._futures[k] = future
 
-    def _run(self, keys: list[str], job: Callable[[], Sequence[Pin]], waits=()) -> None:
-        for future in waits:
-            with contextlib.suppress(Exception):
-                future.result()
+    def after(self, keys: Sequence[str], fn: Callable[[], None]) -> None:
+        """Call ``fn`` once the fetches of ``keys`` now in flight have ended: at once when none is,
+        else in a background thread (the current block's downloads get the bandwidth first)."""
+        with self._lock:
+            waits = list({id(f): f for f in (self._futures.get(k) for k in keys) if f is not None}.values())
+        if not waits:
+            fn()
+            return
+
+        def run() -> None:
+            try:
+                for future in waits:
+                    future.exception()  # waits; a failure is the stream's read's to report
+                fn()
+            except Exception as exc:  # the stream's reads fetch what is missing, and report
+                log.debug("prefetch of coming reads failed: %s", exc)
+            finally:
+                with self._lock:
+                    self._gates -= 1
+
+        with self._lock:
+            self._gates += 1
+        self._pool.submit(run)
+
+    def _run(self, keys: list[str], job: Callable[[], Sequence[Pin | None]]) -> None:
         try:
-            pins: Sequence[Pin] | None = job()
+            pins: Sequence[Pin | None] | None = job()
         except CacheBudgetError as exc:
             log.info("prefetch skipped: %s", exc)
             self.failed += 1
@@ -89,9 +113,10 @@ class Prefetcher:
                 self._futures.pop(k, None)
             if pins is None:
                 return
-            self.fetched += len(keys)
             for k, pin in zip(keys, pins):
-                self._pins[k] = pin
+                if pin is not None:
+                    self.fetched += 1
+                    self._pins[k] = pin
             while len(self._pins) > self.max_pins:
                 self._pins.popitem(last=False)[1].close()
 
@@ -103,6 +128,11 @@ class Prefetcher:
             extra = [self._pins.popitem(last=False)[1] for _ in range(len(self._pins) - self.max_pins)]
         for p in ([old] if old is not None else []) + extra:
             p.close()
+
+    def pinned(self) -> int:
+        """Entries pinned now."""
+        with self._lock:
+            return len(self._pins)
 
     def holds(self, key: str) -> bool:
         """Whether ``key`` is pinned by, or in flight in, this prefetcher."""
@@ -126,7 +156,7 @@ class Prefetcher:
         """Block until every submitted fetch has finished (tests, benchmarks)."""
         while True:
             with self._lock:
-                if not self._pending:
+                if not self._pending and not self._gates:
                     return
             threading.Event().wait(0.01)
 
@@ -150,19 +180,20 @@ Read = tuple  # (shard index, tuple of row groups or None for the whole shard)
 def prefetch_block(
     sources: Sequence,
     now: Mapping[int, Sequence[Read]],
-    ahead: Mapping[int, Sequence[Read]] | Callable[[], Mapping[int, Sequence[Read]]],
+    ahead: Iterable[Mapping[int, Sequence[Read]]] | Callable[[], Iterable[Mapping[int, Sequence[Read]]]],
 ) -> None:
-    """Fetch this block's reads, then the next block's first ones, of every remote source (the
-    stream's hook, one call per block).
+    """Fetch this block's reads, then the coming ones up to each source's byte budget, of every
+    remote source (the stream's hook, one call per block).
 
     Args:
         sources: the stream's sources, in plan order; those with a ``prefetch(reads)`` method and
             ``remote`` true take part.
         now: per source index, the current block's reads ``(shard, row groups or None)`` in read order.
-        ahead: the same for this process's next block, or a function returning it (called once this
-            block's fetches are under way: planning the next block then no longer delays them); at
-            most ``storage.prefetch`` of them per source (those the current block does not make) are
-            fetched.
+        ahead: the same for this process's coming blocks, in order (an iterable, consumed lazily and
+            only as far as the budgets need, or a function returning one, called once this block's
+            fetches are submitted); per source, the reads the current block does not make are
+            fetched, once this block's fetches have ended, until their bytes reach
+            ``storage.prefetch_bytes()`` (at least one read).
 
     Raises:
         CacheBudgetError: what this block reads does not fit in the cache budget at once.
@@ -173,15 +204,33 @@ def prefetch_block(
         return
     current = [(sources[k], list(now.get(k, ()))) for k in remote]
     _check_block_budget(current)
-    current_keys = [key for source, reads in current for key in source.prefetch(reads)]
-    later = ahead() if callable(ahead) else ahead
-    for k in remote:  # the next block's reads start once this block's are in
-        source = sources[k]
-        distance = source.storage.prefetch if source.storage is not None else 0
-        seen = set(now.get(k, ()))
-        next_reads = [r for r in later.get(k, ()) if r not in seen][:distance]
-        if next_reads:
-            source.prefetch(next_reads, after=current_keys)
+    current_keys = [key for source, reads in current for key in source.prefetch(reads, pin_hits=False)]
+    coming = _coming_reads(sources, remote, now, ahead)
+    if coming:
+        prefetcher().after(current_keys, lambda: [sources[k].prefetch(reads) for k, reads in coming])
+
+
+def _coming_reads(sources, remote: list[int], now, ahead) -> list[tuple[int, list[Read]]]:
+    """Per remote source, the coming reads (not in ``now``) up to its byte budget, in plan order."""
+    budget = {k: sources[k].storage.prefetch_bytes() if sources[k].storage is not None else 0 for k in remote}
+    taken = {k: 0 for k in remote}
+    seen = {k: set(now.get(k, ())) for k in remote}
+    picked: dict[int, list[Read]] = {k: [] for k in remote}
+    open_ = [k for k in remote if budget[k] > 0]
+    blocks = (ahead() if callable(ahead) else ahead) if open_ else ()
+    for n, later in enumerate(blocks):
+        for k in list(open_):
+            for read in later.get(k, ()):
+                if read in seen[k] or taken[k] >= budget[k]:
+                    continue
+                seen[k].add(read)
+                picked[k].append(read)
+                taken[k] += sources[k].reads_bytes([read])
+            if taken[k] >= budget[k]:
+                open_.remove(k)
+        if not open_ or n + 1 >= MAX_BLOCKS_AHEAD or prefetcher().pinned() >= prefetcher().max_pins // 2:
+            break
+    return [(k, reads) for k, reads in picked.items() if reads]
 
 
 def _check_block_budget(wanted) -> None:

@@ -28,12 +28,12 @@ from dataclasses import dataclass
 from typing import Any
 
 from fastmix_data.errors import SourceError
-from fastmix_data.storage.cache import Pin, ShardCache, entry_key
+from fastmix_data.storage.cache import Pin, ShardCache, entry_key, parse_size
 from fastmix_data.storage.fs import ObjectInfo, RemoteFS
 from fastmix_data.storage.retry import RemoteError, RetryPolicy
 from fastmix_data.storage.urls import is_url, redact
 
-DEFAULT_PREFETCH = 4  # shard reads per source fetched ahead of the ones the current block reads
+DEFAULT_PREFETCH = "128MB"  # bytes of this process's coming remote reads, per source, fetched ahead
 
 
 class ShardChangedError(SourceError):
@@ -145,9 +145,9 @@ class Storage:
         cache_limit: the cache's byte budget (int or ``"20GB"``; default 80 % of the free space).
         storage_options: fsspec options (credentials, endpoint, ...). Never logged or stored.
         retry: retry policy for remote calls.
-        prefetch: shard reads per source (a shard, or the row groups of one Parquet shard that a
-            block reads) the stream fetches ahead of those its current block reads, from the plan
-            of this process's next block (default 4; 0 disables prefetch).
+        prefetch: bytes per source (int or ``"128MB"``) of the remote reads this process's plan
+            makes after its current block that the stream fetches ahead, all at once (at least the
+            next read; at most a quarter of the cache budget); default 128 MB, 0 disables prefetch.
     """
 
     def __init__(
@@ -156,18 +156,26 @@ class Storage:
         cache_limit: int | str | None = None,
         storage_options: Mapping[str, Any] | None = None,
         retry: RetryPolicy | None = None,
-        prefetch: int = DEFAULT_PREFETCH,
+        prefetch: int | str = DEFAULT_PREFETCH,
     ):
-        if prefetch < 0:
-            raise ValueError(f"prefetch must be >= 0 shard reads, got {prefetch}")
         self.remote = RemoteFS(storage_options, retry)
         self.cache = None if cache_dir is False else ShardCache(None if cache_dir in (None, True) else cache_dir, cache_limit)
-        self.prefetch = int(prefetch)
+        try:
+            self.prefetch = 0 if prefetch in (0, "0") else parse_size(prefetch)
+        except ValueError as exc:
+            raise ValueError(f"prefetch must be a byte size such as '128MB' or 0 (no prefetch): {exc}") from None
         self.streamed_bytes = 0  # bytes read without the cache (cache_dir=False), this process
 
     def __repr__(self) -> str:
         where = "no cache" if self.cache is None else f"cache {self.cache.directory}"
-        return f"Storage({where}, prefetch={self.prefetch}, {self.remote!r})"
+        return f"Storage({where}, prefetch={self.prefetch:,} B, {self.remote!r})"
+
+    def prefetch_bytes(self) -> int:
+        """Bytes of coming reads per source to fetch ahead: ``prefetch``, at most a quarter of the
+        cache budget (0 without a cache)."""
+        if self.cache is None or not self.prefetch:
+            return 0
+        return min(self.prefetch, self.cache.budget() // 4)
 
     # ------------------------------------------------------------------ identity
     def stat(self, url: str) -> ObjectInfo:
@@ -202,17 +210,20 @@ class Storage:
         return self.cache.get(entry_key(url, expect.size, expect.version, None), expect.size, fill)
 
     def fetch_parts(
-        self, url: str, expect: Expected, parts: Sequence[Sequence[tuple[int, int]]], where: str = ""
-    ) -> list[Pin]:
+        self, url: str, expect: Expected, parts: Sequence[Sequence[tuple[int, int]]], where: str = "",
+        wait: bool = True,
+    ) -> list[Pin | None]:  # fmt: skip
         """One pinned cache entry per part (a list of byte ranges of the object), the missing ones
         downloaded together: their ranges, merged where they touch, one GET each, all at once;
         the identity checked on the GETs' answers (S3) or with one HEAD (other stores). Entries
-        another process is downloading are waited for (one download per node). Close the pins."""
+        another process is downloading are waited for (one download per node), or with ``wait``
+        False left to it (None in their place: prefetch). Close the pins."""
         if self.cache is None:
             raise ValueError("fetch needs a cache; this Storage streams (cache_dir=False)")
         parts = [merge_ranges(p) for p in parts]
         entries = [(entry_key(url, expect.size, expect.version, p), sum(n for _, n in p)) for p in parts]
-        return self.cache.get_many(entries, lambda idx: self._download_parts(url, expect, [parts[i] for i in idx], where))
+        fill = lambda idx: self._download_parts(url, expect, [parts[i] for i in idx], where)  # noqa: E731
+        return self.cache.get_many(entries, fill, wait=wait)
 
     def _download_parts(self, url: str, expect: Expected, parts: list[list[tuple[int, int]]], where: str) -> list[bytes]:
         runs = merge_ranges([r for p in parts for r in p])
@@ -413,15 +424,16 @@ class ShardFiles:
         size = expect.size if merged is None else sum(n for _, n in merged)
         return entry_key(path, expect.size, expect.version, merged), size
 
-    def fetch_job(self, path: str, parts: Sequence[Sequence[tuple[int, int]] | None]) -> Callable[[], list[Pin]]:
+    def fetch_job(self, path: str, parts: Sequence[Sequence[tuple[int, int]] | None]) -> Callable[[], list[Pin | None]]:
         """A job fetching these cache entries of a remote shard (a part None: the whole object; else
         byte ranges, fetched together, see :meth:`Storage.fetch_parts`) and returning their pins in
-        order: what the prefetcher runs ahead of the stream."""
+        order (None for byte ranges another process is downloading: the stream's read waits for
+        those): what the prefetcher runs ahead of the stream."""
         storage, expect = self._remote(path)
         ranged = [p for p in parts if p is not None]
 
-        def job() -> list[Pin]:
-            pins = iter(storage.fetch_parts(path, expect, ranged) if ranged else [])
+        def job() -> list[Pin | None]:
+            pins = iter(storage.fetch_parts(path, expect, ranged, wait=False) if ranged else [])
             return [storage.fetch(path, expect) if p is None else next(pins) for p in parts]
 
         return job

@@ -35,7 +35,7 @@ from fastmix_data.plan.partition import DEFAULT_PARTITIONS
 from fastmix_data.plan.planner import Exhaustion, PlanSlice, WeightChange, probe_seed
 from fastmix_data.plan.weights import UNITS, normalize_weights, to_item_units
 from fastmix_data.spec import MixtureSpec
-from fastmix_data.storage.prefetch import prefetch_block
+from fastmix_data.storage.prefetch import MAX_BLOCKS_AHEAD, prefetch_block
 from fastmix_data.stream import batches as batch_format
 from fastmix_data.stream import worker_memory
 from fastmix_data.stream.batch_ring import RingWriter
@@ -53,6 +53,7 @@ STATE_VERSION = 3
 READABLE_STATE_VERSIONS = (1, 2, 3)  # older states are refused by their fingerprint (no partitions)
 BLOCK_BATCHES = 128  # default: batches a worker plans and reads in one pass (sample mode; see docs/stream.md)
 BLOCK_TOKENS = 1 << 22  # packing mode: a block holds at most this many tokens
+PREFETCH_BLOCKS = 2  # prefetch looks at most this many full blocks of batches ahead (and its byte budget)
 FIRST_BLOCK_BATCHES = 2  # a worker's first block; each next one doubles up to block_batches (first batch sooner)
 
 
@@ -310,7 +311,7 @@ class MixtureStream(torch.utils.data.IterableDataset):
                 indices = [g + j * workers for j in range(block)]
                 block = min(2 * block, self.block_batches)
                 sl = self._plan_block(indices)
-                self._prefetch(sl, [g + (len(indices) + j) * workers for j in range(block)])
+                self._prefetch(sl, g + len(indices) * workers, block, workers)
                 whole = indices[: len(sl.position) // self.batch_size]
                 ahead.extend(self._materialise(sl, whole))
                 if not ahead:
@@ -326,10 +327,10 @@ class MixtureStream(torch.utils.data.IterableDataset):
 
     def _plan_block(self, batch_indices: list[int]) -> PlanSlice:
         """The plan of this rank's part of global batches ``batch_indices`` (ascending), one call
-        (the next block's plan, made ahead for prefetch, is reused while the history is unchanged)."""
-        key = tuple(batch_indices)
-        if self._lookahead is not None and self._lookahead[0] == key:
-            return self._lookahead[1]
+        (a coming block's plan, made ahead for prefetch, is reused while the history is unchanged)."""
+        hit = (self._lookahead or {}).pop(tuple(batch_indices), None)
+        if hit is not None:
+            return hit[0]
         starts = [b * self.global_batch_items + self.rank * self.batch_size for b in batch_indices]
         return self.plan.plan_ranges(starts, self.batch_size)
 
@@ -337,20 +338,38 @@ class MixtureStream(torch.utils.data.IterableDataset):
         """Packed batches (`stream.batches`) of ``batch_size`` consecutive items of ``sl``."""
         return batch_format.build(self.items, sl, batch_indices, self.batch_size, self.seq_len, self.token_dtype)
 
-    def _prefetch(self, sl: PlanSlice, next_indices: list[int]) -> None:
-        """Remote sources: fetch what block ``sl`` reads and, after it, what this process's next block
-        (its batches ``next_indices``) reads, into the node-local cache (docs/sources.md, Prefetch).
-        Only this process's own partitions are planned, so it fetches only its share."""
+    def _prefetch(self, sl: PlanSlice, first: int, size: int, workers: int) -> None:
+        """Remote sources: fetch what block ``sl`` reads and, after it, what this process's coming
+        blocks (from its batch ``first``, the next one ``size`` batches) read, up to each source's
+        prefetch budget, into the node-local cache (docs/sources.md, Prefetch). Only this process's
+        own partitions are planned, so it fetches only its share."""
         remote = [k for k, s in enumerate(self.sources) if getattr(s, "remote", False)]
-        if not remote:
-            return
+        if remote:
+            coming = self._coming_blocks(first, size, workers, remote)
+            prefetch_block(self.sources, batch_format.block_reads(self.items, sl, remote), coming)
 
-        def ahead() -> dict:  # planned once this block's fetches are submitted
-            nxt = self._plan_block(next_indices)
-            self._lookahead = (tuple(next_indices), nxt)
-            return batch_format.block_reads(self.items, nxt, remote)
-
-        prefetch_block(self.sources, batch_format.block_reads(self.items, sl, remote), ahead)
+    def _coming_blocks(self, first: int, size: int, workers: int, remote: list[int]) -> Iterator[dict]:
+        """Per coming block of this process (batches first, first + W, ...; sizes doubling up to
+        ``block_batches`` as `_batches` makes them), its reads of the ``remote`` sources, lazily, up
+        to `PREFETCH_BLOCKS` full blocks of batches ahead. Each block is planned once: its plan is
+        kept (at most `MAX_BLOCKS_AHEAD` + 1 blocks) and served when its turn comes, unless the
+        weight history changes first."""
+        if self._lookahead is None:
+            self._lookahead = {}
+        horizon = first + PREFETCH_BLOCKS * self.block_batches * workers  # batches: bounds planning ahead
+        while first < horizon:
+            indices = tuple(first + j * workers for j in range(size))
+            hit = self._lookahead.get(indices)
+            if hit is None:
+                starts = [b * self.global_batch_items + self.rank * self.batch_size for b in indices]
+                sl = self.plan.plan_ranges(starts, self.batch_size)
+                hit = self._lookahead[indices] = (sl, batch_format.block_reads(self.items, sl, remote))
+                while len(self._lookahead) > MAX_BLOCKS_AHEAD + 1:  # another iteration's leftovers
+                    self._lookahead.pop(next(iter(self._lookahead)))
+            yield hit[1]
+            if len(hit[0].position) < size * self.batch_size:  # the end of the plan
+                return
+            first, size = first + size * workers, min(2 * size, self.block_batches)
 
     # ------------------------------------------------------------------------------ live weights
     def set_weights(self, weights: Mapping[str, float] | Sequence[float]) -> int:
