@@ -215,6 +215,24 @@ def test_packed_sequences_and_persistent_workers(data, monkeypatch):
     stream.close()
 
 
+def _frozen_in_worker(worker_id: int) -> None:
+    import gc
+
+    assert gc.get_freeze_count() > 0, "the loader's workers should start with the parent's objects frozen"
+
+
+def test_workers_start_with_the_parents_objects_frozen_and_the_parent_unfreezes(data):
+    """`loader()` forks its workers under `gc.freeze()` (their collections then skip everything
+    inherited, which they would otherwise walk and copy page by page) and unfreezes at once."""
+    import gc
+
+    stream = MixtureStream(data, {"code": 0.5, "web": 0.5}, batch_size=4, seed=1)
+    loader = stream.loader(num_workers=2, prefetch_factor=2, worker_init_fn=_frozen_in_worker)
+    assert len([b for _, b in zip(range(6), loader)]) == 6  # a worker's failed assert would raise here
+    assert gc.get_freeze_count() == 0
+    stream.close()
+
+
 def test_a_torch_batch_owns_its_memory(data):
     stream = MixtureStream(data, {"code": 0.5, "web": 0.5}, batch_size=4, seed=1)
     batches = [b for _, b in zip(range(12), stream.loader(num_workers=2, prefetch_factor=2))]

@@ -8,6 +8,7 @@ The training process makes tensors and serves the batches in global order.
 
 from __future__ import annotations
 
+import gc
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -63,10 +64,19 @@ class TrackedLoader:
             output = WorkerOutput(per_item, None if self.ring is None else (self.ring.directory, slots))
         # read by the workers started by iter() (persistent workers keep what they saw first)
         self.stream.worker_output = output
+        frozen = self.loader.num_workers > 0
+        if frozen:
+            # Forked workers inherit this process's objects (a remote source's S3 client and its
+            # parsed service model, hundreds of thousands of objects); a worker's first full
+            # collection would walk them all and copy every page it touches. Frozen at the fork,
+            # they are outside the workers' collections; this process unfreezes them at once.
+            gc.freeze()
         try:
             items = iter(self.loader)
         finally:
             self.stream.worker_output = None
+            if frozen:
+                gc.unfreeze()
         return self._serve(items, per_item)
 
     def _serve(self, items: Iterator, per_item: int) -> Iterator[dict]:
