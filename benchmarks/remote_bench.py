@@ -11,7 +11,12 @@ fresh local cache (cold); fastmix also runs again on its filled cache (warm) and
 Contenders run interleaved, in a seeded random order per repetition.
 
     python benchmarks/remote_bench.py                    # full run -> benchmarks/results/remote.md
+    python benchmarks/remote_bench.py --skip-index --repeats 3 --quiet-timeout 3    # throughput only (~6 min)
     python benchmarks/remote_bench.py --quick            # smoke run (small data, 1 repetition, 2,000 index shards)
+
+Throughput runs two data sets by default (``--configs 24000x12,96000x48``: 2,000-row shards; the
+short one is the original configuration, where a cell lasts 0.2-1.3 s and start-up weighs as much as
+throughput; the long one lasts several seconds per cell).
 
 Reported per contender: samples/s over the epoch, time to first batch, bytes fetched through the
 proxy (shard objects only; listings and index files apart), bytes the cache holds afterwards.
@@ -144,12 +149,16 @@ def run_child(name: str, **kw) -> tuple[float, float, int]:
 
 def child_main(name: str, kw: dict) -> None:
     samples, workers, seed = kw["samples"], kw["workers"], kw["seed"]
+    if os.environ.get("REMOTE_BENCH_TRACE") and name.startswith("fastmix"):  # remote_timeline's events
+        import remote_timeline
+
+        remote_timeline.install(f"{os.environ['REMOTE_BENCH_TRACE']}-{name}.jsonl")
     if name.startswith("fastmix"):
         out = run_fastmix(kw["spec"], samples, workers, seed)
     elif name == "mosaic":
-        out = run_mosaic(f"s3://{BUCKET}/mds", kw["local"], samples, workers, seed)
+        out = run_mosaic(f"s3://{BUCKET}/{kw['tag']}/mds", kw["local"], samples, workers, seed)
     else:
-        out = run_litdata(f"s3://{BUCKET}/lit", kw["local"], kw["proxy"], samples, workers, seed)
+        out = run_litdata(f"s3://{BUCKET}/{kw['tag']}/lit", kw["local"], kw["proxy"], samples, workers, seed)
     print(json.dumps(list(out)))
 
 
@@ -157,24 +166,26 @@ def du(path: Path) -> int:
     return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file()) if Path(path).exists() else 0
 
 
-def throughput(args, work: Path, endpoint: str) -> dict:
+def throughput(args, work: Path, endpoint: str, samples: int, shards: int) -> dict:
+    """One configuration (``samples`` rows in ``shards`` shards): every contender, interleaved."""
     from fastmix_data.sources import index_source, open_source
 
     env = s3_env(endpoint)
     os.environ.update(env)
+    tag = f"{samples}x{shards}"
     for name in ("pq", "mds", "lit"):
-        upload_dir(endpoint, work / name, BUCKET, name)
-    index_url = f"s3://{BUCKET}/indexes/pq.json"
-    index_source("pq", f"s3://{BUCKET}/pq", out=index_url, cache_dir=work / "index-cache")
+        upload_dir(endpoint, work / name, BUCKET, f"{tag}/{name}")
+    index_url = f"s3://{BUCKET}/indexes/{tag}.json"
+    index_source("pq", f"s3://{BUCKET}/{tag}/pq", out=index_url, cache_dir=work / "index-cache")
     plan_bytes = sum(open_source("pq", index_file=index_url, cache_dir=work / "tmp-cache").fetch_bytes(i)
-                     for i in range(args.shards))
+                     for i in range(shards))
     shutil.rmtree(work / "tmp-cache", ignore_errors=True)
     results: dict[str, list[dict]] = {}
     failures: dict[str, list[int]] = {}
     with proxy_process(endpoint, args.latency) as proxy:
         os.environ["AWS_ENDPOINT_URL"] = os.environ["S3_ENDPOINT_URL"] = proxy
         fm_cache = work / "fm-cache"
-        names = ["fastmix-cold", "fastmix-warm", "fastmix-local", "mosaic", "litdata"]
+        names = [n for n in ("fastmix-cold", "fastmix-warm", "fastmix-local", "mosaic", "litdata") if n in args.contenders]
         for rep in range(args.repeats):
             order = names[:]
             random.Random(rep).shuffle(order)
@@ -185,15 +196,15 @@ def throughput(args, work: Path, endpoint: str) -> dict:
                 local = Path(tempfile.mkdtemp(prefix=f"{name}-", dir=work))
                 if name == "fastmix-cold":
                     shutil.rmtree(fm_cache / "shards", ignore_errors=True)
-                spec = {"path": f"s3://{BUCKET}/pq", "index_file": index_url, "cache_dir": fm_cache}
+                spec = {"path": f"s3://{BUCKET}/{tag}/pq", "index_file": index_url, "cache_dir": fm_cache}
                 proxy_counters(proxy, reset=True)
                 _common.wait_for_quiet(threshold=args.max_busy, timeout=args.quiet_timeout)
                 if name == "fastmix-local":
                     spec = {"path": str(work / "pq")}
                 # each run in a fresh process: peers keep process-wide state between datasets
                 # (Mosaic's shared memory, litdata's start method, fsspec's clients)
-                outcome = run_child(name, spec=spec, local=str(local), proxy=proxy, samples=args.samples,
-                                    workers=args.workers, seed=rep)
+                outcome = run_child(name, spec=spec, local=str(local), proxy=proxy, samples=samples,
+                                    workers=args.workers, seed=rep, tag=tag)
                 if outcome is None:
                     failures.setdefault(name, []).append(rep)
                     shutil.rmtree(local, ignore_errors=True)
@@ -208,11 +219,12 @@ def throughput(args, work: Path, endpoint: str) -> dict:
                               if "/indexes/" not in p and p.count("/") >= 2)
                 results.setdefault(name, []).append({"first": first, "total": total, "samples": seen,
                                                      "fetched": fetched, "cache": cache})
-                print(f"rep {rep} {name:14s} {seen / total:9.0f} samples/s  first batch {first:6.2f} s  "
+                print(f"{tag} rep {rep} {name:14s} {seen / total:9.0f} samples/s  first batch {first:6.2f} s  "
                       f"fetched {fetched:,} B  cache {cache:,} B", flush=True)
                 shutil.rmtree(local, ignore_errors=True)
     os.environ["AWS_ENDPOINT_URL"] = os.environ["S3_ENDPOINT_URL"] = endpoint
-    return {"results": results, "plan_bytes": plan_bytes, "failures": failures}
+    return {"results": results, "plan_bytes": plan_bytes, "failures": failures, "samples": samples, "shards": shards,
+            "load": [os.getloadavg()[0]]}
 
 
 # ----------------------------------------------------------------------------------------- index
@@ -283,7 +295,31 @@ def _ratio(a: list[float], b: list[float]) -> _common.Summary:
     return _common.Summary.of(x / y for x, y in zip(a, b))
 
 
-def report(args, tp: dict | None, idx: dict | None, load: tuple[str, str], revision: str) -> str:
+def _ratios(tp: dict) -> list[str]:
+    """The paired ratio lines of one configuration (all five contenders ran)."""
+    res, lines = tp["results"], []
+    rate = {n: [r["samples"] / r["total"] for r in runs] for n, runs in res.items()}
+    peers = [p for p in ("mosaic", "litdata") if p in rate]
+    n_rep = min(len(v) for v in rate.values())
+    rate = {n: v[:n_rep] for n, v in rate.items()}  # pairs: the first runs of each (a failure shortens one)
+    lines += ["", "Paired ratios (per repetition, then min / median / max):", ""]
+    for peer in peers:
+        lines.append(f"- fastmix cold / {peer}: {_ratio(rate['fastmix-cold'], rate[peer]).fmt(digits=2)}")
+    best = [max(rate[p][i] for p in peers) for i in range(len(rate["fastmix-cold"]))]
+    lines.append(f"- fastmix cold / fastest peer (target >= 1): {_ratio(rate['fastmix-cold'], best).fmt(digits=2)}")
+    lines.append(f"- fastmix warm / fastmix local disk (target >= 0.9): "
+                 f"{_ratio(rate['fastmix-warm'], rate['fastmix-local']).fmt(digits=2)}")
+    fetched = [r["fetched"] for r in res["fastmix-cold"]]
+    lines.append(f"- fastmix cold bytes fetched / plan bytes (target <= 1): "
+                 f"{_common.Summary.of(f / tp['plan_bytes'] for f in fetched).fmt(digits=3)}")
+    first = {n: [r["first"] for r in runs][:n_rep] for n, runs in res.items()}
+    lines.append("- time to first batch, fastmix cold / fastest peer's (lower is better): "
+                 f"{_ratio(first['fastmix-cold'], [min(first[p][i] for p in peers) for i in range(n_rep)]).fmt(digits=2)}")
+    lines.append("")
+    return lines
+
+
+def report(args, tps: list[dict], idx: dict | None, load: tuple[str, str], revision: str) -> str:
     lines = [
         "# Remote streaming: fastmix_data vs MosaicML Streaming and litdata over a loopback S3",
         "",
@@ -295,11 +331,13 @@ def report(args, tp: dict | None, idx: dict | None, load: tuple[str, str], revis
         f"Load (uptime) at start: `{load[0]}`; at end: `{load[1]}`",
         "",
     ]
-    if tp is not None:
+    for tp in tps:
         res = tp["results"]
         lines += [
-            f"## Throughput: one epoch of {args.samples:,} samples in {args.shards} shards, {args.workers} DataLoader "
+            f"## Throughput: one epoch of {tp['samples']:,} samples in {tp['shards']} shards, {args.workers} DataLoader "
             f"workers, batch 32, {args.latency * 1000:.0f} ms added to every request, {args.repeats} repetitions",
+            "",
+            f"Load (1-minute average) after this part: {tp['load'][0]:.2f}.",
             "",
             "median (min–max) over the repetitions. *fetched*: bytes of shard objects through the proxy; "
             f"the plan needs {tp['plan_bytes']:,} B of fastmix's Parquet (footers and text column chunks of "
@@ -319,21 +357,7 @@ def report(args, tp: dict | None, idx: dict | None, load: tuple[str, str], revis
                                              "cache on disk (B)"], rows))
         for name, reps in tp["failures"].items():
             lines.append(f"\n{name} failed in repetition(s) {reps} (error in the log); its figures are over the others.")
-        rate = {n: [r["samples"] / r["total"] for r in runs] for n, runs in res.items()}
-        peers = [p for p in ("mosaic", "litdata") if p in rate]
-        n_rep = min(len(v) for v in rate.values())
-        rate = {n: v[:n_rep] for n, v in rate.items()}  # pairs: the first runs of each (a failure shortens one)
-        lines += ["", "Paired ratios (per repetition, then min / median / max):", ""]
-        for peer in peers:
-            lines.append(f"- fastmix cold / {peer}: {_ratio(rate['fastmix-cold'], rate[peer]).fmt(digits=2)}")
-        best = [max(rate[p][i] for p in peers) for i in range(len(rate["fastmix-cold"]))]
-        lines.append(f"- fastmix cold / fastest peer (target >= 1): {_ratio(rate['fastmix-cold'], best).fmt(digits=2)}")
-        lines.append(f"- fastmix warm / fastmix local disk (target >= 0.9): "
-                     f"{_ratio(rate['fastmix-warm'], rate['fastmix-local']).fmt(digits=2)}")
-        fetched = [r["fetched"] for r in res["fastmix-cold"]]
-        lines.append(f"- fastmix cold bytes fetched / plan bytes (target <= 1): "
-                     f"{_common.Summary.of(f / tp['plan_bytes'] for f in fetched).fmt(digits=3)}")
-        lines.append("")
+        lines += _ratios(tp) if len(res) == 5 else ["", "(a subset of the contenders ran: no paired ratios)", ""]
     if idx is not None:
         lines += [
             f"## Index: {args.index_shards:,} Parquet shards (4 rows each) over http on loopback (no added latency)",
@@ -365,9 +389,11 @@ def main() -> None:
         child_main(sys.argv[2], json.loads(sys.argv[3]))
         return
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--samples", type=int, default=24_000, help="rows in the data set (one epoch is read)")
-    ap.add_argument("--shards", type=int, default=12)
+    ap.add_argument("--configs", default="24000x12,96000x48",
+                    help="data sets to read, ROWSxSHARDS each (one epoch of each is read; 2,000-row shards by default)")
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--contenders", default="fastmix-cold,fastmix-warm,fastmix-local,mosaic,litdata",
+                    help="comma-separated subset to run (the ratios need all five)")
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--latency", type=float, default=0.02, help="seconds added to every request")
     ap.add_argument("--index-shards", type=int, default=100_000)
@@ -380,7 +406,8 @@ def main() -> None:
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     if args.quick:
-        args.samples, args.repeats, args.index_shards = 4000, 1, 2000
+        args.configs, args.repeats, args.index_shards = "4000x12", 1, 2000
+    configs = [tuple(int(x) for x in c.split("x")) for c in args.configs.split(",") if c]
     out = args.out or (str(HERE / "results" / "remote.md") if not args.quick else os.path.join(args.workdir, "remote-quick.md"))
     work = Path(args.workdir)
     work.mkdir(parents=True, exist_ok=True)
@@ -388,16 +415,17 @@ def main() -> None:
     os.environ.setdefault("TQDM_DISABLE", "1")
     revision = _common.git_revision(str(HERE.parent))
     load_start = os.getloadavg()
-    tp = idx = None
+    tps, idx = [], None
     with moto_process() as endpoint:
-        if not args.skip_throughput:
-            write_copies(work, make_docs(args.samples), args.shards)
-            tp = throughput(args, work, endpoint)
+        for samples, shards in configs if not args.skip_throughput else ():
+            data = work / f"{samples}x{shards}"
+            write_copies(data, make_docs(samples), shards)
+            tps.append(throughput(args, data, endpoint, samples, shards))
     if not args.skip_index:
         idx = index_bench(args, work)
     load = (f"{load_start[0]:.2f}, {load_start[1]:.2f}, {load_start[2]:.2f}",
             "{:.2f}, {:.2f}, {:.2f}".format(*os.getloadavg()))
-    text = report(args, tp, idx, load, revision)
+    text = report(args, tps, idx, load, revision)
     marker = "<!-- Everything below this line is hand-written"
     if os.path.exists(out):
         old = Path(out).read_text()
