@@ -218,7 +218,7 @@ def throughput(args, work: Path, endpoint: str, samples: int, shards: int) -> di
                 fetched = sum(n for p, n in counters["bytes_by_path"].items()
                               if "/indexes/" not in p and p.count("/") >= 2)
                 results.setdefault(name, []).append({"first": first, "total": total, "samples": seen,
-                                                     "fetched": fetched, "cache": cache})
+                                                     "fetched": fetched, "cache": cache, "rep": rep})
                 print(f"{tag} rep {rep} {name:14s} {seen / total:9.0f} samples/s  first batch {first:6.2f} s  "
                       f"fetched {fetched:,} B  cache {cache:,} B", flush=True)
                 shutil.rmtree(local, ignore_errors=True)
@@ -296,25 +296,28 @@ def _ratio(a: list[float], b: list[float]) -> _common.Summary:
 
 
 def _ratios(tp: dict) -> list[str]:
-    """The paired ratio lines of one configuration (all five contenders ran)."""
-    res, lines = tp["results"], []
-    rate = {n: [r["samples"] / r["total"] for r in runs] for n, runs in res.items()}
+    """The paired ratio lines of one configuration (all five contenders ran): each ratio over the
+    repetitions where both of its sides ran (a failed run removes only its own pairs)."""
+    res = tp["results"]
+    rate = {n: {r["rep"]: r["samples"] / r["total"] for r in runs} for n, runs in res.items()}
+    first = {n: {r["rep"]: r["first"] for r in runs} for n, runs in res.items()}
     peers = [p for p in ("mosaic", "litdata") if p in rate]
-    n_rep = min(len(v) for v in rate.values())
-    rate = {n: v[:n_rep] for n, v in rate.items()}  # pairs: the first runs of each (a failure shortens one)
-    lines += ["", "Paired ratios (per repetition, then min / median / max):", ""]
-    for peer in peers:
-        lines.append(f"- fastmix cold / {peer}: {_ratio(rate['fastmix-cold'], rate[peer]).fmt(digits=2)}")
-    best = [max(rate[p][i] for p in peers) for i in range(len(rate["fastmix-cold"]))]
-    lines.append(f"- fastmix cold / fastest peer (target >= 1): {_ratio(rate['fastmix-cold'], best).fmt(digits=2)}")
-    lines.append(f"- fastmix warm / fastmix local disk (target >= 0.9): "
-                 f"{_ratio(rate['fastmix-warm'], rate['fastmix-local']).fmt(digits=2)}")
+
+    def paired(a: dict, b: dict) -> str:
+        return _common.Summary.of(a[i] / b[i] for i in sorted(set(a) & set(b))).fmt(digits=2)
+
+    best = {i: max(rate[p][i] for p in peers if i in rate[p]) for i in rate["fastmix-cold"]
+            if any(i in rate[p] for p in peers)}  # fmt: skip
+    best_first = {i: min(first[p][i] for p in peers if i in first[p]) for i in best}
+    lines = ["", "Paired ratios (per repetition where both ran, then min / median / max):", ""]
+    lines += [f"- fastmix cold / {peer}: {paired(rate['fastmix-cold'], rate[peer])}" for peer in peers]
+    lines.append(f"- fastmix cold / fastest peer (target >= 1): {paired(rate['fastmix-cold'], best)}")
+    lines.append(f"- fastmix warm / fastmix local disk (target >= 0.9): {paired(rate['fastmix-warm'], rate['fastmix-local'])}")
     fetched = [r["fetched"] for r in res["fastmix-cold"]]
     lines.append(f"- fastmix cold bytes fetched / plan bytes (target <= 1): "
                  f"{_common.Summary.of(f / tp['plan_bytes'] for f in fetched).fmt(digits=3)}")
-    first = {n: [r["first"] for r in runs][:n_rep] for n, runs in res.items()}
-    lines.append("- time to first batch, fastmix cold / fastest peer's (lower is better): "
-                 f"{_ratio(first['fastmix-cold'], [min(first[p][i] for p in peers) for i in range(n_rep)]).fmt(digits=2)}")
+    lines.append(f"- time to first batch, fastmix cold / fastest peer's (lower is better): "
+                 f"{paired(first['fastmix-cold'], best_first)}")
     lines.append("")
     return lines
 
