@@ -233,6 +233,21 @@ def test_workers_start_with_the_parents_objects_frozen_and_the_parent_unfreezes(
     stream.close()
 
 
+def test_an_application_freeze_is_left_as_it_was(data):
+    """An application that froze objects itself keeps them frozen: `loader()` neither freezes
+    more nor unfreezes (gc.unfreeze() would undo the application's freeze)."""
+    import gc
+
+    gc.freeze()
+    try:
+        stream = MixtureStream(data, {"code": 0.5, "web": 0.5}, batch_size=4, seed=1)
+        assert len([b for _, b in zip(range(4), stream.loader(num_workers=2, prefetch_factor=2))]) == 4
+        assert gc.get_freeze_count() > 0  # still frozen (objects freed meanwhile leave the count)
+        stream.close()
+    finally:
+        gc.unfreeze()
+
+
 def test_a_torch_batch_owns_its_memory(data):
     stream = MixtureStream(data, {"code": 0.5, "web": 0.5}, batch_size=4, seed=1)
     batches = [b for _, b in zip(range(12), stream.loader(num_workers=2, prefetch_factor=2))]

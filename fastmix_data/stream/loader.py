@@ -64,12 +64,13 @@ class TrackedLoader:
             output = WorkerOutput(per_item, None if self.ring is None else (self.ring.directory, slots))
         # read by the workers started by iter() (persistent workers keep what they saw first)
         self.stream.worker_output = output
-        frozen = self.loader.num_workers > 0
+        # Forked workers inherit this process's objects (a remote source's S3 client and its parsed
+        # service model, hundreds of thousands of objects); a worker's first full collection would
+        # walk them all and copy every page it touches. Frozen at the fork, they are outside the
+        # workers' collections; this process unfreezes them at once. Not when the application has
+        # frozen objects itself: unfreeze() would undo its freeze too.
+        frozen = self.loader.num_workers > 0 and gc.get_freeze_count() == 0
         if frozen:
-            # Forked workers inherit this process's objects (a remote source's S3 client and its
-            # parsed service model, hundreds of thousands of objects); a worker's first full
-            # collection would walk them all and copy every page it touches. Frozen at the fork,
-            # they are outside the workers' collections; this process unfreezes them at once.
             gc.freeze()
         try:
             items = iter(self.loader)
