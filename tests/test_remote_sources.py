@@ -265,7 +265,7 @@ def test_cache_budget_below_one_block_is_a_clear_error(on_s3, tmp_path):
 
 
 def test_prefetch_fetches_the_row_groups_the_plan_reads_next(on_s3, tmp_path):
-    stream = MixtureStream({"pq": {"path": f"s3://{on_s3.bucket}/pq", "cache_dir": tmp_path / "c", "prefetch": 1}},
+    stream = MixtureStream({"pq": {"path": f"s3://{on_s3.bucket}/pq", "cache_dir": tmp_path / "c", "prefetch": "1B"}},
                            {"pq": 1.0}, batch_size=4, seed=3)
     src = stream.sources[0]
     src.storage.cache.clear()

@@ -66,8 +66,9 @@ def test_prefetch_is_a_byte_size_capped_by_the_cache_budget(tmp_path):
     assert Storage(tmp_path, prefetch=0).prefetch_bytes() == 0
     with pytest.raises(ValueError, match="prefetch must be a byte size"):
         Storage(tmp_path, prefetch=-1)
-    with pytest.raises(ValueError, match="prefetch=4 is 4 bytes: prefetch is a byte size"):
+    with pytest.raises(ValueError, match="prefetch=4: prefetch is a byte size"):
         Storage(tmp_path, prefetch=4)  # the old count of reads ahead is refused, not read as 4 bytes
+    assert Storage(tmp_path, prefetch="1B").prefetch == 1  # with its unit it is a size: just the next read
 
 
 # ---------------------------------------------------------------------------------------- retries

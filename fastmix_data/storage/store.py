@@ -33,7 +33,7 @@ from fastmix_data.storage.fs import ObjectInfo, RemoteFS
 from fastmix_data.storage.retry import RemoteError, RetryPolicy
 from fastmix_data.storage.urls import is_url, redact
 
-MIN_PREFETCH = 4096  # smaller positive values are the old count of reads ahead: refused
+MIN_PREFETCH = 4096  # a plain int below this is the old count of reads ahead: refused (a unit string is not)
 DEFAULT_PREFETCH = "128MB"  # bytes of this process's coming remote reads, per source, fetched ahead
 
 
@@ -165,10 +165,10 @@ class Storage:
             self.prefetch = 0 if prefetch in (0, "0") else parse_size(prefetch)
         except ValueError as exc:
             raise ValueError(f"prefetch must be a byte size such as '128MB' or 0 (no prefetch): {exc}") from None
-        if 0 < self.prefetch < MIN_PREFETCH:
+        if isinstance(prefetch, int) and 0 < prefetch < MIN_PREFETCH:
             raise ValueError(
-                f"prefetch={prefetch!r} is {self.prefetch} bytes: prefetch is a byte size (it was a count of reads "
-                f"ahead before); write e.g. '128MB', or 0 for no prefetch"
+                f"prefetch={prefetch!r}: prefetch is a byte size (it was a count of reads ahead before); write "
+                f"e.g. '128MB', a size with its unit ('1B': just the next read), or 0 for no prefetch"
             )
         self.streamed_bytes = 0  # bytes read without the cache (cache_dir=False), this process
 
