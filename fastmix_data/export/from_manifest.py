@@ -15,8 +15,9 @@ from typing import Any
 
 from fastmix_data.errors import ManifestError
 from fastmix_data.export._util import join_inside
-from fastmix_data.export.manifest import _layouts, load_manifest, plan_fingerprint, validate_manifest
-from fastmix_data.plan.planner import Exhaustion, MixturePlan, WeightChange
+from fastmix_data.export.manifest import load_manifest, plan_fingerprint, validate_manifest
+from fastmix_data.export.manifest_check import layouts_of, plan_of
+from fastmix_data.plan.planner import MixturePlan
 from fastmix_data.sources import READERS
 from fastmix_data.sources.base import ShardInfo
 from fastmix_data.sources.mds import INDEX, mds_shard_locations
@@ -99,26 +100,7 @@ def manifest_plan(manifest: Mapping[str, Any]) -> MixturePlan:
     """The pure plan a manifest describes (no I/O): the same function the stream serves from.
     The manifest is checked field by field first (:func:`validate_manifest` with verify="none")."""
     validate_manifest(manifest, verify="none")
-    names = [s["name"] for s in manifest["sources"]]
-    partitions, chunk, layouts = _layouts(manifest)
-    return MixturePlan(
-        names,
-        [[int(sh["items"]) for sh in s["shards"]] for s in manifest["sources"]],
-        int(manifest["seed"]),
-        [
-            WeightChange(int(h["version"]), int(h["position"]), tuple(float(w) for w in h["weights"]))
-            for h in manifest["history"]
-        ],
-        [
-            Exhaustion(s["exhaustion"]["policy"], s["exhaustion"].get("max_epochs"))
-            for s in manifest["sources"]
-        ],
-        bool(manifest["shuffle"]),
-        int(manifest["budget"]["items"]),
-        partitions=partitions,
-        chunk=chunk,
-        layouts=layouts,
-    )
+    return plan_of(manifest)
 
 
 def stream_fingerprint(stream: Any, root: str) -> str:
@@ -178,7 +160,7 @@ def stream_from_manifest(
         )
     sources = manifest_sources(m, allow_unsafe=allow_unsafe)
     history = m["history"]
-    partitions, chunk, _ = _layouts(m)
+    partitions, chunk, _ = layouts_of(m)
     if partitions > 1 and batch_size % chunk:
         raise ManifestError(
             f"the manifest's plan has {partitions} partitions serving {chunk} items per chunk; pass a "

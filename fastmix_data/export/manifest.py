@@ -27,7 +27,6 @@ from fastmix_data.export._util import canonical_json, join_inside, parse_budget,
 from fastmix_data.export.manifest_check import check_counts, check_fields
 from fastmix_data.io import sha256_file, write_json_atomic
 from fastmix_data.plan.order import SourceOrder
-from fastmix_data.plan.partition import Piece, SourceLayout
 from fastmix_data.plan.planner import Exhaustion, MixturePlan, WeightChange
 from fastmix_data.plan.weights import check_item_weights, normalize_weights, normalized, to_item_units
 from fastmix_data.sources.base import Source
@@ -142,18 +141,6 @@ def _partitions_core(parts: Mapping[str, Any]) -> dict:
         "chunk": int(parts["chunk"]),
         "slices": [[[[int(x) for x in piece] for piece in sl] for sl in src] for src in parts["slices"]],
     }
-
-
-def _layouts(manifest: Mapping[str, Any]) -> tuple[int, int, list | None]:
-    """(partitions, chunk, per-source `SourceLayout` or None) of a manifest."""
-    parts = manifest.get("partitions")
-    if not parts:
-        return 1, 1, None
-    layouts = []
-    for src, slices in zip(manifest["sources"], parts["slices"]):
-        items = tuple(int(sh["items"]) for sh in src["shards"])
-        layouts.append(SourceLayout(items, tuple(tuple(Piece(*map(int, x)) for x in sl) for sl in slices)))
-    return int(parts["count"]), int(parts["chunk"]), layouts
 
 
 def plan_fingerprint(manifest: Mapping[str, Any]) -> str:

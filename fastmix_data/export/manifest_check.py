@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from fastmix_data.errors import ManifestError, WeightsError
+from fastmix_data.plan.partition import Piece, SourceLayout
 from fastmix_data.plan.planner import POLICIES, Exhaustion, MixturePlan, WeightChange
 from fastmix_data.plan.weights import UNITS, check_item_weights
 
@@ -203,16 +204,29 @@ def _check_source(src: Mapping, where: str, packing_len: int | None) -> None:
 
 
 # ------------------------------------------------------------------------------------------ counts
-def _plan(m: Mapping[str, Any]) -> MixturePlan:
-    from fastmix_data.export.manifest import _layouts  # (manifest.py imports this module)
+def layouts_of(manifest: Mapping[str, Any]) -> tuple[int, int, list | None]:
+    """(partitions, chunk, per-source `SourceLayout` or None) of a manifest."""
+    parts = manifest.get("partitions")
+    if not parts:
+        return 1, 1, None
+    layouts = []
+    for src, slices in zip(manifest["sources"], parts["slices"]):
+        items = tuple(int(sh["items"]) for sh in src["shards"])
+        layouts.append(SourceLayout(items, tuple(tuple(Piece(*map(int, x)) for x in sl) for sl in slices)))
+    return int(parts["count"]), int(parts["chunk"]), layouts
 
-    names = [s["name"] for s in m["sources"]]
-    partitions, chunk, layouts = _layouts(m)
+
+def plan_of(m: Mapping[str, Any]) -> MixturePlan:
+    """The pure plan a manifest's fields describe (no I/O, no validation: see `manifest_plan`)."""
+    partitions, chunk, layouts = layouts_of(m)
     return MixturePlan(
-        names,
+        [s["name"] for s in m["sources"]],
         [[int(sh["items"]) for sh in s["shards"]] for s in m["sources"]],
         int(m["seed"]),
-        [WeightChange(h["version"], h["position"], tuple(float(w) for w in h["weights"])) for h in m["history"]],
+        [
+            WeightChange(int(h["version"]), int(h["position"]), tuple(float(w) for w in h["weights"]))
+            for h in m["history"]
+        ],
         [Exhaustion(s["exhaustion"]["policy"], s["exhaustion"].get("max_epochs")) for s in m["sources"]],
         bool(m["shuffle"]),
         int(m["budget"]["items"]),
@@ -229,7 +243,7 @@ def check_counts(m: Mapping[str, Any]) -> None:
     Raises:
         ManifestError: naming the first shard or field that differs, with both values.
     """
-    plan = _plan(m)
+    plan = plan_of(m)
     plan.segments()
     n = int(m["budget"]["items"])
     if plan.end is not None and plan.end < n:

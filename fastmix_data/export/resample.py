@@ -137,7 +137,7 @@ class Materialiser:
         eos_id: int | None = None,
         allow_unsafe: bool = False,
     ):
-        from fastmix_data.export.manifest import _layouts
+        from fastmix_data.export.manifest_check import layouts_of
         from fastmix_data.stream.items import ItemSource
         from fastmix_data.stream.tokenize import ByteTokenizer, as_tokenizer
 
@@ -155,7 +155,7 @@ class Materialiser:
         self.plan.segments()
         sources = manifest_sources(manifest, allow_unsafe=allow_unsafe)
         seed, shuffle = int(manifest["seed"]), bool(manifest["shuffle"])
-        partitions, _, layouts = _layouts(manifest)
+        partitions, _, layouts = layouts_of(manifest)
         ids_eos = manifest["mode"].get("ids_eos_id", eos_id if not isinstance(self.tokenizer, ByteTokenizer) else None)
         self.items = [
             ItemSource(s, seed, self.seq_len, self.tokenizer, 2, shuffle, partitions=partitions, ids_eos_id=ids_eos)
