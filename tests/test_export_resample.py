@@ -16,8 +16,6 @@ from fastmix_data.export import build_manifest, stream_from_manifest
 from fastmix_data.export.resample import STATE_DIR, ResampleError, plan_layout, read_index, resample
 from fastmix_data.sources import open_source
 
-# the module (``fastmix_data.export.resample`` as an attribute is the function)
-
 
 @pytest.fixture
 def corpus(tmp_path):

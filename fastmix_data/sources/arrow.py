@@ -131,15 +131,10 @@ def ids_of(col: pa.ChunkedArray, name: str, path: str) -> IdRows:
     """The rows of an ids column as `IdRows`: the values in their stored integer type (a view of the
     Arrow buffer when the column has one chunk), offsets as int64."""
     _check_no_nulls(col, name, path)
-    parts = [_list_chunk_to_ids(chunk, name, path) for chunk in col.chunks]
-    if len(parts) == 1:
-        return IdRows(*parts[0])
+    parts = [IdRows(*_list_chunk_to_ids(chunk, name, path)) for chunk in col.chunks]
     if not parts:
         return IdRows(np.zeros(0, dtype=np.int64), np.zeros(1, dtype=np.int64))
-    values = np.concatenate([v for v, _ in parts])
-    shifts = np.cumsum([0] + [int(o[-1]) for _, o in parts[:-1]])
-    offsets = np.concatenate([[0], *(o[1:] + s for (_, o), s in zip(parts, shifts))]).astype(np.int64)
-    return IdRows(values, offsets)
+    return IdRows.concat(parts)
 
 
 def shard_data_from_table(
