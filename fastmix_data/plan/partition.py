@@ -26,7 +26,6 @@ Solution (pure integer arithmetic, no I/O):
 from __future__ import annotations
 
 from dataclasses import dataclass
-from math import gcd
 
 import numpy as np
 
@@ -78,11 +77,6 @@ def effective_partitions(totals, partitions: int, min_items: int = MIN_SLICE_ITE
     gains nothing from more partitions than that, and keeps exact epoch order with fewer; smaller
     sources of a large mixture are cut into fewer slices that partitions share (`slice_count`)."""
     return slice_count(max((int(t) for t in totals), default=0), partitions, min_items)
-
-
-def owned_fraction(workers_times_ranks: int, partitions: int) -> float:
-    """The share of the partitions one process serves: 1 / gcd(W * R, P)."""
-    return 1.0 / gcd(int(workers_times_ranks), int(partitions))
 
 
 @dataclass(frozen=True)

@@ -331,6 +331,9 @@ class MixtureStream(torch.utils.data.IterableDataset):
         hit = (self._lookahead or {}).pop(tuple(batch_indices), None)
         if hit is not None:
             return hit[0]
+        return self._plan_of(batch_indices)
+
+    def _plan_of(self, batch_indices: Sequence[int]) -> PlanSlice:
         starts = [b * self.global_batch_items + self.rank * self.batch_size for b in batch_indices]
         return self.plan.plan_ranges(starts, self.batch_size)
 
@@ -361,8 +364,7 @@ class MixtureStream(torch.utils.data.IterableDataset):
             indices = tuple(first + j * workers for j in range(size))
             hit = self._lookahead.get(indices)
             if hit is None:
-                starts = [b * self.global_batch_items + self.rank * self.batch_size for b in indices]
-                sl = self.plan.plan_ranges(starts, self.batch_size)
+                sl = self._plan_of(indices)
                 hit = self._lookahead[indices] = (sl, batch_format.block_reads(self.items, sl, remote))
                 while len(self._lookahead) > MAX_BLOCKS_AHEAD + 1:  # another iteration's leftovers
                     self._lookahead.pop(next(iter(self._lookahead)))
