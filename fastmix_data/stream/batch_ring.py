@@ -100,18 +100,15 @@ class RingWriter:
         out = {}
         size = 0
 
-        def put_all(parts: list, nbytes: int) -> int:  # back to back, then pad to 64 bytes
+        def put(part) -> int:  # after the previous part, then pad to 64 bytes
             nonlocal size
             at = size
-            pieces.extend(parts)
-            size += nbytes
+            pieces.append(part)
+            size += len(part)
             if _align(size) > size:
                 pieces.append(bytes(_align(size) - size))
                 size = _align(size)
             return at
-
-        def put(part) -> int:
-            return put_all([part], len(part))
 
         for key, value in batch.items():
             if isinstance(value, np.ndarray):

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from fastmix_data.stream.batch_ring import RingReader, ring_directory
-from fastmix_data.stream.batches import unpack
+from fastmix_data.stream.batches import per_batch_counts, unpack
 
 if TYPE_CHECKING:
     from fastmix_data.stream.mixture import MixtureStream
@@ -116,7 +116,5 @@ def as_is(batch: dict) -> dict:
 
 def counts_of(batch, k: int) -> np.ndarray:
     """(2, k) int64: per source, the samples and tokens of a user-facing batch (for `observe`)."""
-    from fastmix_data.stream.batches import per_batch_counts
-
     meta = np.stack([np.asarray(batch["source"]), np.asarray(batch["num_tokens"])])
     return per_batch_counts(meta, meta.shape[1], k, tokens_row=1)[0]
