@@ -32,7 +32,7 @@ from torch import nn
 
 from .ddp import Ranks, no_sync, unwrap, wrap
 from .flops import TokenFlops, token_flops
-from .fused_head import compiled_residuals, fused_head_loss
+from .fused_head import compiled_residuals, default_chunk_tokens, fused_head_loss
 from .hypergrad import (
     HeadGradient,
     SourceScores,
@@ -323,8 +323,6 @@ class ProxyStep:
         )
 
     def _chunk(self) -> int:
-        from .fused_head import default_chunk_tokens
-
         return self.chunk_tokens or default_chunk_tokens(self.vocab_size)
 
     def close(self) -> None:

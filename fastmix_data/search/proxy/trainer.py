@@ -27,7 +27,7 @@ from torch import nn
 from ..config import TrainConfig
 from ..ddp import Ranks
 from ..hypergrad import TokenLossFn, token_losses
-from ..model import ProxyConfig, build_proxy, count_params, is_headed_lm
+from ..model import ProxyConfig, build_proxy, count_params
 from ..proxy_step import MicroStep, ProxyStep
 from ..schedule import lr_warmup_steps
 from ..targets import TargetSet, iter_batches
@@ -114,9 +114,6 @@ class ProxyTrainer:
         self.bf16 = train.dtype == "bfloat16" or (train.dtype == "auto" and self.device.type == "cuda")
         if model is None:
             model = build_proxy(proxy_shape(train, vocab_size), seed=train.seed)
-        if not is_headed_lm(model):
-            raise TypeError("the proxy model must expose final_hidden(x) -> [B, L, d] and head: nn.Linear(d, V) "
-                            "(see fastmix_data.search.model.HeadedLM)")
         self.loss_fn = loss_fn
         self.proxy = ProxyStep(model, num_sources, device=self.device, bf16=self.bf16, compile=train.compile,
                                lr=train.learning_rate, betas=tuple(train.betas), weight_decay=train.weight_decay,
