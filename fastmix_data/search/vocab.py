@@ -139,6 +139,11 @@ def _eos_id(tok, eos_token: str | None, path: Path) -> int | None:
     return None
 
 
+def _has_ids(src: Any) -> bool:
+    """Whether an opened source has a pre-tokenized ids column."""
+    return getattr(getattr(src, "columns", None), "ids", None) is not None
+
+
 def ids_vocabulary(sources: Mapping[str, Any], vocab_size: int | None = None) -> Vocabulary:
     """The :class:`Vocabulary` of pre-tokenized ids columns.
 
@@ -153,7 +158,7 @@ def ids_vocabulary(sources: Mapping[str, Any], vocab_size: int | None = None) ->
         TokenizerError: a source has no ids column, or holds a negative id.
     """
     for name, src in sources.items():
-        if getattr(getattr(src, "columns", None), "ids", None) is None:
+        if not _has_ids(src):
             raise TokenizerError(f"source {name!r} has no pre-tokenized ids column; give a tokenizer file for its text")
     if vocab_size is not None:
         if not isinstance(vocab_size, int) or vocab_size < 1:
@@ -200,7 +205,7 @@ def resolve_vocabulary(
         if vocab_size is not None and vocab_size < voc.size:
             raise TokenizerError(f"vocab_size={vocab_size} is smaller than tokenizer {tokenizer}'s {voc.size} ids")
         return voc
-    if sources and all(getattr(getattr(s, "columns", None), "ids", None) is not None for s in sources.values()):
+    if sources and all(_has_ids(s) for s in sources.values()):
         return ids_vocabulary(sources, vocab_size)
     if vocab_size is not None and vocab_size < BYTE_VOCAB_SIZE:
         raise TokenizerError(f"vocab_size={vocab_size} is smaller than the byte tokenizer's {BYTE_VOCAB_SIZE} ids")
@@ -228,7 +233,7 @@ def search_vocabulary(train: Any, sources: Mapping[str, Any] | None = None) -> V
         return voc
     if sources:
         opened = _open_specs(sources)
-        if all(getattr(getattr(s, "columns", None), "ids", None) is not None for s in opened.values()):
+        if all(_has_ids(s) for s in opened.values()):
             return ids_vocabulary(opened, declared)
     return byte_vocabulary()
 
