@@ -38,6 +38,7 @@ interrupted run resumes where it stopped. ``--quick`` is a smoke run; ``--from-r
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import json
 import os
@@ -91,9 +92,11 @@ def _key(obj) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+@functools.cache
 def _code_fingerprint() -> str:
     """Hash of the search package's sources: a cached search result is reused only by the code that
-    produced it (a search's outcome depends on more than its config, e.g. how the target is sampled)."""
+    produced it (a search's outcome depends on more than its config, e.g. how the target is sampled).
+    Hashed once per process: the code this run imported."""
     h = hashlib.sha256()
     for p in sorted((REPO / "fastmix_data" / "search").rglob("*.py")):
         h.update(p.relative_to(REPO).as_posix().encode())
