@@ -5,8 +5,8 @@
 the learning-rate schedule (linear warm-up, then cosine or constant), gradient accumulation and
 clipping, bf16 autocast on CUDA, an optional ``torch.compile`` of the trunk, and the count of what
 it trained (:class:`~fastmix_data.search.proxy.compute.ComputeMeter`). FastMix drives it micro-batch
-by micro-batch (:meth:`ProxyTrainer.forward` + :meth:`ProxyTrainer.micro_step`, so it can score the
-hidden states it trained on); the static methods call :meth:`ProxyTrainer.step`.
+by micro-batch (:meth:`ProxyTrainer.train_step`, which scores the micro-batch in the pass it trains
+on when given a target gradient); the static methods call :meth:`ProxyTrainer.step`.
 
 :func:`evaluate` gives the per-sequence and target losses of a model on a
 :class:`~fastmix_data.search.targets.TargetSet`; :func:`make_stream` the packing-mode
@@ -160,13 +160,6 @@ class ProxyTrainer:
             lo = base * c.min_lr_ratio
             return lo + (base - lo) * 0.5 * (1 + math.cos(math.pi * prog))
         return base
-
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(h, logits)``: final hidden states ``[B, L, d]`` and logits ``[B, L, V]`` of ids ``x``
-        (no training; the buffered search batch's full hypergradient and tests use it)."""
-        with self.autocast():
-            h = self.model.final_hidden(x)
-            return h, self.model.head(h)
 
     def train_step(self, tokens: torch.Tensor, source: torch.Tensor | None = None, *,
                    loss_w: torch.Tensor | None = None, G: torch.Tensor | None = None,
