@@ -135,7 +135,7 @@ def test_proxy_spec_parses_ladder_presets_and_booleans():
     cfg.validate()
     shape = cfg.train.proxy.shape(vocab_size=2048)
     assert shape.tie_embeddings is True and shape.activation_checkpointing is True and shape.vocab_size == 2048
-    assert cfg.train.proxy.shape(vocab_size=None if False else 2048).d_model == 768
+    assert cfg.train.proxy.shape(vocab_size=2048).d_model == 768
     assert SearchConfig.from_dict({"max_tokens": 5, "train": {"proxy": "p20m,vocab_size=4096"}}).train.proxy.shape(2000).vocab_size == 4096
     assert cfg.train.learning_rate == 8e-4  # the preset's default (model.PRESET_LR)
 
