@@ -37,6 +37,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .fused_head import LOW_PRECISION, fused_head_loss
+
 #: ``loss_fn(logits [N, V], targets [N]) -> per-token losses [N]``. The default is cross-entropy.
 TokenLossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -45,7 +47,7 @@ DEFAULT_CHUNK_TOKENS = 4096
 
 def token_losses(logits: torch.Tensor, targets: torch.Tensor, loss_fn: TokenLossFn | None = None) -> torch.Tensor:
     """Per-token losses ``[N]`` (cross-entropy unless ``loss_fn`` is given), computed in float32 or wider."""
-    if logits.dtype in (torch.float16, torch.bfloat16):
+    if logits.dtype in LOW_PRECISION:
         logits = logits.float()
     if loss_fn is None:
         return F.cross_entropy(logits, targets, reduction="none")
@@ -73,7 +75,7 @@ def logit_residuals(
     """
     z = logits.detach()
     if dtype is None:
-        dtype = torch.float32 if z.dtype in (torch.float16, torch.bfloat16) else z.dtype
+        dtype = torch.float32 if z.dtype in LOW_PRECISION else z.dtype
     if loss_fn is None:
         r = torch.softmax(z, dim=-1, dtype=dtype)
         rows = torch.arange(r.shape[0], device=r.device)
@@ -116,7 +118,7 @@ def _chunk_logits(h_c, logits, i, j, head_weight, dtype):
         return logits[i:j]
     if head_weight is None:
         raise ValueError("pass either logits or head_weight")
-    cdt = h_c.dtype if h_c.dtype in (torch.float16, torch.bfloat16) else dtype
+    cdt = h_c.dtype if h_c.dtype in LOW_PRECISION else dtype
     return h_c.to(cdt) @ head_weight.detach().to(cdt).T
 
 
@@ -166,7 +168,7 @@ def head_gradient(
         r, loss = logit_residuals(z, targets[i:j], loss_fn, dtype)
         if w is not None:
             r, loss = r * w[i:j, None], loss * w[i:j]
-        if logits is None and h.dtype in (torch.float16, torch.bfloat16):
+        if logits is None and h.dtype in LOW_PRECISION:
             G += (r.to(h.dtype).T @ h[i:j]).to(dtype)
         else:
             G.addmm_(r.T, h[i:j].to(dtype))
@@ -270,9 +272,8 @@ def source_head_scores(
     n = h.shape[0]
     if n and src.device.type == "cpu" and (int(src.min()) < 0 or int(src.max()) >= num_sources):
         raise ValueError(f"source ids must lie in [0, {num_sources}), got range [{int(src.min())}, {int(src.max())}]")
-    low_dtypes = (torch.float16, torch.bfloat16)
-    low = logits.dtype if logits is not None and logits.dtype in low_dtypes else None
-    if logits is None and h.dtype in low_dtypes:
+    low = logits.dtype if logits is not None and logits.dtype in LOW_PRECISION else None
+    if logits is None and h.dtype in LOW_PRECISION:
         low = h.dtype  # the logits are computed in h's precision (see _chunk_logits)
     G_mm = G.to(low) if low is not None else G
     scores = torch.empty(n, dtype=dtype, device=dev)
@@ -416,8 +417,6 @@ def _embedding_leaf_pass(model, x, autocast):
 
 def _summed_loss(h, W, y, w, loss_fn, chunk_tokens):
     """``sum_t w_t l_t`` differentiable w.r.t. ``h`` (the fused head when the loss is cross-entropy)."""
-    from .fused_head import fused_head_loss
-
     if loss_fn is None:
         return fused_head_loss(h, W, y, w, chunk_tokens=chunk_tokens).loss
     return (w * token_losses(h @ W.T.to(h.dtype), y, loss_fn)).sum()
