@@ -130,7 +130,9 @@ class ItemSource:
         self.cache_shards = cache_shards
         self.shuffle = shuffle
         self.key = stable_key(source.name)
-        self._cache: OrderedDict = OrderedDict()
+        self._cache: OrderedDict = OrderedDict()  # decoded units and packed pieces, oldest first
+        self._groups: dict[int, np.ndarray] = {}  # shard -> its units' first rows (tiny; never evicted)
+        self._most_groups = 0  # the largest unit count of a shard in _groups (sizes the cache)
         self.raw_text = False  # texts as UTF-8 memoryviews (workers writing batches to shared memory)
         self.cursors = 1  # partitions this process serves: each keeps its own unit of this source cached
         if ids_eos_id is _DEFAULT:
@@ -148,7 +150,13 @@ class ItemSource:
         ``items_per_shard``; reads the row token counts of cut shards in packing mode, once)."""
         self.layout, self._pieces = self._make_layout(int(partitions))
         self.items_per_shard = list(self.layout.items_per_shard)
-        self._cache.clear()
+        self._forget()
+
+    def _forget(self) -> None:
+        """Drop every cached unit, piece and row-group layout."""
+        self._cache = OrderedDict()
+        self._groups = {}
+        self._most_groups = 0
 
     @property
     def total_items(self) -> int:
@@ -334,15 +342,14 @@ class ItemSource:
     def _group_starts(self, shard: int) -> np.ndarray:
         """int64: the first row of each unit of ``shard`` and its row count (units = row groups of a
         Parquet shard read as Arrow, else the whole shard)."""
-        key = ("groups", shard)
-        hit = self._cache.get(key)
+        hit = self._groups.get(shard)
         if hit is None:
             rows = self.source.shards[shard].rows
             sizes = [rows]
             if _row_grouped(self.source):
                 sizes = self.source.row_group_rows(shard)
-            hit = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
-            self._cache[key] = hit  # tiny; never evicted by _remember (not counted)
+            hit = self._groups[shard] = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+            self._most_groups = max(self._most_groups, len(hit) - 1)
         return hit
 
     def _units(self, shard: int, groups: list[int]) -> list[_Unit]:
@@ -381,19 +388,12 @@ class ItemSource:
         return out
 
     def _remember(self, key, value) -> None:
+        """Cache a decoded unit or packed piece; evict the least recently used beyond the limit
+        (2 x cache_shards x the most units of a shard seen x the partitions served here)."""
         self._cache[key] = value
-        units = sum(1 for k in self._cache if k[0] in ("unit", "packed"))
-        limit = 2 * self.cache_shards * max(1, self._max_groups()) * max(1, self.cursors)
-        while units > limit:
-            for k in self._cache:
-                if k[0] in ("unit", "packed"):
-                    del self._cache[k]
-                    break
-            units -= 1
-
-    def _max_groups(self) -> int:
-        groups = [len(v) - 1 for k, v in self._cache.items() if k[0] == "groups"]
-        return max(groups, default=1)
+        limit = 2 * self.cache_shards * max(1, self._most_groups) * max(1, self.cursors)
+        while len(self._cache) > limit:
+            self._cache.popitem(last=False)
 
     def reads(self, shard: int, items: np.ndarray) -> tuple[int, ...] | None:
         """The row groups of ``shard`` that serving ``items`` of it reads (in any epoch; sample mode:
@@ -539,7 +539,7 @@ class ItemSource:
 
     def __getstate__(self):
         state = self.__dict__.copy()
-        state["_cache"] = OrderedDict()
+        state.update(_cache=OrderedDict(), _groups={}, _most_groups=0)
         return state
 
 
