@@ -241,3 +241,15 @@ def write_ab_sources(root: Path, n_a: int = 60, n_b: int = 60, shards_a: int = 2
     write_parquet_source(root / "a", make_docs(n_a, prefix="a"), shards=shards_a)
     write_wds_source(root / "b", make_docs(n_b, prefix="b"), shards=shards_b)
     return {"a": str(root / "a"), "b": str(root / "b" / "*.tar")}
+
+
+def plan_counts(plan, n: int, chunk: int = 1 << 20) -> list[np.ndarray]:
+    """Per source, items taken from each shard at positions [0, n), by planning every position: the
+    slow, obviously-correct cross-check of ``MixturePlan.shard_takes`` (numpy over chunks of ``chunk``
+    positions and ``np.add.at`` over (source, shard))."""
+    offsets = np.cumsum([0] + [len(layout.items_per_shard) for layout in plan.layouts])
+    counts = np.zeros(int(offsets[-1]), dtype=np.int64)
+    for start in range(0, n, chunk):
+        sl = plan.plan(start, min(n, start + chunk))
+        np.add.at(counts, offsets[sl.source] + sl.shard, 1)
+    return [counts[offsets[k] : offsets[k + 1]] for k in range(len(offsets) - 1)]

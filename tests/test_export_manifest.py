@@ -9,12 +9,19 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from shardgen import make_docs, overwrite, write_hf_source, write_parquet_source, write_wds_source
+from shardgen import (
+    make_docs,
+    overwrite,
+    plan_counts,
+    write_hf_source,
+    write_parquet_source,
+    write_wds_source,
+)
 
 from fastmix_data.errors import ManifestError, WeightsError
 from fastmix_data.export import build_manifest, read_manifest, validate_manifest, write_manifest
 from fastmix_data.export.from_manifest import manifest_plan
-from fastmix_data.export.manifest import plan_counts, plan_fingerprint, shard_takes, summary
+from fastmix_data.export.manifest import plan_fingerprint, summary
 from fastmix_data.plan.planner import Exhaustion, MixturePlan, WeightChange
 from fastmix_data.sources import ShardedSource
 from fastmix_data.sources.base import ShardInfo
@@ -62,7 +69,7 @@ def test_shard_takes_equal_planning_every_position(sizes, seed, n, data):
     draws = plan.draws_before(end)
     brute = plan_counts(plan, end, chunk=37)
     for src in range(k):
-        take, epochs = shard_takes(plan.orders[src], int(draws[src]))
+        take, epochs = plan.shard_takes(end)[src]
         assert take.tolist() == brute[src].tolist()
         assert ((take > 0) == (epochs > 0)).all()
         full = int(draws[src]) // max(sum(sizes[src]), 1)
@@ -147,7 +154,7 @@ def test_token_budget_sample_mode_is_the_smallest_item_count_reaching_it(corpus)
     rates = [np.array([sh["tokens"] / sh["rows"] for sh in s["shards"]]) for s in m["sources"]]
 
     def planned(k):
-        return sum(shard_takes(o, int(d))[0] @ r for o, d, r in zip(plan.orders, plan.draws_before(k), rates))
+        return sum(take @ r for (take, _), r in zip(plan.shard_takes(k), rates))
 
     assert planned(n) >= 20_000 > planned(n - 1)
     assert 20_000 <= m["budget"]["tokens"] < 20_000 + 200

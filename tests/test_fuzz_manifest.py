@@ -20,7 +20,7 @@ import pytest
 from fuzzkit import fuzz_settings, mutations, names_field
 from hypothesis import event, given
 from hypothesis import strategies as st
-from shardgen import make_docs, write_parquet_source, write_wds_source
+from shardgen import make_docs, plan_counts, write_parquet_source, write_wds_source
 
 from fastmix_data.errors import FastMixDataError, ManifestError
 from fastmix_data.export import build_manifest, manifest_plan, plan_fingerprint, validate_manifest
@@ -31,7 +31,6 @@ from fastmix_data.export.converters import (
     olmo_mixture,
     wids_index,
 )
-from fastmix_data.export.manifest import plan_counts
 
 
 @pytest.fixture(scope="module")
@@ -187,9 +186,9 @@ def test_cli_refuses_an_edited_manifest_naming_field_and_shard(manifests, tmp_pa
 
 def test_overflowing_history_weights_plan_without_overflow(manifests):
     m = _edited(manifests["samples"], lambda m: m["history"][1].update(weights=[1e308, 1e308, 0.0]))
-    from fastmix_data.export.manifest_check import _plan
+    from fastmix_data.export.manifest_check import plan_of
 
-    plan = _plan(m)  # the counts no longer match (refused below), but the plan itself is sane
+    plan = plan_of(m)  # the counts no longer match (refused below), but the plan itself is sane
     seg = plan.segments()[-1]
     assert all(math.isfinite(w) for w in seg.weights) and seg.weights.sum() == pytest.approx(1.0)
     with pytest.raises(ManifestError, match="take"):

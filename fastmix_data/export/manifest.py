@@ -8,7 +8,7 @@ Solution: the plan numbers each source's draws across the whole weight history, 
 positions use draws 0..D_k-1 of source k, where D_k = ``plan.draws_before(n)`` costs
 O(#segments * K log K). Draws run through whole shuffled epochs, so D_k // N_k full epochs take every
 item once and the last, partial epoch takes the first D_k % N_k items in that epoch's shard order:
-every shard's take follows in O(#shards) (``shard_takes``). Only the cached shard index is read (rows,
+every shard's take follows in O(#partitions x #changes + #pieces) (``MixturePlan.shard_takes``). Only the cached shard index is read (rows,
 tokens, bytes, sha256). The format is documented in docs/manifest.md.
 """
 
@@ -26,7 +26,6 @@ from fastmix_data.errors import ManifestError, WeightsError
 from fastmix_data.export._util import canonical_json, join_inside, parse_budget, relative_inside
 from fastmix_data.export.manifest_check import check_counts, check_fields
 from fastmix_data.io import sha256_file, write_json_atomic
-from fastmix_data.plan.order import SourceOrder
 from fastmix_data.plan.planner import Exhaustion, MixturePlan, WeightChange
 from fastmix_data.plan.weights import check_item_weights, normalize_weights, normalized, to_item_units
 from fastmix_data.sources.base import Source
@@ -45,49 +44,6 @@ _TOP_FIELDS = (
 _SOURCE_FIELDS = ("name", "format", "reader", "columns", "exhaustion", "shards")
 _SHARD_FIELDS = ("path", "rows", "tokens", "bytes", "sha256", "items", "take", "take_tokens", "epochs")
 _HISTORY_FIELDS = ("version", "position", "weights")
-
-
-# --------------------------------------------------------------------------------------- counting
-def shard_takes(order: SourceOrder, draws: int) -> tuple[np.ndarray, np.ndarray]:
-    """Items taken from each shard, and epochs touching it, by a source's first ``draws`` draws.
-
-    Exact, in O(#shards): ``draws // N`` whole epochs take every item once; the last partial epoch
-    takes its first ``draws % N`` items in that epoch's shard order. ``epochs[s]`` is the number of
-    epochs that take at least one item of shard s, which is also the most times any one item of s
-    is served (an epoch serves each item at most once).
-
-    Returns:
-        (take, epochs): int64 arrays, one entry per shard.
-    """
-    sizes = order.sizes
-    take = np.zeros(len(sizes), dtype=np.int64)
-    epochs = np.zeros(len(sizes), dtype=np.int64)
-    if draws <= 0 or order.total == 0:
-        return take, epochs
-    full, rest = divmod(int(draws), int(order.total))
-    take += full * sizes
-    epochs[sizes > 0] = full
-    if rest:
-        visit = order.shard_order(full)
-        ends = np.cumsum(sizes[visit])
-        got = np.clip(rest - (ends - sizes[visit]), 0, sizes[visit])
-        take[visit] += got
-        epochs[visit] += got > 0
-    return take, epochs
-
-
-def plan_counts(plan: MixturePlan, n: int, chunk: int = 1 << 20) -> list[np.ndarray]:
-    """Per source, items taken from each shard at positions [0, n), by planning every position.
-
-    The slow, obviously-correct cross-check of :func:`shard_takes` (vectorised: numpy over chunks of
-    ``chunk`` positions and ``np.add.at`` over (source, shard)).
-    """
-    offsets = np.cumsum([0] + [len(o.sizes) for o in plan.orders])
-    counts = np.zeros(int(offsets[-1]), dtype=np.int64)
-    for start in range(0, n, chunk):
-        sl = plan.plan(start, min(n, start + chunk))
-        np.add.at(counts, offsets[sl.source] + sl.shard, 1)
-    return [counts[offsets[k] : offsets[k + 1]] for k in range(len(plan.orders))]
 
 
 # --------------------------------------------------------------------------------------- fingerprint
@@ -763,10 +719,8 @@ __all__ = [
     "build_manifest",
     "load_manifest",
     "manifest_from_stream",
-    "plan_counts",
     "plan_fingerprint",
     "read_manifest",
-    "shard_takes",
     "summary",
     "validate_manifest",
     "write_manifest",
