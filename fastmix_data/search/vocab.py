@@ -9,8 +9,10 @@ A search at scale trains its proxy on the ids the final model will see. They com
   takes the size declared by the tokenizer that made them, or scans the columns for the largest id;
 * neither: the byte-level default (257 ids: 256 bytes and an end-of-document id).
 
-:func:`resolve_vocabulary` picks among them, and :func:`check_ids` turns an out-of-range id into a
-clear error instead of an embedding lookup that fails deep inside torch (or a CUDA device assert).
+:func:`resolve_vocabulary` picks among them. :func:`check_ids` turns an out-of-range id in a batch
+into a clear error instead of an embedding lookup that fails deep inside torch (or a CUDA device
+assert); the search's own loop does not call it yet (its vocabulary comes from the same tokenizer or
+ids columns), so call it on batches fed to a proxy from elsewhere.
 
 Example (a 2,000-id BPE trained on local text with the ``tokenizers`` library)::
 
