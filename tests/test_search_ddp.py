@@ -63,6 +63,9 @@ def _rank_main(rank, world, init_file, out):
         ranks.barrier()
     finally:
         dist.destroy_process_group()
+    # Done and saved: leave without the interpreter's teardown, where a DDP/gloo thread of a rank
+    # once aborted ("terminate called without an active exception") in a loaded CI run.
+    os._exit(0)
 
 
 @pytest.fixture(scope="module")
