@@ -31,7 +31,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from .ddp import Ranks, no_sync, unwrap, wrap
-from .flops import TokenFlops, token_flops
 from .fused_head import compiled_residuals, default_chunk_tokens, fused_head_loss
 from .hypergrad import (
     HeadGradient,
@@ -46,7 +45,7 @@ from .hypergrad import (
     tied_source_scores,
     token_losses,
 )
-from .model import count_params, head_is_tied, is_headed_lm
+from .model import head_is_tied, is_headed_lm
 
 
 @dataclass
@@ -139,8 +138,7 @@ class ProxyStep:
         self.net = wrap(model, self.ranks, self.device)
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.opt = _adamw(self.params, lr, betas, weight_decay, fused=self.device.type == "cuda")
-        self.n_matmul = count_params(model)["flops"]
-        self._micro = 0
+        self.micro = 0  # micro-batches trained (gradients sync every grad_accum-th)
         self._grad_e: torch.Tensor | None = None
         self._capture = False
         self._hook = model.embed.register_forward_hook(self._tap_embedding) if self.tied else None
@@ -162,13 +160,6 @@ class ProxyStep:
     def autocast(self):
         """bf16 autocast on this device when enabled, else a no-op context."""
         return torch.autocast(self.device.type, dtype=torch.bfloat16) if self.bf16 else nullcontext()
-
-    def token_flops(self, seq_len: int) -> TokenFlops:
-        """FLOPs per token at context ``seq_len`` (:mod:`.flops`); the attention term needs a
-        ``cfg`` with ``n_layer`` (a ProxyLM's), else it is left out."""
-        cfg = getattr(self.model, "cfg", None)
-        n_layer = getattr(cfg, "n_layer", 0)
-        return token_flops(self.n_matmul, n_layer, self.d_model, self.vocab_size, seq_len)
 
     def _hidden(self, x: torch.Tensor) -> torch.Tensor:
         if self.ranks.world > 1:
@@ -210,9 +201,9 @@ class ProxyStep:
         seq_w = torch.full((B,), 1.0 / (B * L), dtype=self.grad_dtype, device=self.device)
         if loss_w is not None:
             seq_w = loss_w.to(self.device, self.grad_dtype)[source] / (B * L)
-        self._micro += 1
+        self.micro += 1
         self._grad_e, self._capture = None, self.tied and G is not None and reduce is None
-        with no_sync(self.net, sync=self._micro % self.grad_accum == 0):
+        with no_sync(self.net, sync=self.micro % self.grad_accum == 0):
             with self.autocast():
                 h = self._hidden(x).reshape(B * L, -1)
                 if reduce is None:
@@ -334,12 +325,12 @@ class ProxyStep:
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict:
         """Model (unwrapped: loads in one process too) and optimiser state."""
-        return {"model": unwrap(self.model).state_dict(), "optimizer": self.opt.state_dict(), "micro": self._micro}
+        return {"model": unwrap(self.model).state_dict(), "optimizer": self.opt.state_dict(), "micro": self.micro}
 
     def load_state_dict(self, d: dict) -> None:
         unwrap(self.model).load_state_dict(d["model"])
         self.opt.load_state_dict(d["optimizer"])
-        self._micro = int(d.get("micro", 0))
+        self.micro = int(d.get("micro", 0))
 
 
 def _loss_sums(seq: torch.Tensor, source: torch.Tensor, L: int, K: int) -> SourceScores:

@@ -128,12 +128,16 @@ class ProxyTrainer:
         self.opt = self.proxy.opt
         self.total_steps = max(1, int(optimizer_steps))
         self.warmup = lr_warmup_steps(self.total_steps, train.lr_warmup_steps)
-        self.micro = 0  # micro-batches trained
         self.steps = 0  # optimiser steps taken
         self.tokens = 0  # trained tokens, all ranks together
         self.skipped_nonfinite = 0
 
     # ------------------------------------------------------------------ pieces
+    @property
+    def micro(self) -> int:
+        """Micro-batches trained: the count the proxy step keeps (it also decides gradient sync)."""
+        return self.proxy.micro
+
     @property
     def vocab_size(self) -> int:
         return self.model.head.out_features
@@ -176,7 +180,6 @@ class ProxyTrainer:
         if not m.finite:
             self.skipped_nonfinite += 1
         ntok = m.token_losses.numel() * self.ranks.world
-        self.micro += 1
         self.tokens += ntok
         self.meter.train(ntok)
         if self.micro % self.cfg.grad_accum == 0:
@@ -193,12 +196,12 @@ class ProxyTrainer:
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict:
-        return {**self.proxy.state_dict(), "micro": self.micro, "steps": self.steps, "tokens": self.tokens,
+        return {**self.proxy.state_dict(), "steps": self.steps, "tokens": self.tokens,
                 "skipped_nonfinite": self.skipped_nonfinite}
 
     def load_state_dict(self, d: Mapping) -> None:
         self.proxy.load_state_dict(d)
-        self.micro, self.steps, self.tokens = int(d["micro"]), int(d["steps"]), int(d["tokens"])
+        self.steps, self.tokens = int(d["steps"]), int(d["tokens"])
         self.skipped_nonfinite = int(d["skipped_nonfinite"])
 
 
