@@ -178,3 +178,30 @@ def test_search_on_ids_columns_takes_their_vocabulary(tmp_path):
     assert search_vocabulary(declared.train, srcs).size == 1024
     r = run_method({**cfg, "method": "fastmix", "fastmix": {"hypergrad": "none"}}, sources=srcs)
     assert r.model.head.out_features == 600
+
+
+def test_search_refuses_ids_beyond_the_proxys_vocabulary_by_name(tmp_path):
+    """A proxy declared smaller than the data's ids: the search's own loop stops on the first batch
+    holding such an id, with the micro-batch and the id named (not an embedding lookup failing in
+    torch); a target with such an id is named too."""
+    from fastmix_data.search import run_method
+    from fastmix_data.search.proxy.trainer import evaluate
+    from fastmix_data.search.targets import TargetSet
+
+    ids = [[300 + (i * 7 + j) % 300 for j in range(40)] for i in range(30)]  # every id >= 300
+    write_parquet_source(tmp_path / "a", [""] * 30, shards=1, text_col=None, ids_col="input_ids", ids=ids)
+    cfg = {**_search_cfg("fastmix"), "fastmix": {"hypergrad": "none"}}
+    cfg["train"] = {**cfg["train"], "proxy": "tiny,vocab_size=256"}
+    with pytest.raises(TokenizerError, match=r"search batch 1 holds token id \d+, outside .* \[0, 256\)"):
+        run_method(cfg, sources={"a": str(tmp_path / "a")})
+    r = run_method({**cfg, "train": {**cfg["train"], "proxy": "tiny,vocab_size=600"}}, sources={"a": str(tmp_path / "a")})
+    bad = TargetSet(torch.tensor([[1, 2, 3], [4, 700, 5]]), torch.zeros(2, dtype=torch.long), ["x"], name="held-out")
+    with pytest.raises(TokenizerError, match="target 'held-out' holds token id 700"):
+        evaluate(r.model, bad)
+    from fastmix_data.search import SearchConfig
+    from fastmix_data.search.proxy.trainer import ProxyTrainer
+
+    trainer = ProxyTrainer(SearchConfig.from_dict(cfg).train, 10)  # the methods' common trainer
+    trainer.step(torch.full((2, 9), 255))
+    with pytest.raises(TokenizerError, match="training micro-batch 2 holds token id 256"):
+        trainer.step(torch.full((2, 9), 256))

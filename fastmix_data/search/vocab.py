@@ -11,8 +11,9 @@ A search at scale trains its proxy on the ids the final model will see. They com
 
 :func:`resolve_vocabulary` picks among them. :func:`check_ids` turns an out-of-range id in a batch
 into a clear error instead of an embedding lookup that fails deep inside torch (or a CUDA device
-assert); the search's own loop does not call it yet (its vocabulary comes from the same tokenizer or
-ids columns), so call it on batches fed to a proxy from elsewhere.
+assert). The search calls it on every training micro-batch before it leaves the CPU
+(``ProxyTrainer.train_step``) and on every target batch (FastMix's target pass, ``evaluate``), so a
+proxy declared smaller than the data's ids stops at the first such batch, named.
 
 Example (a 2,000-id BPE trained on local text with the ``tokenizers`` library)::
 

@@ -54,6 +54,7 @@ from ..outputs import CHECKPOINT_FILE
 from ..proxy.trainer import ProxyTrainer
 from ..schedule import FastMixSchedule, checkpoint_every, fastmix_schedule
 from ..targets import TargetBatches, TargetSet
+from ..vocab import check_ids
 from .optimizer import FastMix
 
 CHECKPOINT_VERSION = 2
@@ -232,11 +233,10 @@ class FastMixLoop:
         tr = self.trainer
         for _ in range(self.sched.target_batches_per_step):
             b = self.targets.next()
+            check_ids(b["tokens"], self._V, f"target {self.targets.target.name!r}")
             tokens = b["tokens"].to(self.device)
             mask = b.get("loss_mask")
             mask = mask.to(self.device) if mask is not None else None
-            if int(tokens.max()) >= self._V:
-                raise ValueError(f"target token id {int(tokens.max())} is outside the proxy's vocabulary of {self._V}")
             ntok = tokens.shape[0] * (tokens.shape[1] - 1)
             self.ctx.meter.eval(ntok)
             if self.fc.hypergrad == "full":
@@ -524,8 +524,8 @@ class FastMixLoop:
                                  f"{tuple(tokens.shape)} {tokens.dtype}")
             if source.shape != (tokens.shape[0],):
                 raise ValueError(f"batch['source'] must have shape [B]=[{tokens.shape[0]}], got {tuple(source.shape)}")
-            if int(tokens.max()) >= self._V:
-                raise ValueError(f"token id {int(tokens.max())} is outside the proxy's vocabulary of {self._V}")
+        if tokens.device.type == "cpu":
+            check_ids(tokens, self._V, f"search batch {self.state.step + self.state.held_out_batches + 1}")
         if source.numel() and (int(source.min()) < 0 or int(source.max()) >= self.K):
             raise ValueError(f"batch['source'] holds ids outside [0, {self.K}) (there are {self.K} sources): "
                              f"{source.unique().tolist()}")

@@ -31,7 +31,7 @@ from ..model import ProxyConfig, build_proxy, count_params
 from ..proxy_step import MicroStep, ProxyStep
 from ..schedule import lr_warmup_steps
 from ..targets import TargetSet, iter_batches
-from ..vocab import search_vocabulary
+from ..vocab import check_ids, search_vocabulary
 from .compute import ComputeMeter
 
 #: ``reduce(token_losses [B, L], source [B]) -> scalar loss`` for :meth:`ProxyTrainer.step`
@@ -174,6 +174,8 @@ class ProxyTrainer:
         ``reduce(token_losses, source)``, and with a head gradient ``G`` FastMix's per-source scores
         from the same pass; an optimiser step every ``grad_accum`` micro-batches. A non-finite loss
         is skipped (no gradient) and counted."""
+        if tokens.device.type == "cpu":  # (a batch already on the device was checked by whoever moved it)
+            check_ids(tokens, self.vocab_size, f"training micro-batch {self.micro + 1}")
         tokens = tokens.to(self.device)
         src = source.to(self.device) if source is not None else None
         m = self.proxy.micro_step(tokens, src, loss_w, G, reduce=reduce)
@@ -229,9 +231,12 @@ def evaluate(model: nn.Module, target: TargetSet, *, batch_size: int = 64, meter
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
+    vocab = getattr(getattr(model, "head", None), "out_features", None)
     seq, toks = [], []
     try:
         for i, b in enumerate(iter_batches(target, batch_size)):
+            if vocab:
+                check_ids(b["tokens"], vocab, f"target {target.name!r}")
             t = b["tokens"].to(device)
             B, L = t.shape[0], t.shape[1] - 1
             tl = token_losses(model(t[:, :-1]).reshape(B * L, -1), t[:, 1:].reshape(-1)).view(B, L).double().cpu()
