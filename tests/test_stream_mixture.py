@@ -12,7 +12,7 @@ from conformance import batch_key, check_resume, check_stream_resume
 from shardgen import make_docs, write_hf_source, write_mds_source, write_parquet_source, write_wds_source
 
 from fastmix_data import MixtureStream
-from fastmix_data.errors import StateError, WeightsError
+from fastmix_data.errors import ConfigError, StateError, WeightsError
 from fastmix_data.stream.tokenize import BYTE_EOS
 
 
@@ -303,6 +303,17 @@ def test_bad_weights_name_the_value(data, weights, message):
     with pytest.raises(WeightsError, match=message):
         stream.set_weights(weights)
     assert stream.weights == pytest.approx(W)  # nothing lost
+
+
+def test_bad_units_and_exhaustion_are_named_before_anything_opens(data, tmp_path):
+    """The spec checks these once (MixtureSpec.validate, through open): the value and the names."""
+    missing = {**sources(data), "gone": str(tmp_path / "no-such-dir")}  # never opened: the check comes first
+    with pytest.raises(WeightsError, match="unknown weight_units 'bytes!'"):
+        MixtureStream(missing, None, batch_size=4, weight_units="bytes!")
+    with pytest.raises(ConfigError, match=r"exhaustion names unknown sources \['nope'\]; sources are \['code'"):
+        MixtureStream(missing, None, batch_size=4, exhaustion={"nope": "stop"})
+    with pytest.raises(ConfigError, match="exhaustion must be a mapping"):
+        MixtureStream(sources(data), None, batch_size=4, exhaustion=["code"])
 
 
 def test_packing_with_a_tokenizers_tokenizer(data):
