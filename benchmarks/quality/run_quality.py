@@ -42,6 +42,7 @@ import functools
 import hashlib
 import json
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -65,7 +66,7 @@ from fastmix_data.search.config import TrainConfig  # noqa: E402
 from fastmix_data.search.methods.grid import grid_size, simplex_grid  # noqa: E402
 
 STDLIB = {"code": "stdlib", "docstrings": "stdlib", "tests": "stdlib", "prose": "stdlib", "markup": "stdlib"}
-SYSTEM = {"pycode": "system", "manpages": "system", "changelogs": "system", "pymeta": "system"}
+SYSTEM = {"pycode": "system", "manpages": "system", "changelogs": "system", "pymeta": "system", "licenses": "system"}
 EXPERIMENTS = {
     "stdlib-K3": {"sources": ["code", "prose", "markup"], "heldout": "docstrings",
                   "planted": {"code": 0.50, "markup": 0.35, "prose": 0.15}},
@@ -125,46 +126,52 @@ def _home(domain: str, dirs: dict[str, Path]) -> Path:
 def planted_target(work: Path, exp: str, split: str, proportions: dict, n_docs: int, dirs: dict[str, Path]) -> Path:
     """A planted set stored as ONE FILE PER DOMAIN (the layout that once fooled FastMix's reader)."""
     out = work / "planted" / f"{exp}-{split}"
-    if (out / "done").exists():
+    stamp = json.dumps({"proportions": proportions, "n_docs": n_docs}, sort_keys=True)
+    if (out / "done").exists() and (out / "done").read_text() == stamp:
         return out
-    out.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(out, ignore_errors=True)  # absent, unfinished, or built for other proportions
+    out.mkdir(parents=True)
     for corpus in sorted({_home(d, dirs) for d in proportions}):
         sub = {d: p for d, p in proportions.items() if _home(d, dirs) == corpus}
         n = max(len(sub), round(n_docs * sum(sub.values())))
         tmp = work / "planted" / f".{exp}-{split}-{corpus.name}"
+        shutil.rmtree(tmp, ignore_errors=True)
         build_planted_target(tmp, corpus, sub, n_docs=n, seed=0, split=split, allow_repeats=True)
         t = pq.read_table(tmp / "part-00000.parquet").to_pydict()
         for d in sub:
             rows = [x for x, g in zip(t["text"], t["domain"]) if g == d]
             pq.write_table(pa.table({"text": rows, "domain": [d] * len(rows)}), out / f"{d}.parquet")
-    (out / "done").write_text("")
+    (out / "done").write_text(stamp)
     return out
 
 
 def prepare(work: Path, args) -> dict:
     dirs = corpora(work)
+    return {exp: prepare_experiment(work, exp, EXPERIMENTS[exp], args, dirs) for exp in args.experiments}
+
+
+def prepare_experiment(work: Path, exp: str, spec: dict, args, dirs: dict[str, Path],
+                       targets: tuple[str, ...] = TARGETS) -> dict:
+    """Sources, search targets and eval targets of one experiment (``spec`` as in EXPERIMENTS)."""
     L = args.seq_len
-    data = {}
-    for exp in args.experiments:
-        spec = EXPERIMENTS[exp]
-        srcs = {d: str(_home(d, dirs) / "train" / d) for d in spec["sources"]}
-        search, evals = {}, {}
-        p_search = planted_target(work, exp, "validation", spec["planted"], args.planted_docs, dirs)
+    srcs = {d: str(_home(d, dirs) / "train" / d) for d in spec["sources"]}
+    search, evals = {}, {}
+    p_search = planted_target(work, exp, "validation", spec["planted"], args.planted_docs, dirs)
+    if "planted" in targets:
         p_test = planted_target(work, exp, "test", spec["planted"], args.planted_docs, dirs)
         search["planted"] = str(p_search)
         evals["planted"] = load_target(str(p_test), L, max_seqs=args.eval_seqs, name="planted")
-        if spec["heldout"]:
-            h = spec["heldout"]
-            search["heldout"] = str(_home(h, dirs) / "validation" / h)
-            evals["heldout"] = load_target(str(_home(h, dirs) / "test" / h), L, max_seqs=args.eval_seqs,
-                                           name="heldout")
-            search["average"] = {d: str(_home(d, dirs) / "validation" / d) for d in spec["sources"]}
-            evals["average"] = load_target({d: str(_home(d, dirs) / "test" / d) for d in spec["sources"]}, L,
-                                           max_seqs=args.eval_seqs, name="average")
-        exact = load_target(str(p_search), L, max_seqs=None).full_shares  # the planted token shares
-        data[exp] = {"sources": srcs, "search": search, "eval": evals, "planted_tokens": exact,
-                     "planted_docs": spec["planted"]}
-    return data
+    h = spec["heldout"]
+    if h and "heldout" in targets:
+        search["heldout"] = str(_home(h, dirs) / "validation" / h)
+        evals["heldout"] = load_target(str(_home(h, dirs) / "test" / h), L, max_seqs=args.eval_seqs, name="heldout")
+    if h and "average" in targets:
+        search["average"] = {d: str(_home(d, dirs) / "validation" / d) for d in spec["sources"]}
+        evals["average"] = load_target({d: str(_home(d, dirs) / "test" / d) for d in spec["sources"]}, L,
+                                       max_seqs=args.eval_seqs, name="average")
+    exact = load_target(str(p_search), L, max_seqs=None).full_shares  # the planted token shares
+    return {"sources": srcs, "search": search, "eval": evals, "planted_tokens": exact,
+            "planted_docs": spec["planted"]}
 
 
 # ============================================================================ runs
@@ -392,7 +399,8 @@ def summarise(rows: list[dict], data: dict, args) -> dict:
 # ============================================================================ report (report.py renders)
 
 
-def main(argv=None) -> None:
+def build_parser() -> argparse.ArgumentParser:
+    """The benchmark's options (other studies take its run settings from ``build_parser().parse_args([])``)."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--work", default="out/quality", help="cache and run folder")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4, 5],
@@ -420,7 +428,11 @@ def main(argv=None) -> None:
                     "--quick: --work)")
     ap.add_argument("--from-results", action="store_true", help="re-render results.md from results.json")
     ap.add_argument("--quick", action="store_true", help="smoke run: 1 seed, tiny budget, grid step 0.5")
-    args = ap.parse_args(argv)
+    return ap
+
+
+def main(argv=None) -> None:
+    args = build_parser().parse_args(argv)
     from report import render
 
     out = Path(args.out) if args.out else (Path(args.work) if args.quick else HERE)
