@@ -30,8 +30,9 @@ process's would with ``train.batch_size`` times the number of ranks (:mod:`..ddp
 
 The schedule (warm-up, outer-step interval, z step size) comes from the budget
 (:func:`fastmix_data.search.schedule.fastmix_schedule`). The exported mixture is chosen by
-``fastmix.final``: the average over all updates (default, the best measured in the quality
-benchmark), over the last ``tail_fraction`` of them, or the last one.
+``fastmix.final``: the average over all updates (default: no other export was better beyond the
+noise on a development set apart from the quality benchmark, ``benchmarks/quality/export_rule.md``),
+over the last ``tail_fraction`` of them, or the last one.
 """
 
 from __future__ import annotations
