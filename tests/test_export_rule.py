@@ -3,25 +3,14 @@ quality benchmark (run_quality.py, the judge) does not score."""
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
-
-QUALITY = Path(__file__).resolve().parent.parent / "benchmarks" / "quality"
+from quality_modules import quality_module
 
 
 @pytest.fixture(scope="module")
 def mods():
-    sys.path.insert(0, str(QUALITY))
-    try:
-        spec = importlib.util.spec_from_file_location("export_rule_under_test", QUALITY / "export_rule.py")
-        er = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(er)
+    with quality_module("export_rule.py") as er:
         yield er, er.rq
-    finally:
-        sys.path.remove(str(QUALITY))
 
 
 def test_dev_targets_are_not_the_judges(mods):

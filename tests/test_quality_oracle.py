@@ -2,26 +2,15 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import numpy as np
 import pytest
-
-QUALITY = Path(__file__).resolve().parent.parent / "benchmarks" / "quality"
+from quality_modules import quality_module
 
 
 @pytest.fixture(scope="module")
 def rq():
-    sys.path.insert(0, str(QUALITY))
-    try:
-        spec = importlib.util.spec_from_file_location("run_quality_under_test", QUALITY / "run_quality.py")
-        mod = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(mod)
+    with quality_module("run_quality.py") as mod:
         yield mod
-    finally:
-        sys.path.remove(str(QUALITY))
 
 
 def grid_rows(losses: dict[str, dict[int, float]], target: str = "planted") -> list[dict]:
