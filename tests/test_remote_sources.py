@@ -254,6 +254,37 @@ def test_two_workers_download_each_needed_byte_once(on_s3, tmp_path):
     assert faults.requests == cold_requests  # warm: the index and the cache prove every shard; no request
 
 
+_COLD_EPOCH_CHILD = """
+import json, sys
+from fastmix_data.stream.mixture import MixtureStream
+stream = MixtureStream({"pq": {"path": sys.argv[1], "cache_dir": sys.argv[2]}}, {"pq": 1.0}, batch_size=6, seed=1)
+print(json.dumps([list(b["text"]) for _, b in zip(range(10), stream.loader(num_workers=2))]))
+"""
+
+
+def test_workers_read_through_obstore_the_same_batches_and_bytes(on_s3, corpus, tmp_path):
+    """A cold 2-worker epoch in a fresh process (this one used obstore, so its forked workers would
+    read through s3fs) with ``FASTMIX_DATA_S3_CLIENT=obstore``: the workers' range GETs go through
+    obstore or fail; the batches are local disk's, and each needed byte is fetched once."""
+    import subprocess
+    import sys
+
+    src = open_source("pq", f"s3://{on_s3.bucket}/pq", cache_dir=tmp_path / "c")
+    needed = sum(src.fetch_bytes(i) for i in range(len(src.shards)))
+    src.storage.cache.clear()
+    local = MixtureStream({"pq": str(corpus / "pq")}, {"pq": 1.0}, batch_size=6, seed=1)
+    want = [list(b["text"]) for _, b in zip(range(10), local.loader(num_workers=2))]
+    faults = Faults()
+    with fault_proxy(on_s3.endpoint, faults) as proxy:
+        env = {**os.environ, "AWS_ENDPOINT_URL": proxy, "FASTMIX_DATA_S3_CLIENT": "obstore"}
+        proc = subprocess.run([sys.executable, "-c", _COLD_EPOCH_CHILD, f"s3://{on_s3.bucket}/pq", str(tmp_path / "c")],
+                              env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads(proc.stdout.strip().splitlines()[-1]) == want
+    assert sum(n for path, n in faults.bytes_by_path.items() if path.endswith(".parquet")) == needed
+    assert not [line for line in faults.log if line.startswith("HEAD") and ".parquet" in line]
+
+
 def test_cache_budget_below_one_block_is_a_clear_error(on_s3, tmp_path):
     with pytest.raises(CacheBudgetError, match="does not fit in the shard cache's budget of 4,000 bytes"):
         open_source("w", f"s3://{on_s3.bucket}/wds", cache_dir=tmp_path / "c", cache_limit=4000)  # indexing

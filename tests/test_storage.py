@@ -239,14 +239,16 @@ def test_atomic_local_writes_leave_no_temporary_files(tmp_path):
     assert target.read_text() == '{\n "a": 1\n}\n'
 
 
-def test_threads_share_one_filesystem_and_start_one_s3_client(s3, tmp_path):
+def test_threads_share_one_filesystem_and_start_one_s3_client(s3, tmp_path, monkeypatch):
     """Concurrent first requests from several threads (a worker's prefetch threads) share one
     filesystem and start one S3 client between them: fsspec keys its instances on the thread too,
     and s3fs makes a new client whenever its client has no open HTTP session yet (0.1-0.5 s of CPU
-    each in a fresh DataLoader worker)."""
+    each in a fresh DataLoader worker). (The range GETs through s3fs here; obstore's below.)"""
     from concurrent.futures import ThreadPoolExecutor
 
     from fastmix_data.storage.fs import filesystem
+
+    monkeypatch.setenv("FASTMIX_DATA_S3_CLIENT", "s3fs")
 
     payload = os.urandom(5000)
     (tmp_path / "d").mkdir()
@@ -292,3 +294,127 @@ def test_joiner_matches_join_and_refuses_the_same():
     for bad in ("../x", "/etc/passwd", "s3://other/x", "a/../../x"):
         with pytest.raises(UnsafeInputError):
             one(bad)
+
+
+# ---------------------------------------------------------------------------------------- obstore
+@pytest.fixture
+def as_worker(monkeypatch):
+    """This process reads as a DataLoader worker does (obstore is used only there: the main process
+    may fork workers later, and obstore's runtime does not survive fork)."""
+    from fastmix_data.storage import s3_get
+
+    assert not s3_get.in_dataloader_worker()
+    monkeypatch.setattr(s3_get, "in_dataloader_worker", lambda: True)
+
+
+def _put_blob(s3, tmp_path, prefix: str) -> tuple[str, bytes]:
+    payload = os.urandom(20_000)
+    (tmp_path / prefix).mkdir()
+    (tmp_path / prefix / "x.bin").write_bytes(payload)
+    return s3.put(tmp_path / prefix, prefix) + "/x.bin", payload
+
+
+def test_s3_range_gets_through_obstore_carry_the_objects_identity(s3, tmp_path, monkeypatch):
+    """A DataLoader worker's range GETs go through obstore by default and answer as the s3fs path
+    does: the bytes, the object's size and its ETag, as the index holds them (stat: a HEAD through
+    s3fs). The main process's go through s3fs."""
+    from fastmix_data.storage import s3_get
+    from fastmix_data.storage.fs import _options
+
+    url, payload = _put_blob(s3, tmp_path, "ob")
+    assert s3_get.store_for(s3.bucket, _options("s3", {})) is None  # the main process
+    monkeypatch.setattr(s3_get, "in_dataloader_worker", lambda: True)
+    ranges = [(0, 100), (5000, 3000), (19_990, 10)]
+    via_obstore = RemoteFS().read_ranges_identified(url, ranges)
+    assert s3_get.store_for(s3.bucket, _options("s3", {})) is not None  # obstore did them
+    monkeypatch.setenv("FASTMIX_DATA_S3_CLIENT", "s3fs")
+    assert s3_get.store_for(s3.bucket, _options("s3", {})) is None
+    via_s3fs = RemoteFS().read_ranges_identified(url, ranges)
+    info = RemoteFS().stat(url)
+    assert [d for d, _ in via_obstore] == [payload[o : o + n] for o, n in ranges] == [d for d, _ in via_s3fs]
+    assert [i for _, i in via_obstore] == [i for _, i in via_s3fs] == [info] * 3
+    assert info.size == 20_000 and info.version
+
+
+def test_obstore_gets_are_retried_by_the_policy_and_fail_naming_the_url(s3, tmp_path, monkeypatch, as_worker):
+    """obstore's own retries are off: retry.py retries 5xx and dropped connections, fails at once on
+    404, and its last error names the URL, the status and the tries, never the credentials."""
+    from remote_servers import FAKE_SECRET
+
+    url, payload = _put_blob(s3, tmp_path, "retry")
+    faults = Faults(fail_status=2, status=503, drop=1)
+    with fault_proxy(s3.endpoint, faults) as proxy:
+        monkeypatch.setenv("AWS_ENDPOINT_URL", proxy)  # a store of its own: the endpoint is part of its key
+        (data, info), = RemoteFS(retry=FAST).read_ranges_identified(url, [(10, 90)])
+        assert data == payload[10:100] and info.size == 20_000
+        assert faults.failed == 2 and faults.dropped == 1 and faults.requests == 4
+        faults.fail_status, faults.requests = 100, 0
+        with pytest.raises(RemoteError) as info:
+            RemoteFS(retry=FAST).read_ranges_identified(url, [(0, 10)])
+        assert faults.requests == 4
+        msg = str(info.value)
+        assert url in msg and "HTTP 503" in msg and "4 tries" in msg and info.value.status == 503
+        assert FAKE_SECRET not in msg and FAKE_SECRET not in repr(info.value.__cause__)
+        faults.fail_status, faults.requests = 0, 0
+        with pytest.raises(RemoteError, match="1 try.*check the URL"):
+            RemoteFS(retry=FAST).read_ranges_identified(url.replace("x.bin", "gone.bin"), [(0, 10)])
+        assert faults.requests == 1
+
+
+def test_obstore_is_used_only_for_what_it_honours_as_botocore_does(monkeypatch, as_worker):
+    """Credentials from the options or the environment's keys, a known region or a custom endpoint,
+    and no s3fs-only setting; anything else (a profile, the ~/.aws files, roles) reads through s3fs,
+    or is an error naming why when obstore is asked for by name."""
+    from fastmix_data.storage import s3_get
+    from fastmix_data.storage.fs import _options
+
+    env = {"AWS_ACCESS_KEY_ID": "AKIA1", "AWS_SECRET_ACCESS_KEY": "s", "AWS_DEFAULT_REGION": "eu-west-1"}
+    config, client = s3_get.s3_config(_options("s3", {}), env)
+    assert config == {"access_key_id": "AKIA1", "secret_access_key": "s", "region": "eu-west-1",
+                      "virtual_hosted_style_request": True}
+    assert client["connect_timeout"].total_seconds() == 10 and client["read_timeout"].total_seconds() == 60
+    config, client = s3_get.s3_config({"key": "k", "secret": "s", "token": "t",
+                                       "client_kwargs": {"endpoint_url": "http://127.0.0.1:9"}}, {})
+    assert config == {"access_key_id": "k", "secret_access_key": "s", "session_token": "t",
+                      "region": "us-east-1", "endpoint": "http://127.0.0.1:9"} and client == {"allow_http": True}
+    assert s3_get.s3_config({"anon": True, "client_kwargs": {"region_name": "us-west-2"}}, {})[0] == {
+        "skip_signature": True, "region": "us-west-2", "virtual_hosted_style_request": True}
+    assert "profile" in s3_get.s3_config({}, {"AWS_PROFILE": "dev", "AWS_DEFAULT_REGION": "eu-west-1"})
+    assert "profile" in s3_get.s3_config({"profile": "dev"}, env)
+    assert "requester_pays" in s3_get.s3_config({"requester_pays": True}, env)
+    assert "region" in s3_get.s3_config({}, {k: v for k, v in env.items() if k != "AWS_DEFAULT_REGION"})
+    monkeypatch.delenv("AWS_ACCESS_KEY_ID", raising=False)
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "eu-west-1")
+    assert s3_get.store_for("b", {"profile": "dev"}) is None  # s3fs reads
+    monkeypatch.setenv("FASTMIX_DATA_S3_CLIENT", "obstore")
+    with pytest.raises(SourceError, match="obstore cannot read s3://b: storage_options 'profile'"):
+        s3_get.store_for("b", {"profile": "dev"})
+    monkeypatch.setenv("FASTMIX_DATA_S3_CLIENT", "boto")
+    with pytest.raises(ValueError, match="FASTMIX_DATA_S3_CLIENT='boto'"):
+        s3_get.store_for("b", {})
+
+
+def _read_in_child(url: str, out) -> None:
+    from fastmix_data.storage import s3_get
+    from fastmix_data.storage.fs import _options
+
+    bucket = url.split("/")[2]
+    (data, _), = RemoteFS(retry=FAST).read_ranges_identified(url, [(0, 50)])
+    out.put((data, s3_get.store_for(bucket, _options("s3", {})) is None))
+
+
+def test_a_process_forked_after_obstore_was_used_reads_through_s3fs(s3, tmp_path, as_worker):
+    """obstore's runtime does not survive fork() (a forked child's request hangs): a DataLoader worker
+    forked from a process that used obstore reads through s3fs instead, and does not hang."""
+    url, payload = _put_blob(s3, tmp_path, "fork")
+    RemoteFS().read_ranges_identified(url, [(0, 10)])  # this process used obstore
+    ctx = multiprocessing.get_context("fork")
+    out = ctx.Queue()
+    child = ctx.Process(target=_read_in_child, args=(url, out))
+    child.start()
+    try:
+        assert out.get(timeout=30) == (payload[:50], True)
+    finally:
+        child.join(10)
+        if child.is_alive():
+            child.kill()

@@ -18,7 +18,7 @@ The client libraries' own retries are switched off (botocore: one attempt; s3fs:
 :mod:`fastmix_data.storage.retry` alone decides, with backoff and jitter.
 
 Packages per scheme (``pip install 'fastmix_data[remote]'`` brings s3fs and aiohttp):
-``s3://`` s3fs; ``gs://``/``gcs://`` gcsfs; ``az://``/``abfs://`` adlfs; ``hf://`` huggingface_hub;
+``s3://`` s3fs (a DataLoader worker's range GETs: obstore, see :mod:`fastmix_data.storage.s3_get`); ``gs://``/``gcs://`` gcsfs; ``az://``/``abfs://`` adlfs; ``hf://`` huggingface_hub;
 ``http(s)://`` aiohttp (fsspec's HTTP filesystem).
 """
 
@@ -259,10 +259,23 @@ class RemoteFS:
     def read_ranges_identified(self, url: str, ranges: Sequence[tuple[int, int]]) -> list[tuple[bytes, ObjectInfo]] | None:
         """Byte ranges of one object, fetched concurrently, each with the identity the store sent
         along with it: S3 answers every ranged GET with the object's size (``Content-Range``) and
-        its ETag / version id, so the bytes are checked against the index without a HEAD. None for
-        other stores (the caller asks `stat`). An unknown size is reported as -1."""
+        its ETag / version id, so the bytes are checked against the index without a HEAD. The GETs
+        go through obstore where it can honour the store's configuration, else through s3fs
+        (:mod:`fastmix_data.storage.s3_get`). None for other stores (the caller asks `stat`). An
+        unknown size is reported as -1."""
         if scheme_of(url) not in ("s3", "s3a") or not ranges:
             return None
+        from fastmix_data.storage import s3_get
+
+        fs, path = filesystem(url, self.storage_options)  # not started: obstore may do the GETs
+        bucket, key, _ = fs.split_path(path)
+        store = s3_get.store_for(bucket, _options(scheme_of(url), self.storage_options))
+        if store is not None:
+            got = call(lambda: s3_get.get_ranges(store, key, ranges), url, "read ranges of", self.retry)
+            return [(data, ObjectInfo(url, size, version)) for data, size, version in got]
+        return self._read_ranges_s3fs(url, ranges)
+
+    def _read_ranges_s3fs(self, url: str, ranges: Sequence[tuple[int, int]]) -> list[tuple[bytes, ObjectInfo]]:
         import asyncio
 
         from fsspec.asyn import sync
