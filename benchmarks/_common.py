@@ -138,33 +138,47 @@ def wait_for_quiet(threshold: float = 0.25, timeout: float = 120.0, interval: fl
     return busy
 
 
-def _process_tree_cpu() -> float:
-    """CPU seconds used so far by this process (all threads), its reaped children, and its live
-    descendants (e.g. DataLoader workers)."""
-    t = os.times()
-    total = t.user + t.system + t.children_user + t.children_system
+def _proc_stat(pid: int | str) -> tuple[int, float] | None:
+    """(parent pid, CPU seconds user + system so far) of a live process from /proc; None if gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            rest = f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return int(rest[1]), (int(rest[11]) + int(rest[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def process_cpu(pid: int | str) -> float:
+    """CPU seconds (user + system, all threads) a live process has used so far (``"PID/task/TID"``: one
+    thread); NaN if it is gone."""
+    stat = _proc_stat(pid)
+    return float("nan") if stat is None else stat[1]
+
+
+def live_descendants() -> dict[int, float]:
+    """pid -> CPU seconds so far of every live descendant of this process (e.g. DataLoader workers)."""
     me = os.getpid()
     parents: dict[int, int] = {}
     cpu: dict[int, float] = {}
-    tick = os.sysconf("SC_CLK_TCK")
     for entry in os.listdir("/proc") if os.path.isdir("/proc") else ():
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                rest = f.read().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        pid = int(entry)
-        parents[pid] = int(rest[1])
-        cpu[pid] = (int(rest[11]) + int(rest[12])) / tick
+        stat = _proc_stat(entry) if entry.isdigit() else None
+        if stat is not None:
+            parents[int(entry)], cpu[int(entry)] = stat
+    out = {}
     for pid in cpu:
         p, seen = parents.get(pid), 0
         while p and p != me and seen < 64:
             p, seen = parents.get(p), seen + 1
         if p == me and pid != me:
-            total += cpu[pid]
-    return total
+            out[pid] = cpu[pid]
+    return out
+
+
+def _process_tree_cpu() -> float:
+    """CPU seconds used so far by this process (all threads), its reaped children, and its live
+    descendants (e.g. DataLoader workers)."""
+    t = os.times()
+    return t.user + t.system + t.children_user + t.children_system + sum(live_descendants().values())
 
 
 class OtherLoad:

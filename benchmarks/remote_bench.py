@@ -19,7 +19,12 @@ short one is the original configuration, where a cell lasts 0.2-1.3 s and start-
 throughput; the long one lasts several seconds per cell).
 
 Reported per contender: samples/s over the epoch, time to first batch, bytes fetched through the
-proxy (shard objects only; listings and index files apart), bytes the cache holds afterwards.
+proxy (shard objects only; listings and index files apart), bytes the cache holds afterwards; and
+where the epoch's CPU went: seconds of the training process, of its DataLoader workers (and of
+those, their main threads), of the moto server and of the proxy, and the GET / HEAD requests for
+shard objects (read outside the timing: a few /proc reads before and after, and a sample at most
+every 50 ms while batches arrive). ``fastmix-cold-s3fs`` is a cold run with the workers' range GETs
+through s3fs (``FASTMIX_DATA_S3_CLIENT=s3fs``), interleaved with the rest: the A/B of obstore's.
 """
 
 from __future__ import annotations
@@ -47,10 +52,14 @@ from remote_servers import (  # noqa: E402
     proxy_counters,
     proxy_process,
     s3_env,
+    server_pid,
     upload_dir,
 )
 
 BUCKET = "bench"
+# fastmix-cold-s3fs: cold with the workers' range GETs through s3fs (FASTMIX_DATA_S3_CLIENT=s3fs), the
+# transport before obstore's: the A/B of that change, interleaved with the others
+CONTENDERS = ("fastmix-cold", "fastmix-warm", "fastmix-local", "mosaic", "litdata", "fastmix-cold-s3fs")
 WORDS = ("alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu nu xi omicron pi rho sigma tau "
          "upsilon phi chi psi omega data mixture stream shard cache prefetch weight token model").split()
 
@@ -87,8 +96,58 @@ def _lit_item(doc: str) -> dict:
 
 
 # ----------------------------------------------------------------------------------------- contenders
-def _epoch(loader, samples: int, count) -> tuple[float, float, int]:
-    """(seconds to the first batch, seconds for the epoch, samples seen)."""
+_SERVERS: dict[str, int] = {}  # name -> pid of the server processes a cell's CPU is counted for (child_main)
+
+
+def _cpu_marks() -> dict[str, float]:
+    """CPU seconds so far of this (training) process, of it and its descendants (the DataLoader
+    workers, live or reaped), and of each server process (/proc, a few reads: well under 1 ms)."""
+    t = os.times()
+    return {"train": t.user + t.system,
+            "tree": t.user + t.system + t.children_user + t.children_system + sum(_common.live_descendants().values()),
+            **{name: _common.process_cpu(pid) for name, pid in _SERVERS.items()}}  # fmt: skip
+
+
+class _WorkerThreads:
+    """Samples, at most every 50 ms while batches arrive, each worker's CPU and its main thread's
+    (the thread that decodes and serves; the others download and prefetch): a worker that the
+    loader joins at the end of the epoch can no longer be read, so the split is taken from the
+    last sample (4 small /proc reads per sample, about 30 samples per second)."""
+
+    def __init__(self):
+        self.pids: list[int] = []
+        self.last = 0.0
+        self.seen: dict[int, tuple[float, float]] = {}  # pid -> (process CPU, main thread CPU)
+
+    def tick(self) -> None:
+        now = time.perf_counter()
+        if now - self.last < 0.05:
+            return
+        self.last = now
+        self.pids = self.pids or list(_common.live_descendants())
+        for pid in self.pids:
+            cpu, main = _common.process_cpu(pid), _common.process_cpu(f"{pid}/task/{pid}")
+            if cpu == cpu and main == main:  # not NaN: still alive
+                self.seen[pid] = (cpu, main)
+
+    def main_share(self) -> float:
+        total = sum(c for c, _ in self.seen.values())
+        return sum(m for _, m in self.seen.values()) / total if total else float("nan")
+
+
+def _cpu_split(before: dict[str, float], after: dict[str, float], share: float) -> dict[str, float]:
+    """CPU seconds of an epoch per process: training process, workers (and of them, their main
+    threads, by ``share``: see :class:`_WorkerThreads`), each server."""
+    d = {k: after[k] - before[k] for k in before}
+    workers = d.pop("tree") - d["train"]
+    return {"train": d.pop("train"), "workers": workers, "workers_main": workers * share, **d}
+
+
+def _epoch(loader, samples: int, count) -> tuple[float, float, int, dict]:
+    """(seconds to the first batch, seconds for the epoch, samples seen, CPU seconds per process
+    over the epoch (:func:`_cpu_split`; read before the first and after the last batch, outside
+    the timing))."""
+    marks, threads = _cpu_marks(), _WorkerThreads()
     t0 = time.perf_counter()
     first = None
     seen = 0
@@ -96,9 +155,11 @@ def _epoch(loader, samples: int, count) -> tuple[float, float, int]:
         if first is None:
             first = time.perf_counter() - t0
         seen += count(batch)
+        threads.tick()
         if seen >= samples:
             break
-    return first or float("nan"), time.perf_counter() - t0, seen
+    total = time.perf_counter() - t0
+    return first or float("nan"), total, seen, _cpu_split(marks, _cpu_marks(), threads.main_share())
 
 
 def run_fastmix(spec: dict, samples: int, workers: int, seed: int):
@@ -136,10 +197,12 @@ def run_litdata(remote: str, cache: str, endpoint: str, samples: int, workers: i
     return _epoch(loader, samples, lambda b: len(b["text"]))
 
 
-def run_child(name: str, **kw) -> tuple[float, float, int]:
+def run_child(name: str, **kw) -> tuple[float, float, int, dict] | None:
     """Run contender ``name`` in a child process (its epoch is timed there, after its imports)."""
     kw["spec"] = {k: str(v) for k, v in kw["spec"].items()}
-    proc = subprocess.run([sys.executable, __file__, "--child", name, json.dumps(kw)], capture_output=True, text=True)
+    env = {**os.environ, **({"FASTMIX_DATA_S3_CLIENT": "s3fs"} if name == "fastmix-cold-s3fs" else {})}
+    proc = subprocess.run([sys.executable, __file__, "--child", name, json.dumps(kw)], capture_output=True, text=True,
+                          env=env)
     if proc.returncode:  # recorded and reported; the other runs go on
         lines = [x for x in proc.stderr.strip().splitlines() if x.strip()]
         print(f"{name} failed: {lines[-1] if lines else proc.returncode}", flush=True)
@@ -149,6 +212,7 @@ def run_child(name: str, **kw) -> tuple[float, float, int]:
 
 def child_main(name: str, kw: dict) -> None:
     samples, workers, seed = kw["samples"], kw["workers"], kw["seed"]
+    _SERVERS.update(kw.get("servers", {}))
     if os.environ.get("REMOTE_BENCH_TRACE") and name.startswith("fastmix"):  # remote_timeline's events
         import remote_timeline
 
@@ -160,6 +224,11 @@ def child_main(name: str, kw: dict) -> None:
     else:
         out = run_litdata(f"s3://{BUCKET}/{kw['tag']}/lit", kw["local"], kw["proxy"], samples, workers, seed)
     print(json.dumps(list(out)))
+
+
+def _is_shard(path: str) -> bool:
+    """Whether a request path is a shard object's (not a listing, bucket or index file)."""
+    return "/indexes/" not in path and path.count("/") >= 2
 
 
 def du(path: Path) -> int:
@@ -183,9 +252,10 @@ def throughput(args, work: Path, endpoint: str, samples: int, shards: int) -> di
     results: dict[str, list[dict]] = {}
     failures: dict[str, list[int]] = {}
     with proxy_process(endpoint, args.latency) as proxy:
+        servers = {"moto": server_pid(endpoint), "proxy": server_pid(proxy)}
         os.environ["AWS_ENDPOINT_URL"] = os.environ["S3_ENDPOINT_URL"] = proxy
         fm_cache = work / "fm-cache"
-        names = [n for n in ("fastmix-cold", "fastmix-warm", "fastmix-local", "mosaic", "litdata") if n in args.contenders]
+        names = [n for n in CONTENDERS if n in args.contenders]
         for rep in range(args.repeats):
             order = names[:]
             random.Random(rep).shuffle(order)
@@ -194,7 +264,7 @@ def throughput(args, work: Path, endpoint: str, samples: int, shards: int) -> di
                 order[i], order[j] = order[j], order[i]
             for name in order:
                 local = Path(tempfile.mkdtemp(prefix=f"{name}-", dir=work))
-                if name == "fastmix-cold":
+                if name.startswith("fastmix-cold"):
                     shutil.rmtree(fm_cache / "shards", ignore_errors=True)
                 spec = {"path": f"s3://{BUCKET}/{tag}/pq", "index_file": index_url, "cache_dir": fm_cache}
                 proxy_counters(proxy, reset=True)
@@ -204,23 +274,27 @@ def throughput(args, work: Path, endpoint: str, samples: int, shards: int) -> di
                 # each run in a fresh process: peers keep process-wide state between datasets
                 # (Mosaic's shared memory, litdata's start method, fsspec's clients)
                 outcome = run_child(name, spec=spec, local=str(local), proxy=proxy, samples=samples,
-                                    workers=args.workers, seed=rep, tag=tag)
+                                    workers=args.workers, seed=rep, tag=tag, servers=servers)
                 if outcome is None:
                     failures.setdefault(name, []).append(rep)
                     shutil.rmtree(local, ignore_errors=True)
                     continue
-                first, total, seen = outcome
+                first, total, seen, cpu = outcome
                 if name.startswith("fastmix"):
                     cache = du(fm_cache / "shards") if name != "fastmix-local" else 0
                 else:
                     cache = du(local)
                 counters = proxy_counters(proxy)
-                fetched = sum(n for p, n in counters["bytes_by_path"].items()
-                              if "/indexes/" not in p and p.count("/") >= 2)
+                fetched = sum(n for p, n in counters["bytes_by_path"].items() if _is_shard(p))
+                methods = {m: sum(n for call, n in counters["calls"].items()
+                                  if call.startswith(m + " ") and _is_shard(call.partition(" ")[2]))
+                           for m in ("GET", "HEAD")}  # fmt: skip
                 results.setdefault(name, []).append({"first": first, "total": total, "samples": seen,
-                                                     "fetched": fetched, "cache": cache, "rep": rep})
+                                                     "fetched": fetched, "cache": cache, "rep": rep, "cpu": cpu,
+                                                     "get": methods.get("GET", 0), "head": methods.get("HEAD", 0)})
                 print(f"{tag} rep {rep} {name:14s} {seen / total:9.0f} samples/s  first batch {first:6.2f} s  "
-                      f"fetched {fetched:,} B  cache {cache:,} B", flush=True)
+                      f"fetched {fetched:,} B  cache {cache:,} B  GET/HEAD {methods.get('GET', 0)}/"
+                      f"{methods.get('HEAD', 0)}  CPU s " + " ".join(f"{k} {v:.2f}" for k, v in cpu.items()), flush=True)
                 shutil.rmtree(local, ignore_errors=True)
     os.environ["AWS_ENDPOINT_URL"] = os.environ["S3_ENDPOINT_URL"] = endpoint
     return {"results": results, "plan_bytes": plan_bytes, "failures": failures, "samples": samples, "shards": shards,
@@ -312,6 +386,10 @@ def _ratios(tp: dict) -> list[str]:
     lines = ["", "Paired ratios (per repetition where both ran, then min / median / max):", ""]
     lines += [f"- fastmix cold / {peer}: {paired(rate['fastmix-cold'], rate[peer])}" for peer in peers]
     lines.append(f"- fastmix cold / fastest peer (target >= 1): {paired(rate['fastmix-cold'], best)}")
+    if "fastmix-cold-s3fs" in rate:
+        lines.append(f"- fastmix cold with s3fs GETs / fastest peer: {paired(rate['fastmix-cold-s3fs'], best)}")
+        lines.append(f"- fastmix cold (obstore GETs) / fastmix cold with s3fs GETs: "
+                     f"{paired(rate['fastmix-cold'], rate['fastmix-cold-s3fs'])}")
     lines.append(f"- fastmix warm / fastmix local disk (target >= 0.9): {paired(rate['fastmix-warm'], rate['fastmix-local'])}")
     fetched = [r["fetched"] for r in res["fastmix-cold"]]
     lines.append(f"- fastmix cold bytes fetched / plan bytes (target <= 1): "
@@ -320,6 +398,30 @@ def _ratios(tp: dict) -> list[str]:
                  f"{paired(first['fastmix-cold'], best_first)}")
     lines.append("")
     return lines
+
+
+def _cpu_table(res: dict[str, list[dict]]) -> list[str]:
+    """Where the CPU of each contender's epoch went: seconds per process (medians over the
+    repetitions, each column on its own), their sum over the epoch's wall time (cores kept busy, of
+    2), and the requests for shard objects through the proxy."""
+    med = lambda xs: _common.Summary.of(xs).median  # noqa: E731
+    rows = []
+    for name, runs in res.items():
+        cpu = [r["cpu"] for r in runs]
+        total = [sum(v for k, v in c.items() if k != "workers_main") for c in cpu]
+        rows.append([name, f"{med(r['total'] for r in runs):.2f}",
+                     *(f"{med(c[k] for c in cpu):.2f}" for k in ("train", "workers", "workers_main", "moto", "proxy")),
+                     f"{med(total):.2f}", f"{med(t / r['total'] for t, r in zip(total, runs)):.2f}",
+                     f"{med(r['get'] for r in runs):.0f} / {med(r['head'] for r in runs):.0f}"])
+    return ["", "CPU seconds of the epoch per process (median over the repetitions, each column on its own; "
+            "from /proc and the reaped workers' rusage, before the first and after the last batch; *main threads*: "
+            "the workers' CPU times their main threads' share in the last sample taken while they lived (a worker's "
+            "main thread decodes and serves, its other threads download and prefetch)), cores kept busy "
+            "(all four over the epoch's wall time; the machine has 2), and requests for shard objects "
+            "through the proxy:", "",
+            _common.markdown_table(["contender", "epoch (s)", "training", "workers", "of which main threads",
+                                    "moto server", "proxy",
+                                    "all", "cores busy", "GET / HEAD"], rows)]
 
 
 def report(args, tps: list[dict], idx: dict | None, load: tuple[str, str], revision: str) -> str:
@@ -358,9 +460,10 @@ def report(args, tps: list[dict], idx: dict | None, load: tuple[str, str], revis
             ])
         lines.append(_common.markdown_table(["contender", "samples/s", "first batch (s)", "fetched (B)",
                                              "cache on disk (B)"], rows))
+        lines += _cpu_table(res)
         for name, reps in tp["failures"].items():
             lines.append(f"\n{name} failed in repetition(s) {reps} (error in the log); its figures are over the others.")
-        lines += _ratios(tp) if len(res) == 5 else ["", "(a subset of the contenders ran: no paired ratios)", ""]
+        lines += _ratios(tp) if all(n in res for n in CONTENDERS[:5]) else ["", "(a subset of the contenders ran: no paired ratios)", ""]
     if idx is not None:
         lines += [
             f"## Index: {args.index_shards:,} Parquet shards (4 rows each) over http on loopback (no added latency)",
@@ -395,8 +498,8 @@ def main() -> None:
     ap.add_argument("--configs", default="24000x12,96000x48",
                     help="data sets to read, ROWSxSHARDS each (one epoch of each is read; 2,000-row shards by default)")
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--contenders", default="fastmix-cold,fastmix-warm,fastmix-local,mosaic,litdata",
-                    help="comma-separated subset to run (the ratios need all five)")
+    ap.add_argument("--contenders", default=",".join(CONTENDERS),
+                    help="comma-separated subset to run (the ratios need the first five)")
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--latency", type=float, default=0.02, help="seconds added to every request")
     ap.add_argument("--index-shards", type=int, default=100_000)

@@ -56,15 +56,27 @@ sys.stdin.read()
 """
 
 
+_PIDS: dict[str, int] = {}  # URL of a server started by `_child` -> its process id
+
+
+def server_pid(url: str) -> int:
+    """The process id of the child process serving ``url`` (`moto_process`, `proxy_process`,
+    `http_process`), e.g. to read its CPU time."""
+    return _PIDS[url]
+
+
 @contextlib.contextmanager
-def _child(code: str, *args: str) -> Iterator[str]:
-    """Run ``code`` in a child Python; yield the first line it prints; stop it (close its stdin)
-    when the block ends."""
+def _child(code: str, *args: str, url: str = "{}") -> Iterator[str]:
+    """Run ``code`` in a child Python; yield ``url`` formatted with the first line it prints; stop it
+    (close its stdin) when the block ends."""
     proc = subprocess.Popen([sys.executable, "-c", code, *args], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                             text=True)
+    served = url.format(proc.stdout.readline().strip())
+    _PIDS[served] = proc.pid
     try:
-        yield proc.stdout.readline().strip()
+        yield served
     finally:
+        _PIDS.pop(served, None)
         proc.stdin.close()
         try:
             proc.wait(timeout=10)
@@ -75,8 +87,8 @@ def _child(code: str, *args: str) -> Iterator[str]:
 @contextlib.contextmanager
 def moto_process() -> Iterator[str]:
     """An S3 server (moto) in a child process (its own GIL); yields its endpoint URL."""
-    with _child(_MOTO_CHILD) as port:
-        yield f"http://127.0.0.1:{port}"
+    with _child(_MOTO_CHILD, url="http://127.0.0.1:{}") as url:
+        yield url
 
 
 def s3_env(endpoint: str) -> dict[str, str]:
@@ -266,7 +278,10 @@ def _proxy_handler(upstream: tuple[str, int], faults: Faults):
 
         def _report(self) -> None:
             with faults.lock:
-                payload = json.dumps({"requests": faults.requests, "bytes": faults.bytes,
+                calls: dict[str, int] = {}  # "METHOD path" (no query) -> requests
+                for line in faults.log:
+                    calls[line.split("?", 1)[0]] = calls.get(line.split("?", 1)[0], 0) + 1
+                payload = json.dumps({"requests": faults.requests, "bytes": faults.bytes, "calls": calls,
                                       "bytes_by_path": faults.bytes_by_path}).encode()
                 if self.path.endswith("/reset"):
                     faults.requests, faults.bytes, faults.bytes_by_path, faults.log = 0, 0, {}, []
@@ -310,7 +325,8 @@ with fault_proxy(sys.argv[2], Faults(latency=float(sys.argv[3]))) as url:
 @contextlib.contextmanager
 def proxy_process(upstream_url: str, latency: float) -> Iterator[str]:
     """A latency-injecting proxy in a child process (its own GIL); yields its URL. Its counters are
-    at ``GET <url>/__faults__`` (JSON; ``/__faults__/reset`` returns them and starts over)."""
+    at ``GET <url>/__faults__`` (JSON: requests, bytes, requests per "METHOD path", bytes per path;
+    ``/__faults__/reset`` returns them and starts over)."""
     with _child(_PROXY_CHILD, os.path.dirname(os.path.abspath(__file__)), upstream_url, str(latency)) as url:
         yield url
 
