@@ -21,7 +21,9 @@ obstore is used when all of these hold, else s3fs does the GETs too (:func:`stor
 * the process is a DataLoader worker, where the stream's reads happen. obstore's tokio runtime does
   not survive ``fork()`` (a forked child's requests hang), and the main process may fork workers
   after any read (the stream reads the first shard's footer when it opens): so the main process
-  reads through s3fs, and so does a process forked from one that used obstore;
+  reads through s3fs, and so does a worker in which obstore was loaded before this module loaded it
+  (by a process it was forked from, this module or another library such as litdata: whether that
+  process started obstore's runtime cannot be seen, so it is assumed);
 * obstore is installed;
 * the credentials are ones obstore reads the same way botocore does: ``key``/``secret``/``token``
   or ``anon`` in ``storage_options``, or ``AWS_ACCESS_KEY_ID`` and ``AWS_SECRET_ACCESS_KEY`` (with
@@ -50,11 +52,12 @@ CLIENT_ENV = "FASTMIX_DATA_S3_CLIENT"
 _CREDENTIAL_KEYS = {"key", "secret", "token", "anon"}
 _CONFIG_KWARGS = {"retries", "connect_timeout", "read_timeout"}  # fastmix's own s3fs defaults (fs._defaults)
 _CLIENT_KWARGS = {"endpoint_url", "region_name"}
+_ENV_READ = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_DEFAULT_REGION", "AWS_REGION")
 _STATUS = re.compile(r"status code: (\d{3})")
 
-_STORES: dict[tuple, Any] = {}  # (pid, bucket, options) -> obstore S3Store
+_STORES: dict[tuple, Any] = {}  # (pid, choice, bucket, options, environment read) -> S3Store, or None: s3fs
 _LOCK = threading.Lock()
-_USED_BY: list[int] = []  # the pid of the first process (of this fork tree) that made an obstore store
+_LOADED_BY: list[int] = []  # the process that loaded obstore through this module (a forked child inherits it)
 
 
 class StoreStatusError(OSError):
@@ -133,23 +136,23 @@ def store_for(bucket: str, options: Mapping[str, Any]):
     choice = client_choice()
     if choice == "s3fs" or not in_dataloader_worker():
         return None
-    key = (os.getpid(), bucket, repr(sorted(options.items(), key=lambda kv: kv[0])))
-    store = _STORES.get(key)
-    if store is not None:
-        return store
-    why = _unusable(options)
-    if isinstance(why, str):
-        if choice == "obstore":
-            raise SourceError(f"${CLIENT_ENV}=obstore, but obstore cannot read s3://{bucket}: {why}")
-        return None
+    key = (os.getpid(), choice, bucket, repr(sorted(options.items(), key=lambda kv: kv[0])),
+           tuple(os.environ.get(v) for v in _ENV_READ))  # fmt: skip
+    if key in _STORES:
+        return _STORES[key]
+    with _LOCK:  # one thread decides (loads obstore, makes the store); the others then find it
+        if key not in _STORES:
+            why = _unusable(options)
+            if isinstance(why, str) and choice == "obstore":
+                raise SourceError(f"${CLIENT_ENV}=obstore, but obstore cannot read s3://{bucket}: {why}")
+            _STORES[key] = None if isinstance(why, str) else _new_store(bucket, *why)
+        return _STORES[key]
+
+
+def _new_store(bucket: str, config: dict, client: dict):
     from obstore.store import S3Store
 
-    config, client = why
-    with _LOCK:
-        if key not in _STORES:
-            _USED_BY[:] = _USED_BY or [os.getpid()]
-            _STORES[key] = S3Store(bucket, config=config, client_options=client, retry_config={"max_retries": 0})
-        return _STORES[key]
+    return S3Store(bucket, config=config, client_options=client, retry_config={"max_retries": 0})
 
 
 def in_dataloader_worker() -> bool:
@@ -160,12 +163,14 @@ def in_dataloader_worker() -> bool:
 
 def _unusable(options: Mapping[str, Any]) -> tuple[dict, dict] | str:
     """obstore's configuration, or why obstore cannot be used here."""
-    if _USED_BY and _USED_BY[0] != os.getpid():
-        return "this process was forked from one that used obstore (its runtime does not survive fork)"
+    if "obstore" in sys.modules and _LOADED_BY != [os.getpid()]:
+        return ("obstore was loaded before this process used it, maybe by a process it was forked from, where "
+                "obstore's runtime may have started (it does not survive fork)")
     try:
         import obstore  # noqa: F401
     except ImportError:
         return "obstore is not installed (pip install obstore)"
+    _LOADED_BY[:] = [os.getpid()]
     return s3_config(options, os.environ)
 
 
