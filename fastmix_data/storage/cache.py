@@ -204,7 +204,7 @@ class ShardCache:
             self.hits += 1
             return hit
         self._check_fits(size, self.budget())
-        blobs, partial = self._dirs()
+        _, partial = self._dirs()
         claim = str(partial / f"{key}.lock")
         fd = os.open(claim, os.O_RDWR | os.O_CREAT, 0o644)
         try:
@@ -213,16 +213,7 @@ class ShardCache:
             if hit is not None:
                 self.hits += 1
                 return hit
-            self.misses += 1
-            part = str(partial / f"{key}.{os.getpid()}.{threading.get_ident()}.tmp")
-            try:
-                fill(part)
-                self._publish_checked(part, str(blobs / key), key, size)
-            finally:
-                with contextlib.suppress(OSError):
-                    os.unlink(part)
-            with contextlib.suppress(OSError):
-                os.unlink(claim)  # later arrivals make a new claim file and find the blob
+            self._download(key, size, fill)
         finally:
             os.close(fd)
         return self._pin_published(key)
@@ -268,7 +259,7 @@ class ShardCache:
         budget = self.budget()
         for i in missing:
             self._check_fits(entries[i][1], budget)
-        blobs, partial = self._dirs()
+        _, partial = self._dirs()
         claims: dict[int, int] = {}
         try:
             for i in missing:
@@ -285,20 +276,27 @@ class ShardCache:
             if mine:
                 for i, data in zip(mine, fill(mine)):
                     key, size = entries[i]
-                    part = str(partial / f"{key}.{os.getpid()}.{threading.get_ident()}.tmp")
-                    try:
-                        _write(part, data)
-                        self._publish_checked(part, str(blobs / key), key, size)
-                    finally:
-                        with contextlib.suppress(OSError):
-                            os.unlink(part)
-                    self.misses += 1
-                    with contextlib.suppress(OSError):
-                        os.unlink(partial / f"{key}.lock")
+                    self._download(key, size, lambda part, data=data: _write(part, data))
                     pins[i] = self._pin_published(key)
         finally:
             for fd in claims.values():
                 os.close(fd)
+
+    def _download(self, key: str, size: int, fill: Callable[[str], None]) -> None:
+        """With the entry's claim held: ``fill`` a temporary file of this thread, check its size,
+        publish it as ``blobs/<key>`` and drop the claim file (later arrivals make a new one and find
+        the blob). The temporary file is removed whatever happens."""
+        self.misses += 1
+        blobs, partial = self._dirs()
+        part = str(partial / f"{key}.{os.getpid()}.{threading.get_ident()}.tmp")
+        try:
+            fill(part)
+            self._publish_checked(part, str(blobs / key), key, size)
+        finally:
+            with contextlib.suppress(OSError):
+                os.unlink(part)
+        with contextlib.suppress(OSError):
+            os.unlink(partial / f"{key}.lock")
 
     def _check_fits(self, size: int, budget: int) -> None:
         if size > budget:
