@@ -196,14 +196,10 @@ class Storage:
         _refuse_changed(self.stat(url), expect, where)
 
     # ------------------------------------------------------------------ reads
-    def fetch(
-        self, url: str, expect: Expected, ranges: Sequence[tuple[int, int]] | None = None, where: str = "",
-    ) -> Pin:  # fmt: skip
-        """The object's bytes (or its ``ranges`` concatenated) pinned in the cache, downloaded when
-        missing (one download per node; the object's identity checked with it). Close the pin once
-        read."""
-        if ranges is not None:
-            return self.fetch_parts(url, expect, [ranges], where)[0]
+    def fetch(self, url: str, expect: Expected, where: str = "") -> Pin:
+        """The whole object's bytes pinned in the cache, downloaded when missing (one download per
+        node; the object's identity checked with it). Close the pin once read. Byte ranges:
+        :meth:`fetch_parts`."""
         if self.cache is None:
             raise ValueError("fetch needs a cache; this Storage streams (cache_dir=False)")
 
@@ -268,7 +264,7 @@ class Storage:
             if len(data) != expect.size:
                 raise ShardChangedError(f"{where or redact(url)} returned {len(data)} bytes, the index says {expect.size}")
             return data
-        with self.fetch(url, expect, None, where) as pin:
+        with self.fetch(url, expect, where) as pin:
             return pin.read()
 
     def read_parts(
@@ -301,7 +297,7 @@ class Storage:
         """A local path holding the whole object while the block runs (the cache entry, pinned;
         a temporary file when the cache is off)."""
         if self.cache is not None:
-            with self.fetch(url, expect, None, where) as pin:
+            with self.fetch(url, expect, where) as pin:
                 yield pin.path
             return
         fd, tmp = tempfile.mkstemp(prefix=".fastmix-shard-")
