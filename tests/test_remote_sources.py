@@ -262,27 +262,30 @@ print(json.dumps([list(b["text"]) for _, b in zip(range(10), stream.loader(num_w
 """
 
 
-def test_workers_read_through_obstore_the_same_batches_and_bytes(on_s3, corpus, tmp_path):
+@pytest.mark.parametrize("name, ext", [("pq", ".parquet"), ("wds", ".tar"), ("mds", ".mds")])
+def test_workers_read_through_obstore_the_same_batches_and_bytes(on_s3, corpus, tmp_path, name, ext):
     """A cold 2-worker epoch in a fresh process (this one used obstore, so its forked workers would
-    read through s3fs) with ``FASTMIX_DATA_S3_CLIENT=obstore``: the workers' range GETs go through
-    obstore or fail; the batches are local disk's, and each needed byte is fetched once."""
+    read through s3fs) with ``FASTMIX_DATA_S3_CLIENT=obstore``: the workers' GETs (Parquet's byte
+    ranges, WebDataset's and MDS's whole shards) go through obstore or fail; the batches are local
+    disk's, each needed byte is fetched once, and no shard is asked for with a HEAD."""
     import subprocess
     import sys
 
-    src = open_source("pq", f"s3://{on_s3.bucket}/pq", cache_dir=tmp_path / "c")
+    src = open_source(name, f"s3://{on_s3.bucket}/{name}", cache_dir=tmp_path / "c")
     needed = sum(src.fetch_bytes(i) for i in range(len(src.shards)))
     src.storage.cache.clear()
-    local = MixtureStream({"pq": str(corpus / "pq")}, {"pq": 1.0}, batch_size=6, seed=1)
+    local = MixtureStream({"pq": str(corpus / name)}, {"pq": 1.0}, batch_size=6, seed=1)
     want = [list(b["text"]) for _, b in zip(range(10), local.loader(num_workers=2))]
     faults = Faults()
     with fault_proxy(on_s3.endpoint, faults) as proxy:
         env = {**os.environ, "AWS_ENDPOINT_URL": proxy, "FASTMIX_DATA_S3_CLIENT": "obstore"}
-        proc = subprocess.run([sys.executable, "-c", _COLD_EPOCH_CHILD, f"s3://{on_s3.bucket}/pq", str(tmp_path / "c")],
-                              env=env, capture_output=True, text=True, timeout=120)
+        proc = subprocess.run([sys.executable, "-c", _COLD_EPOCH_CHILD, f"s3://{on_s3.bucket}/{name}",
+                               str(tmp_path / "c")], env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert json.loads(proc.stdout.strip().splitlines()[-1]) == want
-    assert sum(n for path, n in faults.bytes_by_path.items() if path.endswith(".parquet")) == needed
-    assert not [line for line in faults.log if line.startswith("HEAD") and ".parquet" in line]
+    assert sum(n for path, n in faults.bytes_by_path.items() if path.endswith(ext)) == needed
+    assert [line for line in faults.log if ext in line] and not [
+        line for line in faults.log if line.startswith("HEAD") and ext in line]
 
 
 def test_cache_budget_below_one_block_is_a_clear_error(on_s3, tmp_path):

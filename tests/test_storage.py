@@ -361,6 +361,36 @@ def test_obstore_gets_are_retried_by_the_policy_and_fail_naming_the_url(s3, tmp_
         assert faults.requests == 1
 
 
+def test_whole_object_downloads_through_obstore_are_checked_on_the_get_without_a_head(s3, tmp_path, monkeypatch,
+                                                                                     as_worker):
+    """A worker's whole-object download (WebDataset, MDS shards) through obstore: one GET, no HEAD,
+    the identity the GET answered with equal to the index's (stat); an object changed since it was
+    indexed is refused by name and nothing of it is cached; outside a worker, s3fs's HEAD + GET."""
+    from fastmix_data.storage import Expected, ShardChangedError, Storage
+
+    url, payload = _put_blob(s3, tmp_path, "whole")
+    info = RemoteFS().stat(url)
+    faults = Faults()
+    with fault_proxy(s3.endpoint, faults) as proxy:
+        monkeypatch.setenv("AWS_ENDPOINT_URL", proxy)
+        got = RemoteFS().download_identified(url, str(tmp_path / "copy"))
+        assert got == info and (tmp_path / "copy").read_bytes() == payload
+        storage = Storage(tmp_path / "cache")
+        with storage.fetch(url, Expected(info.size, info.version), where="shard 'w/x.bin'") as pin:
+            assert pin.read() == payload
+        assert [line.split()[0] for line in faults.log] == ["GET", "GET"]  # no HEAD
+        (tmp_path / "whole" / "x.bin").write_bytes(payload[:-5])  # the object changes after indexing
+        s3.put(tmp_path / "whole", "whole")
+        stale = Storage(tmp_path / "cache2")
+        with pytest.raises(ShardChangedError, match=r"shard 'w/x.bin' changed since it was indexed \(19995 bytes"):
+            stale.fetch(url, Expected(info.size, info.version), where="shard 'w/x.bin'")
+        assert stale.cache.bytes_on_disk() == 0  # nothing of the changed object cached
+        assert not [n for n in os.listdir(tmp_path / "cache2" / "partial") if n.endswith(".tmp")]
+        monkeypatch.setenv("FASTMIX_DATA_S3_CLIENT", "s3fs")  # the s3fs path: asks first
+        assert RemoteFS().download_identified(url, str(tmp_path / "copy2")) is None
+        assert not (tmp_path / "copy2").exists()
+
+
 def test_obstore_is_used_only_for_what_it_honours_as_botocore_does(monkeypatch, as_worker):
     """Credentials from the options or the environment's keys, a known region or a custom endpoint,
     and no s3fs-only setting; anything else (a profile, the ~/.aws files, roles) reads through s3fs,

@@ -18,7 +18,7 @@ The client libraries' own retries are switched off (botocore: one attempt; s3fs:
 :mod:`fastmix_data.storage.retry` alone decides, with backoff and jitter.
 
 Packages per scheme (``pip install 'fastmix_data[remote]'`` brings s3fs and aiohttp):
-``s3://`` s3fs (a DataLoader worker's range GETs: obstore, see :mod:`fastmix_data.storage.s3_get`); ``gs://``/``gcs://`` gcsfs; ``az://``/``abfs://`` adlfs; ``hf://`` huggingface_hub;
+``s3://`` s3fs (a DataLoader worker's GETs: obstore, see :mod:`fastmix_data.storage.s3_get`); ``gs://``/``gcs://`` gcsfs; ``az://``/``abfs://`` adlfs; ``hf://`` huggingface_hub;
 ``http(s)://`` aiohttp (fsspec's HTTP filesystem).
 """
 
@@ -296,6 +296,23 @@ class RemoteFS:
             return list(await asyncio.gather(*(one(int(o), int(n)) for o, n in ranges)))
 
         return call(lambda: sync(fs.loop, every), url, "read ranges of", self.retry)
+
+    def download_identified(self, url: str, local: str) -> ObjectInfo | None:
+        """Download an object to the local file ``local`` through obstore and return the identity
+        its GET answered with (size, ETag / version id: checked against the index without a HEAD),
+        where :mod:`fastmix_data.storage.s3_get` may read (an S3 object in a DataLoader worker);
+        None otherwise, and nothing downloaded (the caller uses `stat` and `download`)."""
+        if scheme_of(url) not in ("s3", "s3a"):
+            return None
+        from fastmix_data.storage import s3_get
+
+        fs, path = filesystem(url, self.storage_options)  # not started: obstore may do the GET
+        bucket, key, _ = fs.split_path(path)
+        store = s3_get.store_for(bucket, _options(scheme_of(url), self.storage_options))
+        if store is None:
+            return None
+        size, version = call(lambda: s3_get.get_to_file(store, key, local), url, "download", self.retry)
+        return ObjectInfo(url, size, version)
 
     def download(self, url: str, local: str) -> None:
         """Copy an object to the local file ``local`` (streamed, not held in memory)."""

@@ -7,12 +7,14 @@ on its first request (about 0.1 s of CPU in a forked worker). obstore does the r
 body transfer in Rust with the GIL released, and its store object is made in microseconds.
 benchmarks/results/remote.md measures both.
 
-Only ranged GETs go here (:meth:`fastmix_data.storage.fs.RemoteFS.read_ranges_identified`), with
-the same contract as the s3fs path: each answer carries the object's size (``Content-Range``) and
-its version id or ETag, which the caller checks against the index; retries are
+Ranged GETs (:meth:`fastmix_data.storage.fs.RemoteFS.read_ranges_identified`: Parquet) and
+whole-object downloads (:meth:`~fastmix_data.storage.fs.RemoteFS.download_identified`: WebDataset,
+MDS and other whole shards) go here, with the same contract as the s3fs path: each answer carries
+the object's size (``Content-Range`` or ``Content-Length``) and its version id or ETag, which the
+caller checks against the index (no HEAD); retries are
 :mod:`fastmix_data.storage.retry`'s alone (obstore's own are switched off), and failures are
-translated into exceptions it classifies (:func:`translate`). Listing, HEAD, whole-object downloads
-and uploads stay on s3fs.
+translated into exceptions it classifies (:func:`translate`). Listing, HEAD and uploads stay on
+s3fs.
 
 obstore is used when all of these hold, else s3fs does the GETs too (:func:`store_for` returns None):
 
@@ -196,6 +198,26 @@ def get_ranges(store, key: str, ranges: Sequence[tuple[int, int]]) -> list[tuple
             result = obstore.get(store, key, options={"range": (offset, offset + length)})
             return [_answer(result.meta, result.bytes())]
         return asyncio.run(every())
+    except obstore.exceptions.BaseError as exc:
+        raise translate(exc) from exc
+
+
+def get_to_file(store, key: str, local: str) -> tuple[int, str]:
+    """Download object ``key`` to the local file ``local`` (streamed in the chunks obstore
+    receives, not held in memory); ``(object size, version)`` from the GET's own answer, as
+    :func:`get_ranges`.
+
+    Raises:
+        what :func:`translate` makes of a failed request.
+    """
+    import obstore
+
+    try:
+        result = obstore.get(store, key)
+        with open(local, "wb") as f:
+            for chunk in result:
+                f.write(chunk)
+        return _answer(result.meta, b"")[1:]
     except obstore.exceptions.BaseError as exc:
         raise translate(exc) from exc
 

@@ -8,8 +8,9 @@ whole or as byte ranges, local or remote alike.
 Every download checks the object's size and version against the index and refuses an object that
 differs (:class:`ShardChangedError`, naming the shard): the same rule as a local file whose size
 changed. Range reads from S3 are checked on the GETs' own answers (``Content-Range`` gives the size,
-the ETag / version id header the version), with no extra request; whole-object downloads and other
-stores ask first (one HEAD). A cached copy is keyed by (URL, size, version, ranges), so it is
+the ETag / version id header the version), with no extra request, and so are whole-object S3
+downloads through obstore (a DataLoader worker's, :mod:`fastmix_data.storage.s3_get`); other
+whole-object downloads and other stores ask first (one HEAD). A cached copy is keyed by (URL, size, version, ranges), so it is
 always the indexed version. A read may span several cache entries of one object
 (:meth:`Storage.read_parts`: a Parquet read is its footer's entry and one entry per row group), so
 that every reader of a row group, whichever others it reads with it, shares one copy on the node;
@@ -204,8 +205,12 @@ class Storage:
             raise ValueError("fetch needs a cache; this Storage streams (cache_dir=False)")
 
         def fill(part: str) -> None:
-            self.check(url, expect, where)
-            self.remote.download(url, part)
+            got = self.remote.download_identified(url, part)  # the identity from the GET itself
+            if got is None:  # another client: a HEAD first
+                self.check(url, expect, where)
+                self.remote.download(url, part)
+            else:
+                _refuse_changed(got, expect, where)  # the partial file is then removed by the cache
             if expect.sha256:
                 self._verify_sha256(part, url, expect, where)
 
