@@ -182,21 +182,26 @@ def train_cfg(args, seed: int) -> dict:
             "seq_len": args.seq_len}
 
 
-def method_config(args, method: str, seed: int, work: Path) -> SearchConfig:
-    """The method AT ITS DEFAULTS: only the budget, the batch shape, the seeds and the cache are set."""
+def method_config(args, method: str, seed: int, work: Path, overrides: dict | None = None) -> SearchConfig:
+    """The method AT ITS DEFAULTS: only the budget, the batch shape, the seeds and the cache are set
+    (development studies pass ``overrides`` of the method's own section, e.g. ``{"z_lr": 0.1}``)."""
     return SearchConfig.from_dict({"method": method, "max_tokens": args.final_tokens, "train": train_cfg(args, seed),
-                                   "cache_dir": str(work / "cache"), "output": {"progress": False}})
+                                   "cache_dir": str(work / "cache"), "output": {"progress": False},
+                                   **({method: overrides} if overrides else {})})
 
 
-def run_search_cached(work: Path, exp: str, method: str, tname: str | None, seed: int, data: dict, args) -> dict:
-    cfg = method_config(args, method, seed, work)
+def run_search_cached(work: Path, exp: str, method: str, tname: str | None, seed: int, data: dict, args,
+                      overrides: dict | None = None, tag: str = "") -> dict:
+    """One search, cached by its full config, sources, target and code; ``tag`` names the run folder
+    of a search with ``overrides`` (runs/<exp>/<target>/<method><tag>/seed<s>)."""
+    cfg = method_config(args, method, seed, work, overrides)
     target = data["search"][tname] if tname else None
     desc = {"exp": exp, "method": method, "target": target, "cfg": cfg.to_dict(), "sources": data["sources"],
             "code": _code_fingerprint()}
     path = work / "methods" / f"{exp}-{method}-{tname or 'blind'}-s{seed}-{_key(desc)}.json"
     if path.exists():
         return json.loads(path.read_text())
-    out_dir = work / "runs" / exp / (tname or "blind") / method / f"seed{seed}"
+    out_dir = work / "runs" / exp / (tname or "blind") / f"{method}{tag}" / f"seed{seed}"
     t0 = time.perf_counter()
     r = run_method(cfg, sources=data["sources"], target=target, out_dir=out_dir)
     rec = {"weights": r.weights, "candidates": r.candidates, "flops": r.compute["flops"],

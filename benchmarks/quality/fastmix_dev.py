@@ -1,0 +1,205 @@
+"""FastMix's defaults: a development study of a few variants on targets the quality benchmark never scores.
+
+The judge (``run_quality.py``) finds FastMix's regret beyond 0.005 nats on two of its four K = 3
+targets, and the export rule is not the lever (``export_rule.md``: last / tail / average tie). This
+study asks whether the search itself finds better mixtures with other values of knobs that exist,
+chosen on the development set of ``export_rule.py`` (its targets, its seeds), never on the judge's.
+
+Protocol:
+
+* **Targets and runs** as in ``export_rule.py`` (its ``DEV_EXPERIMENTS``, 8 targets; the judge's run
+  settings; one FastMix search per (target, seed) with ``max_tokens`` = one final run, then one final
+  run from scratch on the exported mixture, scored on the target's test split). Seeds 100-105 (six of
+  the export study's ten, for time: about 30 minutes on 2 shared cores).
+* **Variants** (:data:`VARIANTS`), each one change to the defaults, with its reason:
+
+  - ``travel-x0.5`` / ``travel-x2``: the total logit travel ``FASTMIX_TRAVEL`` halved / doubled (the
+    derived ``z_lr`` times 0.5 / 2 at this budget). The export study saw ``last`` gain where the best
+    mixture is a corner and lose where it is interior: either the search undershoots corners (more
+    travel) or its oscillation around interior optima costs more (less travel).
+  - ``residual-off``: score sources against the target gradient alone (the paper's form) instead of
+    the target gradient minus the training gradient. The residual form is argued for a proxy far
+    from convergence; whether it helps at this budget was never measured on held-out targets.
+  - ``warmup-0.2``: the mixture first moves after 20 % of the micro-batches instead of 5 %
+    (``FASTMIX_WARMUP_FRACTION``; the travel, hence the derived ``z_lr``, is kept). The cosine z step
+    is largest first, when the proxy is least trained and the gradients mostly say "learn the
+    unigram statistics", which may bias the first, largest moves.
+
+  ``target_ema`` is not tried: Adam's first moment (beta1 0.9) already averages the scores over
+  outer steps. None of the variants costs more compute than the defaults (residual-off costs less).
+* **Compared** by the paired difference of final losses, variant − defaults (same seed for search,
+  model init and data order): mean +- SE and wins, per target and pooled over all (target, seed);
+  on planted targets also the L1 distance to the planted token shares.
+* **Rule** (fixed before the runs, :func:`decide`): a variant replaces the defaults only if its
+  pooled paired difference is below zero by more than 2 SE; of several, the one with the lowest
+  mean. Otherwise the defaults stay.
+
+Everything is cached under ``--work`` (the judge's and the export study's caches: the defaults'
+searches and final runs are reused). ``--variants`` runs a subset (e.g. two processes in parallel,
+then one more over all variants, which only reads the caches and writes the report).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+HERE = Path(__file__).resolve().parent
+sys.path[:0] = [str(HERE.parent.parent), str(HERE.parent), str(HERE)]
+import _common  # noqa: E402
+import export_rule as er  # noqa: E402
+import run_quality as rq  # noqa: E402
+
+BASELINE = "defaults"
+#: each variant: a ``fastmix`` section override, or a scale of the derived z_lr (``z_lr_scale``), or a
+#: warm-up fraction (``warmup_fraction``: warmup_steps set, z_lr derived from the resulting updates)
+VARIANTS = {
+    "travel-x0.5": {"z_lr_scale": 0.5},
+    "travel-x2": {"z_lr_scale": 2.0},
+    "residual-off": {"residual": False},
+    "warmup-0.2": {"warmup_fraction": 0.2},
+}
+DEV_SEEDS = tuple(range(100, 106))
+
+
+def overrides(variant: dict, base_schedule: dict, steps: int) -> dict:
+    """The ``fastmix`` section overrides of a variant, given the defaults' resolved schedule."""
+    out = {k: v for k, v in variant.items() if k not in ("z_lr_scale", "warmup_fraction")}
+    if "z_lr_scale" in variant:
+        out["z_lr"] = base_schedule["z_lr"] * variant["z_lr_scale"]
+    if "warmup_fraction" in variant:
+        out["warmup_steps"] = int(round(variant["warmup_fraction"] * steps))
+    return out
+
+
+def study_unit(work: Path, exp: str, target: str, seed: int, data: dict, args, variants: list[str]) -> dict:
+    """The defaults' search and each variant's, then one final run on each exported mixture."""
+    steps = args.final_tokens // (args.batch_size * args.seq_len)
+    base = rq.run_search_cached(work, exp, "fastmix", target, seed, data, args)
+    searches = {BASELINE: base}
+    for v in variants:
+        ov = overrides(VARIANTS[v], base["details"]["schedule"], steps)
+        searches[v] = rq.run_search_cached(work, exp, "fastmix", target, seed, data, args, overrides=ov, tag=f"-{v}")
+    losses = {v: rq.final_run(work, data, s["weights"], seed, args)["losses"][target] for v, s in searches.items()}
+    unit = {"exp": exp, "target": target, "seed": seed, "losses": losses,
+            "weights": {v: s["weights"] for v, s in searches.items()},
+            "schedule": {v: s["details"]["schedule"] for v, s in searches.items()},
+            "search_flops": {v: s["flops"]["total"] for v, s in searches.items()},
+            "search_wall_s": {v: s["wall_s"] for v, s in searches.items()}}
+    if target == "planted":
+        unit["l1"] = {v: rq.l1(w, data["planted_tokens"]) for v, w in unit["weights"].items()}
+    return unit
+
+
+def summarise(units: list[dict], variants: list[str]) -> dict:
+    keys = sorted({(u["exp"], u["target"]) for u in units})
+    per = {f"{e}/{t}": {v: er.paired([u for u in units if (u["exp"], u["target"]) == (e, t)], v, BASELINE)
+                        for v in variants} for e, t in keys}
+    planted = [u for u in units if "l1" in u]
+    l1 = {v: rq._ms([u["l1"][v] for u in planted]) for v in [BASELINE, *variants]} if planted else {}
+    flops = {v: float(np.mean([u["search_flops"][v] / u["search_flops"][BASELINE] for u in units]))
+             for v in variants}
+    return {"per_target": per, "pooled": {v: er.paired(units, v, BASELINE) for v in variants},
+            "l1_planted": l1, "flops_vs_defaults": flops, "chosen": decide(units, variants)}
+
+
+def decide(units: list[dict], variants: list[str]) -> str:
+    """The rule fixed before the runs (module docstring)."""
+    pooled = {v: er.paired(units, v, BASELINE) for v in variants}
+    better = [v for v, p in pooled.items() if p["mean"] + 2 * p["se"] < 0]
+    return min(better, key=lambda v: pooled[v]["mean"]) if better else BASELINE
+
+
+# ============================================================================ report
+
+
+def render(saved: dict, out: Path) -> None:
+    m, s, units = saved["meta"], saved["summary"], saved["units"]
+    variants = list(s["pooled"])
+    rows = []
+    for key, per in s["per_target"].items():
+        us = [u for u in units if f"{u['exp']}/{u['target']}" == key]
+        rows.append([key, f"{np.mean([u['losses'][BASELINE] for u in us]):.4f}", *(er._pm(per[v]) for v in variants)])
+    rows.append(["**pooled**", f"{np.mean([u['losses'][BASELINE] for u in units]):.4f}",
+                 *(f"**{er._pm(s['pooled'][v])}**" for v in variants)])
+    if s["l1_planted"]:
+        rows.append(["L1 to planted (mean ± std, planted targets)", _pm3(s["l1_planted"][BASELINE]),
+                     *(_pm3(s["l1_planted"][v]) for v in variants)])
+    rows.append(["search compute / defaults'", "1", *(f"{s['flops_vs_defaults'][v]:.2f}" for v in variants)])
+    sched = [f"`{v}`: " + ", ".join(f"{k} {units[0]['schedule'][v][k]:.4g}" for k in ("warmup_steps", "outer_every",
+                                                                                     "updates", "z_lr"))
+             for v in [BASELINE, *variants]]
+    lines = [
+        "# FastMix's defaults: development study of variants (generated by `fastmix_dev.py`)", "",
+        f"- date: {m['date']}", f"- machine: {m['machine']}", f"- commit: {m['commit']}",
+        f"- command: `{m['command']}` (under `nice -n {m['nice']}`, torch threads {m['threads']})",
+        f"- load average at start / end: {m['load_start']} / {m['load_end']}",
+        f"- wall time: {m['wall_s'] / 60:.1f} min (cached searches and final runs are reused); seeds {m['seeds']}; "
+        f"{len(units)} (target, seed) pairs x {1 + len(variants)} searches",
+        f"- run settings (the judge's): final run = search budget = {m['final_tokens']:,} tokens, batch "
+        f"{m['batch_size']} x {m['seq_len']}, proxy `{m['proxy']}`, {m['eval_seqs']} test sequences per target",
+        "- targets: the 8 of `export_rule.py` (none is a judge target); variants: "
+        + "; ".join(f"`{v}` {VARIANTS[v]}" for v in variants),
+        "- resolved schedules (first pair): " + "; ".join(sched), "",
+        "## Paired final loss against the defaults (variant − defaults, mean ± SE over seeds, (wins/n))", "",
+        _common.markdown_table(["target", "defaults (mean loss)", *variants], rows, "l" + "r" * (1 + len(variants))),
+        "", f"**Rule applied (stated in the script before the runs): `{s['chosen']}`.**", "",
+    ]
+    path = out / "fastmix_dev.md"
+    _common.write_atomic(str(path), "\n".join(lines) + _common.kept_analysis(str(path)))
+
+
+def _pm3(ms: list[float]) -> str:
+    return f"{ms[0]:.3f} ± {ms[1]:.3f}"
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--work", default="out/quality", help="cache and run folder (the judge's can be shared)")
+    ap.add_argument("--seeds", type=int, nargs="+", default=list(DEV_SEEDS))
+    ap.add_argument("--experiments", nargs="+", default=list(er.DEV_EXPERIMENTS), choices=list(er.DEV_EXPERIMENTS))
+    ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (the box is shared)")
+    ap.add_argument("--out", default=str(HERE), help="where fastmix_dev.json/.md go")
+    ap.add_argument("--from-results", action="store_true", help="re-render fastmix_dev.md from fastmix_dev.json")
+    args = ap.parse_args(argv)
+    out = Path(args.out)
+    if args.from_results:
+        render(json.loads((out / "fastmix_dev.json").read_text()), out)
+        return
+    run = rq.build_parser().parse_args([])  # the judge's run settings, unchanged
+    torch.set_num_threads(args.threads)
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    t0, load0 = time.perf_counter(), rq._uptime()
+    dirs = rq.corpora(work)
+    data = {e: rq.prepare_experiment(work, e, er.DEV_EXPERIMENTS[e], run, dirs, targets=er.DEV_TARGETS)
+            for e in args.experiments}
+    units = []
+    for seed in args.seeds:  # seed-major: a partial run is balanced over the targets
+        for exp in args.experiments:
+            for target in er.DEV_TARGETS:
+                u = study_unit(work, exp, target, seed, data[exp], run, args.variants)
+                units.append(u)
+                rq.log(f"{exp} {target:8s} s{seed} " + " ".join(f"{v}={x:.4f}" for v, x in u["losses"].items()))
+    meta = {"date": _common.today(), "machine": ", ".join(f"{k}: {v}" for k, v in _common.machine_info().items()),
+            "command": _common.command_line(), "commit": _common.git_revision(str(rq.REPO)),
+            "wall_s": time.perf_counter() - t0, "load_start": load0, "load_end": rq._uptime(), "nice": os.nice(0),
+            "threads": args.threads, "seeds": args.seeds,
+            **{k: getattr(run, k) for k in ("final_tokens", "batch_size", "seq_len", "proxy", "eval_seqs")}}
+    saved = {"meta": meta, "summary": summarise(units, args.variants), "units": units}
+    out.mkdir(parents=True, exist_ok=True)
+    _common.write_atomic(str(out / "fastmix_dev.json"), json.dumps(saved, indent=1))
+    render(saved, out)
+    rq.log(f"done in {meta['wall_s'] / 60:.1f} min; chosen: {saved['summary']['chosen']}; wrote {out / 'fastmix_dev.md'}")
+
+
+if __name__ == "__main__":
+    main()
