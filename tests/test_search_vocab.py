@@ -201,6 +201,14 @@ def test_search_refuses_ids_beyond_the_proxys_vocabulary_by_name(tmp_path):
     from fastmix_data.search import SearchConfig
     from fastmix_data.search.proxy.trainer import ProxyTrainer
 
+    # DoReMi runs its reference model on each batch before training on it: checked before that too
+    good = [[(i * 7 + j) % 250 for j in range(40)] for i in range(30)]
+    write_parquet_source(tmp_path / "g", [""] * 30, shards=1, text_col=None, ids_col="input_ids", ids=good)
+    dr = {**_search_cfg("doremi"), "cache_dir": str(tmp_path / "cache"),
+          "doremi": {"reference_weights": {"g": 1.0, "a": 0.0}}}
+    dr["train"] = {**dr["train"], "proxy": "tiny,vocab_size=256"}
+    with pytest.raises(TokenizerError, match=r"training micro-batch \d+ holds token id \d+, outside"):
+        run_method(dr, sources={"g": str(tmp_path / "g"), "a": str(tmp_path / "a")})
     trainer = ProxyTrainer(SearchConfig.from_dict(cfg).train, 10)  # the methods' common trainer
     trainer.step(torch.full((2, 9), 255))
     with pytest.raises(TokenizerError, match="training micro-batch 2 holds token id 256"):

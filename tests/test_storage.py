@@ -364,8 +364,9 @@ def test_obstore_gets_are_retried_by_the_policy_and_fail_naming_the_url(s3, tmp_
 def test_whole_object_downloads_through_obstore_are_checked_on_the_get_without_a_head(s3, tmp_path, monkeypatch,
                                                                                      as_worker):
     """A worker's whole-object download (WebDataset, MDS shards) through obstore: one GET, no HEAD,
-    the identity the GET answered with equal to the index's (stat); an object changed since it was
-    indexed is refused by name and nothing of it is cached; outside a worker, s3fs's HEAD + GET."""
+    the identity the GET answered with equal to the index's (stat). An object changed since it was
+    indexed is refused by name from the GET's headers, before its body is read (a grown object is
+    not downloaded), and nothing of it is cached; outside obstore, s3fs's HEAD + GET."""
     from fastmix_data.storage import Expected, ShardChangedError, Storage
 
     url, payload = _put_blob(s3, tmp_path, "whole")
@@ -373,22 +374,53 @@ def test_whole_object_downloads_through_obstore_are_checked_on_the_get_without_a
     faults = Faults()
     with fault_proxy(s3.endpoint, faults) as proxy:
         monkeypatch.setenv("AWS_ENDPOINT_URL", proxy)
-        got = RemoteFS().download_identified(url, str(tmp_path / "copy"))
-        assert got == info and (tmp_path / "copy").read_bytes() == payload
+        seen = []
+        assert RemoteFS().download_identified(url, str(tmp_path / "copy"), seen.append)
+        assert seen == [info] and (tmp_path / "copy").read_bytes() == payload
         storage = Storage(tmp_path / "cache")
         with storage.fetch(url, Expected(info.size, info.version), where="shard 'w/x.bin'") as pin:
             assert pin.read() == payload
         assert [line.split()[0] for line in faults.log] == ["GET", "GET"]  # no HEAD
-        (tmp_path / "whole" / "x.bin").write_bytes(payload[:-5])  # the object changes after indexing
+        (tmp_path / "whole" / "x.bin").write_bytes(payload * 50)  # the object changes after indexing
         s3.put(tmp_path / "whole", "whole")
         stale = Storage(tmp_path / "cache2")
-        with pytest.raises(ShardChangedError, match=r"shard 'w/x.bin' changed since it was indexed \(19995 bytes"):
+        with pytest.raises(ShardChangedError, match=r"shard 'w/x.bin' changed since it was indexed \(1000000 bytes"):
             stale.fetch(url, Expected(info.size, info.version), where="shard 'w/x.bin'")
         assert stale.cache.bytes_on_disk() == 0  # nothing of the changed object cached
+
+        def refuse(now):
+            raise ShardChangedError(f"{now.size} bytes")
+
+        with pytest.raises(ShardChangedError, match="1000000 bytes"):  # on the headers: no body written
+            RemoteFS().download_identified(url, str(tmp_path / "never"), refuse)
+        assert not (tmp_path / "never").exists()
         assert not [n for n in os.listdir(tmp_path / "cache2" / "partial") if n.endswith(".tmp")]
         monkeypatch.setenv("FASTMIX_DATA_S3_CLIENT", "s3fs")  # the s3fs path: asks first
-        assert RemoteFS().download_identified(url, str(tmp_path / "copy2")) is None
-        assert not (tmp_path / "copy2").exists()
+        assert not RemoteFS().download_identified(url, str(tmp_path / "copy2"), seen.append)
+        assert not (tmp_path / "copy2").exists() and len(seen) == 1
+
+
+def test_keys_obstore_cannot_name_are_read_through_s3fs_in_a_worker(s3, tmp_path, as_worker):
+    """S3 allows keys with an empty or '.' segment; object_store refuses to name them, so a worker
+    reads those through s3fs (ranges and whole objects), and the others through obstore."""
+    from fastmix_data.storage import s3_get
+    from fastmix_data.storage.fs import filesystem
+
+    url, payload = _put_blob(s3, tmp_path, "odd")
+    fs, _ = filesystem(url)
+    odd = {f"s3://{s3.bucket}/odd//x.bin", f"s3://{s3.bucket}/odd/./x.bin"}
+    for u in odd:
+        fs.pipe(u[len("s3://"):], payload)
+    assert not s3_get.usable_key("odd//x.bin") and not s3_get.usable_key("odd/./x.bin")
+    assert s3_get.usable_key("odd/x.bin") and s3_get.usable_key("odd/a b+c%20ü.bin")
+    for u in [url, *sorted(odd)]:
+        (data, info), = RemoteFS().read_ranges_identified(u, [(5, 50)])
+        assert data == payload[5:55] and info.size == len(payload)
+        seen = []
+        through_obstore = RemoteFS().download_identified(u, str(tmp_path / "copy"), seen.append)
+        assert through_obstore == (u == url)
+        if through_obstore:
+            assert (tmp_path / "copy").read_bytes() == payload and seen[0].size == len(payload)
 
 
 def test_obstore_is_used_only_for_what_it_honours_as_botocore_does(monkeypatch, as_worker):
@@ -403,16 +435,22 @@ def test_obstore_is_used_only_for_what_it_honours_as_botocore_does(monkeypatch, 
     assert config == {"access_key_id": "AKIA1", "secret_access_key": "s", "region": "eu-west-1",
                       "virtual_hosted_style_request": True}
     assert client["connect_timeout"].total_seconds() == 10 and client["read_timeout"].total_seconds() == 60
+    assert client["timeout"] == s3_get.NO_OVERALL_LIMIT  # not obstore's 30 s per request: large shards
     config, client = s3_get.s3_config({"key": "k", "secret": "s", "token": "t",
                                        "client_kwargs": {"endpoint_url": "http://127.0.0.1:9"}}, {})
     assert config == {"access_key_id": "k", "secret_access_key": "s", "session_token": "t",
-                      "region": "us-east-1", "endpoint": "http://127.0.0.1:9"} and client == {"allow_http": True}
+                      "region": "us-east-1", "endpoint": "http://127.0.0.1:9"}
+    assert client == {"allow_http": True, "timeout": s3_get.NO_OVERALL_LIMIT}
     assert s3_get.s3_config({"anon": True, "client_kwargs": {"region_name": "us-west-2"}}, {})[0] == {
         "skip_signature": True, "region": "us-west-2", "virtual_hosted_style_request": True}
     assert "profile" in s3_get.s3_config({}, {"AWS_PROFILE": "dev", "AWS_DEFAULT_REGION": "eu-west-1"})
     assert "profile" in s3_get.s3_config({"profile": "dev"}, env)
     assert "requester_pays" in s3_get.s3_config({"requester_pays": True}, env)
     assert "region" in s3_get.s3_config({}, {k: v for k, v in env.items() if k != "AWS_DEFAULT_REGION"})
+    aws_endpoint = {"client_kwargs": {"endpoint_url": "https://s3.eu-west-1.amazonaws.com"}}
+    no_region = {k: v for k, v in env.items() if k != "AWS_DEFAULT_REGION"}
+    assert "AWS endpoint without a configured region" in s3_get.s3_config(aws_endpoint, no_region)
+    assert s3_get.s3_config(aws_endpoint, env)[0]["region"] == "eu-west-1"
     monkeypatch.delenv("AWS_ACCESS_KEY_ID", raising=False)
     monkeypatch.setenv("AWS_DEFAULT_REGION", "eu-west-1")
     assert s3_get.store_for("b", {"profile": "dev"}) is None  # s3fs reads

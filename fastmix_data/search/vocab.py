@@ -12,8 +12,10 @@ A search at scale trains its proxy on the ids the final model will see. They com
 :func:`resolve_vocabulary` picks among them. :func:`check_ids` turns an out-of-range id in a batch
 into a clear error instead of an embedding lookup that fails deep inside torch (or a CUDA device
 assert). The search calls it on every training micro-batch before it leaves the CPU
-(``ProxyTrainer.train_step``) and on every target batch (FastMix's target pass, ``evaluate``), so a
-proxy declared smaller than the data's ids stops at the first such batch, named.
+(``ProxyTrainer.train_step``, DoReMi's reference pass, FastMix's batches; a caller's stream that
+yields batches already on the device: FastMix checks its first batch there) and on every target
+batch (FastMix's target pass, ``evaluate``), so a proxy declared smaller than the data's ids stops
+at the first such batch, named.
 
 Example (a 2,000-id BPE trained on local text with the ``tokenizers`` library)::
 

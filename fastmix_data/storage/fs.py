@@ -27,7 +27,7 @@ from __future__ import annotations
 import contextlib
 import os
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -267,9 +267,7 @@ class RemoteFS:
             return None
         from fastmix_data.storage import s3_get
 
-        fs, path = filesystem(url, self.storage_options)  # not started: obstore may do the GETs
-        bucket, key, _ = fs.split_path(path)
-        store = s3_get.store_for(bucket, _options(scheme_of(url), self.storage_options))
+        store, key = self._obstore(url)
         if store is not None:
             got = call(lambda: s3_get.get_ranges(store, key, ranges), url, "read ranges of", self.retry)
             return [(data, ObjectInfo(url, size, version)) for data, size, version in got]
@@ -297,22 +295,35 @@ class RemoteFS:
 
         return call(lambda: sync(fs.loop, every), url, "read ranges of", self.retry)
 
-    def download_identified(self, url: str, local: str) -> ObjectInfo | None:
-        """Download an object to the local file ``local`` through obstore and return the identity
-        its GET answered with (size, ETag / version id: checked against the index without a HEAD),
-        where :mod:`fastmix_data.storage.s3_get` may read (an S3 object in a DataLoader worker);
-        None otherwise, and nothing downloaded (the caller uses `stat` and `download`)."""
-        if scheme_of(url) not in ("s3", "s3a"):
-            return None
+    def download_identified(self, url: str, local: str, accept: Callable[[ObjectInfo], None]) -> bool:
+        """Download an object to the local file ``local`` through obstore where
+        :mod:`fastmix_data.storage.s3_get` may read it (an S3 object in a DataLoader worker), calling
+        ``accept(identity)`` with the size and ETag / version id its GET answered with before any of
+        the body is read (it raises to refuse a changed object: nothing is then downloaded, and no
+        HEAD was needed). False, with nothing done, where obstore does not read (the caller uses
+        `stat` and `download`)."""
+        store, key = self._obstore(url)
+        if store is None:
+            return False
         from fastmix_data.storage import s3_get
 
-        fs, path = filesystem(url, self.storage_options)  # not started: obstore may do the GET
+        def check(size: int, version: str) -> None:
+            accept(ObjectInfo(url, size, version))
+
+        call(lambda: s3_get.get_to_file(store, key, local, check), url, "download", self.retry)
+        return True
+
+    def _obstore(self, url: str):
+        """``(obstore store, key)`` for ``url`` when obstore does its GETs, else ``(None, key)``."""
+        if scheme_of(url) not in ("s3", "s3a"):
+            return None, ""
+        from fastmix_data.storage import s3_get
+
+        fs, path = filesystem(url, self.storage_options)  # not started: obstore may do the GETs
         bucket, key, _ = fs.split_path(path)
-        store = s3_get.store_for(bucket, _options(scheme_of(url), self.storage_options))
-        if store is None:
-            return None
-        size, version = call(lambda: s3_get.get_to_file(store, key, local), url, "download", self.retry)
-        return ObjectInfo(url, size, version)
+        if not s3_get.usable_key(key):  # e.g. "a//b": S3 allows it, object_store does not
+            return None, key
+        return s3_get.store_for(bucket, _options(scheme_of(url), self.storage_options)), key
 
     def download(self, url: str, local: str) -> None:
         """Copy an object to the local file ``local`` (streamed, not held in memory)."""

@@ -22,7 +22,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TypeVar
 
-from fastmix_data.errors import SourceError
+from fastmix_data.errors import FastMixDataError, SourceError
 from fastmix_data.storage.urls import redact
 
 log = logging.getLogger(__name__)
@@ -140,7 +140,8 @@ def call(fn: Callable[[], T], url: str, what: str, policy: RetryPolicy | None = 
     Raises:
         RemoteError: after the last try, or at once for a permanent failure; its message names the
             URL, the HTTP status (when any), the tries and what to do. The original exception is
-            chained as ``__cause__``.
+            chained as ``__cause__``. The library's own errors raised by ``fn`` (e.g.
+            ``ShardChangedError`` from a check of the answer) pass through unchanged, not retried.
     """
     policy = policy or RetryPolicy()
     attempt = 0
@@ -148,7 +149,7 @@ def call(fn: Callable[[], T], url: str, what: str, policy: RetryPolicy | None = 
         attempt += 1
         try:
             return fn()
-        except RemoteError:
+        except FastMixDataError:  # RemoteError, or the library's own refusal (e.g. a changed shard)
             raise
         except Exception as exc:  # classified below; nothing is swallowed
             transient = is_transient(exc)

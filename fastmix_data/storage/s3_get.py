@@ -32,8 +32,11 @@ obstore is used when all of these hold, else s3fs does the GETs too (:func:`stor
   ``AWS_SESSION_TOKEN``) in the environment. Profiles and the ``~/.aws`` files, SSO, and instance
   or container roles are botocore's chain, so s3fs;
 * the region is known (``client_kwargs={"region_name": ...}``, ``AWS_REGION`` or
-  ``AWS_DEFAULT_REGION``) or the endpoint is not AWS's (S3-compatible stores: ``us-east-1``, as
-  botocore); s3fs otherwise finds a bucket's region itself;
+  ``AWS_DEFAULT_REGION``) or the endpoint is not AWS's (neither the default nor a
+  ``*.amazonaws.com`` one; S3-compatible stores: ``us-east-1``, as botocore); s3fs otherwise finds
+  a bucket's region itself;
+* the object's key has no empty, ``.`` or ``..`` segment (:func:`usable_key`: object_store cannot
+  name ``a//b``, which S3 allows);
 * ``storage_options`` holds nothing but those, ``endpoint_url`` and the connect/read timeouts.
 """
 
@@ -44,9 +47,9 @@ import os
 import re
 import sys
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from datetime import timedelta
-from typing import Any
+from typing import Any, NoReturn
 
 from fastmix_data.errors import SourceError
 
@@ -56,6 +59,9 @@ _CONFIG_KWARGS = {"retries", "connect_timeout", "read_timeout"}  # fastmix's own
 _CLIENT_KWARGS = {"endpoint_url", "region_name"}
 _ENV_READ = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_DEFAULT_REGION", "AWS_REGION")
 _STATUS = re.compile(r"status code: (\d{3})")
+#: obstore's overall limit per request (its default, 30 s, would cut off any large shard's download
+#: and every retry of it); a stalled connection is ended by ``read_timeout`` instead
+NO_OVERALL_LIMIT = timedelta(days=1)
 
 _STORES: dict[tuple, Any] = {}  # (pid, choice, bucket, options, environment read) -> S3Store, or None: s3fs
 _LOCK = threading.Lock()
@@ -100,8 +106,10 @@ def s3_config(options: Mapping[str, Any], environ: Mapping[str, str]) -> tuple[d
     region = client_kwargs.get("region_name") or environ.get("AWS_DEFAULT_REGION") or environ.get("AWS_REGION")
     if not region and not endpoint:
         return "no region configured (s3fs finds the bucket's region)"
+    if not region and _is_aws(str(endpoint)):
+        return "an AWS endpoint without a configured region (s3fs finds the bucket's region)"
     config["region"] = region or "us-east-1"
-    client: dict[str, Any] = {}
+    client: dict[str, Any] = {"timeout": NO_OVERALL_LIMIT}  # as s3fs: stalls end by read_timeout, not size
     if endpoint:
         config["endpoint"] = endpoint
         client["allow_http"] = str(endpoint).startswith("http://")
@@ -126,6 +134,18 @@ def _credentials(options: Mapping[str, Any], environ: Mapping[str, str]) -> dict
         found = {"access_key_id": environ["AWS_ACCESS_KEY_ID"], "secret_access_key": environ["AWS_SECRET_ACCESS_KEY"]}
         return {**found, "session_token": environ["AWS_SESSION_TOKEN"]} if environ.get("AWS_SESSION_TOKEN") else found
     return "credentials from a profile, the ~/.aws files, SSO or an instance/container role (botocore's chain)"
+
+
+def _is_aws(endpoint: str) -> bool:
+    host = endpoint.split("://", 1)[-1].split("/", 1)[0].split(":", 1)[0].lower()
+    return host.endswith(".amazonaws.com") or host == "amazonaws.com"
+
+
+def usable_key(key: str) -> bool:
+    """Whether obstore can name object ``key``: object_store refuses keys with an empty, ``.`` or
+    ``..`` segment (``a//b``, ``a/./b``) or a leading or trailing ``/``, which S3 allows; s3fs
+    reads those."""
+    return bool(key) and all(part not in ("", ".", "..") for part in key.split("/"))
 
 
 def store_for(bucket: str, options: Mapping[str, Any]):
@@ -199,27 +219,37 @@ def get_ranges(store, key: str, ranges: Sequence[tuple[int, int]]) -> list[tuple
             return [_answer(result.meta, result.bytes())]
         return asyncio.run(every())
     except obstore.exceptions.BaseError as exc:
-        raise translate(exc) from exc
+        _raise_translated(exc)
 
 
-def get_to_file(store, key: str, local: str) -> tuple[int, str]:
+def _raise_translated(exc: BaseException) -> NoReturn:
+    new = translate(exc)
+    if new is exc:
+        raise exc
+    raise new from exc
+
+
+def get_to_file(store, key: str, local: str, accept: Callable[[int, str], None]) -> tuple[int, str]:
     """Download object ``key`` to the local file ``local`` (streamed in the chunks obstore
     receives, not held in memory); ``(object size, version)`` from the GET's own answer, as
-    :func:`get_ranges`.
+    :func:`get_ranges`. ``accept(size, version)`` is called with the answer's headers, before any
+    of the body is read: it raises to refuse the object (then nothing is downloaded).
 
     Raises:
-        what :func:`translate` makes of a failed request.
+        what :func:`translate` makes of a failed request; what ``accept`` raises.
     """
     import obstore
 
     try:
         result = obstore.get(store, key)
+        size, version = _answer(result.meta, b"")[1:]
+        accept(size, version)
         with open(local, "wb") as f:
             for chunk in result:
                 f.write(chunk)
-        return _answer(result.meta, b"")[1:]
+        return size, version
     except obstore.exceptions.BaseError as exc:
-        raise translate(exc) from exc
+        _raise_translated(exc)
 
 
 def _answer(meta: Mapping[str, Any], data) -> tuple[bytes, int, str]:

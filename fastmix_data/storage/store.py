@@ -205,12 +205,10 @@ class Storage:
             raise ValueError("fetch needs a cache; this Storage streams (cache_dir=False)")
 
         def fill(part: str) -> None:
-            got = self.remote.download_identified(url, part)  # the identity from the GET itself
-            if got is None:  # another client: a HEAD first
+            # the identity from the GET's own answer, before its body; another client: a HEAD first
+            if not self.remote.download_identified(url, part, lambda now: _refuse_changed(now, expect, where)):
                 self.check(url, expect, where)
                 self.remote.download(url, part)
-            else:
-                _refuse_changed(got, expect, where)  # the partial file is then removed by the cache
             if expect.sha256:
                 self._verify_sha256(part, url, expect, where)
 

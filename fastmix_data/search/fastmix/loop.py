@@ -525,7 +525,7 @@ class FastMixLoop:
                                  f"{tuple(tokens.shape)} {tokens.dtype}")
             if source.shape != (tokens.shape[0],):
                 raise ValueError(f"batch['source'] must have shape [B]=[{tokens.shape[0]}], got {tuple(source.shape)}")
-        if tokens.device.type == "cpu":
+        if tokens.device.type == "cpu" or self.state.step == 0:  # (on a device: the first batch, one sync)
             check_ids(tokens, self._V, f"search batch {self.state.step + self.state.held_out_batches + 1}")
         if source.numel() and (int(source.min()) < 0 or int(source.max()) >= self.K):
             raise ValueError(f"batch['source'] holds ids outside [0, {self.K}) (there are {self.K} sources): "

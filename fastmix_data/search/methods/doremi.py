@@ -24,6 +24,7 @@ from ..proxy.cache import ProxyCache, source_fingerprints
 from ..proxy.compute import ComputeMeter
 from ..proxy.trainer import ProxyTrainer, evaluate, make_stream
 from ..schedule import Budget, doremi_log_every, doremi_split
+from ..vocab import check_ids
 
 
 def excess_by_source(token_loss: torch.Tensor, ref_loss: torch.Tensor, source: torch.Tensor, K: int
@@ -88,6 +89,7 @@ def run(ctx: RunContext) -> MethodResult:
     state = {"alpha": alpha, "lam": torch.zeros(K, dtype=torch.float64)}
     for _ in range(budget.steps):
         b = next(it)
+        check_ids(b["tokens"], trainer.vocab_size, f"training micro-batch {trainer.micro + 1}")  # before the reference
         tokens, source = b["tokens"].to(trainer.device), b["source"].to(trainer.device)
         with torch.no_grad():
             B, L = tokens.shape[0], tokens.shape[1] - 1
