@@ -61,6 +61,8 @@ VARIANTS = {
     "travel-x2": {"z_lr_scale": 2.0},
     "residual-off": {"residual": False},
     "warmup-0.2": {"warmup_fraction": 0.2},
+    "residual-0.5": {"residual_weight": 0.5},
+    "residual-0.25": {"residual_weight": 0.25},
 }
 DEV_SEEDS = tuple(range(100, 106))
 

@@ -270,6 +270,9 @@ class FastMixConfig(Section):
                          "gradient <G_T - G_train, G_k>, G_train taken on held-out training sequences (the "
                          "gradient-matching form, unbiased for a proxy far from convergence); off: against G_T "
                          "as in the paper (head hypergradient only)", "bool")
+    residual_weight: float = opt(1.0, "with residual: the reference is G_T - residual_weight * G_train (1: the "
+                                 "gradient-matching form; 0: the paper's G_T, G_train not computed)", "float",
+                                 lo=0, hi=1)
     floor: float = opt(0.0, "alpha = (1 - floor) softmax(z) + floor / K", "float", lo=0, hi=0.999)
     kl_coef: float = opt(0.0, "weight of KL(alpha || prior) in the objective", "float", lo=0)
     prior: dict | None = opt(None, "prior mixture of the KL term", "weights", auto="uniform")

@@ -141,7 +141,7 @@ class FastMixLoop:
         self.window = SourceScores.zeros(self.K, dtype=torch.float64, device=self.device)
         self.tele = SourceScores.zeros(self.K, dtype=torch.float64, device=self.device)
         self.ema = GradientEMA(self.fc.target_ema)
-        self.residual = self.fc.residual and self.fc.hypergrad == "head"
+        self.residual = self.fc.residual and self.fc.residual_weight > 0 and self.fc.hypergrad == "head"
         self.reference: torch.Tensor | list | None = None  # what the window's tokens are scored against
         self.buffers: list[deque] = [deque(maxlen=self.fc.search_seqs_per_source) for _ in range(self.K)]
         self.targets = TargetBatches(target, tbs, self.cfg.target.seed) if target is not None else None
@@ -300,10 +300,11 @@ class FastMixLoop:
 
     def _reference(self, train_grad: torch.Tensor | None):
         """The gradient scores are taken against: ``G_T`` (the target's), or with ``fastmix.residual``
-        ``G_T - G_train`` (minus the alpha-weighted training gradient: see FastMixConfig.residual)."""
+        ``G_T - w G_train`` (minus the alpha-weighted training gradient times ``fastmix.residual_weight``:
+        see FastMixConfig.residual)."""
         if train_grad is None:
             return self.ema.value
-        return self.ema.value - train_grad.to(self.ema.value.dtype)
+        return self.ema.value - self.fc.residual_weight * train_grad.to(self.ema.value.dtype)  # x 1.0: exact
 
     def budget_reached(self) -> str | None:
         """``"max_tokens"`` once the budget's micro-batches are trained (at an optimiser-step boundary)."""
