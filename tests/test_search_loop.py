@@ -213,6 +213,49 @@ def test_answer_only_target_and_plain_mode():
     assert plain.compute["flops"]["hypergrad"] == 0 and plain.compute["tokens"]["eval"] == 0
 
 
+def _references(monkeypatch) -> list[tuple]:
+    """Each call of the loop's ``_reference``: (G_T, G_train or None, the reference it returned)."""
+    calls, real = [], loop_mod.FastMixLoop._reference
+
+    def spy(self, train_grad):
+        ref = real(self, train_grad)
+        calls.append((self.ema.value.clone(), None if train_grad is None else train_grad.clone(), ref.clone()))
+        return ref
+
+    monkeypatch.setattr(loop_mod.FastMixLoop, "_reference", spy)
+    return calls
+
+
+@pytest.mark.parametrize("weight", [1.0, 0.5])
+def test_residual_weight_scales_the_training_gradient_in_the_reference(weight, monkeypatch):
+    calls = _references(monkeypatch)
+    r = search(stream(), target([0.6, 0.3, 0.1]), cfg(30, residual_weight=weight))
+    assert len(calls) == 7 and r.details["residual"] is True  # start + 6 outer steps
+    for g_t, g_train, ref in calls:
+        assert g_train is not None and g_train.abs().sum() > 0
+        want = g_t - g_train if weight == 1.0 else g_t - weight * g_train
+        assert torch.equal(ref, want)  # 1.0: exactly today's G_T - G_train
+    if weight == 1.0:
+        monkeypatch.undo()
+        assert search(stream(), target([0.6, 0.3, 0.1]), cfg(30)).weights == r.weights  # = the default
+
+
+def test_residual_weight_zero_is_the_plain_signal_without_the_training_gradient(monkeypatch):
+    calls = _references(monkeypatch)
+    zero = search(stream(), target([0.6, 0.3, 0.1]), cfg(30, residual_weight=0.0))
+    assert calls and all(g_train is None and torch.equal(ref, g_t) for g_t, g_train, ref in calls)
+    off = search(stream(), target([0.6, 0.3, 0.1]), cfg(30, residual=False))
+    assert zero.details["residual"] is False and zero.weights == off.weights
+    assert zero.compute["tokens"]["eval"] == off.compute["tokens"]["eval"] == 7 * 8 * L  # no held-out passes
+
+
+def test_residual_weight_outside_0_1_is_refused():
+    with pytest.raises(ValueError, match=r"fastmix.residual_weight .*must be <= 1, got 1.5"):
+        cfg(30, residual_weight=1.5).validate()
+    with pytest.raises(ValueError, match=r"fastmix.residual_weight .*must be >= 0, got -0.1"):
+        cfg(30, residual_weight=-0.1).validate()
+
+
 def test_bad_inputs_get_clear_errors():
     with pytest.raises(ValueError, match="no sources"):
         search(iter([]), target([1, 0, 0]), cfg())
