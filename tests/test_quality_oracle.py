@@ -53,3 +53,39 @@ def test_in_sample_oracle_is_biased_low_on_a_flat_grid_and_held_out_is_not(rq):
         bias_out.append(o["loss"][0] - 2.0)
     assert np.mean(bias_in) < -0.01  # about -0.02 * E[max of 9 normals] / sqrt(6)
     assert abs(np.mean(bias_out)) < 0.004
+
+
+def _planted_in_child(work: str, corpus: str, out) -> None:
+    from pathlib import Path
+
+    with quality_module("run_quality.py") as mod:
+        out.put("ready")
+        got = mod.planted_target(Path(work), "exp", "test", {"code": 0.6, "prose": 0.4}, 20, {"stdlib": Path(corpus)})
+        out.put(sorted(p.name for p in got.iterdir()))
+
+
+def test_planted_sets_are_built_under_a_lock_shared_by_runs_on_one_folder(tmp_path):
+    """Two runs sharing one --work folder must not build (and delete) one planted set at once: the
+    check and the build hold a lock file beside it. While another process holds it, a run waits;
+    once released, it builds the whole set."""
+    import fcntl
+    import multiprocessing
+    import time
+
+    from fastmix_data.corpus import build_corpus
+
+    build_corpus(tmp_path / "c", seed=0, max_docs_per_domain=40, max_bytes_per_domain=60_000, docs_per_shard=8,
+                 progress=False)
+    (tmp_path / "w" / "planted").mkdir(parents=True)
+    ctx = multiprocessing.get_context("spawn")
+    out = ctx.Queue()
+    with open(tmp_path / "w" / "planted" / ".exp-test.lock", "w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)  # another run building it
+        child = ctx.Process(target=_planted_in_child, args=(str(tmp_path / "w"), str(tmp_path / "c"), out))
+        child.start()
+        assert out.get(timeout=60) == "ready"
+        time.sleep(2.0)  # (the build itself takes well under a second)
+        assert not (tmp_path / "w" / "planted" / "exp-test").exists()  # it waits for the lock
+    assert out.get(timeout=60) == ["code.parquet", "done", "prose.parquet"]
+    child.join(timeout=60)
+    assert child.exitcode == 0

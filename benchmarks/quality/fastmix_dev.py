@@ -1,4 +1,4 @@
-"""FastMix's defaults: a development study of a few variants on targets the quality benchmark never scores.
+"""FastMix's defaults: a development study of a few variants on target definitions the quality benchmark does not use.
 
 The judge (``run_quality.py``) finds FastMix's regret beyond 0.005 nats on two of its four K = 3
 targets, and the export rule is not the lever (``export_rule.md``: last / tail / average tie). This

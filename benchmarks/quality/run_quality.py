@@ -38,6 +38,7 @@ interrupted run resumes where it stopped. ``--quick`` is a smoke run; ``--from-r
 from __future__ import annotations
 
 import argparse
+import fcntl
 import functools
 import hashlib
 import json
@@ -126,6 +127,14 @@ def _home(domain: str, dirs: dict[str, Path]) -> Path:
 def planted_target(work: Path, exp: str, split: str, proportions: dict, n_docs: int, dirs: dict[str, Path]) -> Path:
     """A planted set stored as ONE FILE PER DOMAIN (the layout that once fooled FastMix's reader)."""
     out = work / "planted" / f"{exp}-{split}"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out.parent / f".{exp}-{split}.lock", "w") as lock:  # parallel runs on one --work folder
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        return _planted_locked(out, exp, split, proportions, n_docs, dirs)
+
+
+def _planted_locked(out: Path, exp: str, split: str, proportions: dict, n_docs: int, dirs: dict[str, Path]) -> Path:
+    work = out.parent.parent
     stamp = json.dumps({"proportions": proportions, "n_docs": n_docs}, sort_keys=True)
     if (out / "done").exists() and (out / "done").read_text() == stamp:
         return out
