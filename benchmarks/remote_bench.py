@@ -103,8 +103,7 @@ def _cpu_marks() -> dict[str, float]:
     """CPU seconds so far of this (training) process, of it and its descendants (the DataLoader
     workers, live or reaped), and of each server process (/proc, a few reads: well under 1 ms)."""
     t = os.times()
-    return {"train": t.user + t.system,
-            "tree": t.user + t.system + t.children_user + t.children_system + sum(_common.live_descendants().values()),
+    return {"train": t.user + t.system, "tree": _common._process_tree_cpu(),
             **{name: _common.process_cpu(pid) for name, pid in _SERVERS.items()}}  # fmt: skip
 
 

@@ -207,7 +207,7 @@ def get_ranges(store, key: str, ranges: Sequence[tuple[int, int]]) -> list[tuple
 
     async def one(offset: int, length: int) -> tuple[bytes, int, str]:
         result = await obstore.get_async(store, key, options={"range": (offset, offset + length)})
-        return _answer(result.meta, await result.bytes_async())
+        return bytes(await result.bytes_async()), *_identity(result.meta)
 
     async def every() -> list[tuple[bytes, int, str]]:
         return list(await asyncio.gather(*(one(int(o), int(n)) for o, n in ranges)))
@@ -216,7 +216,7 @@ def get_ranges(store, key: str, ranges: Sequence[tuple[int, int]]) -> list[tuple
         if len(ranges) == 1:  # the common case (a read's touching ranges are merged): no event loop
             offset, length = (int(x) for x in ranges[0])
             result = obstore.get(store, key, options={"range": (offset, offset + length)})
-            return [_answer(result.meta, result.bytes())]
+            return [(bytes(result.bytes()), *_identity(result.meta))]
         return asyncio.run(every())
     except obstore.exceptions.BaseError as exc:
         _raise_translated(exc)
@@ -242,7 +242,7 @@ def get_to_file(store, key: str, local: str, accept: Callable[[int, str], None])
 
     try:
         result = obstore.get(store, key)
-        size, version = _answer(result.meta, b"")[1:]
+        size, version = _identity(result.meta)
         accept(size, version)
         with open(local, "wb") as f:
             for chunk in result:
@@ -252,8 +252,9 @@ def get_to_file(store, key: str, local: str, accept: Callable[[int, str], None])
         _raise_translated(exc)
 
 
-def _answer(meta: Mapping[str, Any], data) -> tuple[bytes, int, str]:
-    return bytes(data), int(meta["size"]), str(meta.get("version") or meta.get("e_tag") or "").strip('"')
+def _identity(meta: Mapping[str, Any]) -> tuple[int, str]:
+    """(object size, version id or else ETag) from a GET's answer."""
+    return int(meta["size"]), str(meta.get("version") or meta.get("e_tag") or "").strip('"')
 
 
 def translate(exc: BaseException) -> BaseException:
