@@ -1,23 +1,29 @@
 """The weight channel: how weight changes in the training process reach every DataLoader worker.
 
 A small directory holds ``history.json`` (the weight history, replaced atomically) and ``claims``
-(a 40-byte header: history version, highest batch index any worker has started, pending flag,
-grant, wanted). Every write holds an exclusive ``fcntl.flock`` on ``lock``.
+(a 40-byte header: history version, highest batch a claiming worker has started, pending flag,
+grant, wanted). The training process writes the header under an exclusive ``fcntl.flock`` on
+``lock``; so do claiming workers (below). Every process reads it through a shared read-only mapping.
 
-Protocol. A worker, before producing global batch g, *claims* it: under the lock it waits while a
-change is pending or while g is at or past the *grant*, raises the claimed high-water mark to g, and
-reads the history if its version changed. `set_weights` (the training process) first marks a change
-pending and reads the local high-water mark H, then (across ranks) agrees on E = max_r H_r + 1, then
-appends the change at batch E and clears the flag. Every batch claimed before the change has index
-<= H < E, every batch claimed after sees the new history; a batch's content is a pure function of
-the history entries at or before it, so all workers and ranks serve the same sequence whatever their
-timing.
+Two kinds of reader (docs/stream.md, Live weights):
 
-The grant serves a stream that follows a publisher (:mod:`fastmix_data.live`): there, no process may
-claim a batch at or past the grant until the training process has asked the job-wide ledger for more
-(`install`), and the ledger places every change at or past every grant it has given, so no pause is
-needed. A claimer blocked by the grant records the batch in ``wanted`` so that the training process
-knows to ask. Without following the grant is unlimited.
+* *Optimistic* (`version`): the training process (``num_workers=0``) and `MixtureStream.loader`'s
+  workers, whose batches the training process checks before serving them. Per batch they read the
+  version from the mapping (no lock, no system call) and re-read the history when it changed; they
+  build ahead under the history they know, and a batch found stale when served is rebuilt. A change
+  applies at E = the first batch the training loop has not received.
+* *Claiming* (`claim`): workers of a plain ``DataLoader(stream)``, whose batches reach the training
+  loop unchecked. Before producing global batch g a worker claims it: under the lock it waits while a
+  change is pending or while g is at or past the *grant*, raises the claimed high-water mark to g,
+  and reads the history if its version changed. `set_weights` first marks a change pending and reads
+  the high-water mark H, then (across ranks) agrees on E >= H + 1, appends the change at E and clears
+  the flag, so every claimed batch is either before E or sees the new history.
+
+The grant serves a stream that follows a publisher (:mod:`fastmix_data.live`): no batch at or past
+the grant may be claimed (claiming workers) or served (`gate`, in the training process) until the
+training process has asked the job-wide ledger for more (`install`), and the ledger places every
+change at or past every grant it has given. A claimer blocked by the grant records the batch in
+``wanted`` so that the training process knows to ask. Without following the grant is unlimited.
 """
 
 from __future__ import annotations
@@ -42,7 +48,7 @@ _HEADER = struct.Struct("<qqqqq")  # history version, max claimed batch, pending
 UNLIMITED = 1 << 62  # the grant of a channel that does not follow a publisher
 FAILED = 2  # pending flag: the job cannot go on; every claim raises the reason kept in ``error.txt``
 
-_pid = [os.getpid()]  # this process's id, kept current across fork (`claim` runs once per batch)
+_pid = [os.getpid()]  # this process's id, kept current across fork (read once per batch)
 os.register_at_fork(after_in_child=lambda: _pid.__setitem__(0, os.getpid()))
 
 
@@ -52,7 +58,7 @@ class WeightChannel:
     Args:
         history: the initial history (JSON-serialisable list).
         first_batch: the first batch that will be served (claims start below it).
-        gated: claims need a grant (`install`); the grant starts at ``first_batch``.
+        gated: claims and `gate` need a grant (`install`); the grant starts at ``first_batch``.
     """
 
     def __init__(self, history: list, first_batch: int = 0, gated: bool = False):
@@ -68,7 +74,7 @@ class WeightChannel:
         self._fd_pid = -1
         self._thread_lock = threading.Lock()
         self._lock_pid = _pid[0]
-        self._claimed_here = first_batch - 1  # claims kept in memory by the owner process (see claim)
+        self._served_here = first_batch - 1  # the highest batch `gate` let the training process serve
         self._write_history(history, version=0)
         with open(self._path("claims"), "wb") as f:
             f.write(_HEADER.pack(0, first_batch - 1, 0, self._initial_grant(first_batch), -1))
@@ -124,30 +130,44 @@ class WeightChannel:
         return doc["version"], doc["history"]
 
     # ------------------------------------------------------------------------------- workers
-    def claim(self, batch: int) -> list | None:
-        """Claim ``batch`` before producing it; return the history if it changed since last call.
+    def version(self, raise_failure: bool = True) -> int:
+        """The history's version, read from the shared mapping (no lock, no system call): an
+        optimistic reader calls it per batch and re-reads the history (`_read_history`) when it
+        changed. Raises the reason of a `fail`ed channel unless not ``raise_failure``."""
+        version, _, pending, _, _ = self._read_header()
+        if pending == FAILED and raise_failure:
+            self._raise_failure()
+        return version
 
-        In the process that made the channel (the stream iterated with ``num_workers=0``) nothing
-        else claims concurrently and changes are made in that same process (or, through the thread
-        lock, in another of its threads), so an unchanged history is checked with one header read
-        (under the thread lock only: `set_weights` or a follower's grants may run in another thread)
-        and the claim is kept in memory."""
-        owner = _pid[0] == self.owner_pid
-        if owner:
-            # Under the thread lock, so that a `begin_change` from another thread either sees this
-            # claim or has set the pending flag before it (then the locked path below waits).
-            with self._thread_lock:
-                version, _, pending, grant, _ = self._read_header()
-                if not pending and version == self._local_version and batch < grant:
-                    self._claimed_here = max(self._claimed_here, batch)
-                    return None
+    def _raise_failure(self) -> None:
+        with open(self._path("error.txt")) as f:
+            raise CoordinationError(f.read())
+
+    def gate(self, batch: int) -> None:
+        """In the training process, before serving ``batch``: wait until it is below the grant
+        (asking for more through ``refill``), and record it as started here."""
+        delay = 0.0005
+        while True:
+            _, _, pending, grant, _ = self._read_header()
+            if pending == FAILED:
+                self._raise_failure()
+            if batch < grant:
+                self._served_here = max(self._served_here, batch)
+                return
+            if self.refill is not None:
+                self.refill(batch)  # may return before the job is ready: then wait and ask again
+            time.sleep(delay)
+            delay = min(2 * delay, 0.005)
+
+    def claim(self, batch: int) -> list | None:
+        """A claiming worker (see the module docstring): claim ``batch`` before producing it; return
+        the history if it changed since the last call."""
         delay = 0.0005
         while True:
             with self._locked():
                 version, claimed, pending, grant, wanted = self._read_header()
                 if pending == FAILED:
-                    with open(self._path("error.txt")) as f:
-                        raise CoordinationError(f.read())
+                    self._raise_failure()
                 if not pending and batch < grant:
                     if batch > claimed:
                         self._write_header(version, batch, 0, grant, wanted)
@@ -158,18 +178,17 @@ class WeightChannel:
                     return None
                 if batch >= grant and batch > wanted:
                     self._write_header(version, claimed, pending, grant, batch)
-            if batch >= grant and owner and self.refill is not None:
-                self.refill(batch)  # may return before the job is ready: then wait as workers do
             time.sleep(delay)
             delay = min(2 * delay, 0.005)
 
     # ------------------------------------------------------------------------------- trainer
     def begin_change(self) -> int:
-        """Mark a change pending (workers pause before their next claim); return max claimed batch."""
+        """Mark a change pending (claiming workers pause before their next claim); return the highest
+        batch a claiming worker has started (``first_batch - 1`` when none has)."""
         with self._locked():
             version, claimed, _, grant, wanted = self._read_header()
             self._write_header(version, claimed, 1, grant, wanted)
-            return max(claimed, self._claimed_here) if os.getpid() == self.owner_pid else claimed
+            return claimed
 
     def finish_change(self, history: list) -> int:
         """Publish ``history`` and clear the pending flag; return the new version."""
@@ -190,7 +209,7 @@ class WeightChannel:
             self._write_header(version, claimed, pending, max(old_grant, grant), wanted)
 
     def fail(self, reason: str) -> None:
-        """Make every claim, in every process, raise `CoordinationError` with ``reason``."""
+        """Make every claim, gate and version read, in every process, raise `CoordinationError` with ``reason``."""
         with open(self._path("error.txt"), "w") as f:
             f.write(reason)
         with self._locked():
@@ -198,20 +217,22 @@ class WeightChannel:
             self._write_header(version, claimed, FAILED, grant, wanted)
 
     def progress(self) -> tuple[int, int, int]:
-        """(max claimed batch, max batch a claim waits for (-1: none), grant); no lock taken."""
+        """(max batch started: claimed by a worker or served through `gate`; max batch a claim waits
+        for (-1: none); grant). No lock taken."""
         _, claimed, _, grant, wanted = self._read_header()
         if _pid[0] == self.owner_pid:
-            claimed = max(claimed, self._claimed_here)
+            claimed = max(claimed, self._served_here)
         return claimed, wanted, grant
 
-    def reset(self, history: list, first_batch: int) -> None:
+    def reset(self, history: list, first_batch: int) -> int:
         """Replace history and claims (after load_state_dict, before iterating); a gated channel's
-        grant goes back to ``first_batch``."""
+        grant goes back to ``first_batch``. Returns the new version."""
         with self._locked():
             version = self._read_header()[0]
             self._write_history(history, version + 1)
             self._write_header(version + 1, first_batch - 1, 0, self._initial_grant(first_batch), -1)
-            self._claimed_here = first_batch - 1
+            self._served_here = first_batch - 1
+            return version + 1
 
     def adopt(self, history: list) -> None:
         """Install a restored history if the channel's is older (a worker restoring its state)."""
@@ -221,11 +242,6 @@ class WeightChannel:
             if current != history and (len(current) < len(history) or current == history[: len(current)]):
                 self._write_history(history, version + 1)
                 self._write_header(version + 1, claimed, pending, grant, wanted)
-
-    def max_claimed(self) -> int:
-        with self._locked():
-            claimed = self._read_header()[1]
-        return max(claimed, self._claimed_here) if os.getpid() == self.owner_pid else claimed
 
     def close(self) -> None:
         if self._fds is not None and self._fd_pid == os.getpid():

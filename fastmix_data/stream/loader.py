@@ -90,23 +90,30 @@ class TrackedLoader:
         received: dict[int, dict] = {}  # by batch index, until every earlier batch was served
         expected = self.stream._next_batch  # worker w starts at this + w (unless resumed per worker)
         full_round = self.loader.num_workers * per_item
+        started = False
         for item in items:
             for packed in item if isinstance(item, list) else [item]:
                 if self.ring is not None:
                     packed = self.ring.receive(packed)
-                received[packed["batch_index"]] = packed
-            if expected not in received and len(received) >= full_round:
+                received[packed["batch_index"]] = packed  # a rebuilt copy replaces its stale one
+            if not started and expected not in received and len(received) >= full_round:
                 expected = min(received)  # a round from every worker is here: nothing earlier comes
             while expected in received:
-                yield self._served(received.pop(expected))
+                started = True
+                if not self.stream._admit(packed := received.pop(expected)):
+                    break  # stale: its worker, told of the change, sends it again
+                yield self._served(packed)
                 expected += 1
-        for g in sorted(received):  # the stream ended: what is left, in order
-            yield self._served(received.pop(g))
+        # The workers ended: the rest in order; a batch missing or stale here (its worker ended
+        # before it learnt of a change) is built in this process, as with num_workers=0.
+        while (packed := received.pop(expected, None) or self.stream._build_here(expected)) is not None:
+            if self.stream._admit(packed):
+                yield self._served(packed)
+                expected += 1
 
     def _served(self, packed: dict) -> dict:
-        batch, counts = unpack(packed, widen=not self.stream.narrow_tokens)
-        self.stream._count(batch["batch_index"], batch["weight_version"], counts)
-        return batch
+        """The user-facing batch of a packed one that `MixtureStream._admit` counted."""
+        return unpack(packed, widen=not self.stream.narrow_tokens)[0]
 
 
 def as_is(batch: dict) -> dict:

@@ -9,9 +9,12 @@ Solution: every batch is computed from a pure plan (:mod:`fastmix_data.plan`): g
 rank r holds global item positions [g*B*R + r*B, g*B*R + (r+1)*B), one *chunk* of the canonical
 partition (g*R + r) mod P, which reads only its slice of every source. Worker w of W produces batches
 start + w, start + w + W, ... (the order in which a DataLoader collects them), so with W*R dividing
-P a process reads 1/(W*R) of the data. Weight changes enter the plan's history at a global batch
-that no worker on any rank has started yet (the weight channel agrees on it), so content never
-depends on timing. The state is the history plus the next batch.
+P a process reads 1/(W*R) of the data. Weight changes enter the plan's history at the first global
+batch the training loop of no rank has received (the weight channel carries them to the workers);
+workers build ahead under the history they know, and a batch built under a history that has since
+changed at or before its index is stale: the training process never serves it (its worker, told of
+the change, builds it again). So content never depends on timing. The state is the history plus the
+next batch.
 """
 
 from __future__ import annotations
@@ -96,8 +99,8 @@ class MixtureStream(torch.utils.data.IterableDataset):
         cache_shards: decoded shards (or as many rows of row groups) kept per source and process.
         block_batches: batches each worker plans and reads in one pass (per-batch work is then
             slicing). Default 128 in sample mode; in packing mode as many as hold 4M tokens (at most
-            128). It never delays a weight change: batches are still claimed one at a time, and a
-            change drops what was built ahead. A worker's first block is 2 batches, each next one
+            128). It never delays a weight change: a change drops what was built ahead under the
+            old history and the next block is rebuilt from the first batch it alters. A worker's first block is 2 batches, each next one
             twice the last up to ``block_batches``, so the first batch does not wait for a whole block.
         narrow_tokens: keep token ids uint16/uint32 in the batches the training loop receives
             (``tokens``, ``input_ids``; widen them on the device) instead of int64 (default False).
@@ -180,7 +183,9 @@ class MixtureStream(torch.utils.data.IterableDataset):
         self._observed: dict[int, float] = {}
         self._tokens_observed = np.zeros(len(self.names), dtype=np.int64)
         self._samples_observed = np.zeros(len(self.names), dtype=np.int64)
-        self._weights_lock = threading.Lock()  # serialises set_weights calls from threads
+        self._weights_lock = threading.Lock()  # serialises set_weights calls and the serving of each batch
+        self._known_version = 0  # the channel's history version that self.history is
+        self._rebuilt = 0  # batches received stale (built under an older history) and built again
         self._coordinator = Coordinator(self.rank, self.world_size, stream_namespace() if self.world_size > 1 else "")
         self.follower = None
         self.channel = WeightChannel(self.history, first_batch=0, gated=follow is not None)
@@ -232,9 +237,35 @@ class MixtureStream(torch.utils.data.IterableDataset):
         self.plan.with_history([WeightChange(h["version"], h["position"], tuple(h["weights"])) for h in self.history])
 
     def _sync_history(self) -> None:
-        _, history = self.channel._read_history()
-        if len(history) != len(self.history) or history[-1]["version"] != self.history[-1]["version"]:
+        """Take the channel's history if its version moved since this process last read it (one
+        read of a shared mapping when it did not)."""
+        if self.channel.version(raise_failure=False) == self._known_version:
+            return
+        self._known_version, history = self.channel._read_history()
+        if history != self.history:
             self._set_history(history)
+
+    def _version_at(self, g: int) -> int:
+        """The version of the history entry in force at global batch g (the last one at or before
+        it). Every entry is made once, after the entries before it, so two histories with the same
+        entry in force at g agree on everything that batch g's content depends on."""
+        return next(h["version"] for h in reversed(self.history) if h["batch"] <= g)
+
+    def _admit(self, packed: dict) -> bool:
+        """In the training process, before serving a packed batch: wait for a grant past it
+        (following), then count it as received, unless it is stale (built under a history whose
+        entry in force at its index is no longer the one in force): then count a rebuild and return
+        False. Under the weights lock, so a concurrent `set_weights` places its change after it."""
+        g = packed["batch_index"]
+        if self.follower is not None:
+            self.channel.gate(g)
+        with self._weights_lock:
+            self._sync_history()
+            if packed["weight_version"] != self._version_at(g):
+                self._rebuilt += 1
+                return False
+            self._count(g, packed["weight_version"], packed["_counts"])
+            return True
 
     def fingerprint(self) -> str:
         """Hex digest of everything that determines the stream's content (not its weights)."""
@@ -292,15 +323,22 @@ class MixtureStream(torch.utils.data.IterableDataset):
                 ring.close()
 
     def _batches(self, g: int, worker: int, workers: int, in_main: bool, packed_out: bool) -> Iterator[dict]:
-        """Batches g, g + W, ... of worker ``worker`` of ``workers`` (packed when ``packed_out``)."""
+        """Batches g, g + W, ... of worker ``worker`` of ``workers`` (packed when ``packed_out``).
+
+        The training process (``in_main``) and `loader` workers (``packed_out``) build optimistically:
+        a changed history drops what was built ahead and rewinds to this worker's first batch that
+        the change alters (the training process discards the copies already sent; `_admit`). A plain
+        DataLoader's worker claims each batch first (`WeightChannel.claim`)."""
+        claiming = not (in_main or packed_out)
         ahead: collections.deque[dict] = collections.deque()  # built batches g, g + W, ...
-        block = min(FIRST_BLOCK_BATCHES, self.block_batches)
+        first, block = g, min(FIRST_BLOCK_BATCHES, self.block_batches)
         while True:
-            # Claim before serving: a change published since the last claim drops what was built
-            # ahead with the old history (content is a function of the history, never of timing).
-            changed = self.channel.claim(g)
+            changed = self.channel.claim(g) if claiming else None
             if changed is not None:
                 self._set_history(changed)
+                ahead.clear()
+            elif not claiming and (rewound := self._learn(g, first, workers)) is not None:
+                g, block = rewound, min(FIRST_BLOCK_BATCHES, self.block_batches)
                 ahead.clear()
             if not ahead:
                 indices = [g + j * workers for j in range(block)]
@@ -312,13 +350,30 @@ class MixtureStream(torch.utils.data.IterableDataset):
                 if not ahead:
                     return
             batch = ahead.popleft()
+            if in_main and not self._admit(batch):
+                ahead.clear()  # changed since it was built: build again from g
+                continue
             self._cursor = {"next": g + workers, "worker": worker, "num_workers": workers}
             if not packed_out:
-                batch, counts = batch_format.unpack(batch, widen=not self.narrow_tokens)
-                if in_main:
-                    self._count(g, batch["weight_version"], counts)
+                batch, _ = batch_format.unpack(batch, widen=not self.narrow_tokens)
             g += workers
             yield batch
+
+    def _learn(self, g: int, first: int, workers: int) -> int | None:
+        """An optimistic reader's check before each batch (one mapped read): None when the history
+        is unchanged, else, with the new history taken, the batch to build next: this worker's first
+        batch at or after the first one the change alters (its batches since ``first`` were sent)."""
+        if self.channel.version() == self._known_version:
+            return None
+        old = self.history
+        self._sync_history()
+        lo = max(_first_change(old, self.history), first)
+        return g - (g - lo) // workers * workers if g > lo else g
+
+    def _build_here(self, g: int) -> dict | None:
+        """Packed batch g built in this process (None past the end of the plan)."""
+        built = self._materialise(sl := self._plan_of([g]), [g][: len(sl.position) // self.batch_size])
+        return built[0] if built else None
 
     def _plan_block(self, batch_indices: list[int]) -> PlanSlice:
         """The plan of this rank's part of global batches ``batch_indices`` (ascending), one call
@@ -393,11 +448,12 @@ class MixtureStream(torch.utils.data.IterableDataset):
                 "this stream follows published weights (follow=); publish the change instead "
                 "(fastmix_data.live.WeightPublisher)"
             )
-        with self._weights_lock:  # concurrent calls from threads: one change at a time
+        with self._weights_lock:  # one change at a time, and no batch served meanwhile (`_admit`)
             return self._publish(requested)
 
     def _publish(self, requested: np.ndarray) -> int:
-        """Publish one change through the weight channel (callers hold ``_weights_lock``)."""
+        """Publish one change through the weight channel (callers hold ``_weights_lock``): at the
+        first batch that no rank's training loop has received (nor a claiming worker started)."""
         started = self.channel.begin_change()
         try:
             mine = {"started": started, "next": self._next_batch, "weights": [float(x) for x in requested]}
@@ -409,9 +465,9 @@ class MixtureStream(torch.utils.data.IterableDataset):
             entry = self._history_entry(self.history[-1]["version"] + 1, effective, requested, time.time())
             history = [h for h in self.history if h["batch"] < effective] + [entry]
         except BaseException:
-            self.channel.finish_change(self.history)
+            self._known_version = self.channel.finish_change(self.history)
             raise
-        self.channel.finish_change(history)
+        self._known_version = self.channel.finish_change(history)
         self._set_history(history)
         log.info("weights v%d %s take effect at global batch %d", entry["version"], entry["requested"], effective)
         return effective
@@ -548,7 +604,7 @@ class MixtureStream(torch.utils.data.IterableDataset):
         self._next_batch = int(state["next_batch"])
         self._resume_cursor = state.get("cursor")
         if torch.utils.data.get_worker_info() is None:
-            self.channel.reset(self.history, self._next_batch)
+            self._known_version = self.channel.reset(self.history, self._next_batch)
             if self.follower is not None:
                 self.follower.reset(self.history)
         else:
@@ -605,6 +661,7 @@ class MixtureStream(torch.utils.data.IterableDataset):
             "sources": per_source,
             "weight_updates": latency,
             "ended_at": self.plan.end,
+            "rebuilt_batches": self._rebuilt,
             "follow": self.follower.stats() if self.follower is not None else None,
         }
 
@@ -634,6 +691,12 @@ class MixtureStream(torch.utils.data.IterableDataset):
         if torch.utils.data.get_worker_info() is None:
             self._sync_history()
         return self.plan
+
+
+def _first_change(old: list[dict], new: list[dict]) -> int:
+    """The first global batch whose weights differ between two histories (a huge number if none)."""
+    keys = [{(h["version"], h["batch"], tuple(h["weights"])): h["batch"] for h in x} for x in (old, new)]
+    return min((b for k, b in {**keys[0], **keys[1]}.items() if (k in keys[0]) != (k in keys[1])), default=1 << 62)
 
 
 def _agree_change(payloads: list[dict]) -> dict:
