@@ -188,7 +188,8 @@ def test_loader_serves_the_in_process_batches_through_the_ring(data, monkeypatch
     loader = stream.loader(num_workers=2, prefetch_factor=2, shared_memory_batches=ring)
     got = [_key(b) for _, b in zip(range(20), loader)]
     assert got == ref
-    assert seen == ([True] * 20 if ring else [])
+    # every batch received through the ring (items of 8 batches: more than the 20 served arrive)
+    assert (len(seen) >= 20 and all(seen)) if ring else seen == []
     directory = loader.ring.directory if ring else None
     stream.close()
     assert directory is None or not os.path.exists(directory)

@@ -54,7 +54,7 @@ def test_gate_waits_for_a_grant_and_a_failed_channel_raises_everywhere():
         assert not passed.is_set() and asked and asked[-1] == 5  # batch 5 is at the grant: it waits, asking
         channel.install(None, 7)
         t.join(5)
-        assert passed.is_set() and channel.progress() == (5, -1, 7)  # served 5, nothing waits, grant 7
+        assert passed.is_set() and channel.progress() == (4, -1, 7)  # no worker claimed, none waits, grant 7
         channel.fail("ranks disagree")
         with pytest.raises(CoordinationError, match="ranks disagree"):
             channel.gate(6)

@@ -3,7 +3,7 @@
 The follower lives in the training process of every rank, beside the `MixtureStream` made with
 ``follow=``. Two daemon threads, nothing for the training loop to call:
 
-* *grants* (every rank): keeps the rank's weight channel supplied with batches it may claim, asking
+* *grants* (every rank): keeps the rank's weight channel supplied with batches it may serve, asking
   the job's ledger (:mod:`fastmix_data.live.ledger`) for more when fewer than ``lookahead / 2``
   are left or a worker waits, and installs the changes the ledger returns with the grant;
 * *poll* (the deciding rank, rank 0 by default): every ``poll_s`` reads the publisher's heartbeat
@@ -36,7 +36,7 @@ from fastmix_data.plan.weights import normalize_weights
 
 log = logging.getLogger(__name__)
 
-GRANT_TICK_S = 0.002  # how often the grants thread looks at the rank's claims (an mmap read)
+GRANT_TICK_S = 0.002  # how often the grants thread looks at the rank's progress (an mmap read)
 IDLE_TICK_S = 0.02  # ... before the stream is first iterated
 
 
@@ -52,8 +52,8 @@ class Follow:
             non-loopback TCP address).
         poll_s: seconds between two reads of the publisher (deciding rank only). Default 0.2.
         lookahead: batches granted past the one asked for. A change applies at most
-            ``lookahead + 1`` batches after the last batch any process of the job had claimed
-            (docs/live.md). Default 4.
+            ``lookahead + 1`` batches after the last batch any rank's training loop had received
+            (with `MixtureStream.loader` or ``num_workers=0``; docs/live.md). Default 4.
         dead_after_s: heartbeat silence after which the publisher is reported lost. Default 10.
         decider_rank: the rank that reads the publisher and decides. Default 0.
     """
@@ -150,12 +150,13 @@ class Follower:
 
     # ------------------------------------------------------------------------- grants
     def refill(self, batch: int | None = None) -> None:
-        """Ask the ledger for more batches when the rank is short of them (``batch``: a claim of the
-        training process waits for it)."""
+        """Ask the ledger for more batches when the rank is short of them: fewer than ``lookahead / 2``
+        left past the first batch its loop has not received (or a claiming worker's claims), or
+        ``batch``, which the training process waits to serve (`WeightChannel.gate`)."""
         with self._lock:
             channel = self.stream.channel
             claimed, wanted, grant = channel.progress()
-            need = max(claimed + 1, wanted, -1 if batch is None else batch)
+            need = max(claimed + 1, self.stream._next_batch, wanted, -1 if batch is None else batch)
             if not self._joined:
                 if wanted < 0 and batch is None:
                     return  # nothing iterates yet (a later load_state_dict may still change the history)
@@ -181,11 +182,11 @@ class Follower:
         while not self._stop.wait(GRANT_TICK_S if self._joined else IDLE_TICK_S):
             try:
                 self.refill()
-            except CoordinationError as e:  # the ranks disagree: every claim of this rank raises it
+            except CoordinationError as e:  # the ranks disagree: this rank's next batch raises it
                 log.error("rank %d: %s", self.stream.rank, e)
                 self.stream.channel.fail(str(e))
                 return
-            except Exception:  # a store hiccup: claims wait, the next tick asks again
+            except Exception:  # a store hiccup: serving waits at the grant, the next tick asks again
                 log.exception("rank %d: asking the ledger for batches failed; retrying", self.stream.rank)
                 self._stop.wait(1.0)
 

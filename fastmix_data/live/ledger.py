@@ -1,14 +1,14 @@
 """The job-wide ledger of a following stream: where each followed change applies, decided once.
 
 Design problem: a change published beside the job must apply at one global batch E on every rank,
-and no process of any rank may have started batch E under the old weights. Pausing every worker of
+and no rank may have served batch E under the old weights. Pausing every worker of
 every rank for each change (the `set_weights` protocol) would need every rank to answer at once.
 
-Solution: *grants*. No process may claim a batch at or past the job's grant G without asking the
+Solution: *grants*. No rank may serve a batch at or past the job's grant G without asking the
 ledger, which raises G to ``need + lookahead`` (one compare-and-set on the store, every few
 batches per rank). A change is decided at E = max(G, last change + 1) in the same compare-and-set
-cell, so it lies past every batch anyone may have claimed; a rank learns it the next time it asks
-for batches, which it must do before claiming E. The decision is recorded, so it is the same on
+cell, so it lies past every batch any rank may have served; a rank learns it the next time it asks
+for batches, which it must do before serving E. The decision is recorded, so it is the same on
 every rank and in every checkpoint.
 
 Store layout under ``<namespace>/s<session>/`` (JSON values)::

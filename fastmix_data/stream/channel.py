@@ -74,7 +74,6 @@ class WeightChannel:
         self._fd_pid = -1
         self._thread_lock = threading.Lock()
         self._lock_pid = _pid[0]
-        self._served_here = first_batch - 1  # the highest batch `gate` let the training process serve
         self._write_history(history, version=0)
         with open(self._path("claims"), "wb") as f:
             f.write(_HEADER.pack(0, first_batch - 1, 0, self._initial_grant(first_batch), -1))
@@ -145,14 +144,13 @@ class WeightChannel:
 
     def gate(self, batch: int) -> None:
         """In the training process, before serving ``batch``: wait until it is below the grant
-        (asking for more through ``refill``), and record it as started here."""
+        (asking for more through ``refill``)."""
         delay = 0.0005
         while True:
             _, _, pending, grant, _ = self._read_header()
             if pending == FAILED:
                 self._raise_failure()
             if batch < grant:
-                self._served_here = max(self._served_here, batch)
                 return
             if self.refill is not None:
                 self.refill(batch)  # may return before the job is ready: then wait and ask again
@@ -217,11 +215,8 @@ class WeightChannel:
             self._write_header(version, claimed, FAILED, grant, wanted)
 
     def progress(self) -> tuple[int, int, int]:
-        """(max batch started: claimed by a worker or served through `gate`; max batch a claim waits
-        for (-1: none); grant). No lock taken."""
+        """(max batch claimed by a worker; max batch a claim waits for (-1: none); grant). No lock."""
         _, claimed, _, grant, wanted = self._read_header()
-        if _pid[0] == self.owner_pid:
-            claimed = max(claimed, self._served_here)
         return claimed, wanted, grant
 
     def reset(self, history: list, first_batch: int) -> int:
@@ -231,7 +226,6 @@ class WeightChannel:
             version = self._read_header()[0]
             self._write_history(history, version + 1)
             self._write_header(version + 1, first_batch - 1, 0, self._initial_grant(first_batch), -1)
-            self._served_here = first_batch - 1
             return version + 1
 
     def adopt(self, history: list) -> None:

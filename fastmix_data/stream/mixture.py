@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import collections
 import hashlib
-import itertools
 import json
 import logging
 import math
@@ -58,6 +57,7 @@ BLOCK_BATCHES = 128  # default: batches a worker plans and reads in one pass (sa
 BLOCK_TOKENS = 1 << 22  # packing mode: a block holds at most this many tokens
 PREFETCH_BLOCKS = 2  # prefetch looks at most this many full blocks of batches ahead (and its byte budget)
 FIRST_BLOCK_BATCHES = 2  # a worker's first block; each next one doubles up to block_batches (first batch sooner)
+BATCHES_PER_ITEM = 8  # loader(): batches per DataLoader item (benchmarks/results/optimistic.md)
 
 
 def _check_int(name: str, value: Any, lo: int, optional: bool = False) -> None:
@@ -186,6 +186,7 @@ class MixtureStream(torch.utils.data.IterableDataset):
         self._weights_lock = threading.Lock()  # serialises set_weights calls and the serving of each batch
         self._known_version = 0  # the channel's history version that self.history is
         self._rebuilt = 0  # batches received stale (built under an older history) and built again
+        self._send_now = False  # a worker: send the item now (see _items)
         self._coordinator = Coordinator(self.rank, self.world_size, stream_namespace() if self.world_size > 1 else "")
         self.follower = None
         self.channel = WeightChannel(self.history, first_batch=0, gated=follow is not None)
@@ -311,7 +312,7 @@ class MixtureStream(torch.utils.data.IterableDataset):
         batches = self._batches(g, worker, workers, in_main, packed_out=output is not None)
         try:
             if output is not None and output.per_item > 1:  # loader() workers: R of their batches per item
-                while chunk := list(itertools.islice(batches, output.per_item)):
+                for chunk in self._items(batches, output.per_item):
                     yield chunk if ring is None else [ring.send(b) for b in chunk]
             elif ring is not None:
                 for batch in batches:
@@ -321,6 +322,21 @@ class MixtureStream(torch.utils.data.IterableDataset):
         finally:
             if ring is not None:
                 ring.close()
+
+    def _items(self, batches: Iterator[dict], per_item: int) -> Iterator[list[dict]]:
+        """``per_item`` batches per DataLoader item, except that the first item, and an item in which
+        a weight change was learnt, end at their first batch built under the history (the training
+        loop waits for it: it is not held back while the rest of the item is built)."""
+        chunk: list[dict] = []
+        self._send_now = True
+        for batch in batches:
+            chunk.append(batch)
+            if len(chunk) == per_item or self._send_now:
+                self._send_now = False
+                yield chunk
+                chunk = []
+        if chunk:
+            yield chunk
 
     def _batches(self, g: int, worker: int, workers: int, in_main: bool, packed_out: bool) -> Iterator[dict]:
         """Batches g, g + W, ... of worker ``worker`` of ``workers`` (packed when ``packed_out``).
@@ -340,6 +356,7 @@ class MixtureStream(torch.utils.data.IterableDataset):
             elif not claiming and (rewound := self._learn(g, first, workers)) is not None:
                 g, block = rewound, min(FIRST_BLOCK_BATCHES, self.block_batches)
                 ahead.clear()
+                self._send_now = True  # `_items` sends the next batch at once
             if not ahead:
                 indices = [g + j * workers for j in range(block)]
                 block = min(2 * block, self.block_batches)
@@ -427,12 +444,13 @@ class MixtureStream(torch.utils.data.IterableDataset):
     def set_weights(self, weights: Mapping[str, float] | Sequence[float]) -> int:
         """Change the mixture; return the global batch index from which it applies.
 
-        The change applies at the first global batch that no worker on any rank has started
-        (with a plain DataLoader: at most num_workers * prefetch_factor batches after the last one
-        the training loop received; with `loader`, num_workers * R * (ceil(prefetch_factor / R) + 1)
-        for R = batches_per_item, see docs/stream.md). Under torch.distributed every rank must call
-        this at the same point of its loop (it is a collective, carried by the job's c10d store, never
-        by the training's process group); rank 0's weights are used.
+        The change applies at the first global batch that the training loop of no rank has received
+        (with `loader` or ``num_workers=0``: what the workers built ahead under the old weights is
+        built again, never served; with a plain DataLoader, whose workers claim their batches: at
+        most num_workers * prefetch_factor batches later, see docs/stream.md). Under
+        torch.distributed every rank must call this at the same point of its loop (it is a
+        collective, carried by the job's c10d store, never by the training's process group); rank
+        0's weights are used.
 
         Thread-safe: calls from several threads are serialised (each returns the batch from which
         its own weights apply; a later call that gets the same batch replaces the earlier one).
@@ -523,7 +541,7 @@ class MixtureStream(torch.utils.data.IterableDataset):
         self._observe(batch)
 
     def loader(
-        self, *, shared_memory_batches: bool = True, batches_per_item: int = 2, **dataloader_kwargs
+        self, *, shared_memory_batches: bool = True, batches_per_item: int = BATCHES_PER_ITEM, **dataloader_kwargs
     ) -> TrackedLoader:
         """A torch DataLoader over this stream that reports consumed batches back to it.
 
@@ -531,7 +549,8 @@ class MixtureStream(torch.utils.data.IterableDataset):
         DataLoader item (the DataLoader's per-item work is then shared by them), as numpy arrays
         and UTF-8 bytes written to a ring of shared-memory slots (``shared_memory_batches``, see
         :mod:`fastmix_data.stream.batch_ring`; False: pickled through the DataLoader's pipe), and
-        this process makes tensors and ``str`` and serves the batches in order. ``prefetch_factor``
+        this process makes tensors and ``str`` and serves the batches in order (default 8: the
+        weight-change bound does not depend on it; docs/stream.md). ``prefetch_factor``
         counts batches per worker, as for a plain DataLoader (it becomes
         ceil(prefetch_factor / batches_per_item) items). A plain ``DataLoader(stream,
         batch_size=None)`` also works (then call `observe` on each batch for telemetry): its
@@ -700,8 +719,8 @@ def _first_change(old: list[dict], new: list[dict]) -> int:
 
 
 def _agree_change(payloads: list[dict]) -> dict:
-    """Where a `set_weights` change applies, from every rank's claims and position, with rank 0's
-    weights (run on rank 0 by `Coordinator.reduce`)."""
+    """Where a `set_weights` change applies: after every rank's received batches (and its claiming
+    workers' claims), with rank 0's weights (run on rank 0 by `Coordinator.reduce`)."""
     return {
         "effective": max(max(p["started"] for p in payloads) + 1, max(p["next"] for p in payloads)),
         "weights": payloads[0]["weights"],
