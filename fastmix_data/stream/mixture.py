@@ -100,8 +100,9 @@ class MixtureStream(torch.utils.data.IterableDataset):
         block_batches: batches each worker plans and reads in one pass (per-batch work is then
             slicing). Default 128 in sample mode; in packing mode as many as hold 4M tokens (at most
             128). It never delays a weight change: a change drops what was built ahead under the
-            old history and the next block is rebuilt from the first batch it alters. A worker's first block is 2 batches, each next one
-            twice the last up to ``block_batches``, so the first batch does not wait for a whole block.
+            old history and the next block is rebuilt from the first batch it alters. A worker's
+            first block is 2 batches, each next one twice the last up to ``block_batches``, so the
+            first batch does not wait for a whole block.
         narrow_tokens: keep token ids uint16/uint32 in the batches the training loop receives
             (``tokens``, ``input_ids``; widen them on the device) instead of int64 (default False).
         follow: a URI or :class:`fastmix_data.live.Follow`: the weights come from a publisher
