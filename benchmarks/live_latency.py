@@ -78,7 +78,7 @@ def verify(srcs, history: list, ranks: list[dict]) -> int:
     """Check every batch each rank received against one process replaying the recorded history;
     return how many were checked (raises AssertionError on a difference)."""
     ref = MixtureStream(srcs, dict.fromkeys(NAMES, 1.0), batch_size=2 * BATCH, seq_len=SEQ, seed=0, world_size=1,
-                        rank=0)
+                        rank=0, chunk_items=BATCH)  # a rank's batch is one chunk of a partition
     ref.load_state_dict({**ref.state_dict(), "history": history}, allow_fingerprint_mismatch=True)
     want = {g: r for r in ranks for (_, g, _, _) in r["rows"]}
     checked = 0

@@ -248,10 +248,10 @@ def make_fastmix(data: BenchData, batch: int, cache_dir: str) -> Contender:
         open_,
         "Parquet shards; `MixtureStream(sources={domain: [files]}, weights, batch_size=32, seed)`, "
         "default shuffle (shard order and rows within each shard per epoch), `cache_shards=2`, default "
-        "`block_batches=128` (each worker plans and reads 128 of its batches in one pass, still claiming "
-        "them one at a time for live weights); workers via `stream.loader(num_workers=2, prefetch_factor=2)` "
-        "with its defaults: each worker sends 2 of its batches per DataLoader item (`batches_per_item=2`; "
-        "`prefetch_factor` counts batches, so 2 batches in flight per worker as for the peers) through a "
+        "`block_batches=128` (each worker plans and reads 128 of its batches in one pass; a weight change "
+        "drops what was built ahead); workers via `stream.loader(num_workers=2, prefetch_factor=2)` "
+        "with its defaults: each worker sends 8 of its batches per DataLoader item (`batches_per_item=8`; "
+        "`prefetch_factor` counts batches, rounded up to one item per worker) through a "
         "ring of shared-memory slots (`shared_memory_batches=True`; texts as UTF-8 bytes, `str` made in "
         "the training process); canonical partitions (default P), so each worker reads only its partitions' slices.",
     )

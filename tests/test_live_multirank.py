@@ -124,7 +124,7 @@ def test_two_ranks_follow_without_the_training_group(tmp_path, mode, transport, 
 
     if mode == "nccl-like":
         assert "No backend type associated with device type cpu" in r0["refused"]
-    assert r0["effective"] == r1["effective"] >= 3  # set_weights agreed through the store
+    assert r0["effective"] == r1["effective"] == 3  # agreed through the store: the first batch not received
     assert r0["plain_history"][-1]["requested"] == pytest.approx(UPDATES[0]) == r1["plain_history"][-1]["requested"]
     for r in (r0, r1):  # every temp file where that rank's "host" keeps it
         assert r["dirs"]["channel"].startswith(r["host"]["tmp"])
