@@ -89,3 +89,32 @@ def test_planted_sets_are_built_under_a_lock_shared_by_runs_on_one_folder(tmp_pa
     assert out.get(timeout=60) == ["code.parquet", "done", "prose.parquet"]
     child.join(timeout=60)
     assert child.exitcode == 0
+
+
+def test_a_cached_search_names_its_own_run_folder(rq, tmp_path):
+    """Two searches of one experiment, target, method and seed that differ in config run in different
+    folders, and each cached record names its own: what is read from the folder afterwards (the
+    best-validation mixture of export_rule.py) is that config's trajectory, never the other's (both
+    used to run in runs/<exp>/<target>/<method>/seed<s>, the later one replacing the earlier's files)."""
+    import argparse
+    import hashlib
+    from pathlib import Path
+
+    from fastmix_data.corpus import build_corpus
+
+    c = tmp_path / "c"
+    build_corpus(c, seed=0, max_docs_per_domain=40, max_bytes_per_domain=60_000, docs_per_shard=8, progress=False)
+    names = sorted(p.name for p in (c / "train").iterdir())[:2]
+    data = {"sources": {d: str(c / "train" / d) for d in names}, "search": {"t": str(c / "validation" / names[0])}}
+    args = argparse.Namespace(final_tokens=16_384, proxy="tiny", batch_size=4, seq_len=32)
+    work = tmp_path / "w"
+
+    def digest(rec):
+        return hashlib.sha256((Path(rec["run_dir"]) / "trajectory.jsonl").read_bytes()).hexdigest()
+
+    first = rq.run_search_cached(work, "exp", "fastmix", "t", 0, data, args)
+    before = digest(first)
+    other = rq.run_search_cached(work, "exp", "fastmix", "t", 0, data, args, overrides={"z_lr": 0.5})
+    assert other["run_dir"] != first["run_dir"]
+    again = rq.run_search_cached(work, "exp", "fastmix", "t", 0, data, args)  # from the cache
+    assert again["run_dir"] == first["run_dir"] and digest(again) == before

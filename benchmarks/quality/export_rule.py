@@ -89,7 +89,10 @@ def study_unit(work: Path, exp: str, target: str, seed: int, data: dict, args) -
     """One search, then a final run on every candidate export; their final losses on ``target``."""
     s = rq.run_search_cached(work, exp, "fastmix", target, seed, data, args)
     weights = dict(s["candidates"])
-    run_dir = work / "runs" / exp / target / "fastmix" / f"seed{seed}"  # where run_search_cached ran it
+    if "run_dir" not in s:  # cached before run_search_cached recorded its (config-keyed) run folder
+        raise RuntimeError(f"the cached {exp}/{target} FastMix search of seed {seed} does not name its run folder: "
+                           f"delete {work / 'methods'}/{exp}-fastmix-{target}-s{seed}-*.json to rerun it")
+    run_dir = Path(s["run_dir"])
     bv = best_validation(run_dir)
     if bv is None:
         raise RuntimeError(f"{run_dir}: no trajectory record with a target loss (delete the cached search to rerun)")

@@ -201,19 +201,22 @@ def method_config(args, method: str, seed: int, work: Path, overrides: dict | No
 
 def run_search_cached(work: Path, exp: str, method: str, tname: str | None, seed: int, data: dict, args,
                       overrides: dict | None = None, tag: str = "") -> dict:
-    """One search, cached by its full config, sources, target and code; ``tag`` names the run folder
-    of a search with ``overrides`` (runs/<exp>/<target>/<method><tag>/seed<s>)."""
+    """One search, cached by its full config, sources, target and code; it runs in the folder
+    runs/<exp>/<target>/<method><tag>/seed<s>-<cache key> (``tag`` names a search with ``overrides``),
+    recorded as ``run_dir`` in the cached record, so that what is read from the folder afterwards (its
+    trajectory) is this config's and never another's that shared the seed."""
     cfg = method_config(args, method, seed, work, overrides)
     target = data["search"][tname] if tname else None
     desc = {"exp": exp, "method": method, "target": target, "cfg": cfg.to_dict(), "sources": data["sources"],
             "code": _code_fingerprint()}
-    path = work / "methods" / f"{exp}-{method}-{tname or 'blind'}-s{seed}-{_key(desc)}.json"
+    key = _key(desc)
+    path = work / "methods" / f"{exp}-{method}-{tname or 'blind'}-s{seed}-{key}.json"
     if path.exists():
         return json.loads(path.read_text())
-    out_dir = work / "runs" / exp / (tname or "blind") / f"{method}{tag}" / f"seed{seed}"
+    out_dir = work / "runs" / exp / (tname or "blind") / f"{method}{tag}" / f"seed{seed}-{key}"
     t0 = time.perf_counter()
     r = run_method(cfg, sources=data["sources"], target=target, out_dir=out_dir)
-    rec = {"weights": r.weights, "candidates": r.candidates, "flops": r.compute["flops"],
+    rec = {"weights": r.weights, "candidates": r.candidates, "flops": r.compute["flops"], "run_dir": str(out_dir),
            "tokens": r.compute["tokens"], "wall_s": time.perf_counter() - t0,
            "details": {k: v for k, v in r.details.items() if k in ("schedule", "updates", "eg_steps", "converged",
                                                                     "probe_steps", "reference_tokens")}}
