@@ -45,6 +45,7 @@ import argparse
 import json
 import os
 import random
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -125,10 +126,21 @@ def _litdata(workdir: str, text: dict) -> dict:
     out = {}
     for k, (d, files) in enumerate(text.items()):
         target = os.path.join(workdir, "litdata", d)
-        if not os.path.exists(os.path.join(target, "index.json")):
+        if not _litdata_complete(target):
+            shutil.rmtree(target, ignore_errors=True)  # absent, or cut short (an index without its chunks)
             optimize(fn=_ld_rows(k), inputs=files, output_dir=target, chunk_bytes="64MB", num_workers=1, verbose=False)
         out[d] = target
     return out
+
+
+def _litdata_complete(target: str) -> bool:
+    """litdata's optimized copy is there: its index lists chunks and every one of them exists."""
+    try:
+        with open(os.path.join(target, "index.json")) as f:
+            chunks = json.load(f).get("chunks") or []
+    except (OSError, ValueError):
+        return False
+    return bool(chunks) and all(os.path.exists(os.path.join(target, c["filename"])) for c in chunks)
 
 
 class _ld_rows:  # noqa: N801 (a picklable function for litdata.optimize)
