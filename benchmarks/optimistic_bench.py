@@ -49,7 +49,10 @@ def steady_child(data: dict, seed: int, workers: int, per_item: int, n: int) -> 
     return pb.measure(open_fn, data, seed, workers, n)
 
 
-def stall_child(data: dict, seed: int, workers: int, per_item: int, batches: int, every: int) -> dict:
+def stall_child(data: dict, seed: int, workers: int, per_item: int, batches: int, every: int,
+                step_ms: float = 0.0) -> dict:
+    """The stall cell; ``step_ms``: the loop sleeps that long after each batch (a training step, during
+    which the workers fill their queues), outside the timed waits."""
     stream = _stream(data, seed)
     it = iter(stream.loader(num_workers=workers, prefetch_factor=2, batches_per_item=per_item))
     waits, changes, lag = [], [], []
@@ -64,6 +67,8 @@ def stall_child(data: dict, seed: int, workers: int, per_item: int, batches: int
             next(it)
             if i > every:  # past start-up
                 waits.append(time.perf_counter() - t0)
+        if step_ms:
+            time.sleep(step_ms / 1000)
     st = stream.stats()
     return {"batch_ms": 1000 * statistics.median(waits), "change_ms": [1000 * c for c in changes], "lag": lag,
             "rebuilt": st.get("rebuilt_batches", 0), "changes": len(changes)}  # fmt: skip
@@ -74,7 +79,7 @@ def run_child(args, baseline: str | None, kind: str, workers: int, per_item: int
     cmd = [sys.executable, os.path.abspath(__file__), "--child", kind, "--workdir", args.workdir, "--seed", str(seed),
            "--workers", str(workers), "--per-item", str(per_item), "--steady-n", str(args.steady_n),
            "--stall-batches", str(args.stall_batches), "--every", str(args.every), "--shard-mb", str(args.shard_mb),
-           "--files", str(args.files)]  # fmt: skip
+           "--files", str(args.files), "--step-ms", str(args.step_ms)]  # fmt: skip
     out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True, timeout=900, cwd=args.workdir)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -90,6 +95,8 @@ def main(argv=None) -> int:
     p.add_argument("--steady-n", type=int, default=300_000)
     p.add_argument("--stall-batches", type=int, default=2_000)
     p.add_argument("--every", type=int, default=100)
+    p.add_argument("--step-ms", type=float, default=0.0,
+                   help="stall cells: the loop sleeps this long after each batch (a training step)")
     p.add_argument("--shard-mb", type=int, default=22)
     p.add_argument("--files", type=int, default=3)
     p.add_argument("--seed", type=int, default=0)
@@ -100,7 +107,7 @@ def main(argv=None) -> int:
     if args.child:
         w, r = int(args.workers), int(args.per_item)
         res = (steady_child(data, args.seed, w, r, args.steady_n) if args.child == "steady"
-               else stall_child(data, args.seed, w, r, args.stall_batches, args.every))  # fmt: skip
+               else stall_child(data, args.seed, w, r, args.stall_batches, args.every, args.step_ms))  # fmt: skip
         print(json.dumps(res))
         return 0
     pb.index_once(data)
@@ -161,7 +168,7 @@ texts); cells median (min–max) over {args.repeats} interleaved repetitions, ea
 
 {steady}
 
-## Stall of a weight change: {args.stall_batches:,} batches, `set_weights` every {args.every}
+## Stall of a weight change: {args.stall_batches:,} batches, `set_weights` every {args.every}, a step of {args.step_ms:g} ms after each batch
 
 {stall}
 
