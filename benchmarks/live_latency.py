@@ -95,8 +95,8 @@ def verify(srcs, history: list, ranks: list[dict]) -> int:
     return checked
 
 
-def bound(workers: int, lookahead: int) -> int:
-    """P + L (docs/live.md): P = 1 with ``loader()``, whatever ``workers``."""
+def bound(lookahead: int) -> int:
+    """P + L (docs/live.md): P = 1 with ``loader()``, whatever its workers."""
     return 1 + lookahead
 
 
@@ -207,7 +207,7 @@ def write_report(args, workers, results, started, rev, load_start, load_end) -> 
     for w in workers:
         r = results[w]
         step = _common.Summary.of(r["steps"]).median
-        b_dec = bound(w, args.lookahead)
+        b_dec = bound(args.lookahead)
         b_pub = b_dec + math.ceil(args.poll_s / step)
         met = max(r["batches"]) <= b_pub + 1
         rows.append([w, _common.Summary.of(r["batches"]).fmt(), _common.Summary.of(r["dec"]).fmt(), b_dec,

@@ -715,8 +715,8 @@ class MixtureStream(torch.utils.data.IterableDataset):
 
 def _first_change(old: list[dict], new: list[dict]) -> int:
     """The first global batch whose weights differ between two histories (a huge number if none)."""
-    keys = [{(h["version"], h["batch"], tuple(h["weights"])): h["batch"] for h in x} for x in (old, new)]
-    return min((b for k, b in {**keys[0], **keys[1]}.items() if (k in keys[0]) != (k in keys[1])), default=1 << 62)
+    a, b = ({(h["version"], h["batch"], tuple(h["weights"])) for h in x} for x in (old, new))
+    return min((batch for _, batch, _ in a ^ b), default=1 << 62)  # entries in one history only
 
 
 def _agree_change(payloads: list[dict]) -> dict:
