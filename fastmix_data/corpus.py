@@ -650,6 +650,120 @@ def _check_cap(name: str, value: int | None) -> int | None:
     return value
 
 
+def _check_build_args(max_docs_per_domain, max_bytes_per_domain, docs_per_shard, formats, split_fractions,
+                      domains) -> tuple:
+    """``build_corpus``'s arguments validated: (max_docs, max_bytes, formats, fractions, wanted domains)."""
+    max_docs = _check_cap("max_docs_per_domain", max_docs_per_domain)
+    max_bytes = _check_cap("max_bytes_per_domain", max_bytes_per_domain)
+    if not isinstance(docs_per_shard, int) or docs_per_shard < 1:
+        raise ValueError(f"docs_per_shard must be a positive int, got {docs_per_shard!r}")
+    formats = tuple(dict.fromkeys(formats))
+    bad = [f for f in formats if f not in TRAIN_FORMATS]
+    if bad or not formats:
+        raise ValueError(f"formats must be a non-empty subset of {TRAIN_FORMATS}, got {formats!r}")
+    fractions = tuple(float(f) for f in split_fractions)
+    if (
+        len(fractions) != len(SPLITS)
+        or any(not math.isfinite(f) or f < 0 for f in fractions)
+        or abs(sum(fractions) - 1.0) > 1e-9
+        or fractions[0] <= 0
+    ):
+        raise ValueError(f"split_fractions must be 3 non-negative numbers summing to 1 with train > 0, "
+                         f"got {split_fractions!r}")
+    wanted = list(DOMAINS) if domains is None else list(dict.fromkeys(domains))
+    unknown = [d for d in wanted if d not in DOMAINS]
+    if unknown or not wanted:
+        raise ValueError(f"unknown or empty domains {unknown or wanted!r}; choose from {DOMAINS}")
+    return max_docs, max_bytes, formats, fractions, wanted
+
+
+def _select_domains(roots: CorpusRoots, wanted: list[str], *, seed: int, max_docs: int | None,
+                    max_bytes: int | None, progress: bool) -> tuple[dict[str, _Selected], dict[str, str], dict[str, str]]:
+    """The documents of each wanted domain (``selected``), why the others were skipped (``skipped``) and
+    where each selected domain's documents come from (``sources``),
+    deduplicated across domains in :data:`DOMAINS`' fixed order (so the dedup is deterministic)."""
+    plans = _plan_domains(roots, _walk(roots.stdlib))
+    seen: set[str] = set()  # corpus-wide dedup: a text appears in at most one domain
+    selected: dict[str, _Selected] = {}
+    skipped: dict[str, str] = {}
+    sources: dict[str, str] = {}
+    for domain in (d for d in DOMAINS if d in wanted):
+        plan = plans[domain]
+        if isinstance(plan, str):
+            skipped[domain] = plan
+            continue
+        sel = _select(domain, plan, seed=seed, max_docs=max_docs, max_bytes=max_bytes, seen=seen,
+                      progress=progress)
+        if len(sel.docs) < MIN_DOCS_PER_DOMAIN:
+            skipped[domain] = f"only {len(sel.docs)} documents found ({plan.source})"
+            continue
+        selected[domain] = sel
+        sources[domain] = plan.source
+    for domain, why in skipped.items():
+        warnings.warn(f"corpus: domain {domain!r} skipped: {why}", CorpusWarning, stacklevel=3)
+    if not selected:
+        raise SourceError(f"no corpus domain could be built from {roots.stdlib}: {skipped}")
+    return selected, skipped, sources
+
+
+def _write_split(out: Path, domain: str, split: str, texts: list[str], digests: list[str],
+                 formats: Sequence[str], docs_per_shard: int, bar) -> dict:
+    """Write one split of one domain in shards of ``docs_per_shard`` rows; its corpus.json entry."""
+    sha = hashlib.sha256()
+    for d in digests:
+        sha.update(d.encode("ascii"))
+    entry: dict = {"docs": len(texts), "bytes": sum(len(t.encode("utf-8")) for t in texts),
+                   "text_sha256": sha.hexdigest()}
+    for fmt in ("parquet", "webdataset"):
+        if fmt in formats:
+            entry[fmt] = []
+    for shard, start in enumerate(range(0, len(texts), docs_per_shard)):
+        chunk = texts[start : start + docs_per_shard]
+        if "parquet" in formats:
+            rel = f"{split}/{domain}/part-{shard:05d}.parquet"
+            _write_parquet(out / rel, chunk, domain)
+            entry["parquet"].append(rel)
+            bar.update(1)
+        if "webdataset" in formats:
+            rel = f"{split}_wds/{domain}/shard-{shard:05d}.tar"
+            _write_tar(out / rel, [f"{domain}-{start + k:08d}" for k in range(len(chunk))], chunk)
+            entry["webdataset"].append(rel)
+            bar.update(1)
+    return entry
+
+
+def _corpus_manifest(*, seed: int, roots: CorpusRoots, max_docs: int | None, max_bytes: int | None,
+                     docs_per_shard: int, fractions: tuple, formats: tuple, domains: dict,
+                     skipped: dict, totals: dict) -> dict:
+    """The content of corpus.json (format documented in docs/corpus.md)."""
+    return {
+        "format_version": CORPUS_FORMAT_VERSION,
+        "seed": seed,
+        "python": {
+            "implementation": platform.python_implementation(),
+            "version": platform.python_version(),
+            "stdlib": str(roots.stdlib),
+            "base_prefix": str(roots.base_prefix),
+            "site_packages": [str(p) for p in roots.site_packages],
+        },
+        "settings": {
+            "max_docs_per_domain": max_docs,
+            "max_bytes_per_domain": max_bytes,
+            "max_doc_bytes": MAX_DOC_BYTES,
+            "max_bytes_per_file": MAX_BYTES_PER_FILE,
+            "site_packages_max_bytes_per_file": SITE_MAX_BYTES_PER_FILE,
+            "min_doc_chars": MIN_DOC_CHARS,
+            "docs_per_shard": docs_per_shard,
+            "split_fractions": dict(zip(SPLITS, fractions)),
+            "train_formats": list(formats),
+        },
+        "columns": {"text": "string", "domain": "string"},
+        "domains": domains,
+        "skipped_domains": skipped,
+        "totals": totals,
+    }
+
+
 def build_corpus(
     out_dir: str | os.PathLike[str],
     *,
@@ -682,54 +796,13 @@ def build_corpus(
     are skipped with a :class:`CorpusWarning` and listed under ``skipped_domains``.
     """
     out = Path(out_dir)
-    max_docs = _check_cap("max_docs_per_domain", max_docs_per_domain)
-    max_bytes = _check_cap("max_bytes_per_domain", max_bytes_per_domain)
-    if not isinstance(docs_per_shard, int) or docs_per_shard < 1:
-        raise ValueError(f"docs_per_shard must be a positive int, got {docs_per_shard!r}")
-    formats = tuple(dict.fromkeys(formats))
-    bad = [f for f in formats if f not in TRAIN_FORMATS]
-    if bad or not formats:
-        raise ValueError(f"formats must be a non-empty subset of {TRAIN_FORMATS}, got {formats!r}")
-    fractions = tuple(float(f) for f in split_fractions)
-    if (
-        len(fractions) != len(SPLITS)
-        or any(not math.isfinite(f) or f < 0 for f in fractions)
-        or abs(sum(fractions) - 1.0) > 1e-9
-        or fractions[0] <= 0
-    ):
-        raise ValueError(f"split_fractions must be 3 non-negative numbers summing to 1 with train > 0, "
-                         f"got {split_fractions!r}")
-    wanted = list(DOMAINS) if domains is None else list(dict.fromkeys(domains))
-    unknown = [d for d in wanted if d not in DOMAINS]
-    if unknown or not wanted:
-        raise ValueError(f"unknown or empty domains {unknown or wanted!r}; choose from {DOMAINS}")
+    max_docs, max_bytes, formats, fractions, wanted = _check_build_args(
+        max_docs_per_domain, max_bytes_per_domain, docs_per_shard, formats, split_fractions, domains)
     roots = roots or CorpusRoots.from_running_python()
     if not roots.stdlib.is_dir():
         raise SourceError(f"standard library folder {roots.stdlib} does not exist")
-
-    plans = _plan_domains(roots, _walk(roots.stdlib))
-    seen: set[str] = set()  # corpus-wide dedup: a text appears in at most one domain
-    selected: dict[str, _Selected] = {}
-    skipped: dict[str, str] = {}
-    sources: dict[str, str] = {}
-    for domain in DOMAINS:  # fixed order, so cross-domain dedup is deterministic
-        if domain not in wanted:
-            continue
-        plan = plans[domain]
-        if isinstance(plan, str):
-            skipped[domain] = plan
-            continue
-        sel = _select(domain, plan, seed=seed, max_docs=max_docs, max_bytes=max_bytes, seen=seen,
-                      progress=progress)
-        if len(sel.docs) < MIN_DOCS_PER_DOMAIN:
-            skipped[domain] = f"only {len(sel.docs)} documents found ({plan.source})"
-            continue
-        selected[domain] = sel
-        sources[domain] = plan.source
-    for domain, why in skipped.items():
-        warnings.warn(f"corpus: domain {domain!r} skipped: {why}", CorpusWarning, stacklevel=2)
-    if not selected:
-        raise SourceError(f"no corpus domain could be built from {roots.stdlib}: {skipped}")
+    selected, skipped, sources = _select_domains(roots, wanted, seed=seed, max_docs=max_docs, max_bytes=max_bytes,
+                                        progress=progress)
 
     out.mkdir(parents=True, exist_ok=True)
     _clear_previous(out)
@@ -741,71 +814,21 @@ def build_corpus(
     with tqdm(total=n_files, unit="file", desc="corpus write", disable=not progress, leave=False) as bar:
         for domain, sel in selected.items():
             split_idx = _assign_splits(sel.digests, fractions, seed)
-            info: dict = {
-                "source": sources[domain],
-                "candidates": sel.candidates,
-                "files_used": sel.files_used,
-                "docs": len(sel.docs),
-                "bytes": sum(len(d.encode("utf-8")) for d in sel.docs),
-                "splits": {},
-            }
+            info: dict = {"source": sources[domain], "candidates": sel.candidates,
+                          "files_used": sel.files_used, "docs": len(sel.docs),
+                          "bytes": sum(len(d.encode("utf-8")) for d in sel.docs), "splits": {}}
             for split in SPLITS:
                 idx = split_idx[split]
-                texts = [sel.docs[i] for i in idx]
-                nbytes = sum(len(t.encode("utf-8")) for t in texts)
-                sha = hashlib.sha256()
-                for i in idx:
-                    sha.update(sel.digests[i].encode("ascii"))
-                entry: dict = {"docs": len(texts), "bytes": nbytes, "text_sha256": sha.hexdigest()}
-                train_formats = formats if split == "train" else ("parquet",)
-                if "parquet" in train_formats:
-                    entry["parquet"] = []
-                if "webdataset" in train_formats:
-                    entry["webdataset"] = []
-                for shard, start in enumerate(range(0, len(texts), docs_per_shard)):
-                    chunk = texts[start : start + docs_per_shard]
-                    if "parquet" in train_formats:
-                        rel = f"{split}/{domain}/part-{shard:05d}.parquet"
-                        _write_parquet(out / rel, chunk, domain)
-                        entry["parquet"].append(rel)
-                        bar.update(1)
-                    if "webdataset" in train_formats:
-                        rel = f"{split}_wds/{domain}/shard-{shard:05d}.tar"
-                        keys = [f"{domain}-{start + k:08d}" for k in range(len(chunk))]
-                        _write_tar(out / rel, keys, chunk)
-                        entry["webdataset"].append(rel)
-                        bar.update(1)
+                entry = _write_split(out, domain, split, [sel.docs[i] for i in idx], [sel.digests[i] for i in idx],
+                                     formats if split == "train" else ("parquet",), docs_per_shard, bar)
                 info["splits"][split] = entry
-                totals[split]["docs"] += len(texts)
-                totals[split]["bytes"] += nbytes
+                totals[split]["docs"] += entry["docs"]
+                totals[split]["bytes"] += entry["bytes"]
             manifest_domains[domain] = info
 
-    manifest = {
-        "format_version": CORPUS_FORMAT_VERSION,
-        "seed": seed,
-        "python": {
-            "implementation": platform.python_implementation(),
-            "version": platform.python_version(),
-            "stdlib": str(roots.stdlib),
-            "base_prefix": str(roots.base_prefix),
-            "site_packages": [str(p) for p in roots.site_packages],
-        },
-        "settings": {
-            "max_docs_per_domain": max_docs,
-            "max_bytes_per_domain": max_bytes,
-            "max_doc_bytes": MAX_DOC_BYTES,
-            "max_bytes_per_file": MAX_BYTES_PER_FILE,
-            "site_packages_max_bytes_per_file": SITE_MAX_BYTES_PER_FILE,
-            "min_doc_chars": MIN_DOC_CHARS,
-            "docs_per_shard": docs_per_shard,
-            "split_fractions": dict(zip(SPLITS, fractions)),
-            "train_formats": list(formats),
-        },
-        "columns": {"text": "string", "domain": "string"},
-        "domains": manifest_domains,
-        "skipped_domains": skipped,
-        "totals": totals,
-    }
+    manifest = _corpus_manifest(seed=seed, roots=roots, max_docs=max_docs, max_bytes=max_bytes,
+                                docs_per_shard=docs_per_shard, fractions=fractions, formats=formats,
+                                domains=manifest_domains, skipped=skipped, totals=totals)
     _write_json(out / "corpus.json", manifest)  # written last: its presence marks a complete build
     return manifest
 
