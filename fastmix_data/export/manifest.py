@@ -386,6 +386,56 @@ def _columns_of(source: Source) -> dict:
     return {"text": columns.text, "ids": columns.ids, "extra": list(columns.extra)}
 
 
+def _source_entry(name: str, src: Source, it: Any, take_epochs: tuple, rate: np.ndarray, pol: Exhaustion,
+                  reader: dict, root: str) -> tuple[dict, float]:
+    """One source's manifest entry, its shards' takes included (``take_epochs``: items taken and epochs
+    per shard; ``rate``: tokens per taken item per shard), and its unrounded token take."""
+    take, epochs = take_epochs
+    sizes = np.asarray(it.items_per_shard, dtype=np.int64)
+    # packing: exact; samples: whole epochs exact, the partial epoch's share of a shard at its mean
+    tok_take = take * rate
+    resolved: dict = {}
+    shards = [{"path": relative_inside(root, info.path, f"shard of source {src.name!r}", resolved),
+               "rows": int(info.rows), "tokens": None if info.tokens is None else int(info.tokens),
+               "bytes": int(info.bytes), "sha256": info.sha256, "items": int(sizes[i]), "take": int(take[i]),
+               "take_tokens": int(round(float(tok_take[i]))), "epochs": int(epochs[i])}
+              for i, info in enumerate(src.shards)]
+    take_items, take_tokens = int(take.sum()), float(tok_take.sum())
+    entry = {
+        "name": name,
+        "format": src.format,
+        "reader": dict(reader),
+        "columns": _columns_of(src),
+        "exhaustion": {"policy": pol.policy, "max_epochs": pol.max_epochs},
+        "rows": int(sum(s.rows for s in src.shards)),
+        "tokens": int(np.asarray(it.shard_tokens, dtype=np.float64).sum()),
+        "bytes": int(sum(s.bytes for s in src.shards)),
+        "items": int(sizes.sum()),
+        "take": take_items,
+        "take_tokens": int(round(take_tokens)),
+        "epochs": float(take_items / max(int(sizes.sum()), 1)),
+        "shards": shards,
+    }
+    return entry, take_tokens
+
+
+def _weights_entry(names: Sequence[str], history: list[dict], n: int, expected: np.ndarray, tpi: np.ndarray,
+                   take_items: np.ndarray, take_tokens: np.ndarray) -> dict:
+    """The manifest's ``weights``: what was requested (the history's last and first entries), and the
+    item and token shares the plan expects (``expected`` items per source, ``tpi`` mean tokens per
+    item) and realises (``take_items``, ``take_tokens``)."""
+    total_tok = max(float(take_tokens.sum()), 1.0)
+    exp_tok = expected * tpi
+    return {
+        "requested": history[-1]["requested"] if history[-1]["requested"] is not None else None,
+        "initial": history[0]["requested"],
+        "requested_items": {nm: float(x / max(n, 1)) for nm, x in zip(names, expected)},
+        "requested_tokens": {nm: float(x / max(exp_tok.sum(), 1.0)) for nm, x in zip(names, exp_tok)},
+        "realised_items": {nm: float(x / max(n, 1)) for nm, x in zip(names, take_items)},
+        "realised_tokens": {nm: float(x / total_tok) for nm, x in zip(names, take_tokens)},
+    }
+
+
 def assemble(
     sources: Sequence[Source],
     items: Sequence[Any],
@@ -419,56 +469,16 @@ def assemble(
     n = int(plan.end if plan.end is not None else limit)
     takes = plan.shard_takes(n)
     tpi = np.array([it.mean_tokens_per_item() for it in items], dtype=np.float64)
-    out_sources = []
-    take_items = np.zeros(len(names), dtype=np.int64)
-    take_tokens = np.zeros(len(names), dtype=np.float64)
     rates = _shard_token_rates(items, seq_len)
+    out_sources, take_tokens = [], np.zeros(len(names), dtype=np.float64)
     for k, (src, it) in enumerate(zip(sources, items)):
-        take, epochs = takes[k]
-        shard_tok = np.asarray(it.shard_tokens, dtype=np.float64)
-        sizes = np.asarray(it.items_per_shard, dtype=np.int64)
-        # packing: exact; samples: whole epochs exact, the partial epoch's share of a shard at its mean
-        tok_take = take * rates[k]
-        shards, resolved = [], {}
-        for i, info in enumerate(src.shards):
-            shards.append(
-                {
-                    "path": relative_inside(root, info.path, f"shard of source {src.name!r}", resolved),
-                    "rows": int(info.rows),
-                    "tokens": None if info.tokens is None else int(info.tokens),
-                    "bytes": int(info.bytes),
-                    "sha256": info.sha256,
-                    "items": int(sizes[i]),
-                    "take": int(take[i]),
-                    "take_tokens": int(round(float(tok_take[i]))),
-                    "epochs": int(epochs[i]),
-                }
-            )
-        take_items[k] = int(take.sum())
-        take_tokens[k] = float(tok_take.sum())
-        pol = policies[k]
-        out_sources.append(
-            {
-                "name": names[k],
-                "format": src.format,
-                "reader": dict(reader_options[k]),
-                "columns": _columns_of(src),
-                "exhaustion": {"policy": pol.policy, "max_epochs": pol.max_epochs},
-                "rows": int(sum(s.rows for s in src.shards)),
-                "tokens": int(shard_tok.sum()),
-                "bytes": int(sum(s.bytes for s in src.shards)),
-                "items": int(sizes.sum()),
-                "take": int(take_items[k]),
-                "take_tokens": int(round(take_tokens[k])),
-                "epochs": float(take_items[k] / max(int(sizes.sum()), 1)),
-                "shards": shards,
-            }
-        )
+        entry, take_tokens[k] = _source_entry(names[k], src, it, takes[k], rates[k], policies[k],
+                                              reader_options[k], root)
+        out_sources.append(entry)
+    take_items = np.array([e["take"] for e in out_sources], dtype=np.int64)
     if int(take_items.sum()) != n:  # the closed form and the plan must agree; cheap to check
         raise ManifestError(f"internal error: shard takes sum to {int(take_items.sum())}, plan has {n} items")
     expected = plan.expected_before(n)
-    total_tok = max(float(take_tokens.sum()), 1.0)
-    exp_tok = expected * tpi
     budget = dict(budget)
     budget.update({"items": n, "tokens": int(round(take_tokens.sum())), "ended_early": bool(n < limit)})
     if n < limit:
@@ -485,14 +495,7 @@ def assemble(
         else {"kind": "packing", "seq_len": int(seq_len), "tokenizer": tokenizer},
         "weight_units": weight_units,
         "budget": budget,
-        "weights": {
-            "requested": history[-1]["requested"] if history[-1]["requested"] is not None else None,
-            "initial": history[0]["requested"],
-            "requested_items": {nm: float(x / max(n, 1)) for nm, x in zip(names, expected)},
-            "requested_tokens": {nm: float(x / max(exp_tok.sum(), 1.0)) for nm, x in zip(names, exp_tok)},
-            "realised_items": {nm: float(x / max(n, 1)) for nm, x in zip(names, take_items)},
-            "realised_tokens": {nm: float(x / total_tok) for nm, x in zip(names, take_tokens)},
-        },
+        "weights": _weights_entry(names, history, n, expected, tpi, take_items, take_tokens),
         "history": [dict(h) for h in history],
         "sources": out_sources,
     }
