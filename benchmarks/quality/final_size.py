@@ -97,14 +97,16 @@ def _neighbour_pairs(cands: dict) -> list[tuple[str, str]]:
     return [(a, b) for i, a in enumerate(grid) for b in grid[i + 1:] if abs(rq.l1(cands[a], cands[b]) - 0.2) < 1e-9]
 
 
-def noise(rows: list[dict], cands: dict, t: str) -> dict:
+def noise(rows: list[dict], cands: dict, t: str, pairs: list[tuple[str, str]] | None = None) -> dict:
+    """The seed noise on target ``t``: over ``pairs`` of candidates (default: the neighbouring ones)."""
     loss = {(r["label"], r["seed"]): r["final_loss"] for r in rows if r["target"] == t}
-    stds = [float(np.std([loss[a, s] - loss[b, s] for s in SEEDS], ddof=1)) for a, b in _neighbour_pairs(cands)]
+    pairs = _neighbour_pairs(cands) if pairs is None else pairs
+    stds = [float(np.std([loss[a, s] - loss[b, s] for s in SEEDS], ddof=1)) for a, b in pairs]
     return {"pairs": len(stds), "std_median": float(np.median(stds)), "std_max": float(np.max(stds)),
             "se": float(np.median(stds)) / np.sqrt(JUDGE_EVAL_SEEDS)}
 
 
-def summarise_target(rows: list[dict], cands: dict, t: str) -> dict:
+def summarise_target(rows: list[dict], cands: dict, t: str, pairs: list[tuple[str, str]] | None = None) -> dict:
     rt = [r for r in rows if r["target"] == t]
     orc = rq.oracle(rt, t, SEEDS)
     reg = {m: rq._regret([r for r in rt if r["label"] == m], orc["by_seed"]) for m in ("uniform", "planted")}
@@ -112,7 +114,7 @@ def summarise_target(rows: list[dict], cands: dict, t: str) -> dict:
     edge = any(abs(rq.l1(best, dict(zip(best, p))) - 0.2) < 1e-9 and dict(zip(best, p)) not in cands.values()
                for p in simplex_grid(len(best), 0.1))
     return {"oracle_loss": orc["loss"], "picks": orc["picks"], "best": best, "best_on_edge": edge,
-            "uniform": reg["uniform"], "planted": reg["planted"], "noise": noise(rt, cands, t)}
+            "uniform": reg["uniform"], "planted": reg["planted"], "noise": noise(rt, cands, t, pairs)}
 
 
 def summarise(rows: list[dict], cands: dict) -> dict:

@@ -78,6 +78,8 @@ EXPERIMENTS = {
            "planted": {"prose": 0.25, "manpages": 0.25, "code": 0.20, "changelogs": 0.15, "markup": 0.10,
                        "pycode": 0.05}},
 }
+#: system-K3's possible held-out domains: the system domains that are not its sources
+SYSTEM_HELDOUT = ("pymeta", "licenses")
 TARGETS = ("heldout", "planted", "average")
 #: train / validation / test: larger held-out splits than the demo's 90/5/5, for steadier targets
 SPLIT = (0.8, 0.1, 0.1)
@@ -154,9 +156,15 @@ def _planted_locked(out: Path, exp: str, split: str, proportions: dict, n_docs: 
     return out
 
 
+def experiment_spec(exp: str, args) -> dict:
+    """``EXPERIMENTS[exp]`` with system-K3's held-out domain as ``--system-heldout`` chose."""
+    h = getattr(args, "system_heldout", None)
+    return {**EXPERIMENTS[exp], "heldout": h} if exp == "system-K3" and h else EXPERIMENTS[exp]
+
+
 def prepare(work: Path, args) -> dict:
     dirs = corpora(work)
-    return {exp: prepare_experiment(work, exp, EXPERIMENTS[exp], args, dirs) for exp in args.experiments}
+    return {exp: prepare_experiment(work, exp, experiment_spec(exp, args), args, dirs) for exp in args.experiments}
 
 
 def prepare_experiment(work: Path, exp: str, spec: dict, args, dirs: dict[str, Path],
@@ -180,7 +188,7 @@ def prepare_experiment(work: Path, exp: str, spec: dict, args, dirs: dict[str, P
                                        max_seqs=args.eval_seqs, name="average")
     exact = load_target(str(p_search), L, max_seqs=None).full_shares  # the planted token shares
     return {"sources": srcs, "search": search, "eval": evals, "planted_tokens": exact,
-            "planted_docs": spec["planted"]}
+            "planted_docs": spec["planted"], "heldout_domain": h}
 
 
 # ============================================================================ runs
@@ -239,7 +247,7 @@ def _row(exp, target, method, seed, weights, final, search=None, **extra) -> dic
             "final_wall_s": final["wall_s"],
             "search_flops": (search or {}).get("flops", {}).get("total", 0.0),
             "search_flops_cached": (search or {}).get("flops", {}).get("cached", 0.0),
-            "search_wall_s": (search or {}).get("wall_s", 0.0), **extra}
+            "search_wall_s": (search or {}).get("wall_s", 0.0), "final_cached": final.get("cached", False), **extra}
 
 
 def run_methods(work: Path, exp: str, data: dict, args) -> list[dict]:
@@ -406,6 +414,7 @@ def summarise(rows: list[dict], data: dict, args) -> dict:
         K = len(EXPERIMENTS[exp]["sources"])
         targets = [t for t in TARGETS if any(r["target"] == t for r in er)]
         out[exp] = {"K": K, "planted_tokens": data[exp]["planted_tokens"], "planted_docs": data[exp]["planted_docs"],
+                    "heldout_domain": data[exp]["heldout_domain"],
                     "uniform_l1": l1({k: 1 / K for k in data[exp]["sources"]}, data[exp]["planted_tokens"]),
                     "targets": {t: summarise_target(er, t, data[exp], args, K) for t in targets}}
         if exp == "K8":
@@ -429,6 +438,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--targets", nargs="+", default=list(TARGETS), choices=list(TARGETS),
                     help="a subset of the search targets (the grid still scores all of them)")
     ap.add_argument("--final-tokens", type=int, default=16 * 64 * 256, help="final run = search budget (tokens)")
+    ap.add_argument("--system-heldout", default=EXPERIMENTS["system-K3"]["heldout"], choices=SYSTEM_HELDOUT,
+                    help="system-K3's held-out target: a system domain that is not one of its sources "
+                    "(heldout_pilot.py: the rule that chose it)")
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--seq-len", type=int, default=64)
     ap.add_argument("--proxy", default="tiny", help="proxy and final model (train.proxy); 'cpu' is the library's "
