@@ -118,3 +118,42 @@ def test_a_cached_search_names_its_own_run_folder(rq, tmp_path):
     assert other["run_dir"] != first["run_dir"]
     again = rq.run_search_cached(work, "exp", "fastmix", "t", 0, data, args)  # from the cache
     assert again["run_dir"] == first["run_dir"] and digest(again) == before
+
+
+def _saved(exps: list[str], tokens: int, when: str) -> dict:
+    meta = {"date": when, "machine": "m", "commit": "c", "command": f"run {tokens}", "wall_s": 60.0, "nice": 15,
+            "load_start": "1", "load_end": "2", "args": {"experiments": exps, "final_tokens": tokens, "threads": 1,
+                                                         "batch_size": 16, "seq_len": 64, "proxy": "tiny",
+                                                         "seeds": [0, 1], "grid_step": 0.1, "grid_top": 4}}
+    summary = {e: {"K": 3, "planted_tokens": {"a": 1.0}, "targets": {}, "tag": f"{e}@{tokens}"} for e in exps}
+    return {"meta": meta, "summary": summary, "runs": [{"exp": e, "tokens": tokens} for e in exps]}
+
+
+def test_merge_takes_each_experiment_from_the_last_run_that_has_it(rq, tmp_path):
+    import json
+
+    files = []
+    for i, saved in enumerate([_saved(["stdlib-K3", "system-K3", "K8"], 262_144, "old"),
+                               _saved(["system-K3"], 1_048_576, "new-system"),
+                               _saved(["stdlib-K3"], 1_048_576, "new-stdlib")]):
+        files.append(tmp_path / f"r{i}.json")
+        files[-1].write_text(json.dumps(saved))
+    m = rq.merge([str(f) for f in files])
+    assert list(m["summary"]) == ["stdlib-K3", "system-K3", "K8"]  # the judge's order, not the files'
+    assert {e: (s["tag"], s["final_tokens"]) for e, s in m["summary"].items()} == {
+        "stdlib-K3": ("stdlib-K3@1048576", 1_048_576), "system-K3": ("system-K3@1048576", 1_048_576),
+        "K8": ("K8@262144", 262_144)}
+    assert [(p["date"], p["used"]) for p in m["meta"]["parts"]] == [
+        ("old", ["K8"]), ("new-system", ["system-K3"]), ("new-stdlib", ["stdlib-K3"])]
+    assert sorted((r["exp"], r["tokens"]) for r in m["runs"]) == [
+        ("K8", 262_144), ("stdlib-K3", 1_048_576), ("system-K3", 1_048_576)]
+    # a merged result merges again unchanged, and renders each run with the experiments it provides
+    (tmp_path / "m.json").write_text(json.dumps(m))
+    assert rq.merge([str(tmp_path / "m.json")]) == m
+    with quality_module("report.py") as report:
+        report.render(m, tmp_path)
+    text = (tmp_path / "results.md").read_text()
+    assert "  - K8, final runs of 262,144 tokens: old" in text
+    assert "  - stdlib-K3, final runs of 1,048,576 tokens: new-stdlib" in text
+    assert "one final run = 262,144 or 1,048,576 tokens" in text
+    assert text.count("final runs (= search budget): 1,048,576 tokens") == 2

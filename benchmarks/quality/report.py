@@ -113,16 +113,32 @@ def checks(summary: dict) -> list[str]:
     return out
 
 
+def _runs(meta: dict) -> list[str]:
+    """The header's lines about the run(s): one run, or every part of a merged result."""
+    parts = meta.get("parts", [meta])
+    if len(parts) == 1:
+        m = parts[0]
+        return [f"- date: {m['date']}", f"- machine: {m['machine']}",
+                f"- load average at start / end: {m.get('load_start')} / {m.get('load_end')}",
+                f"- commit: {m['commit']}", f"- command: `{m['command']}` (under `nice -n {m.get('nice', 10)}`)",
+                f"- wall time: {m['wall_s'] / 60:.1f} min, torch threads {m['args']['threads']}"]
+    lines = [f"- machine: {parts[-1]['machine']}", f"- runs merged (`--merge`; torch threads {parts[-1]['args']['threads']}):"]
+    lines += [f"  - {', '.join(m.get('used', m['args']['experiments']))}, final runs of {m['args']['final_tokens']:,} tokens: "
+              f"{m['date']}, commit {m['commit']}, `{m['command']}` under `nice -n {m.get('nice', 10)}`; wall "
+              f"{m['wall_s'] / 60:.1f} min; load average at start / end {m.get('load_start')} / {m.get('load_end')}"
+              for m in parts]
+    return lines
+
+
 def render(saved: dict, out: Path) -> None:
     meta, summary = saved["meta"], saved["summary"]
-    a = meta["args"]
+    a = meta.get("parts", [meta])[-1]["args"]
+    sizes = sorted({e.get("final_tokens", a["final_tokens"]) for e in summary.values()})
     lines = ["# Mixture quality: every method at its defaults against a grid oracle, on two corpora", "",
-             f"- date: {meta['date']}", f"- machine: {meta['machine']}",
-             f"- load average at start / end: {meta.get('load_start')} / {meta.get('load_end')}",
-             f"- commit: {meta['commit']}", f"- command: `{meta['command']}` (under `nice -n {meta.get('nice', 10)}`)",
-             f"- wall time: {meta['wall_s'] / 60:.1f} min, torch threads {a['threads']}", "",
+             *_runs(meta), "",
              "## Setup", "",
-             f"- every method at its defaults, `max_tokens` = one final run = {a['final_tokens']:,} tokens; "
+             f"- every method at its defaults, `max_tokens` = one final run = {' or '.join(f'{x:,}' for x in sizes)} "
+             "tokens (per experiment below); "
              f"batch {a['batch_size']} x {a['seq_len']}-token sequences; proxy and final model: the `{a.get('proxy', 'cpu')}` preset.",
              f"- final runs trained from scratch on each exported mixture; seeds {a['seeds']} (init = data order = "
              "seed, the same for the method's search and its final run: paired).",
@@ -142,7 +158,9 @@ def render(saved: dict, out: Path) -> None:
     lines += ["## Checks against the issue's targets (generated)", ""] + checks(summary) + [""]
     for exp, e in summary.items():
         lines += [f"## {exp} (K = {e['K']})", "",
-                  "planted token shares: " + ", ".join(f"{k} {v:.3f}" for k, v in e["planted_tokens"].items()), ""]
+                  f"final runs (= search budget): {e.get('final_tokens', a['final_tokens']):,} tokens"
+                  + (f"; held-out target: the `{e['heldout_domain']}` domain" if e.get("heldout_domain") else ""),
+                  "", "planted token shares: " + ", ".join(f"{k} {v:.3f}" for k, v in e["planted_tokens"].items()), ""]
         if "grid_points_k8" in e:
             lines += [f"A grid at step {a['grid_step']} over K = {e['K']} sources has {e['grid_points_k8']:,} points.", ""]
         for t, s in e["targets"].items():

@@ -456,6 +456,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--out", default=None, help="where results.json/results.md go (default: this folder; "
                     "--quick: --work)")
     ap.add_argument("--from-results", action="store_true", help="re-render results.md from results.json")
+    ap.add_argument("--merge", nargs="+", metavar="JSON", help="one results.json/results.md (in --out) from these "
+                    "runs' results.json (e.g. one per corpus, run side by side); an experiment in several is "
+                    "taken from the last")
     ap.add_argument("--quick", action="store_true", help="smoke run: 1 seed, tiny budget, grid step 0.5")
     return ap
 
@@ -465,8 +468,11 @@ def main(argv=None) -> None:
     from report import render
 
     out = Path(args.out) if args.out else (Path(args.work) if args.quick else HERE)
-    if args.from_results:
-        saved = json.loads((out / "results.json").read_text())
+    if args.from_results or args.merge:
+        saved = merge(args.merge) if args.merge else json.loads((out / "results.json").read_text())
+        if args.merge:
+            out.mkdir(parents=True, exist_ok=True)
+            _common.write_atomic(str(out / "results.json"), json.dumps(saved, indent=1, default=str))
         render(saved, out)
         return
     if args.quick:
@@ -493,6 +499,25 @@ def main(argv=None) -> None:
     _common.write_atomic(str(out / "results.json"), json.dumps(saved, indent=1, default=str))
     render(saved, out)
     log(f"done in {meta['wall_s'] / 60:.1f} min; wrote {out / 'results.md'}")
+
+
+def merge(paths: list[str]) -> dict:
+    """One result from several runs' results.json: each experiment (its summary and runs) from the last
+    file that has it, with that run's final-run size; ``meta["parts"]`` lists the runs' meta that
+    provide an experiment, each with the experiments it provides (``used``)."""
+    loaded = [json.loads(Path(p).read_text()) for p in paths]
+    src = {exp: i for i, saved in enumerate(loaded) for exp in saved["summary"]}
+    summary, runs, parts = {}, [], []
+    for i, saved in enumerate(loaded):
+        taken = [e for e in saved["summary"] if src[e] == i]
+        for m in saved["meta"].get("parts", [saved["meta"]]):
+            used = [e for e in m.get("used", m["args"]["experiments"]) if e in taken]
+            parts += [{**m, "used": used}] if used else []
+            for e in used:
+                summary[e] = {**saved["summary"][e], "final_tokens": m["args"]["final_tokens"]}
+        runs += [r for r in saved["runs"] if r["exp"] in taken]
+    order = [e for e in EXPERIMENTS if e in summary]
+    return {"meta": {"parts": parts}, "summary": {e: summary[e] for e in order}, "runs": runs}
 
 
 def _uptime() -> str:
