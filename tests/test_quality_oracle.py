@@ -157,3 +157,13 @@ def test_merge_takes_each_experiment_from_the_last_run_that_has_it(rq, tmp_path)
     assert "  - stdlib-K3, final runs of 1,048,576 tokens: new-stdlib" in text
     assert "one final run = 262,144 or 1,048,576 tokens" in text
     assert text.count("final runs (= search budget): 1,048,576 tokens") == 2
+
+
+def test_a_heldout_check_without_a_mixture_effect_says_it_is_a_noise_test():
+    fm = {"regret": [0.001, 0.0], "regret_se": 0.003, "compute_fraction_of_grid": 1 / 32}
+    with quality_module("report.py") as report:
+        def line(exp: str, domain: str) -> str:
+            return report.checks({exp: {"heldout_domain": domain, "targets": {"heldout": {"methods": {"fastmix": fm}}}}})[0]
+
+        assert "noise test" in line("system-K3", "pymeta")
+        assert "noise test" not in line("system-K3", "licenses") and "noise test" not in line("stdlib-K3", "docstrings")

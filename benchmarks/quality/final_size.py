@@ -16,7 +16,7 @@ named in final_size.md):
 * Candidates (fixed mixtures only): uniform (stratified's weights); the planted mixture (its exact
   token shares, the judge's ``planted`` row); and the 0.1-grid points within one grid step
   (L1 <= 0.2) of three centres: the 262k judge's held-out-oracle pick for the held-out target and
-  for the planted target (results.json), and the grid point nearest the planted token shares.
+  for the planted target (results-262k.json), and the grid point nearest the planted token shares.
 * Best fixed mixture tried = the judge's held-out oracle (``run_quality.oracle``) over all
   candidates: seed 0 selects, and for each evaluation seed s = 1-4 the candidate with the best mean
   over the other seeds, scored by its loss at s.
@@ -225,7 +225,7 @@ def main(argv=None) -> None:
     ap.add_argument("--work", default="out/quality", help="the judge's --work folder (corpora, planted sets, caches)")
     ap.add_argument("--sizes", type=int, nargs="+", default=list(SIZES), choices=SIZES)
     ap.add_argument("--experiments", nargs="+", default=list(EXPS), choices=EXPS)
-    ap.add_argument("--judged", default=str(HERE / "results.json"), help="the 262k judge's results (its grid picks)")
+    ap.add_argument("--judged", default=str(HERE / "results-262k.json"), help="the 262k judge's results (its grid picks)")
     ap.add_argument("--out", default=str(HERE))
     ap.add_argument("--merge", nargs="+", metavar="JSON", help="render one report from these runs' final_size.json")
     args = ap.parse_args(argv)

@@ -17,6 +17,9 @@ ORDER = ("stratified", "natural", "doremi", "fastmix", "fastmix[last]", "fastmix
          "mixmin_fastmix", "planted")
 #: the issue's targets
 FASTMIX_REGRET, FASTMIX_COMPUTE, FASTMIX_L1, MIXMIN_L1 = 0.005, 1 / 20, 0.1, 0.05
+#: held-out domains without a mixture effect: a regret check there tests noise around 0, not the method
+NO_EFFECT = {("system-K3", "pymeta"): "pymeta has no mixture effect at any final-run size (final_size.md; "
+             "heldout_pilot.md): this check is a noise test and does not decide the issue's target"}
 
 
 def pm(ms, digits=4, signed=False) -> str:
@@ -78,9 +81,10 @@ def checks(summary: dict) -> list[str]:
                 ok = r <= FASTMIX_REGRET and c <= FASTMIX_COMPUTE
                 old = (f"; in-sample rule {fm['regret_in_sample'][0]:+.4f} ± {fm['regret_in_sample_se']:.4f}"
                        if "regret_in_sample" in fm else "")
+                note = NO_EFFECT.get((exp, e.get("heldout_domain"))) if t == "heldout" else None
                 out.append(f"- {exp} {t}: FastMix regret {r:+.4f} ± {se:.4f} nats (target ≤ {FASTMIX_REGRET}) at "
                            f"1/{1 / c:.0f} of the grid's compute (target ≤ 1/20): {'MET' if ok else 'NOT MET'} "
-                           f"({decided(r, se, FASTMIX_REGRET)}{old})")
+                           f"({decided(r, se, FASTMIX_REGRET)}{old})" + (f" -- {note}" if note else ""))
             if t == "planted":
                 for m, lim in (("fastmix", FASTMIX_L1), ("mixmin", MIXMIN_L1)):
                     if m in ms:
@@ -109,8 +113,17 @@ def checks(summary: dict) -> list[str]:
         out.append(f"- FastMix's cost in K: search FLOPs / final-run FLOPs {f3:.2f} at K = 3, "
                    f"{k8['search_fraction_of_final'][0]:.2f} at K = 8; search wall / final-run wall {w3:.2f} at K = 3, "
                    f"{k8['search_wall_per_final_wall'][0]:.2f} at K = 8; the grid needs 66 runs at K = 3 and "
-                   f"{e8['grid_points_k8']:,} at K = 8")
+                   f"{e8['grid_points_k8']:,} at K = 8" + _sizes(summary))
     return out
+
+
+def _sizes(summary: dict) -> str:
+    """Which final-run size each K was measured at, when a merged result mixes sizes."""
+    k3 = sorted({e["final_tokens"] for n, e in summary.items() if n != "K8" and "final_tokens" in e})
+    k8 = summary["K8"].get("final_tokens")
+    if not k8 or k3 == [k8] or not k3:
+        return ""
+    return f" (final runs = search budget: K = 3 at {' / '.join(f'{x:,}' for x in k3)} tokens, K = 8 at {k8:,})"
 
 
 def _runs(meta: dict) -> list[str]:
