@@ -15,8 +15,10 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import steady_ab  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -24,23 +26,14 @@ ap.add_argument("--reps", type=int, default=5)
 ap.add_argument("--workdir", default="/tmp/perf-bench", help="partition_bench's data (made by its prepare)")
 ap.add_argument("--out", default="/tmp/thp_cells.json")
 args = ap.parse_args()
+cell_args = argparse.Namespace(workdir=args.workdir, lock="/tmp/quiet.lock", n=300_000, shard_mb=22, files=3)
 cells = [("inproc", 0, False), ("inproc-nothp", 0, True), ("w2", 2, False), ("w4", 4, False)]
 out = []
 print("load at start", os.getloadavg(), flush=True)
 for rep in range(args.reps):
     order = cells[rep % 4:] + cells[:rep % 4]
     for name, w, nothp in order:
-        pre = "import ctypes; ctypes.CDLL(None).prctl(41, 1, 0, 0, 0); " if nothp else ""
-        code = (pre + f"import sys, runpy; sys.argv = ['steady_ab.py', '--child', '--workdir', '{args.workdir}', "
-                f"'--seed', '{rep}', '--workers-one', '{w}', '--n', '300000', '--shard-mb', '22', '--files', '3']; "
-                "runpy.run_path('benchmarks/steady_ab.py', run_name='__main__')")
-        env = dict(os.environ, PYTHONPATH=REPO, BENCH_CACHE=os.path.join(args.workdir, "index-cache"))
-        done = subprocess.run(["flock", "/tmp/quiet.lock", sys.executable, "-c", code], env=env,
-                              capture_output=True, text=True, cwd=REPO, timeout=900)
-        if done.returncode:
-            print(done.stderr[-2000:])
-            sys.exit(1)
-        r = json.loads(done.stdout.strip().splitlines()[-1])
+        r = steady_ab.run_cell(cell_args, REPO, rep, w, no_thp=nothp)
         r.update(cell=name, rep=rep, load=os.getloadavg()[0])
         out.append(r)
         print(f"rep {rep} {name:13s} cpu/1k {r['cpu_per_1k']:.4f} = {r['main_per_1k']:.4f} + {r['workers_per_1k']:.4f}  "

@@ -60,12 +60,22 @@ def child(args) -> dict:
     return {**out, **seen, "code": os.path.dirname(os.path.dirname(os.path.abspath(fastmix_data.__file__)))}
 
 
-def run_cell(args, code: str, seed: int, workers: int) -> dict:
+#: a cell without transparent huge pages: prctl(PR_SET_THP_DISABLE) before anything is imported (the
+#: library's worker_memory.disable_huge_pages would import fastmix_data, pyarrow and torch first)
+_NO_THP = "import ctypes; ctypes.CDLL(None).prctl(41, 1, 0, 0, 0); "
+
+
+def run_cell(args, code: str, seed: int, workers: int, *, no_thp: bool = False) -> dict:
+    """One cell in a fresh process under ``flock args.lock``, with checkout ``code``'s fastmix_data;
+    ``no_thp``: huge pages disabled in that process from its start."""
     env = dict(os.environ, PYTHONPATH=code)
     env.setdefault("BENCH_CACHE", os.path.join(args.workdir, "index-cache"))
-    cmd = ["flock", args.lock, sys.executable, os.path.abspath(__file__), "--child", "--workdir", args.workdir,
-           "--seed", str(seed), "--workers-one", str(workers), "--n", str(args.n), "--shard-mb", str(args.shard_mb),
-           "--files", str(args.files)]  # fmt: skip
+    child = [os.path.abspath(__file__), "--child", "--workdir", args.workdir, "--seed", str(seed),
+             "--workers-one", str(workers), "--n", str(args.n), "--shard-mb", str(args.shard_mb),
+             "--files", str(args.files)]  # fmt: skip
+    if no_thp:
+        child = ["-c", _NO_THP + f"import runpy, sys; sys.argv = {child!r}; runpy.run_path(sys.argv[0], run_name='__main__')"]
+    cmd = ["flock", args.lock, sys.executable, *child]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True, timeout=900, cwd=args.workdir)
     res = json.loads(done.stdout.strip().splitlines()[-1])
     if os.path.realpath(res["code"]) != os.path.realpath(code):

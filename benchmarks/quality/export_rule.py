@@ -204,11 +204,8 @@ def dev_start(args) -> tuple:
 def dev_finish(args, run, clock: tuple, units: list[dict], summary: dict, name: str, render_fn) -> None:
     """Write ``<name>.json`` (run record: date, machine, command, commit, wall time, load, settings)
     and render ``<name>.md``."""
-    meta = {"date": _common.today(), "machine": ", ".join(f"{k}: {v}" for k, v in _common.machine_info().items()),
-            "command": _common.command_line(), "commit": _common.git_revision(str(rq.REPO)),
-            "wall_s": time.perf_counter() - clock[0], "load_start": clock[1], "load_end": rq._uptime(),
-            "nice": os.nice(0), "threads": args.threads, "seeds": args.seeds,
-            **{k: getattr(run, k) for k in ("final_tokens", "batch_size", "seq_len", "proxy", "eval_seqs")}}
+    meta = rq.run_meta(*clock, nice=os.nice(0), threads=args.threads, seeds=args.seeds,
+                       **{k: getattr(run, k) for k in ("final_tokens", "batch_size", "seq_len", "proxy", "eval_seqs")})
     saved = {"meta": meta, "summary": summary, "units": units}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -92,8 +92,13 @@ def train_all(work: Path, exp: str, data: dict, cands: dict, F: int, args) -> li
     return rows
 
 
+def grid_labels(cands: dict) -> list[str]:
+    """The candidates that are grid points (not uniform, not the planted mixture)."""
+    return [k for k in cands if k not in ("uniform", "planted")]
+
+
 def _neighbour_pairs(cands: dict) -> list[tuple[str, str]]:
-    grid = [k for k in cands if k not in ("uniform", "planted")]
+    grid = grid_labels(cands)
     return [(a, b) for i, a in enumerate(grid) for b in grid[i + 1:] if abs(rq.l1(cands[a], cands[b]) - 0.2) < 1e-9]
 
 
@@ -248,10 +253,7 @@ def main(argv=None) -> None:
             r = train_all(work, exp, data[exp], cands[exp], F, run_args)
             summary.setdefault(str(F), {})[exp] = summarise(r, cands[exp])
             rows += r
-    meta = {"date": _common.today(), "machine": ", ".join(f"{k}: {v}" for k, v in _common.machine_info().items()),
-            "command": _common.command_line(), "commit": _common.git_revision(str(rq.REPO)),
-            "wall_s": time.perf_counter() - t0, "load_start": load0, "load_end": rq._uptime(),
-            "candidates": {e: list(c) for e, c in cands.items()}}
+    meta = rq.run_meta(t0, load0, candidates={e: list(c) for e, c in cands.items()})
     saved = {"parts": [meta], "summary": summary, "runs": rows}
     _common.write_atomic(str(out / "final_size.json"), json.dumps(saved, indent=1, default=str))
     render(saved, out)

@@ -90,7 +90,7 @@ def pairs(cands: dict) -> tuple[list[tuple[str, str]], str]:
     near = fs._neighbour_pairs(cands)
     if len(near) >= MIN_PAIRS:
         return near, "neighbouring"
-    grid = [k for k in cands if k not in ("uniform", "planted")]
+    grid = fs.grid_labels(cands)
     return [(a, b) for i, a in enumerate(grid) for b in grid[i + 1:]], "all"
 
 
@@ -157,10 +157,8 @@ def main(argv=None) -> None:
     rows, cands = train(work, data, args)
     summary = summarise(rows, cands)
     heldout_rows = [r for r in rows if r["target"] == "heldout"]
-    meta = {"date": _common.today(), "machine": ", ".join(f"{k}: {v}" for k, v in _common.machine_info().items()),
-            "command": _common.command_line(), "commit": _common.git_revision(str(rq.REPO)),
-            "wall_s": time.perf_counter() - t0, "load_start": load0, "load_end": rq._uptime(),
-            "nice": os.nice(0), "runs": len(heldout_rows), "trained": sum(not r["final_cached"] for r in heldout_rows)}
+    meta = rq.run_meta(t0, load0, nice=os.nice(0), runs=len(heldout_rows),
+                       trained=sum(not r["final_cached"] for r in heldout_rows))
     saved = {"meta": meta, "summary": summary, "candidates": cands, "runs": rows, "chosen": decide(summary)}
     _common.write_atomic(str(out / "heldout_pilot.json"), json.dumps(saved, indent=1, default=str))
     render(saved, out)

@@ -499,10 +499,7 @@ def main(argv=None) -> None:
         if exp != "K8" and not args.skip_grid:
             rows += run_grid(work, exp, data[exp], args)
     summary = summarise(rows, data, args)
-    meta = {"date": _common.today(), "machine": ", ".join(f"{k}: {v}" for k, v in _common.machine_info().items()),
-            "command": _common.command_line(), "commit": _common.git_revision(str(REPO)),
-            "wall_s": time.perf_counter() - t0, "load_start": load0, "load_end": _uptime(), "nice": os.nice(0),
-            "args": vars(args)}
+    meta = run_meta(t0, load0, nice=os.nice(0), args=vars(args))
     saved = {"meta": meta, "summary": summary, "runs": rows}
     out.mkdir(parents=True, exist_ok=True)
     _common.write_atomic(str(out / "results.json"), json.dumps(saved, indent=1, default=str))
@@ -527,6 +524,14 @@ def merge(paths: list[str]) -> dict:
         runs += [r for r in saved["runs"] if r["exp"] in taken]
     order = [e for e in EXPERIMENTS if e in summary]
     return {"meta": {"parts": parts}, "summary": {e: summary[e] for e in order}, "runs": runs}
+
+
+def run_meta(t0: float, load_start: str, **extra) -> dict:
+    """What every quality script records about its run: date, machine, command, commit, wall time since
+    ``t0`` (``time.perf_counter()``) and the load at start / now, plus ``extra``."""
+    return {"date": _common.today(), "machine": ", ".join(f"{k}: {v}" for k, v in _common.machine_info().items()),
+            "command": _common.command_line(), "commit": _common.git_revision(str(REPO)),
+            "wall_s": time.perf_counter() - t0, "load_start": load_start, "load_end": _uptime(), **extra}
 
 
 def _uptime() -> str:
