@@ -96,23 +96,29 @@ def study_unit(work: Path, exp: str, target: str, seed: int, data: dict, args, v
     return unit
 
 
-def summarise(units: list[dict], variants: list[str]) -> dict:
+def paired_summary(units: list[dict], names: list[str], base: str = BASELINE) -> dict:
+    """Each of ``names`` against ``base`` (paired final losses per target and pooled) and, on planted
+    targets, every one's L1 to the planted shares (units with ``l1``)."""
     keys = sorted({(u["exp"], u["target"]) for u in units})
-    per = {f"{e}/{t}": {v: er.paired([u for u in units if (u["exp"], u["target"]) == (e, t)], v, BASELINE)
-                        for v in variants} for e, t in keys}
+    per = {f"{e}/{t}": {v: er.paired([u for u in units if (u["exp"], u["target"]) == (e, t)], v, base)
+                        for v in names} for e, t in keys}
     planted = [u for u in units if "l1" in u]
-    l1 = {v: rq._ms([u["l1"][v] for u in planted]) for v in [BASELINE, *variants]} if planted else {}
+    l1 = {v: rq._ms([u["l1"][v] for u in planted]) for v in [base, *names]} if planted else {}
+    return {"per_target": per, "pooled": {v: er.paired(units, v, base) for v in names}, "l1_planted": l1}
+
+
+def summarise(units: list[dict], variants: list[str]) -> dict:
     flops = {v: float(np.mean([u["search_flops"][v] / u["search_flops"][BASELINE] for u in units]))
              for v in variants}
-    return {"per_target": per, "pooled": {v: er.paired(units, v, BASELINE) for v in variants},
-            "l1_planted": l1, "flops_vs_defaults": flops, "chosen": decide(units, variants)}
+    return {**paired_summary(units, variants), "flops_vs_defaults": flops, "chosen": decide(units, variants)}
 
 
-def decide(units: list[dict], variants: list[str]) -> str:
-    """The rule fixed before the runs (module docstring)."""
-    pooled = {v: er.paired(units, v, BASELINE) for v in variants}
+def decide(units: list[dict], variants: list[str], base: str = BASELINE) -> str:
+    """The rule fixed before the runs (module docstring): a variant replaces ``base`` only if its pooled
+    paired difference is below zero by more than 2 SE; of several, the lowest mean."""
+    pooled = {v: er.paired(units, v, base) for v in variants}
     better = [v for v, p in pooled.items() if p["mean"] + 2 * p["se"] < 0]
-    return min(better, key=lambda v: pooled[v]["mean"]) if better else BASELINE
+    return min(better, key=lambda v: pooled[v]["mean"]) if better else base
 
 
 # ============================================================================ report
@@ -121,15 +127,7 @@ def decide(units: list[dict], variants: list[str]) -> str:
 def render(saved: dict, out: Path) -> None:
     m, s, units = saved["meta"], saved["summary"], saved["units"]
     variants = list(s["pooled"])
-    rows = []
-    for key, per in s["per_target"].items():
-        us = [u for u in units if f"{u['exp']}/{u['target']}" == key]
-        rows.append([key, f"{np.mean([u['losses'][BASELINE] for u in us]):.4f}", *(er._pm(per[v]) for v in variants)])
-    rows.append(["**pooled**", f"{np.mean([u['losses'][BASELINE] for u in units]):.4f}",
-                 *(f"**{er._pm(s['pooled'][v])}**" for v in variants)])
-    if s["l1_planted"]:
-        rows.append(["L1 to planted (mean ± std, planted targets)", _pm3(s["l1_planted"][BASELINE]),
-                     *(_pm3(s["l1_planted"][v]) for v in variants)])
+    rows = paired_rows(units, s, variants)
     rows.append(["search compute / defaults'", "1", *(f"{s['flops_vs_defaults'][v]:.2f}" for v in variants)])
     sched = [f"`{v}`: " + ", ".join(f"{k} {units[0]['schedule'][v][k]:.4g}" for k in ("warmup_steps", "outer_every",
                                                                                      "updates", "z_lr"))
@@ -147,6 +145,21 @@ def render(saved: dict, out: Path) -> None:
     ]
     path = out / "fastmix_dev.md"
     _common.write_atomic(str(path), "\n".join(lines) + _common.kept_analysis(str(path)))
+
+
+def paired_rows(units: list[dict], s: dict, names: list[str], base: str = BASELINE) -> list[list[str]]:
+    """Table rows of :func:`paired_summary`'s ``s``: per target (``base``'s mean loss, then each name's
+    paired difference), pooled, and the L1 to the planted shares."""
+    rows = []
+    for key, per in s["per_target"].items():
+        us = [u for u in units if f"{u['exp']}/{u['target']}" == key]
+        rows.append([key, f"{np.mean([u['losses'][base] for u in us]):.4f}", *(er._pm(per[v]) for v in names)])
+    rows.append(["**pooled**", f"{np.mean([u['losses'][base] for u in units]):.4f}",
+                 *(f"**{er._pm(s['pooled'][v])}**" for v in names)])
+    if s["l1_planted"]:
+        rows.append(["L1 to planted (mean ± std, planted targets)", _pm3(s["l1_planted"][base]),
+                     *(_pm3(s["l1_planted"][v]) for v in names)])
+    return rows
 
 
 def _pm3(ms: list[float]) -> str:
