@@ -22,7 +22,10 @@ def test_dev_targets_and_seeds_are_not_the_judges(sr):
     er, rq = sr.er, sr.rq
     assert not er.target_specs(er.DEV_EXPERIMENTS) & er.target_specs(rq.EXPERIMENTS)
     assert not set(er.DEV_SEEDS) & set(rq.build_parser().parse_args([]).seeds)
-    assert sr.er.dev_parser(sr.__doc__, "shrink_rule", er.DEV_SEEDS).parse_args([]).seeds == list(range(100, 110))
+    args = er.dev_parser(sr.__doc__, "shrink_rule", er.DEV_SEEDS).parse_args([])
+    assert args.seeds == list(range(100, 110))
+    # the development studies' 262k-token runs, not the judge's 1M default (their caches are keyed by it)
+    assert args.final_tokens == 262_144 != rq.build_parser().parse_args([]).final_tokens
 
 
 def test_shrink_arithmetic(sr):

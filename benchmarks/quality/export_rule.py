@@ -61,6 +61,9 @@ DEV_EXPERIMENTS = {
 }
 DEV_TARGETS = ("heldout", "planted")
 DEV_SEEDS = tuple(range(100, 110))
+#: the development studies' final-run size (= search budget): the judge's until it moved to 1M-token
+#: final runs (final_size.md); kept so that the studies stay comparable and their caches are reused
+DEV_FINAL_TOKENS = 262_144
 CANDIDATES = ("average", "tail", "last", "bestval")
 BASELINE = "average"
 #: candidates without a parameter or a noisy selection, preferred on a tie within noise
@@ -181,6 +184,8 @@ def dev_parser(doc: str, name: str, seeds) -> argparse.ArgumentParser:
     ap.add_argument("--work", default="out/quality", help="cache and run folder (the judge's can be shared)")
     ap.add_argument("--seeds", type=int, nargs="+", default=list(seeds))
     ap.add_argument("--experiments", nargs="+", default=list(DEV_EXPERIMENTS), choices=list(DEV_EXPERIMENTS))
+    ap.add_argument("--final-tokens", type=int, default=DEV_FINAL_TOKENS,
+                    help="tokens of a final run and of a search's budget (the judge's other settings are kept)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (the box is shared)")
     ap.add_argument("--out", default=str(HERE), help=f"where {name}.json/.md go")
     ap.add_argument("--from-results", action="store_true", help=f"re-render {name}.md from {name}.json")
@@ -188,9 +193,9 @@ def dev_parser(doc: str, name: str, seeds) -> argparse.ArgumentParser:
 
 
 def dev_start(args) -> tuple:
-    """The judge's run settings (unchanged), torch's threads, the work folder, the clock and load at
+    """The judge's run settings (but ``--final-tokens``), torch's threads, the work folder, the clock and load at
     the start, and every chosen development experiment's data (``rq.prepare_experiment``)."""
-    run = rq.build_parser().parse_args([])
+    run = rq.build_parser().parse_args(["--final-tokens", str(args.final_tokens)])
     torch.set_num_threads(args.threads)
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
