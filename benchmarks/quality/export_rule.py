@@ -206,6 +206,19 @@ def dev_start(args) -> tuple:
     return run, work, data, clock
 
 
+def dev_units(args, run, work: Path, data: dict, unit) -> list[dict]:
+    """``unit(work, exp, target, seed, data[exp], run)`` for every chosen (seed, experiment, target),
+    seed-major (a partial run is balanced over the targets), each logged with its final losses."""
+    units = []
+    for seed in args.seeds:
+        for exp in args.experiments:
+            for target in DEV_TARGETS:
+                u = unit(work, exp, target, seed, data[exp], run)
+                units.append(u)
+                rq.log(f"{exp} {target:8s} s{seed} " + " ".join(f"{c}={x:.4f}" for c, x in u["losses"].items()))
+    return units
+
+
 def dev_finish(args, run, clock: tuple, units: list[dict], summary: dict, name: str, render_fn) -> None:
     """Write ``<name>.json`` (run record: date, machine, command, commit, wall time, load, settings)
     and render ``<name>.md``."""

@@ -41,6 +41,7 @@ then one more over all variants, which only reads the caches and writes the repo
 
 from __future__ import annotations
 
+import functools
 import json
 import sys
 from pathlib import Path
@@ -174,13 +175,7 @@ def main(argv=None) -> None:
         render(json.loads((Path(args.out) / "fastmix_dev.json").read_text()), Path(args.out))
         return
     run, work, data, clock = er.dev_start(args)
-    units = []
-    for seed in args.seeds:  # seed-major: a partial run is balanced over the targets
-        for exp in args.experiments:
-            for target in er.DEV_TARGETS:
-                u = study_unit(work, exp, target, seed, data[exp], run, args.variants)
-                units.append(u)
-                rq.log(f"{exp} {target:8s} s{seed} " + " ".join(f"{v}={x:.4f}" for v, x in u["losses"].items()))
+    units = er.dev_units(args, run, work, data, functools.partial(study_unit, variants=args.variants))
     er.dev_finish(args, run, clock, units, summarise(units, args.variants), "fastmix_dev", render)
 
 if __name__ == "__main__":

@@ -126,13 +126,7 @@ def main(argv=None) -> None:
         render(json.loads((Path(args.out) / "shrink_rule.json").read_text()), Path(args.out))
         return
     run, work, data, clock = er.dev_start(args)
-    units = []
-    for seed in args.seeds:  # seed-major: a partial run is balanced over the targets
-        for exp in args.experiments:
-            for target in er.DEV_TARGETS:
-                u = study_unit(work, exp, target, seed, data[exp], run)
-                units.append(u)
-                rq.log(f"{exp} {target:8s} s{seed} " + " ".join(f"{c}={x:.4f}" for c, x in u["losses"].items()))
+    units = er.dev_units(args, run, work, data, study_unit)
     er.dev_finish(args, run, clock, units, summarise(units), "shrink_rule", render)
 
 
