@@ -73,3 +73,15 @@ def test_rule_keeps_average_unless_a_shrink_is_better_beyond_noise(sr):
     assert sr.summarise(units({"shrink-0.5": [-0.010, -0.012, -0.009, -0.011]}))["chosen"] == "shrink-0.5"
     both = units({"shrink-0.25": [-0.010, -0.012, -0.009, -0.011], "shrink-0.5": [-0.020, -0.021, -0.019, -0.02]})
     assert sr.summarise(both)["chosen"] == "shrink-0.5"  # of several beyond noise, the lowest mean
+
+
+def test_a_judge_look_never_runs_a_search(sr, tmp_path: Path):
+    """``--judge`` reads the judge's cached FastMix searches; one that is not cached is an error, not a run."""
+    rq = sr.rq
+    args = rq.build_parser().parse_args([])
+    data = {"search": {"heldout": str(tmp_path / "target")}, "sources": {"code": str(tmp_path / "code")}}
+    with pytest.raises(FileNotFoundError, match="not cached"):
+        rq.run_search_cached(tmp_path, "stdlib-K3", "fastmix", "heldout", 0, data, args, cached_only=True)
+    assert not (tmp_path / "methods").exists() and not (tmp_path / "runs").exists()
+    with pytest.raises(SystemExit, match="EXP=WORK"):
+        sr.main(["--judge", "K8=/nowhere"])

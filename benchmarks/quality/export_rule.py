@@ -147,7 +147,7 @@ def dev_header(m: dict, runs: str) -> list[str]:
             f"- command: `{m['command']}` (under `nice -n {m['nice']}`, torch threads {m['threads']})",
             f"- load average at start / end: {m['load_start']} / {m['load_end']}",
             f"- wall time: {m['wall_s'] / 60:.1f} min; seeds {m['seeds']}; {runs}",
-            f"- run settings (the judge's but the final-run size, `--final-tokens`): final run = search budget = {m['final_tokens']:,} tokens, batch "
+            f"- run settings (the judge's; the final-run size from `--final-tokens`): final run = search budget = {m['final_tokens']:,} tokens, batch "
             f"{m['batch_size']} x {m['seq_len']}, proxy `{m['proxy']}`, {m['eval_seqs']} test sequences per target"]
 
 

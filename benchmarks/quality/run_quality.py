@@ -216,11 +216,12 @@ def method_config(args, method: str, seed: int, work: Path, overrides: dict | No
 
 
 def run_search_cached(work: Path, exp: str, method: str, tname: str | None, seed: int, data: dict, args,
-                      overrides: dict | None = None, tag: str = "") -> dict:
+                      overrides: dict | None = None, tag: str = "", cached_only: bool = False) -> dict:
     """One search, cached by its full config, sources, target and code; it runs in the folder
     runs/<exp>/<target>/<method><tag>/seed<s>-<cache key> (``tag`` names a search with ``overrides``),
     recorded as ``run_dir`` in the cached record, so that what is read from the folder afterwards (its
-    trajectory) is this config's and never another's that shared the seed."""
+    trajectory) is this config's and never another's that shared the seed. ``cached_only``: a search
+    that is not cached is an error, not run."""
     cfg = method_config(args, method, seed, work, overrides)
     target = data["search"][tname] if tname else None
     desc = {"exp": exp, "method": method, "target": target, "cfg": cfg.to_dict(), "sources": data["sources"],
@@ -229,6 +230,9 @@ def run_search_cached(work: Path, exp: str, method: str, tname: str | None, seed
     path = work / "methods" / f"{exp}-{method}-{tname or 'blind'}-s{seed}-{key}.json"
     if path.exists():
         return json.loads(path.read_text())
+    if cached_only:
+        raise FileNotFoundError(f"{path}: the {exp}/{tname} {method} search of seed {seed} is not cached under "
+                                f"{work} for this config and code (cached_only: not run)")
     out_dir = work / "runs" / exp / (tname or "blind") / f"{method}{tag}" / f"seed{seed}-{key}"
     t0 = time.perf_counter()
     r = run_method(cfg, sources=data["sources"], target=target, out_dir=out_dir)

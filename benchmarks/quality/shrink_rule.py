@@ -28,6 +28,12 @@ Protocol:
   paired difference is below zero by more than 2 SE; of several, the one with the lowest mean.
   Nothing else: no per-target or per-kind choice, no other lambda after the figures are seen.
 
+**After the decision, not an input to it** (``--judge EXP=WORK ...``): the same candidates on the judge's
+K = 3 held-out and planted targets, from the judge's cached FastMix searches (``cached_only``: a
+search that is not cached stops the look instead of running) at the judge's settings (1M-token final
+runs, seeds 0-9), paired over all seeds and over the evaluation seeds 1-9 its regrets use; only the
+shrunk mixtures' final runs train (``shrink_rule_judge.{json,md}``).
+
 Everything is cached under ``--work`` (the judge's caches: corpora, searches, final runs);
 ``--experiments`` runs a subset (e.g. two processes in parallel, then one pass over all, which only
 reads the caches and writes the report).
@@ -38,6 +44,7 @@ from __future__ import annotations
 import json
 import math
 import sys
+import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -46,12 +53,15 @@ import _common  # noqa: E402
 import export_rule as er  # noqa: E402
 import fastmix_dev as fd  # noqa: E402
 import run_quality as rq  # noqa: E402
+import torch  # noqa: E402
 
 from fastmix_data.search.outputs import CONFIG_FILE, read_trajectory  # noqa: E402
 
 BASELINE = "average"
 #: each candidate's lambda: (1 - lambda) * average + lambda * start
 SHRINK = {"shrink-0.25": 0.25, "shrink-0.5": 0.5}
+#: the judge's experiments with a grid oracle (``--judge``)
+JUDGE = ("stdlib-K3", "system-K3")
 
 
 def shrink(average: dict[str, float], start: dict[str, float], lam: float) -> dict[str, float]:
@@ -77,9 +87,9 @@ def start_mixture(run_dir: Path) -> dict[str, float]:
     return start
 
 
-def study_unit(work: Path, exp: str, target: str, seed: int, data: dict, args) -> dict:
+def study_unit(work: Path, exp: str, target: str, seed: int, data: dict, args, cached_only: bool = False) -> dict:
     """One search at the defaults, then a final run on ``average`` and on each shrunk mixture."""
-    s = rq.run_search_cached(work, exp, "fastmix", target, seed, data, args)
+    s = rq.run_search_cached(work, exp, "fastmix", target, seed, data, args, cached_only=cached_only)
     if "run_dir" not in s:
         raise RuntimeError(f"the cached {exp}/{target} FastMix search of seed {seed} does not name its run folder: "
                            f"delete {work / 'methods'}/{exp}-fastmix-{target}-s{seed}-*.json to rerun it")
@@ -88,8 +98,10 @@ def study_unit(work: Path, exp: str, target: str, seed: int, data: dict, args) -
     if weights[BASELINE] != s["weights"]:
         raise RuntimeError(f"{s['run_dir']}: the search exported {s['weights']}, not its average")
     weights |= {c: shrink(weights[BASELINE], start, lam) for c, lam in SHRINK.items()}
-    losses = {c: rq.final_run(work, data, w, seed, args)["losses"][target] for c, w in weights.items()}
-    unit = {"exp": exp, "target": target, "seed": seed, "start": start, "weights": weights, "losses": losses,
+    finals = {c: rq.final_run(work, data, w, seed, args) for c, w in weights.items()}
+    unit = {"exp": exp, "target": target, "seed": seed, "start": start, "weights": weights,
+            "losses": {c: f["losses"][target] for c, f in finals.items()},
+            "final_cached": {c: f["cached"] for c, f in finals.items()},
             "updates": s["details"].get("updates"), "search_wall_s": s["wall_s"], "run_dir": s["run_dir"]}
     if target == "planted":
         unit["l1"] = {c: rq.l1(w, data["planted_tokens"]) for c, w in weights.items()}
@@ -120,8 +132,68 @@ def render(saved: dict, out: Path) -> None:
     _common.write_atomic(str(path), "\n".join(lines) + _common.kept_analysis(str(path)))
 
 
+# ============================================================================ the judge's targets, afterwards
+
+
+def judge_look(args) -> None:
+    """The candidates on the judge's targets (module docstring), from its caches; writes
+    ``shrink_rule_judge.{json,md}``."""
+    looks = [spec.partition("=")[::2] for spec in args.judge]
+    for spec, (exp, work) in zip(args.judge, looks):
+        if exp not in JUDGE or not work:
+            raise SystemExit(f"--judge {spec!r}: expected EXP=WORK with EXP one of {', '.join(JUDGE)}")
+    torch.set_num_threads(args.threads)
+    clock, units = (time.perf_counter(), rq._uptime()), []
+    for exp, work in looks:
+        run = rq.build_parser().parse_args(["--work", work, "--experiments", exp])
+        data = rq.prepare(Path(work), run)[exp]
+        for seed in run.seeds:
+            for target in er.DEV_TARGETS:
+                u = study_unit(Path(work), exp, target, seed, data, run, cached_only=True)
+                units.append(u)
+                rq.log(f"{exp} {target:8s} s{seed} " + " ".join(f"{c}={x:.4f}" for c, x in u["losses"].items()))
+    args.seeds = run.seeds
+    evaluation = [u for u in units if u["seed"] != run.seeds[0]]  # the judge's regrets: seeds 1-9
+    decided = json.loads((HERE / "shrink_rule.json").read_text())["summary"]["chosen"]  # on the development set
+    summary = {**fd.paired_summary(units, list(SHRINK), BASELINE), "chosen": decided,
+               "evaluation_seeds": fd.paired_summary(evaluation, list(SHRINK), BASELINE)}
+    er.dev_finish(args, run, clock, units, summary, "shrink_rule_judge", render_judge)
+
+
+def render_judge(saved: dict, out: Path) -> None:
+    m, s, units = saved["meta"], saved["summary"], saved["units"]
+    names, ev = list(SHRINK), s["evaluation_seeds"]
+    new = sum(not u["final_cached"][c] for u in units for c in names)
+    lines = [
+        "# FastMix's shrunk export on the judge's targets, after the decision (generated by `shrink_rule.py "
+        "--judge`)", "",
+        *er.dev_header(m, f"{len(units)} cached FastMix searches (none run), {new} new final runs; `average`'s "
+                       f"final runs cached: {sum(u['final_cached'][BASELINE] for u in units)}/{len(units)}"),
+        f"- not an input to the rule: `shrink_rule.md` decided `{s['chosen']}` on the development "
+        "targets; this is what the candidates would have done on the judge's", "",
+        "## Paired final loss against `average`, all seeds (candidate − average, mean ± SE, (wins/n))", "",
+        _common.markdown_table(["target", "average (mean loss)", *names], fd.paired_rows(units, s, names, BASELINE),
+                               "l" + "r" * (1 + len(names))), "",
+        "## The same over the evaluation seeds the judge's regrets use (a regret moves by this mean)", "",
+        _common.markdown_table(["target", "average (mean loss)", *names],
+                               fd.paired_rows([u for u in units if u["seed"] != m["seeds"][0]], ev, names, BASELINE),
+                               "l" + "r" * (1 + len(names))), "",
+    ]
+    path = out / "shrink_rule_judge.md"
+    _common.write_atomic(str(path), "\n".join(lines) + _common.kept_analysis(str(path)))
+
+
 def main(argv=None) -> None:
-    args = er.dev_parser(__doc__, "shrink_rule", er.DEV_SEEDS).parse_args(argv)
+    ap = er.dev_parser(__doc__, "shrink_rule", er.DEV_SEEDS)
+    ap.add_argument("--judge", nargs="+", metavar="EXP=WORK", help="after the decision: the candidates on the "
+                    "judge's experiment EXP (stdlib-K3, system-K3) from its cache folder WORK")
+    args = ap.parse_args(argv)
+    if args.judge:
+        if args.from_results:
+            render_judge(json.loads((Path(args.out) / "shrink_rule_judge.json").read_text()), Path(args.out))
+        else:
+            judge_look(args)
+        return
     if args.from_results:
         render(json.loads((Path(args.out) / "shrink_rule.json").read_text()), Path(args.out))
         return
