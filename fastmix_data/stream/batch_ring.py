@@ -53,7 +53,7 @@ def _shared_root() -> str:
     return shm if os.path.isdir(shm) and os.access(shm, os.W_OK) else tempfile.gettempdir()
 
 
-def _align(n: int) -> int:
+def align(n: int) -> int:
     return (n + 63) & ~63
 
 
@@ -96,39 +96,7 @@ class RingWriter:
         seq = self.sent
         if seq >= _ACKED.unpack_from(mm, 0)[0] + self.slots:
             return inline(batch)
-        layout: list[tuple] = []
-        pieces: list = []  # bytes-like, written back to back from the slot's start
-        out = {}
-        size = 0
-
-        def put(part) -> int:  # after the previous part, then pad to 64 bytes
-            nonlocal size
-            at = size
-            pieces.append(part)
-            size += len(part)
-            if _align(size) > size:
-                pieces.append(bytes(_align(size) - size))
-                size = _align(size)
-            return at
-
-        for key, value in batch.items():
-            if isinstance(value, np.ndarray):
-                layout.append(("array", key, value.dtype.str, value.shape, put(_bytes_of(value))))
-            elif isinstance(value, tuple) and value and all(isinstance(v, np.ndarray) for v in value):
-                entries = tuple((v.dtype.str, v.shape, put(_bytes_of(v))) for v in value)
-                layout.append(("arrays", key, entries, None, None))
-            elif isinstance(value, list) and (kinds := set(map(type, value))) <= _TEXT_KINDS:
-                if kinds == {memoryview}:  # Arrow rows (the common case): no per-row Python work
-                    rows, sizes = value, list(map(len, value))
-                else:
-                    rows = [v.encode("utf-8", "surrogatepass") if type(v) is str else v for v in value]
-                    sizes = [-1 if v is None else len(v) for v in rows]
-                    rows = [v for v in rows if v is not None]
-                at_lengths = put(_bytes_of(np.array(sizes, dtype=np.int64)))
-                at_text = put(b"".join(rows))  # one C-level gather, one write into the slot
-                layout.append(("text", key, len(sizes), at_lengths, at_text))
-            else:
-                out[key] = value
+        out, layout, pieces, size = encode(batch)
         if size > self.slot_bytes:
             return inline(batch)
         slot = seq % self.slots
@@ -142,13 +110,9 @@ class RingWriter:
                 self.close()
                 return inline(batch)
             self.reserved[slot] = size
-        at = base
-        for piece in pieces:
-            end = at + len(piece)
-            mm[at:end] = piece
-            at = end
+        write_pieces(mm, base, pieces)
         self.sent += 1
-        out[RING_KEY] = (self.worker, self.path, seq, base, tuple(layout))
+        out[RING_KEY] = (self.worker, self.path, seq, base, layout)
         return out
 
     def close(self) -> None:
@@ -180,14 +144,7 @@ class RingReader:
             return batch
         worker, path, seq, base, layout = ring
         mm = self._map(worker, path)
-        out = {k: v for k, v in batch.items() if k != RING_KEY}
-        for kind, key, a, b, c in layout:
-            if kind == "array":
-                out[key] = _array(mm, base + c, a, b)
-            elif kind == "arrays":
-                out[key] = tuple(_array(mm, base + at, dtype, shape) for dtype, shape, at in a)
-            else:  # text: a = rows, b = offset of the lengths (bytes), c = offset of the UTF-8 bytes
-                out[key] = _texts(mm, a, base + b, base + c)
+        out = decode({k: v for k, v in batch.items() if k != RING_KEY}, layout, mm, base)
         _ACKED.pack_into(mm, 0, seq + 1)
         return out
 
@@ -222,6 +179,70 @@ class RingReader:
         self._maps = {}
         if os.getpid() == self.owner_pid and os.path.isdir(self.directory):
             shutil.rmtree(self.directory, ignore_errors=True)
+
+
+def encode(batch: dict) -> tuple[dict, tuple, list, int]:
+    """A batch's slot payload: (the values that are not arrays or texts, the layout of the payload,
+    its pieces (bytes-like, written back to back from the payload's start), its size in bytes).
+
+    Each numpy array (or tuple of arrays) at a 64-byte aligned offset; a text column (a list of str,
+    UTF-8 memoryviews and None) as an int64 array of the rows' byte lengths (-1: None) and the rows'
+    bytes back to back. The layout's offsets are relative to the payload's start (`decode`)."""
+    layout: list[tuple] = []
+    pieces: list = []
+    out = {}
+    size = 0
+
+    def put(part) -> int:  # after the previous part, then pad to 64 bytes
+        nonlocal size
+        at = size
+        pieces.append(part)
+        size += len(part)
+        if align(size) > size:
+            pieces.append(bytes(align(size) - size))
+            size = align(size)
+        return at
+
+    for key, value in batch.items():
+        if isinstance(value, np.ndarray):
+            layout.append(("array", key, value.dtype.str, value.shape, put(_bytes_of(value))))
+        elif isinstance(value, tuple) and value and all(isinstance(v, np.ndarray) for v in value):
+            entries = tuple((v.dtype.str, v.shape, put(_bytes_of(v))) for v in value)
+            layout.append(("arrays", key, entries, None, None))
+        elif isinstance(value, list) and (kinds := set(map(type, value))) <= _TEXT_KINDS:
+            if kinds == {memoryview}:  # Arrow rows (the common case): no per-row Python work
+                rows, sizes = value, list(map(len, value))
+            else:
+                rows = [v.encode("utf-8", "surrogatepass") if type(v) is str else v for v in value]
+                sizes = [-1 if v is None else len(v) for v in rows]
+                rows = [v for v in rows if v is not None]
+            at_lengths = put(_bytes_of(np.array(sizes, dtype=np.int64)))
+            at_text = put(b"".join(rows))  # one C-level gather, one write into the slot
+            layout.append(("text", key, len(sizes), at_lengths, at_text))
+        else:
+            out[key] = value
+    return out, tuple(layout), pieces, size
+
+
+def decode(out: dict, layout: tuple, mm: mmap.mmap, base: int) -> dict:
+    """``out`` with the arrays and texts of the payload at ``base`` of ``mm`` (see `encode`) copied in
+    (arrays owned by the batch, texts as str)."""
+    for kind, key, a, b, c in layout:
+        if kind == "array":
+            out[key] = _array(mm, base + c, a, b)
+        elif kind == "arrays":
+            out[key] = tuple(_array(mm, base + at, dtype, shape) for dtype, shape, at in a)
+        else:  # text: a = rows, b = offset of the lengths (bytes), c = offset of the UTF-8 bytes
+            out[key] = _texts(mm, a, base + b, base + c)
+    return out
+
+
+def write_pieces(mm: mmap.mmap, at: int, pieces: list) -> None:
+    """The pieces of `encode` written back to back into ``mm`` from ``at``."""
+    for piece in pieces:
+        end = at + len(piece)
+        mm[at:end] = piece
+        at = end
 
 
 def _bytes_of(array: np.ndarray) -> memoryview:

@@ -2,13 +2,18 @@
 
 With workers, `MixtureStream.loader` configures what its workers send through one `WorkerOutput`
 (set on the stream while ``iter()`` starts the workers, which copy the stream): packed numpy batches,
-R of them per DataLoader item, written to a shared-memory ring (:mod:`fastmix_data.stream.batch_ring`).
-The training process makes tensors and serves the batches in global order.
+by default written straight to one shared-memory ring per worker that the training process reads
+(:mod:`fastmix_data.stream.direct_ring`; the DataLoader only starts, feeds and stops the workers).
+Without that (no FIFOs or ``posix_fallocate``, a DataLoader ``timeout``): R batches per DataLoader
+item, through a shared-memory ring (:mod:`fastmix_data.stream.batch_ring`) or pickled. The training
+process makes tensors and serves the batches in global order.
 """
 
 from __future__ import annotations
 
 import gc
+import os
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -16,6 +21,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
+from fastmix_data.stream import direct_ring
 from fastmix_data.stream.batch_ring import RingReader, ring_directory
 from fastmix_data.stream.batches import per_batch_counts, unpack
 
@@ -30,10 +36,16 @@ class WorkerOutput:
     Attributes:
         per_item: batches per DataLoader item (``batches_per_item``).
         ring: (ring directory, slots) of the shared-memory ring, or None (pickled through the pipe).
+        direct: (ring directory, name) of the direct rings (`direct_ring.DirectRings`); then nothing
+            goes through the DataLoader and ``per_item`` and ``ring`` do not apply.
     """
 
     per_item: int = 1
     ring: tuple[str, int] | None = None
+    direct: tuple[str, str] | None = None
+
+
+JOIN_S = 30.0  # at the end of an iteration: the longest wait for the DataLoader to see its workers return
 
 
 class TrackedLoader:
@@ -46,8 +58,16 @@ class TrackedLoader:
         to_tensors: bool = False,
         use_ring: bool = True,
         per_item: int = 1,
+        prefetch: int = 2,
     ):
         self.per_item = int(per_item)
+        self.prefetch = int(prefetch)  # batches per worker ahead (the user's prefetch_factor)
+        self._direct_name: str | None = None  # persistent workers: the rings' name of their first iteration
+        self._live: _Waiter | None = None  # persistent workers: the iteration whose workers may still write
+        self.slot_bytes = direct_ring.SLOT_BYTES  # a direct ring's slot (a larger batch is spilled to a file)
+        self.transport: str | None = None  # the last iteration's: "direct", "items" (per DataLoader item), None
+        self.items_delivered = 0  # DataLoader items the direct transport received (none: it bypasses them)
+        self.spilled = 0  # batches of the direct transport that came through spill files
         self.stream = stream
         self.loader = loader
         self.to_tensors = to_tensors
@@ -59,7 +79,11 @@ class TrackedLoader:
         """Start the workers now, as ``iter(DataLoader)`` does, and return the batches' iterator."""
         per_item = self.per_item if self.to_tensors else 1
         output = None
-        if self.to_tensors:
+        rings = self._direct_rings()
+        self.transport = "direct" if rings is not None else "items" if self.to_tensors else None
+        if rings is not None:
+            output = WorkerOutput(direct=(self.ring.directory, rings.name))
+        elif self.to_tensors:
             slots = ((self.loader.prefetch_factor or 2) + 1) * per_item + 2
             output = WorkerOutput(per_item, None if self.ring is None else (self.ring.directory, slots))
         # read by the workers started by iter() (persistent workers keep what they saw first)
@@ -74,11 +98,38 @@ class TrackedLoader:
             gc.freeze()
         try:
             items = iter(self.loader)
+        except BaseException:
+            if rings is not None:
+                rings.release()
+            raise
         finally:
             self.stream.worker_output = None
             if frozen:
                 gc.unfreeze()
+        if rings is not None:
+            return self._serve_direct(_Waiter(items, rings), rings)
         return self._serve(items, per_item)
+
+    def _direct_rings(self) -> direct_ring.DirectRings | None:
+        """This iteration's direct rings, or None when the direct transport does not apply (no ring,
+        a DataLoader timeout, no FIFOs or posix_fallocate, or they cannot be made: the per-item path)."""
+        loader = self.loader
+        if self.ring is None or loader.num_workers == 0 or loader.timeout or not direct_ring.usable():
+            return None
+        persistent = loader.persistent_workers
+        if persistent and self._live is not None:  # the previous iteration's workers must return first
+            self._live.stop()
+        name = self._direct_name or os.urandom(4).hex()
+        try:
+            rings = direct_ring.DirectRings(self.ring.directory, name, loader.num_workers,
+                                           self.prefetch + SLACK_SLOTS, self.slot_bytes)  # fmt: skip
+        except OSError:
+            if self._direct_name is not None:  # persistent workers already write to rings
+                raise
+            return None
+        if persistent:
+            self._direct_name = name
+        return rings
 
     def _serve(self, items: Iterator, per_item: int) -> Iterator[dict]:
         if not self.to_tensors:
@@ -111,9 +162,112 @@ class TrackedLoader:
                 yield self._served(packed)
                 expected += 1
 
+    def _serve_direct(self, waiter: _Waiter, rings: direct_ring.DirectRings) -> Iterator[dict]:
+        """Batches read from the workers' rings, served in global order (see `_next_direct`)."""
+        if self.loader.persistent_workers:
+            self._live = waiter
+        waiter.start()
+        expected, started = self.stream._next_batch, False
+        try:
+            while True:
+                packed, expected, started, end = self._next_direct(rings, waiter, expected, started)
+                if end:
+                    return
+                if packed is None:
+                    rings.wait()
+                elif self.stream._admit(packed):
+                    yield self._served(packed)
+                    expected += 1
+        finally:
+            waiter.stop()
+            self.items_delivered += waiter.delivered
+            self.spilled += sum(ring.spilled for ring in rings.rings)
+            rings.release(unlink=not self.loader.persistent_workers)
+
+    def _next_direct(self, rings, waiter: _Waiter, expected: int, started: bool):
+        """(batch ``expected`` if it can be had now, else None; expected; started; the end).
+
+        Each ring's next batch is read when it is ``expected``; one already served or stale is
+        skipped (its worker, told of the change, writes it again). A worker's valid batches come in
+        increasing order, so when every ring has ended or has a later batch next, no worker will
+        write ``expected`` (it ended before it learnt of a change, or the plan ended): it is built
+        here, as with num_workers=0. Until the first batch is served, ``expected`` is the smallest
+        batch every worker has written (persistent workers start where their copy of the stream
+        does)."""
+        returned = waiter.finished and waiter.error is None  # read before the rings: all written
+        states = [ring.state() for ring in rings.rings]
+        heads = [self._head(ring, expected if started else None) for ring in rings.rings]
+        if waiter.error is not None or direct_ring.FAILED in states:
+            raise waiter.failure()
+        ended = [h is None and (returned or s != direct_ring.RUNNING) for s, h in zip(states, heads)]
+        if not started and expected not in heads and all(h is not None or e for h, e in zip(heads, ended)):
+            expected = min((h for h in heads if h is not None), default=expected)
+        if expected in heads:
+            return rings.rings[heads.index(expected)].take(), expected, True, False
+        if all(e or (h is not None and h > expected) for h, e in zip(heads, ended)):
+            packed = self.stream._build_here(expected)
+            return packed, expected, started or packed is not None, packed is None and all(ended)
+        return None, expected, started, False
+
+    def _head(self, ring, served_below: int | None) -> int | None:
+        """The batch index next in ``ring`` after skipping batches below ``served_below`` and stale
+        ones (counted as rebuilt), or None when the ring has nothing new."""
+        while (head := ring.head()) is not None:
+            g, version = head
+            if (served_below is not None and g < served_below) or self.stream._stale(g, version):
+                ring.take(keep=False)
+                continue
+            return g
+        return None
+
     def _served(self, packed: dict) -> dict:
         """The user-facing batch of a packed one that `MixtureStream._admit` counted."""
         return unpack(packed, widen=not self.stream.narrow_tokens)[0]
+
+
+SLACK_SLOTS = 2  # a direct ring's slots: prefetch_factor + this (the batch being written, one more)
+
+
+class _Waiter(threading.Thread):
+    """Iterates the DataLoader while the workers write to their direct rings: no batch comes through
+    it; it ends when every worker has returned (StopIteration) or with a worker's exception (the
+    DataLoader's, unchanged), and wakes the serving loop then."""
+
+    def __init__(self, items: Iterator, rings: direct_ring.DirectRings):
+        super().__init__(daemon=True, name="fastmix-data-loader-waiter")
+        self.items: Iterator | None = items
+        self.rings = rings
+        self.wake_fd = rings.waker()
+        self.error: BaseException | None = None
+        self.delivered = 0  # DataLoader items (none expected: the workers yield nothing)
+        self.finished = False
+
+    def run(self) -> None:
+        try:
+            for _ in self.items:
+                self.delivered += 1
+        except BaseException as exc:  # a worker's exception, or the DataLoader's own (a killed worker)
+            self.error = exc
+        finally:
+            self.items = None  # the DataLoader iterator shuts its workers down when dropped
+            self.finished = True
+            try:
+                os.write(self.wake_fd, b"\0")
+            finally:
+                os.close(self.wake_fd)
+
+    def stop(self) -> None:
+        """The workers told to return, and their return awaited (bounded by `JOIN_S`)."""
+        if self.rings.rings:
+            self.rings.stop()
+        if self.is_alive():
+            self.join(JOIN_S)
+
+    def failure(self) -> BaseException:
+        """The exception to raise for a failed worker: the one the DataLoader delivers, once the
+        other workers returned (it delivers in its round-robin order)."""
+        self.stop()
+        return self.error or RuntimeError("a DataLoader worker of the stream failed and the DataLoader did not say why")
 
 
 def as_is(batch: dict) -> dict:

@@ -39,7 +39,7 @@ from fastmix_data.plan.weights import normalize_weights, to_item_units
 from fastmix_data.spec import MixtureSpec
 from fastmix_data.storage.prefetch import MAX_BLOCKS_AHEAD, prefetch_block
 from fastmix_data.stream import batches as batch_format
-from fastmix_data.stream import worker_memory
+from fastmix_data.stream import direct_ring, worker_memory
 from fastmix_data.stream.batch_ring import RingWriter
 from fastmix_data.stream.channel import WeightChannel
 from fastmix_data.stream.distributed import Coordinator, rank_and_world, stream_namespace, worker_and_count
@@ -269,6 +269,18 @@ class MixtureStream(torch.utils.data.IterableDataset):
             self._count(g, packed["weight_version"], packed["_counts"])
             return True
 
+    def _stale(self, g: int, version: int) -> bool:
+        """In the training process: whether batch g built under history entry ``version`` is stale
+        (see `_admit`; the history taken from the channel first when it looks so); counted."""
+        if version == self._version_at(g):
+            return False
+        with self._weights_lock:
+            self._sync_history()
+            if version == self._version_at(g):
+                return False
+            self._rebuilt += 1
+            return True
+
     def fingerprint(self) -> str:
         """Hex digest of everything that determines the stream's content (not its weights)."""
         return _config_digest(self._config_summary())
@@ -303,14 +315,20 @@ class MixtureStream(torch.utils.data.IterableDataset):
         if not in_main:
             worker_memory.disable_huge_pages()  # huge-page faults for every decode: half a worker's CPU
         output = None if in_main else self.worker_output  # loader() workers send packed numpy batches
+        direct = output.direct if output is not None else None
         ring = RingWriter(output.ring[0], worker, output.ring[1]) if output is not None and output.ring else None
         if ring is not None and ring.mm is None:  # no usable shared memory: the pipe, as without one
             ring = None
         parts = self.mixture.partitions
         for item_source in self.items:
-            item_source.raw_text = ring is not None and self.seq_len is None
+            item_source.raw_text = (ring is not None or direct is not None) and self.seq_len is None
             item_source.cursors = parts // math.gcd(workers * self.world_size, parts)  # partitions served here
         batches = self._batches(g, worker, workers, in_main, packed_out=output is not None)
+        if direct is not None:  # every batch into this worker's ring; nothing through the DataLoader
+            directory, name = direct
+            direct_ring.write_all(batches, direct_ring.ring_path(directory, name, worker),
+                                  direct_ring.fifo_path(directory, name))  # fmt: skip
+            return
         try:
             if output is not None and output.per_item > 1:  # loader() workers: R of their batches per item
                 for chunk in self._items(batches, output.per_item):
@@ -563,14 +581,14 @@ class MixtureStream(torch.utils.data.IterableDataset):
         dataloader_kwargs.setdefault("batch_size", None)
         workers = dataloader_kwargs.get("num_workers", 0)
         convert = workers > 0 and "collate_fn" not in dataloader_kwargs
+        prefetch = 2
         if convert:
             dataloader_kwargs["collate_fn"] = as_is
             prefetch = dataloader_kwargs.get("prefetch_factor") or 2  # the DataLoader's default
             dataloader_kwargs["prefetch_factor"] = -(-prefetch // batches_per_item)
         loader = torch.utils.data.DataLoader(self, **dataloader_kwargs)
-        return TrackedLoader(
-            self, loader, to_tensors=convert, use_ring=shared_memory_batches, per_item=batches_per_item
-        )
+        return TrackedLoader(self, loader, to_tensors=convert, use_ring=shared_memory_batches,
+                             per_item=batches_per_item, prefetch=prefetch if convert else 2)  # fmt: skip
 
     # ------------------------------------------------------------------------------ state
     def state_dict(self) -> dict:

@@ -1,0 +1,333 @@
+"""Batches from `MixtureStream.loader` workers straight to the training process, past the DataLoader.
+
+Design problem: with the per-item transport (:mod:`fastmix_data.stream.batch_ring`) every batch, or
+item of R batches, still goes through the DataLoader's protocol: an index sent to the worker, a
+descriptor pickled into its result queue, the queue's feeder thread, the training process's receive,
+unpickle and wake-up. On a 2-core machine that was ~8 % of a worker's CPU and ~17 % of the training
+process's (benchmarks/results/partitions-last.md).
+
+Solution: the DataLoader only starts, feeds and stops the workers. The training process makes one
+*ring file* per worker and iteration (`DirectRings`) and one FIFO; a worker's stream writes every
+batch into its ring, in order, one slot each (`write_all`), and yields nothing through the DataLoader:
+its generator returns at the end (the DataLoader sees the worker's StopIteration) or raises (the
+DataLoader delivers the exception, which a thread of the training process waits for). The training
+process reads the rings' slots in order and acknowledges them; a worker whose ring is full waits
+for an acknowledgement (sleep-polling: it is ahead). Wire format (all int64 little-endian):
+
+* header: 0 acknowledged (batches the training process has taken), 8 written (batches the worker
+  has written), 16 state (0 running, 1 done, 2 failed; by the worker), 24 closed (set by the training
+  process when its iterator ends or is dropped: the worker returns at once), 32 S (slots), 40 slot
+  bytes; from 64, one record per slot: (payload kind, batch index, weight version), where the kind is
+  the pickled descriptor's length in bytes (> 0: in the slot), -1 (a spill file in the ring
+  directory) or -2 (a spill file in the temp directory);
+* slot s of S at `data_at` (S) + s * slot bytes: batch j goes to slot j mod S, written only when
+  batch j - S has been acknowledged: the descriptor (values that are not arrays or texts, and the
+  layout of `batch_ring.encode`), padded to 64 bytes, then the payload;
+* a batch that does not fit in a slot, or whose slot cannot be backed by memory (`posix_fallocate`
+  fails: shared memory full), is pickled whole into a spill file ``<ring>.<j>.spill`` in the ring
+  directory (or, if that fails too, in the temp directory) that the training process reads and
+  removes: nothing waits on the DataLoader's queue, nothing is lost;
+* the worker writes one byte into the FIFO after each batch and at its end (non-blocking: a full
+  FIFO already wakes the reader); the training process selects on it with a timeout (0.2 s), so a
+  lost wake-up costs at most that, and drains it.
+
+A worker also returns when its parent process is gone (``os.getppid()`` changed).
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import pickle
+import select
+import struct
+import tempfile
+import time
+
+from fastmix_data.stream.batch_ring import SLOT_BYTES, align, decode, encode, inline, write_pieces
+
+_HEADER = struct.Struct("<qqqqqq")  # acknowledged, written, state, closed, slots, slot bytes
+_ACKED, _WRITTEN, _STATE, _CLOSED = 0, 8, 16, 24
+_INT = struct.Struct("<q")
+_RECORD = struct.Struct("<qqq")  # per slot: kind (descriptor bytes, or a spill), batch index, weight version
+RECORDS_AT = 64
+RUNNING, DONE, FAILED = 0, 1, 2
+SPILL_RING, SPILL_TEMP = -1, -2
+WAKE_TIMEOUT_S = 0.2  # the reader's select timeout: the backstop for a lost wake-up
+_POLL_S = (0.0002, 0.005)  # a worker's wait for a free slot: first sleep, longest sleep (doubling)
+
+
+def data_at(slots: int) -> int:
+    """Where slot 0 starts: after the header and the slots' records, page aligned."""
+    return (RECORDS_AT + _RECORD.size * slots + 4095) & ~4095
+
+
+def usable() -> bool:
+    """Whether this platform has what the direct transport needs (posix_fallocate, FIFOs, select)."""
+    return hasattr(os, "posix_fallocate") and hasattr(os, "mkfifo")
+
+
+def ring_path(directory: str, name: str, worker: int) -> str:
+    return os.path.join(directory, f"ring-{name}-{worker}")
+
+
+def fifo_path(directory: str, name: str) -> str:
+    return os.path.join(directory, f"wake-{name}")
+
+
+def _spill_path(ring: str, seq: int, where: int) -> str:
+    if where == SPILL_RING:
+        return f"{ring}.{seq}.spill"
+    parent, name = os.path.split(ring)
+    return os.path.join(tempfile.gettempdir(), f"{os.path.basename(parent)}-{name}.{seq}.spill")
+
+
+class DirectWriter:
+    """The worker side of one ring (made by the training process before the workers start)."""
+
+    def __init__(self, path: str, fifo: str):
+        self.path = path
+        self.fd = os.open(path, os.O_RDWR)
+        self.mm = mmap.mmap(self.fd, os.fstat(self.fd).st_size)
+        *_, self.slots, self.slot_bytes = _HEADER.unpack_from(self.mm, 0)
+        self.data_at = data_at(self.slots)
+        self.reserved = [0] * self.slots  # bytes of each slot backed by allocated shared memory
+        self.parent = os.getppid()
+        self.sent = 0
+        try:
+            self.wake_fd: int | None = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
+        except OSError:  # no reader any more: the closed flag or the parent's end stops us
+            self.wake_fd = None
+
+    def stopped(self) -> bool:
+        """The training process closed the ring (its iterator ended) or is gone."""
+        return _INT.unpack_from(self.mm, _CLOSED)[0] != 0 or os.getppid() != self.parent
+
+    def _wait_for_slot(self) -> bool:
+        """Until slot ``sent`` mod S is free (True), or the ring was closed or the parent died (False)."""
+        delay = _POLL_S[0]
+        while not self.stopped():
+            if self.sent < _INT.unpack_from(self.mm, _ACKED)[0] + self.slots:
+                return True
+            time.sleep(delay)
+            delay = min(2 * delay, _POLL_S[1])
+        return False
+
+    def put(self, batch: dict) -> bool:
+        """Write ``batch`` (a packed batch) as the ring's next one; False when the ring was closed or
+        the parent died (the worker should return)."""
+        if not self._wait_for_slot():
+            return False
+        seq, slot = self.sent, self.sent % self.slots
+        out, layout, pieces, size = encode(batch)
+        head = pickle.dumps((out, layout), protocol=pickle.HIGHEST_PROTOCOL)
+        base = self.data_at + slot * self.slot_bytes
+        total = align(len(head)) + size
+        if total <= self.slot_bytes and self._reserve(slot, base, total):
+            self.mm[base : base + len(head)] = head
+            write_pieces(self.mm, base + align(len(head)), pieces)
+            kind = len(head)
+        else:
+            kind = self._spill(seq, batch)
+        _RECORD.pack_into(self.mm, RECORDS_AT + _RECORD.size * slot, kind, batch["batch_index"],
+                          batch["weight_version"])  # fmt: skip
+        self.sent += 1
+        _INT.pack_into(self.mm, _WRITTEN, self.sent)  # after the slot and its record (x86-64: in order)
+        self._wake()
+        return True
+
+    def _reserve(self, slot: int, base: int, size: int) -> bool:
+        """Back ``size`` bytes of the slot with memory: writing to an unbacked page of a full tmpfs
+        through a map would kill the process (SIGBUS); fallocate fails cleanly instead."""
+        if size <= self.reserved[slot]:
+            return True
+        try:
+            os.posix_fallocate(self.fd, base, size)
+        except OSError:
+            return False
+        self.reserved[slot] = size
+        return True
+
+    def _spill(self, seq: int, batch: dict) -> int:
+        """``batch`` pickled into its spill file (ring directory, else the temp directory); its kind."""
+        data = pickle.dumps(inline(batch), protocol=pickle.HIGHEST_PROTOCOL)
+        for where in (SPILL_RING, SPILL_TEMP):
+            path = _spill_path(self.path, seq, where)
+            try:
+                with open(path, "wb") as f:
+                    f.write(data)
+                return where
+            except OSError as exc:
+                error = exc
+                try:
+                    os.unlink(path)
+                except OSError:
+                    pass
+        raise OSError(f"batch {batch['batch_index']} fits neither a ring slot nor a spill file: {error}")
+
+    def _wake(self) -> None:
+        if self.wake_fd is not None:
+            try:
+                os.write(self.wake_fd, b"\0")
+            except OSError:  # full (the reader will look anyway) or no reader any more
+                pass
+
+    def finish(self, state: int) -> None:
+        _INT.pack_into(self.mm, _STATE, state)
+        self._wake()
+        self.mm.close()
+        os.close(self.fd)
+        if self.wake_fd is not None:
+            os.close(self.wake_fd)
+
+
+def write_all(batches, path: str, fifo: str) -> None:
+    """A `loader()` worker's stream: every batch of ``batches`` into the ring at ``path``, until the
+    end, the ring's closing or the parent's end; the ring's state says done or failed."""
+    writer = DirectWriter(path, fifo)
+    try:
+        for batch in batches:
+            if not writer.put(batch):
+                break
+    except BaseException:
+        writer.finish(FAILED)
+        raise
+    writer.finish(DONE)
+
+
+class _Ring:
+    """The training process's side of one worker's ring."""
+
+    def __init__(self, path: str, slots: int, slot_bytes: int):
+        self.path = path
+        tmp = f"{path}.{os.getpid()}.new"
+        size = data_at(slots) + slots * slot_bytes
+        self.fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            os.ftruncate(self.fd, size)
+            os.posix_fallocate(self.fd, 0, data_at(slots))
+            self.mm = mmap.mmap(self.fd, size)
+            _HEADER.pack_into(self.mm, 0, 0, 0, RUNNING, 0, slots, slot_bytes)
+            os.replace(tmp, path)  # a persistent worker's next iteration opens the new file by its name
+        except BaseException:
+            os.close(self.fd)
+            os.unlink(tmp)
+            raise
+        self.slots, self.slot_bytes, self.data_at, self.taken = slots, slot_bytes, data_at(slots), 0
+        self.spilled = 0  # batches read from spill files
+
+    def head(self) -> tuple[int, int] | None:
+        """(batch index, weight version) of the next unread batch, or None."""
+        if self.taken >= _INT.unpack_from(self.mm, _WRITTEN)[0]:
+            return None
+        _, g, version = _RECORD.unpack_from(self.mm, RECORDS_AT + _RECORD.size * (self.taken % self.slots))
+        return g, version
+
+    def take(self, keep: bool = True) -> dict | None:
+        """The next batch (copied out; None when not ``keep``), acknowledged."""
+        slot = self.taken % self.slots
+        kind = _RECORD.unpack_from(self.mm, RECORDS_AT + _RECORD.size * slot)[0]
+        out = None
+        if kind > 0:
+            if keep:
+                base = self.data_at + slot * self.slot_bytes
+                values, layout = pickle.loads(self.mm[base : base + kind])
+                out = decode(values, layout, self.mm, base + align(kind))
+        else:
+            path = _spill_path(self.path, self.taken, kind)
+            self.spilled += 1
+            if keep:
+                with open(path, "rb") as f:
+                    out = pickle.load(f)
+            os.unlink(path)
+        self.taken += 1
+        _INT.pack_into(self.mm, _ACKED, self.taken)
+        return out
+
+    def state(self) -> int:
+        return _INT.unpack_from(self.mm, _STATE)[0]
+
+    def stop(self) -> None:
+        """Tell the worker to return (before its next batch, or at once while it waits for a slot)."""
+        _INT.pack_into(self.mm, _CLOSED, 1)
+
+    def release(self, unlink: bool) -> None:
+        """Release the map (and remove the file and its unread spill files)."""
+        if unlink:
+            written = _INT.unpack_from(self.mm, _WRITTEN)[0]
+            for seq in range(self.taken, written):
+                kind = _RECORD.unpack_from(self.mm, RECORDS_AT + _RECORD.size * (seq % self.slots))[0]
+                if kind < 0:
+                    _remove(_spill_path(self.path, seq, kind))
+            _remove(self.path)
+        try:
+            self.mm.close()
+        except BufferError:  # a view of it is still alive somewhere: the map goes with it
+            pass
+        os.close(self.fd)
+
+
+def _remove(path: str) -> None:
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
+
+
+class DirectRings:
+    """The training process's rings of one DataLoader iteration, and the FIFO that wakes it.
+
+    Args:
+        directory: the stream's ring directory (made here if missing).
+        name: names this iteration's files (persistent workers keep the name of their first
+            iteration: each iteration's new files replace the previous ones).
+        workers: the DataLoader's num_workers.
+        slots: S, slots per ring (batches a worker may be ahead of the training process).
+    """
+
+    def __init__(self, directory: str, name: str, workers: int, slots: int, slot_bytes: int = SLOT_BYTES):
+        os.makedirs(directory, mode=0o700, exist_ok=True)
+        self.name = name
+        self.fifo = fifo_path(directory, name)
+        if not os.path.exists(self.fifo):
+            os.mkfifo(self.fifo, 0o600)
+        # our own write end keeps the FIFO from reading as closed (EOF) when no worker has it open
+        self.wake_read = os.open(self.fifo, os.O_RDONLY | os.O_NONBLOCK)
+        self.wake_write = os.open(self.fifo, os.O_WRONLY | os.O_NONBLOCK)
+        self.rings: list[_Ring] = []
+        try:
+            for w in range(workers):
+                self.rings.append(_Ring(ring_path(directory, name, w), slots, slot_bytes))
+        except BaseException:
+            self.release(unlink=True)
+            raise
+
+    def wait(self, timeout: float = WAKE_TIMEOUT_S) -> None:
+        """Until a worker wrote (or ended), or ``timeout``; the FIFO drained."""
+        ready, _, _ = select.select([self.wake_read], [], [], timeout)
+        if ready:
+            try:
+                while len(os.read(self.wake_read, 65536)) == 65536:
+                    pass
+            except BlockingIOError:
+                pass
+
+    def waker(self) -> int:
+        """A descriptor of its own (to close) whose one-byte write wakes `wait`: for another thread."""
+        return os.dup(self.wake_write)
+
+    def stop(self) -> None:
+        """Every worker told to return (see `DirectWriter.stopped`)."""
+        for ring in self.rings:
+            ring.stop()
+
+    def release(self, unlink: bool = True) -> None:
+        """Maps and the FIFO's descriptors released (files removed unless persistent workers will
+        open the next iteration's files under the same names)."""
+        for ring in self.rings:
+            ring.release(unlink)
+        self.rings = []
+        for fd in (self.wake_read, self.wake_write):
+            os.close(fd)
+        if unlink:
+            _remove(self.fifo)

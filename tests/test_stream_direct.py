@@ -1,0 +1,267 @@
+"""`loader()` workers write their batches straight into shared-memory rings that the training
+process reads; the DataLoader only starts, feeds and stops them (fastmix_data.stream.direct_ring).
+Real worker processes, real shards, real files; no mocks."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import numpy as np
+import pytest
+import torch
+from conformance import batch_key
+from shardgen import make_docs, write_parquet_source, write_wds_source
+
+from fastmix_data import MixtureStream
+
+W = {"code": 0.6, "web": 0.4}
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("direct")
+    write_parquet_source(root / "code", make_docs(150, seed=1, prefix="code"), shards=4, ids_col="input_ids")
+    write_wds_source(root / "web", make_docs(90, seed=2, prefix="wéb"), shards=3)
+    return {"code": str(root / "code"), "web": str(root / "web" / "*.tar")}
+
+
+def _keys(batches) -> list:
+    out = []
+    for b in batches:
+        ids = tuple(tuple(x.tolist()) for x in b["input_ids"]) if "input_ids" in b else None
+        out.append((*batch_key(b, "epoch"), b.get("text"), ids))
+    return out
+
+
+def _children() -> set[int]:
+    """Pids of this process's live child processes (from /proc)."""
+    pids = set()
+    for task in os.listdir(f"/proc/{os.getpid()}/task"):
+        try:
+            with open(f"/proc/{os.getpid()}/task/{task}/children") as f:
+                pids.update(int(p) for p in f.read().split())
+        except OSError:
+            pass
+    return {p for p in pids if _alive(p)}
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.mark.parametrize("workers", [1, 2, 4])
+def test_the_direct_path_serves_what_num_workers_0_serves_to_the_end(data, workers):
+    """Equal batches, texts and ids for 1, 2 and 4 workers, to the stream's end (a budget of 13
+    batches and a bit), and no batch came through the DataLoader."""
+    kw = {"batch_size": 5, "seed": 7, "max_items": 5 * 13 + 3}
+    ref = _keys(MixtureStream(data, W, **kw))
+    assert len(ref) == 13
+    stream = MixtureStream(data, W, **kw)
+    loader = stream.loader(num_workers=workers, prefetch_factor=2)
+    assert _keys(loader) == ref
+    assert (loader.transport, loader.items_delivered, loader.spilled) == ("direct", 0, 0)
+    assert stream.state_dict()["next_batch"] == 13
+    stream.close()
+
+
+def test_resume_mid_stream_with_a_fresh_loader(data):
+    ref = _keys(b for _, b in zip(range(30), MixtureStream(data, W, batch_size=4, seed=2)))
+    stream = MixtureStream(data, W, batch_size=4, seed=2)
+    it = iter(stream.loader(num_workers=2, prefetch_factor=3))
+    first = _keys(next(it) for _ in range(11))
+    state = stream.state_dict()
+    del it
+    again = MixtureStream(data, W, batch_size=4, seed=2)
+    again.load_state_dict(state)
+    rest = _keys(b for _, b in zip(range(19), again.loader(num_workers=2, prefetch_factor=3)))
+    assert first + rest == ref
+    stream.close()
+    again.close()
+
+
+def test_early_break_stops_the_workers_at_once(data):
+    """The iterator's end sets the rings' closed flag: the workers return (no DataLoader shutdown
+    wait of 5 s and no terminate); they are gone well before that."""
+    before = _children()
+    stream = MixtureStream(data, W, batch_size=4, seed=1)  # endless: repeat
+    loader = stream.loader(num_workers=2, prefetch_factor=2)
+    it = iter(loader)
+    for _ in range(5):
+        next(it)
+    workers = _children() - before
+    assert len(workers) == 2
+    time.sleep(0.5)  # the workers fill their rings and wait for a free slot
+    t0 = time.monotonic()
+    del it  # as `break` does
+    while workers & _children() and time.monotonic() - t0 < 10:
+        time.sleep(0.05)
+    assert not workers & _children(), "the workers were still alive 10 s after the iterator was dropped"
+    assert time.monotonic() - t0 < 3.0  # generous: the DataLoader alone would wait 5 s, then terminate
+    stream.close()
+
+
+def test_a_full_ring_holds_the_worker_and_loses_nothing(data):
+    """A worker is at most S = prefetch_factor + 2 batches ahead of what the training process took;
+    a loop that pauses finds its rings full, then every batch served in order."""
+    ref = _keys(b for _, b in zip(range(40), MixtureStream(data, W, batch_size=3, seed=5)))
+    stream = MixtureStream(data, W, batch_size=3, seed=5)
+    loader = stream.loader(num_workers=2, prefetch_factor=2)
+    slots = 2 + 2
+    got = []
+    it = iter(loader)
+    for i in range(40):
+        got.append(next(it))
+        if i in (3, 20):
+            time.sleep(1.0)  # the workers run ahead until their rings are full
+            ahead = []
+            for name in sorted(os.listdir(loader.ring.directory)):
+                if name.startswith("ring-") and not name.endswith(".spill"):
+                    with open(os.path.join(loader.ring.directory, name), "rb") as f:
+                        acked, written = np.frombuffer(f.read(16), dtype="<i8").tolist()
+                    ahead.append(written - acked)
+            assert ahead == [slots, slots]
+    assert _keys(got) == ref
+    del it
+    stream.close()
+
+
+def test_batches_larger_than_a_slot_come_through_spill_files(data):
+    ref = _keys(b for _, b in zip(range(25), MixtureStream(data, W, batch_size=6, seed=3)))
+    stream = MixtureStream(data, W, batch_size=6, seed=3)
+    loader = stream.loader(num_workers=2, prefetch_factor=2)
+    loader.slot_bytes = 4096  # most batches of 6 texts and ids are larger
+    it = iter(loader)
+    assert _keys(next(it) for _ in range(25)) == ref
+    del it
+    assert loader.spilled > 0 and loader.items_delivered == 0
+    assert not [n for n in os.listdir(loader.ring.directory) if n.endswith(".spill")]  # read, removed
+    stream.close()
+
+
+_FULL_SHM = textwrap.dedent(
+    """
+    import json, os, sys, tempfile
+    sys.path.insert(0, {tests!r})
+    from conformance import batch_key
+    from fastmix_data import MixtureStream
+    keys = lambda bs: [(*batch_key(b, "epoch"), b.get("text")) for b in bs]
+    kw = dict(batch_size=64, seed=9)
+    ref = keys(b for _, b in zip(range(30), MixtureStream({sources!r}, {weights!r}, **kw)))
+    stream = MixtureStream({sources!r}, {weights!r}, **kw)
+    loader = stream.loader(num_workers=2, prefetch_factor=2)
+    it = iter(loader)
+    got = keys(next(it) for _ in range(30))
+    del it
+    left = [n for n in os.listdir(tempfile.gettempdir()) if n.endswith(".spill")]
+    print(json.dumps({{"equal": got == ref, "transport": loader.transport, "spilled": loader.spilled,
+                      "shm": os.environ["FASTMIX_DATA_SHM"], "ring_dir": loader.ring.directory, "left": left}}))
+    stream.close()
+    """
+)
+
+
+def test_with_shared_memory_full_batches_are_spilled_to_the_temp_dir(data, tmp_path):
+    """A 16 KiB tmpfs as FASTMIX_DATA_SHM (mounted in a user and mount namespace of its own): the
+    rings' headers fit (2 x 4 KiB); a batch of 64 texts does not (> 8 KiB), so no slot can be backed
+    (posix_fallocate fails) and no spill file can be written there: every batch comes through a
+    spill file in the temp directory; nothing is lost."""
+    shm, tmp = tmp_path / "shm", tmp_path / "tmp"
+    shm.mkdir()
+    tmp.mkdir()
+    if subprocess.run(["unshare", "-rm", "true"], capture_output=True).returncode != 0:
+        pytest.skip("no user and mount namespaces here to mount a small tmpfs")
+    script = tmp_path / "full_shm.py"
+    script.write_text(_FULL_SHM.format(tests=os.path.dirname(__file__), sources=data, weights=W))
+    env = dict(os.environ, FASTMIX_DATA_SHM=str(shm), TMPDIR=str(tmp))
+    cmd = f"mount -t tmpfs -o size=16k tmpfs {shm} && exec {sys.executable} {script}"
+    done = subprocess.run(["unshare", "-rm", "sh", "-c", cmd], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = __import__("json").loads(done.stdout.strip().splitlines()[-1])
+    assert out["equal"] and out["transport"] == "direct"
+    assert out["ring_dir"].startswith(str(shm))
+    assert out["spilled"] >= 30 and out["left"] == []  # every batch served; the files read and removed
+
+
+def _failing_tokenizer(text: str) -> list[int]:
+    info = torch.utils.data.get_worker_info()
+    if info is not None and info.id == 1:
+        raise ValueError(f"tokenizer refused a text in worker {info.id}")
+    return list(text.encode()[:50])
+
+
+def _killing_tokenizer(text: str) -> list[int]:
+    info = torch.utils.data.get_worker_info()
+    if info is not None and info.id == 1:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return list(text.encode()[:50])
+
+
+def test_a_workers_exception_reaches_the_training_loop_with_its_message(data):
+    """Worker 1 raises while worker 0 keeps writing (an endless stream): its exception, message and
+    type, is raised in the training loop (the DataLoader delivers it once worker 0 returned)."""
+    stream = MixtureStream(data, W, batch_size=2, seq_len=16, seed=1, tokenizer=_failing_tokenizer)
+    loader = stream.loader(num_workers=2, prefetch_factor=2)
+    with pytest.raises(ValueError, match="tokenizer refused a text in worker 1"):
+        for _ in loader:
+            pass
+    assert loader.transport == "direct"
+    stream.close()
+
+
+def test_a_killed_worker_raises(data):
+    before = _children()
+    stream = MixtureStream(data, W, batch_size=2, seq_len=16, seed=1, tokenizer=_killing_tokenizer)
+    loader = stream.loader(num_workers=2, prefetch_factor=2)
+    with pytest.raises(RuntimeError, match="DataLoader worker .* (killed by signal|exited unexpectedly)"):
+        for _ in loader:
+            pass
+    deadline = time.monotonic() + 30
+    while _children() - before and time.monotonic() < deadline:  # the other worker is stopped too
+        time.sleep(0.05)
+    assert not _children() - before
+    stream.close()
+
+
+_ORPHAN = textwrap.dedent(
+    """
+    import os, sys, time
+    from fastmix_data import MixtureStream
+    stream = MixtureStream({sources!r}, {weights!r}, batch_size=4, seed=1)
+    it = iter(stream.loader(num_workers=2, prefetch_factor=2))
+    next(it)
+    kids = set()
+    for task in os.listdir(f"/proc/{{os.getpid()}}/task"):
+        kids.update(open(f"/proc/{{os.getpid()}}/task/{{task}}/children").read().split())
+    print(" ".join(sorted(kids)), flush=True)
+    time.sleep(600)
+    """
+)
+
+
+def test_workers_return_when_the_training_process_is_killed(data, tmp_path):
+    """A training process killed with SIGKILL sets no flag: its workers see their parent gone."""
+    script = tmp_path / "orphan.py"
+    script.write_text(_ORPHAN.format(sources=data, weights=W))
+    proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True)
+    try:
+        workers = [int(p) for p in proc.stdout.readline().split()]
+        assert len(workers) == 2
+        time.sleep(0.5)
+        proc.kill()
+        proc.wait(30)
+        deadline = time.monotonic() + 20
+        while any(_alive(p) for p in workers) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not any(_alive(p) for p in workers)
+    finally:
+        proc.kill()
+        proc.stdout.close()
