@@ -18,6 +18,7 @@ from conformance import batch_key
 from shardgen import make_docs, write_parquet_source, write_wds_source
 
 from fastmix_data import MixtureStream
+from fastmix_data.stream.loader import direct_slots
 
 W = {"code": 0.6, "web": 0.4}
 
@@ -109,26 +110,35 @@ def test_early_break_stops_the_workers_at_once(data):
     stream.close()
 
 
+def _rings_header(directory: str) -> list[tuple[int, int]]:
+    """(acknowledged, written) of each ring file in ``directory`` (direct_ring's header)."""
+    out = []
+    for name in sorted(os.listdir(directory)):
+        if name.startswith("ring-") and not name.endswith(".spill"):
+            with open(os.path.join(directory, name), "rb") as f:
+                out.append(tuple(np.frombuffer(f.read(16), dtype="<i8").tolist()))
+    return out
+
+
 def test_a_full_ring_holds_the_worker_and_loses_nothing(data):
-    """A worker is at most S = prefetch_factor + 2 batches ahead of what the training process took;
-    a loop that pauses finds its rings full, then every batch served in order."""
-    ref = _keys(b for _, b in zip(range(40), MixtureStream(data, W, batch_size=3, seed=5)))
+    """A worker is at most S = max(prefetch_factor + 2, 16) batches ahead of what the training
+    process took (and, once full, waits until half of it is free): a loop that pauses finds its
+    rings full and the workers held, then every batch is served in order."""
+    ref = _keys(b for _, b in zip(range(80), MixtureStream(data, W, batch_size=3, seed=5)))
     stream = MixtureStream(data, W, batch_size=3, seed=5)
-    loader = stream.loader(num_workers=2, prefetch_factor=2)
-    slots = 2 + 2
+    loader = stream.loader(num_workers=2, prefetch_factor=20)
+    slots = 20 + 2
+    assert direct_slots(20) == slots and direct_slots(2) == 16
     got = []
     it = iter(loader)
-    for i in range(40):
+    for i in range(80):
         got.append(next(it))
-        if i in (3, 20):
+        if i in (3, 50):
             time.sleep(1.0)  # the workers run ahead until their rings are full
-            ahead = []
-            for name in sorted(os.listdir(loader.ring.directory)):
-                if name.startswith("ring-") and not name.endswith(".spill"):
-                    with open(os.path.join(loader.ring.directory, name), "rb") as f:
-                        acked, written = np.frombuffer(f.read(16), dtype="<i8").tolist()
-                    ahead.append(written - acked)
-            assert ahead == [slots, slots]
+            held = _rings_header(loader.ring.directory)
+            assert all(slots // 2 < written - acked <= slots for acked, written in held), held
+            time.sleep(0.5)
+            assert _rings_header(loader.ring.directory) == held  # nothing more written meanwhile
     assert _keys(got) == ref
     del it
     stream.close()

@@ -1,4 +1,10 @@
-"""Batches from DataLoader workers to the training process through shared memory, not the pipe.
+"""Batches from DataLoader workers to the training process through shared memory, not the pipe:
+the payload format (`encode`, `decode`) and the per-item path's ring.
+
+`MixtureStream.loader` uses, by default, the direct transport of
+:mod:`fastmix_data.stream.direct_ring` (the same payload in per-worker rings that the training
+process reads itself, past the DataLoader's queues); the per-item ring below is its fallback (a
+DataLoader ``timeout``; no FIFOs). What follows describes the per-item ring.
 
 Design problem: a DataLoader worker hands each batch to the training process by pickling it into a
 pipe. A batch of 32 texts is ~100 KB; the pipe moves it in 64 KiB pieces with a wake-up each, and

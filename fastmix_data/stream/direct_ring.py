@@ -27,9 +27,12 @@ for an acknowledgement (sleep-polling: it is ahead). Wire format (all int64 litt
   fails: shared memory full), is pickled whole into a spill file ``<ring>.<j>.spill`` in the ring
   directory (or, if that fails too, in the temp directory) that the training process reads and
   removes: nothing waits on the DataLoader's queue, nothing is lost;
-* the worker writes one byte into the FIFO after each batch and at its end (non-blocking: a full
-  FIFO already wakes the reader); the training process selects on it with a timeout (0.2 s), so a
-  lost wake-up costs at most that, and drains it.
+* the training process, when it has nothing to serve, sets a *reader waits* word (48) in every
+  header, looks at the rings once more, and selects on the FIFO with a timeout (`WAKE_TIMEOUT_S`);
+  a worker writes one byte into it after a batch while that word is set, and at its end
+  (non-blocking: a full FIFO already wakes the reader). A lost wake-up (the word read just before
+  it was set) costs at most the timeout;
+* a worker whose ring is full sleeps (0.5 ms, doubling up to 5 ms) until half of the slots are free.
 
 A worker also returns when its parent process is gone (``os.getppid()`` changed).
 """
@@ -46,15 +49,16 @@ import time
 
 from fastmix_data.stream.batch_ring import SLOT_BYTES, align, decode, encode, inline, write_pieces
 
-_HEADER = struct.Struct("<qqqqqq")  # acknowledged, written, state, closed, slots, slot bytes
-_ACKED, _WRITTEN, _STATE, _CLOSED = 0, 8, 16, 24
+_HEADER = struct.Struct("<qqqqqqq")  # acknowledged, written, state, closed, slots, slot bytes, reader waits
+_ACKED, _WRITTEN, _STATE, _CLOSED, _WAITING = 0, 8, 16, 24, 48
 _INT = struct.Struct("<q")
+_STATE_WORDS = struct.Struct("<qq")  # written, state
 _RECORD = struct.Struct("<qqq")  # per slot: kind (descriptor bytes, or a spill), batch index, weight version
 RECORDS_AT = 64
 RUNNING, DONE, FAILED = 0, 1, 2
 SPILL_RING, SPILL_TEMP = -1, -2
-WAKE_TIMEOUT_S = 0.2  # the reader's select timeout: the backstop for a lost wake-up
-_POLL_S = (0.0002, 0.005)  # a worker's wait for a free slot: first sleep, longest sleep (doubling)
+WAKE_TIMEOUT_S = 0.05  # the reader's select timeout: the backstop for a lost wake-up
+_POLL_S = (0.0005, 0.005)  # a worker's wait for free slots: first sleep, longest sleep (doubling)
 
 
 def data_at(slots: int) -> int:
@@ -89,7 +93,7 @@ class DirectWriter:
         self.path = path
         self.fd = os.open(path, os.O_RDWR)
         self.mm = mmap.mmap(self.fd, os.fstat(self.fd).st_size)
-        *_, self.slots, self.slot_bytes = _HEADER.unpack_from(self.mm, 0)
+        self.slots, self.slot_bytes = _HEADER.unpack_from(self.mm, 0)[4:6]
         self.data_at = data_at(self.slots)
         self.reserved = [0] * self.slots  # bytes of each slot backed by allocated shared memory
         self.parent = os.getppid()
@@ -104,10 +108,13 @@ class DirectWriter:
         return _INT.unpack_from(self.mm, _CLOSED)[0] != 0 or os.getppid() != self.parent
 
     def _wait_for_slot(self) -> bool:
-        """Until slot ``sent`` mod S is free (True), or the ring was closed or the parent died (False)."""
+        """Until slot ``sent`` mod S is free (True), or the ring was closed or the parent died
+        (False). A full ring is waited on until half of it is free: fewer wake-ups, as many batches."""
+        if self.sent < _INT.unpack_from(self.mm, _ACKED)[0] + self.slots:
+            return not self.stopped()
         delay = _POLL_S[0]
         while not self.stopped():
-            if self.sent < _INT.unpack_from(self.mm, _ACKED)[0] + self.slots:
+            if self.sent <= _INT.unpack_from(self.mm, _ACKED)[0] + self.slots // 2:
                 return True
             time.sleep(delay)
             delay = min(2 * delay, _POLL_S[1])
@@ -133,7 +140,8 @@ class DirectWriter:
                           batch["weight_version"])  # fmt: skip
         self.sent += 1
         _INT.pack_into(self.mm, _WRITTEN, self.sent)  # after the slot and its record (x86-64: in order)
-        self._wake()
+        if _INT.unpack_from(self.mm, _WAITING)[0]:  # the reader sleeps on the FIFO (else: no system call)
+            self._wake()
         return True
 
     def _reserve(self, slot: int, base: int, size: int) -> bool:
@@ -207,7 +215,7 @@ class _Ring:
             os.ftruncate(self.fd, size)
             os.posix_fallocate(self.fd, 0, data_at(slots))
             self.mm = mmap.mmap(self.fd, size)
-            _HEADER.pack_into(self.mm, 0, 0, 0, RUNNING, 0, slots, slot_bytes)
+            _HEADER.pack_into(self.mm, 0, 0, 0, RUNNING, 0, slots, slot_bytes, 0)
             os.replace(tmp, path)  # a persistent worker's next iteration opens the new file by its name
         except BaseException:
             os.close(self.fd)
@@ -302,9 +310,19 @@ class DirectRings:
             self.release(unlink=True)
             raise
 
-    def wait(self, timeout: float = WAKE_TIMEOUT_S) -> None:
-        """Until a worker wrote (or ended), or ``timeout``; the FIFO drained."""
-        ready, _, _ = select.select([self.wake_read], [], [], timeout)
+    def progress(self) -> tuple:
+        """What the workers have written and their states (compare it with a later one)."""
+        return tuple(_STATE_WORDS.unpack_from(ring.mm, _WRITTEN) for ring in self.rings)
+
+    def wait(self, seen: tuple, timeout: float = WAKE_TIMEOUT_S) -> None:
+        """Until a worker wrote (or ended) after ``progress()`` was ``seen``, or ``timeout``; the FIFO
+        drained. The rings say that the reader waits (their workers then write a byte after each
+        batch) before they are compared with ``seen`` once more."""
+        for ring in self.rings:
+            _INT.pack_into(ring.mm, _WAITING, 1)
+        ready = [] if self.progress() != seen else select.select([self.wake_read], [], [], timeout)[0]
+        for ring in self.rings:
+            _INT.pack_into(ring.mm, _WAITING, 0)
         if ready:
             try:
                 while len(os.read(self.wake_read, 65536)) == 65536:

@@ -122,7 +122,7 @@ class TrackedLoader:
         name = self._direct_name or os.urandom(4).hex()
         try:
             rings = direct_ring.DirectRings(self.ring.directory, name, loader.num_workers,
-                                           self.prefetch + SLACK_SLOTS, self.slot_bytes)  # fmt: skip
+                                           direct_slots(self.prefetch), self.slot_bytes)  # fmt: skip
         except OSError:
             if self._direct_name is not None:  # persistent workers already write to rings
                 raise
@@ -170,11 +170,12 @@ class TrackedLoader:
         expected, started = self.stream._next_batch, False
         try:
             while True:
+                seen = rings.progress()
                 packed, expected, started, end = self._next_direct(rings, waiter, expected, started)
                 if end:
                     return
-                if packed is None:
-                    rings.wait()
+                if packed is None and not waiter.finished:
+                    rings.wait(seen)
                 elif self.stream._admit(packed):
                     yield self._served(packed)
                     expected += 1
@@ -225,7 +226,14 @@ class TrackedLoader:
         return unpack(packed, widen=not self.stream.narrow_tokens)[0]
 
 
-SLACK_SLOTS = 2  # a direct ring's slots: prefetch_factor + this (the batch being written, one more)
+MIN_SLOTS = 16  # a direct ring's slots: max(prefetch_factor + 2, this); 4 and 8 cost CPU and samples/s (partitions-direct.md)
+
+
+def direct_slots(prefetch: int) -> int:
+    """S of a direct ring: the batches a worker may be ahead of the training process (its
+    ``prefetch_factor``, the batch being written and one more; at least `MIN_SLOTS`, about what the
+    per-item path holds with its default of 8 batches per item)."""
+    return max(prefetch + 2, MIN_SLOTS)
 
 
 class _Waiter(threading.Thread):

@@ -564,18 +564,21 @@ class MixtureStream(torch.utils.data.IterableDataset):
     ) -> TrackedLoader:
         """A torch DataLoader over this stream that reports consumed batches back to it.
 
-        The fast path with workers: each worker sends ``batches_per_item`` of its batches per
-        DataLoader item (the DataLoader's per-item work is then shared by them), as numpy arrays
-        and UTF-8 bytes written to a ring of shared-memory slots (``shared_memory_batches``, see
-        :mod:`fastmix_data.stream.batch_ring`; False: pickled through the DataLoader's pipe), and
-        this process makes tensors and ``str`` and serves the batches in order (default 8: the
-        weight-change bound does not depend on it; docs/stream.md). ``prefetch_factor``
-        counts batches per worker, as for a plain DataLoader (it becomes
-        ceil(prefetch_factor / batches_per_item) items). A plain ``DataLoader(stream,
-        batch_size=None)`` also works (then call `observe` on each batch for telemetry): its
-        workers return tensors, which cost a shared-memory segment per storage (~1 ms per batch on
-        a small VM; benchmarks/results/mixer.md). As with a DataLoader, ``iter()`` of the result
-        starts the workers."""
+        The fast path with workers: each worker writes its batches, as numpy arrays and UTF-8 bytes,
+        straight into a ring of shared-memory slots that this process reads (the DataLoader only
+        starts, feeds and stops the workers; :mod:`fastmix_data.stream.direct_ring`), and this
+        process makes tensors and ``str`` and serves the batches in order. ``prefetch_factor``
+        counts batches per worker ahead, as for a plain DataLoader (a ring holds max(prefetch_factor
+        + 2, 16) of them). Where that transport does not apply (a DataLoader ``timeout``, no
+        ``posix_fallocate`` or FIFOs) and with ``shared_memory_batches=False``, the batches go
+        through the DataLoader, ``batches_per_item`` of them per item (default 8; only these paths
+        use it; then ``prefetch_factor`` becomes ceil(prefetch_factor / batches_per_item) items),
+        written to shared-memory slots (:mod:`fastmix_data.stream.batch_ring`) or, with
+        ``shared_memory_batches=False``, pickled through the DataLoader's pipe. A plain
+        ``DataLoader(stream, batch_size=None)`` also works (then call `observe` on each batch for
+        telemetry): its workers return tensors, which cost a shared-memory segment per storage
+        (~1 ms per batch on a small VM; benchmarks/results/mixer.md). As with a DataLoader,
+        ``iter()`` of the result starts the workers."""
         if batches_per_item < 1:
             raise ConfigError(f"batches_per_item must be >= 1, got {batches_per_item}")
         dataloader_kwargs.setdefault("batch_size", None)
