@@ -243,6 +243,14 @@ def write_ab_sources(root: Path, n_a: int = 60, n_b: int = 60, shards_a: int = 2
     return {"a": str(root / "a"), "b": str(root / "b" / "*.tar")}
 
 
+def write_code_web_sources(root: Path) -> dict:
+    """Source "code" (Parquet with an ids column, 150 docs in 4 shards) and "web" (WebDataset, 90
+    docs with non-ASCII text in 3 shards) under ``root``; returns the ``sources`` mapping."""
+    write_parquet_source(root / "code", make_docs(150, seed=1, prefix="code"), shards=4, ids_col="input_ids")
+    write_wds_source(root / "web", make_docs(90, seed=2, prefix="wéb"), shards=3)
+    return {"code": str(root / "code"), "web": str(root / "web" / "*.tar")}
+
+
 def plan_counts(plan, n: int, chunk: int = 1 << 20) -> list[np.ndarray]:
     """Per source, items taken from each shard at positions [0, n), by planning every position: the
     slow, obviously-correct cross-check of ``MixturePlan.shard_takes`` (numpy over chunks of ``chunk``

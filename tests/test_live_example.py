@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from procs import alive, descendants
 from shardgen import make_docs, write_ab_sources, write_parquet_source
 
 from fastmix_data import MixtureStream
@@ -81,40 +82,12 @@ def _publisher(state: Path, control: Path, uri="tcp://127.0.0.1:0") -> tuple[sub
     return proc, json.loads((state / "publisher.json").read_text())["uri"]
 
 
-def _descendants(pid: int) -> list[int]:
-    """``pid`` and every process below it (from /proc: torchrun starts each rank in its own session,
-    so killing the agent's process group would leave the ranks running)."""
-    children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as f:
-                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
-            except OSError:
-                continue
-            children.setdefault(ppid, []).append(int(entry))
-    out, todo = [], [pid]
-    while todo:
-        p = todo.pop()
-        out.append(p)
-        todo += children.get(p, [])
-    return out
-
-
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
-
-
 def _kill_job(proc: subprocess.Popen) -> None:
     """kill -9 of the whole job: the agent, the ranks and their DataLoader workers, at once (nothing
     when it has exited: torchrun waits for its ranks)."""
     if proc.poll() is not None:
         return
-    pids = _descendants(proc.pid)
+    pids = descendants(proc.pid)
     for pid in pids:
         try:
             os.kill(pid, signal.SIGKILL)
@@ -122,7 +95,7 @@ def _kill_job(proc: subprocess.Popen) -> None:
             pass
     proc.wait()
     deadline = time.monotonic() + 30
-    while any(_alive(pid) for pid in pids if pid != proc.pid):
+    while any(alive(pid) for pid in pids if pid != proc.pid):
         assert time.monotonic() < deadline, "the job's processes did not die"
         time.sleep(0.05)
 

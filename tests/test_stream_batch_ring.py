@@ -9,7 +9,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 import torch
-from shardgen import make_docs, write_parquet_source, write_wds_source
+from shardgen import write_code_web_sources
 
 from fastmix_data import MixtureStream
 from fastmix_data.stream import batch_ring
@@ -157,10 +157,7 @@ def test_full_shared_memory_falls_back_to_inline(ring_dir, monkeypatch):
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    root = tmp_path_factory.mktemp("ring")
-    write_parquet_source(root / "code", make_docs(150, seed=1, prefix="code"), shards=4, ids_col="input_ids")
-    write_wds_source(root / "web", make_docs(90, seed=2, prefix="wéb"), shards=3)
-    return {"code": str(root / "code"), "web": str(root / "web" / "*.tar")}
+    return write_code_web_sources(tmp_path_factory.mktemp("ring"))
 
 
 def _counting(monkeypatch) -> list:

@@ -15,7 +15,8 @@ import numpy as np
 import pytest
 import torch
 from conformance import batch_key
-from shardgen import make_docs, write_parquet_source, write_wds_source
+from procs import alive, descendants
+from shardgen import write_code_web_sources
 
 from fastmix_data import MixtureStream
 from fastmix_data.stream.loader import direct_slots
@@ -25,10 +26,7 @@ W = {"code": 0.6, "web": 0.4}
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    root = tmp_path_factory.mktemp("direct")
-    write_parquet_source(root / "code", make_docs(150, seed=1, prefix="code"), shards=4, ids_col="input_ids")
-    write_wds_source(root / "web", make_docs(90, seed=2, prefix="wéb"), shards=3)
-    return {"code": str(root / "code"), "web": str(root / "web" / "*.tar")}
+    return write_code_web_sources(tmp_path_factory.mktemp("direct"))
 
 
 def _keys(batches) -> list:
@@ -40,23 +38,8 @@ def _keys(batches) -> list:
 
 
 def _children() -> set[int]:
-    """Pids of this process's live child processes (from /proc)."""
-    pids = set()
-    for task in os.listdir(f"/proc/{os.getpid()}/task"):
-        try:
-            with open(f"/proc/{os.getpid()}/task/{task}/children") as f:
-                pids.update(int(p) for p in f.read().split())
-        except OSError:
-            pass
-    return {p for p in pids if _alive(p)}
-
-
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
+    """Pids of this process's live descendants (its DataLoader workers)."""
+    return {p for p in descendants(os.getpid())[1:] if alive(p)}
 
 
 @pytest.mark.parametrize("workers", [1, 2, 4])
@@ -269,9 +252,9 @@ def test_workers_return_when_the_training_process_is_killed(data, tmp_path):
         proc.kill()
         proc.wait(30)
         deadline = time.monotonic() + 20
-        while any(_alive(p) for p in workers) and time.monotonic() < deadline:
+        while any(alive(p) for p in workers) and time.monotonic() < deadline:
             time.sleep(0.05)
-        assert not any(_alive(p) for p in workers)
+        assert not any(alive(p) for p in workers)
     finally:
         proc.kill()
         proc.stdout.close()

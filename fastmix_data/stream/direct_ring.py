@@ -28,7 +28,7 @@ for an acknowledgement (sleep-polling: it is ahead). Wire format (all int64 litt
   directory (or, if that fails too, in the temp directory) that the training process reads and
   removes: nothing waits on the DataLoader's queue, nothing is lost;
 * the training process, when it has nothing to serve, sets a *reader waits* word (48) in every
-  header, looks at the rings once more, and selects on the FIFO with a timeout (`WAKE_TIMEOUT_S`);
+  header, looks at the rings once more, and polls the FIFO with a timeout (`WAKE_TIMEOUT_S`);
   a worker writes one byte into it after a batch while that word is set, and at its end
   (non-blocking: a full FIFO already wakes the reader). A lost wake-up (the word read just before
   it was set) costs at most the timeout;
@@ -57,7 +57,7 @@ _RECORD = struct.Struct("<qqq")  # per slot: kind (descriptor bytes, or a spill)
 RECORDS_AT = 64
 RUNNING, DONE, FAILED = 0, 1, 2
 SPILL_RING, SPILL_TEMP = -1, -2
-WAKE_TIMEOUT_S = 0.05  # the reader's select timeout: the backstop for a lost wake-up
+WAKE_TIMEOUT_S = 0.05  # the reader's poll timeout: the backstop for a lost wake-up
 _POLL_S = (0.0005, 0.005)  # a worker's wait for free slots: first sleep, longest sleep (doubling)
 
 
@@ -67,8 +67,8 @@ def data_at(slots: int) -> int:
 
 
 def usable() -> bool:
-    """Whether this platform has what the direct transport needs (posix_fallocate, FIFOs, select)."""
-    return hasattr(os, "posix_fallocate") and hasattr(os, "mkfifo")
+    """Whether this platform has what the direct transport needs (posix_fallocate, FIFOs, poll)."""
+    return hasattr(os, "posix_fallocate") and hasattr(os, "mkfifo") and hasattr(select, "poll")
 
 
 def ring_path(directory: str, name: str, worker: int) -> str:
@@ -302,6 +302,8 @@ class DirectRings:
         # our own write end keeps the FIFO from reading as closed (EOF) when no worker has it open
         self.wake_read = os.open(self.fifo, os.O_RDONLY | os.O_NONBLOCK)
         self.wake_write = os.open(self.fifo, os.O_WRONLY | os.O_NONBLOCK)
+        self._poll = select.poll()  # (not select.select: no limit on the descriptor's number)
+        self._poll.register(self.wake_read, select.POLLIN)
         self.rings: list[_Ring] = []
         try:
             for w in range(workers):
@@ -320,7 +322,7 @@ class DirectRings:
         batch) before they are compared with ``seen`` once more."""
         for ring in self.rings:
             _INT.pack_into(ring.mm, _WAITING, 1)
-        ready = [] if self.progress() != seen else select.select([self.wake_read], [], [], timeout)[0]
+        ready = self.progress() != seen or self._poll.poll(timeout * 1000)
         for ring in self.rings:
             _INT.pack_into(ring.mm, _WAITING, 0)
         if ready:
