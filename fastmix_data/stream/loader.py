@@ -117,6 +117,8 @@ class TrackedLoader:
         if self.ring is None or loader.num_workers == 0 or loader.timeout or not direct_ring.usable():
             return None
         persistent = loader.persistent_workers
+        if persistent and self.transport == "items":  # its workers keep what their first iteration used
+            return None
         if persistent and self._live is not None:  # the previous iteration's workers must return first
             self._live.stop()
         name = self._direct_name or os.urandom(4).hex()
