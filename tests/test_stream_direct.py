@@ -142,10 +142,11 @@ def test_batches_larger_than_a_slot_come_through_spill_files(data):
 
 _FULL_SHM = textwrap.dedent(
     """
-    import json, os, sys, tempfile
+    import json, os, sys
     sys.path.insert(0, {tests!r})
     from conformance import batch_key
     from fastmix_data import MixtureStream
+    from fastmix_data.stream.batch_ring import temp_spill_directory
     keys = lambda bs: [(*batch_key(b, "epoch"), b.get("text")) for b in bs]
     kw = dict(batch_size=64, seed=9)
     ref = keys(b for _, b in zip(range(30), MixtureStream({sources!r}, {weights!r}, **kw)))
@@ -154,10 +155,12 @@ _FULL_SHM = textwrap.dedent(
     it = iter(loader)
     got = keys(next(it) for _ in range(30))
     del it
-    left = [n for n in os.listdir(tempfile.gettempdir()) if n.endswith(".spill")]
-    print(json.dumps({{"equal": got == ref, "transport": loader.transport, "spilled": loader.spilled,
-                      "shm": os.environ["FASTMIX_DATA_SHM"], "ring_dir": loader.ring.directory, "left": left}}))
+    twin = temp_spill_directory(loader.ring.directory)
+    left = os.listdir(twin)
     stream.close()
+    print(json.dumps({{"equal": got == ref, "transport": loader.transport, "spilled": loader.spilled,
+                      "ring_dir": loader.ring.directory, "twin": twin, "left": left,
+                      "twin_gone": not os.path.exists(twin)}}))
     """
 )
 
@@ -166,7 +169,7 @@ def test_with_shared_memory_full_batches_are_spilled_to_the_temp_dir(data, tmp_p
     """A 16 KiB tmpfs as FASTMIX_DATA_SHM (mounted in a user and mount namespace of its own): the
     rings' headers fit (2 x 4 KiB); a batch of 64 texts does not (> 8 KiB), so no slot can be backed
     (posix_fallocate fails) and no spill file can be written there: every batch comes through a
-    spill file in the temp directory; nothing is lost."""
+    spill file in a directory of the ring directory's name in the temp directory; nothing is lost."""
     shm, tmp = tmp_path / "shm", tmp_path / "tmp"
     shm.mkdir()
     tmp.mkdir()
@@ -180,8 +183,9 @@ def test_with_shared_memory_full_batches_are_spilled_to_the_temp_dir(data, tmp_p
     assert done.returncode == 0, done.stderr[-3000:]
     out = __import__("json").loads(done.stdout.strip().splitlines()[-1])
     assert out["equal"] and out["transport"] == "direct"
-    assert out["ring_dir"].startswith(str(shm))
+    assert out["ring_dir"].startswith(str(shm)) and out["twin"].startswith(str(tmp))
     assert out["spilled"] >= 30 and out["left"] == []  # every batch served; the files read and removed
+    assert out["twin_gone"]  # the temp directory's spill directory went with stream.close()
 
 
 def _failing_tokenizer(text: str) -> list[int]:

@@ -183,8 +183,11 @@ class RingReader:
         for held in self._maps.values():
             self._release(held, unlink=False)
         self._maps = {}
-        if os.getpid() == self.owner_pid and os.path.isdir(self.directory):
-            shutil.rmtree(self.directory, ignore_errors=True)
+        if os.getpid() == self.owner_pid:
+            # the ring directory, and its twin in the temp directory (spill files, see direct_ring)
+            for directory in (self.directory, temp_spill_directory(self.directory)):
+                if os.path.isdir(directory):
+                    shutil.rmtree(directory, ignore_errors=True)
 
 
 def encode(batch: dict) -> tuple[dict, tuple, list, int]:
@@ -281,6 +284,13 @@ def _texts(mm: mmap.mmap, rows: int, at_lengths: int, at_text: int) -> list:
     if missing:
         out = [None if n < 0 else t for n, t in zip(lengths, out)]
     return out
+
+
+def temp_spill_directory(directory: str) -> str:
+    """Where the direct transport's spill files go when the ring directory ``directory`` is full: a
+    directory of the same name (so with the training process's pid: `fastmix_data.leftovers` removes
+    it once that process is dead) in the temp directory."""
+    return os.path.join(tempfile.gettempdir(), os.path.basename(directory))
 
 
 def ring_directory() -> str:

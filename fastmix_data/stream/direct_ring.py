@@ -25,8 +25,8 @@ for an acknowledgement (sleep-polling: it is ahead). Wire format (all int64 litt
   layout of `batch_ring.encode`), padded to 64 bytes, then the payload;
 * a batch that does not fit in a slot, or whose slot cannot be backed by memory (`posix_fallocate`
   fails: shared memory full), is pickled whole into a spill file ``<ring>.<j>.spill`` in the ring
-  directory (or, if that fails too, in the temp directory) that the training process reads and
-  removes: nothing waits on the DataLoader's queue, nothing is lost;
+  directory (or, if that fails too, in `batch_ring.temp_spill_directory`) that the training process
+  reads and removes: nothing waits on the DataLoader's queue, nothing is lost;
 * the training process, when it has nothing to serve, sets a *reader waits* word (48) in every
   header, looks at the rings once more, and polls the FIFO with a timeout (`WAKE_TIMEOUT_S`);
   a worker writes one byte into it after a batch while that word is set, and at its end
@@ -44,10 +44,17 @@ import os
 import pickle
 import select
 import struct
-import tempfile
 import time
 
-from fastmix_data.stream.batch_ring import SLOT_BYTES, align, decode, encode, inline, write_pieces
+from fastmix_data.stream.batch_ring import (
+    SLOT_BYTES,
+    align,
+    decode,
+    encode,
+    inline,
+    temp_spill_directory,
+    write_pieces,
+)
 
 _HEADER = struct.Struct("<qqqqqqq")  # acknowledged, written, state, closed, slots, slot bytes, reader waits
 _ACKED, _WRITTEN, _STATE, _CLOSED, _WAITING = 0, 8, 16, 24, 48
@@ -83,7 +90,7 @@ def _spill_path(ring: str, seq: int, where: int) -> str:
     if where == SPILL_RING:
         return f"{ring}.{seq}.spill"
     parent, name = os.path.split(ring)
-    return os.path.join(tempfile.gettempdir(), f"{os.path.basename(parent)}-{name}.{seq}.spill")
+    return os.path.join(temp_spill_directory(parent), f"{name}.{seq}.spill")
 
 
 class DirectWriter:
@@ -162,6 +169,8 @@ class DirectWriter:
         for where in (SPILL_RING, SPILL_TEMP):
             path = _spill_path(self.path, seq, where)
             try:
+                if where == SPILL_TEMP:
+                    os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
                 with open(path, "wb") as f:
                     f.write(data)
                 return where
