@@ -262,3 +262,19 @@ def test_workers_return_when_the_training_process_is_killed(data, tmp_path):
     finally:
         proc.kill()
         proc.stdout.close()
+
+
+def test_persistent_workers_after_an_early_break(data):
+    """An iteration left early (its iterator still referenced) then a new one: the first's workers
+    are told to return before the second starts; the second serves from the start again."""
+    kw = {"batch_size": 4, "seed": 6, "max_items": 4 * 12}
+    ref = _keys(MixtureStream(data, W, **kw))
+    stream = MixtureStream(data, W, **kw)
+    loader = stream.loader(num_workers=2, prefetch_factor=2, persistent_workers=True)
+    first = iter(loader)
+    assert _keys(next(first) for _ in range(3)) == ref[:3]
+    stream.load_state_dict(MixtureStream(data, W, **kw).state_dict())  # start over
+    assert _keys(loader) == ref  # `first` is still alive here
+    assert (loader.transport, loader.items_delivered) == ("direct", 0)
+    del first
+    stream.close()
