@@ -278,3 +278,36 @@ def test_persistent_workers_after_an_early_break(data):
     assert (loader.transport, loader.items_delivered) == ("direct", 0)
     del first
     stream.close()
+
+
+_UNOPENED = textwrap.dedent(
+    """
+    import os, torch
+    from fastmix_data import MixtureStream
+    from fastmix_data.stream import direct_ring
+
+    def lose_ring(worker_id):  # worker 1's ring file removed before its stream opens it
+        if worker_id == 1:
+            directory, name = torch.utils.data.get_worker_info().dataset.worker_output.direct
+            os.unlink(direct_ring.ring_path(directory, name, 1))
+
+    stream = MixtureStream({sources!r}, {weights!r}, batch_size=4, seed=1)
+    loader = stream.loader(num_workers=2, prefetch_factor=2, worker_init_fn=lose_ring)
+    try:
+        for _ in loader:
+            pass
+    except Exception as exc:
+        print("RAISED", type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "", loader.transport)
+    """
+)
+
+
+def test_a_worker_that_cannot_open_its_ring_raises_instead_of_hanging(data, tmp_path):
+    """Worker 1 cannot open its ring (removed by its worker_init_fn) while worker 0 writes an
+    endless stream: the training loop raises the worker's error (it would wait for batch 1 forever
+    without the worker's marker file). In a subprocess, so that a hang fails the test."""
+    script = tmp_path / "unopened.py"
+    script.write_text(_UNOPENED.format(sources=data, weights=W))
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
+    assert "RAISED FileNotFoundError" in done.stdout, done.stdout + done.stderr
+    assert "direct" in done.stdout

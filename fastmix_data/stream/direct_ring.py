@@ -34,7 +34,9 @@ for an acknowledgement (sleep-polling: it is ahead). Wire format (all int64 litt
   it was set) costs at most the timeout;
 * a worker whose ring is full sleeps (0.5 ms, doubling up to 5 ms) until half of the slots are free.
 
-A worker also returns when its parent process is gone (``os.getppid()`` changed).
+A worker also returns when its parent process is gone (``os.getppid()`` changed). A worker that
+cannot open its ring (it has no state word to set) leaves a marker file ``<ring>.unopened``; the
+training process looks for it after a wait that timed out, on rings with nothing written yet.
 """
 
 from __future__ import annotations
@@ -201,7 +203,11 @@ class DirectWriter:
 def write_all(batches, path: str, fifo: str) -> None:
     """A `loader()` worker's stream: every batch of ``batches`` into the ring at ``path``, until the
     end, the ring's closing or the parent's end; the ring's state says done or failed."""
-    writer = DirectWriter(path, fifo)
+    try:
+        writer = DirectWriter(path, fifo)
+    except BaseException as exc:  # no ring to say so in: a marker file says it (`DirectRings.wait`)
+        _mark_unopened(path, exc)
+        raise
     try:
         for batch in batches:
             if not writer.put(batch):
@@ -210,6 +216,21 @@ def write_all(batches, path: str, fifo: str) -> None:
         writer.finish(FAILED)
         raise
     writer.finish(DONE)
+
+
+def _unopened_path(ring: str) -> str:
+    return f"{ring}.unopened"
+
+
+def _mark_unopened(ring: str, exc: BaseException) -> None:
+    """A worker that could not open its ring leaves a marker next to it (best effort: if the marker
+    cannot be written either, the training process learns of the failure only once the other
+    workers have ended, as the DataLoader delivers results in worker order)."""
+    try:
+        with open(_unopened_path(ring), "w") as f:
+            f.write(f"{type(exc).__name__}: {exc}\n")
+    except OSError:
+        pass
 
 
 class _Ring:
@@ -232,6 +253,7 @@ class _Ring:
             raise
         self.slots, self.slot_bytes, self.data_at, self.taken = slots, slot_bytes, data_at(slots), 0
         self.spilled = 0  # batches read from spill files
+        self.unopened = False  # its worker could not open it (`check_opened`)
 
     def head(self) -> tuple[int, int] | None:
         """(batch index, weight version) of the next unread batch, or None."""
@@ -262,14 +284,22 @@ class _Ring:
         return out
 
     def state(self) -> int:
-        return _INT.unpack_from(self.mm, _STATE)[0]
+        return FAILED if self.unopened else _INT.unpack_from(self.mm, _STATE)[0]
+
+    def check_opened(self) -> None:
+        """A ring its worker has written nothing to yet: whether the worker left the marker of a
+        ring it could not open (then `state` says failed)."""
+        if not self.unopened and _INT.unpack_from(self.mm, _WRITTEN)[0] == 0:
+            self.unopened = os.path.exists(_unopened_path(self.path))
 
     def stop(self) -> None:
         """Tell the worker to return (before its next batch, or at once while it waits for a slot)."""
         _INT.pack_into(self.mm, _CLOSED, 1)
 
     def release(self, unlink: bool) -> None:
-        """Release the map (and remove the file and its unread spill files)."""
+        """Release the map (and remove the file and its unread spill files); a worker's marker of a
+        ring it could not open is removed either way."""
+        _remove(_unopened_path(self.path))
         if unlink:
             written = _INT.unpack_from(self.mm, _WRITTEN)[0]
             for seq in range(self.taken, written):
@@ -334,6 +364,8 @@ class DirectRings:
         ready = self.progress() != seen or self._poll.poll(timeout * 1000)
         for ring in self.rings:
             _INT.pack_into(ring.mm, _WAITING, 0)
+            if not ready:  # a timeout: a worker may have failed before it could write anything
+                ring.check_opened()
         if ready:
             try:
                 while len(os.read(self.wake_read, 65536)) == 65536:
