@@ -311,3 +311,36 @@ def test_a_worker_that_cannot_open_its_ring_raises_instead_of_hanging(data, tmp_
     done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
     assert "RAISED FileNotFoundError" in done.stdout, done.stdout + done.stderr
     assert "direct" in done.stdout
+
+
+_LEFT_OPEN = textwrap.dedent(
+    """
+    import os
+    from fastmix_data import MixtureStream
+    stream = MixtureStream({sources!r}, {weights!r}, batch_size=4, seed=1)
+    it = iter(stream.loader(num_workers=2, prefetch_factor=2))
+    for _ in range(3):
+        next(it)
+    kids = set()
+    for task in os.listdir(f"/proc/{{os.getpid()}}/task"):
+        kids.update(open(f"/proc/{{os.getpid()}}/task/{{task}}/children").read().split())
+    print("PIDS", " ".join(sorted(kids)), flush=True)
+    # the script ends with the iteration never closed: it is finalised at interpreter exit
+    """
+)
+
+
+def test_an_iteration_left_open_at_exit_ends_quietly(data, tmp_path):
+    """A training script that leaves its loop (or never finishes the iteration) and exits: no
+    traceback at exit from the iteration's clean-up, and the workers are gone soon after."""
+    script = tmp_path / "left_open.py"
+    script.write_text(_LEFT_OPEN.format(sources=data, weights=W))
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "Exception ignored" not in done.stderr and "Traceback" not in done.stderr, done.stderr
+    pids = [int(p) for p in done.stdout.split("PIDS", 1)[1].split()]
+    assert len(pids) == 2
+    deadline = time.monotonic() + 30
+    while any(alive(p) for p in pids) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not any(alive(p) for p in pids)

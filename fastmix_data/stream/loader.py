@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import gc
 import os
+import sys
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -69,6 +70,9 @@ class TrackedLoader:
         self.items_delivered = 0  # DataLoader items the direct transport received (none: it bypasses them)
         self.spilled = 0  # batches of the direct transport that came through spill files
         self.stream = stream
+        # held here: at interpreter exit a never-closed iteration is finalised after module globals
+        # (this module's `sys`, direct_ring's structs) may already be gone
+        self._finalizing = sys.is_finalizing
         self.loader = loader
         self.to_tensors = to_tensors
         self.ring = RingReader(ring_directory()) if to_tensors and use_ring else None
@@ -182,10 +186,11 @@ class TrackedLoader:
                     yield self._served(packed)
                     expected += 1
         finally:
-            waiter.stop()
-            self.items_delivered += waiter.delivered
-            self.spilled += sum(ring.spilled for ring in rings.rings)
-            rings.release(unlink=not self.loader.persistent_workers)
+            if not self._finalizing():  # at exit the workers return as their parent is gone
+                waiter.stop()
+                self.items_delivered += waiter.delivered
+                self.spilled += sum(ring.spilled for ring in rings.rings)
+                rings.release(unlink=not self.loader.persistent_workers)
 
     def _next_direct(self, rings, waiter: _Waiter, expected: int, started: bool):
         """(batch ``expected`` if it can be had now, else None; expected; started; the end).
