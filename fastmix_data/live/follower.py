@@ -242,9 +242,10 @@ class Follower:
     def _check_lost(self, why: str) -> None:
         if self.publisher in ("lost", "finished") or time.monotonic() - self._beat_at < self.cfg.dead_after_s:
             return
-        self.publisher = "lost"
+        # the warning first: whoever sees the state "lost" (stats()) has the warning in the log too
         log.warning("following %s: no sign of the publisher for %.0f s (%s); the job keeps weights v%d and keeps "
                     "polling", self.cfg.uri, self.cfg.dead_after_s, why, self.stream.channel._read_history()[1][-1]["version"])
+        self.publisher = "lost"
 
     def consider(self, raw: bytes) -> None:
         """Classify one read of ``latest``: nothing new, ignored (counted), rejected or accepted."""
