@@ -584,14 +584,13 @@ class MixtureStream(torch.utils.data.IterableDataset):
         dataloader_kwargs.setdefault("batch_size", None)
         workers = dataloader_kwargs.get("num_workers", 0)
         convert = workers > 0 and "collate_fn" not in dataloader_kwargs
-        prefetch = 2
+        prefetch = dataloader_kwargs.get("prefetch_factor") or 2  # batches per worker (the DataLoader's default)
         if convert:
             dataloader_kwargs["collate_fn"] = as_is
-            prefetch = dataloader_kwargs.get("prefetch_factor") or 2  # the DataLoader's default
             dataloader_kwargs["prefetch_factor"] = -(-prefetch // batches_per_item)
         loader = torch.utils.data.DataLoader(self, **dataloader_kwargs)
         return TrackedLoader(self, loader, to_tensors=convert, use_ring=shared_memory_batches,
-                             per_item=batches_per_item, prefetch=prefetch if convert else 2)  # fmt: skip
+                             per_item=batches_per_item, prefetch=prefetch)  # fmt: skip
 
     # ------------------------------------------------------------------------------ state
     def state_dict(self) -> dict:
