@@ -742,9 +742,48 @@ def finalize(
 def _write_index(
     out_dir: str, manifest: Mapping[str, Any], layout: Layout, run: dict, markers: list[dict]
 ) -> dict:
+    """The output's index (after checking the shards' counts against the manifest), written last."""
     names = [s["name"] for s in manifest["sources"]]
     items = {n: sum(mk["sources"][n] for mk in markers) for n in names}
     tokens = {n: sum(mk["tokens"][n] for mk in markers) for n in names}
+    _check_counts(manifest, markers, items, tokens)
+    index = {
+        "format": INDEX_FORMAT,
+        "version": INDEX_VERSION,
+        "run": run["run"],
+        "manifest_fingerprint": manifest["fingerprint"],
+        "manifest": "manifest.json",
+        "output_format": layout.format,
+        "mode": manifest["mode"],
+        "columns": [
+            c
+            for c in ("position", "source", "text", "input_ids", "doc_start")
+            if c in ("position", "source") or run["columns"].get(c)
+        ],
+        "sources": names,
+        "items": layout.items,
+        "items_per_shard": layout.per_shard,
+        "bytes": sum(mk["bytes"] for mk in markers),
+        "shards": [
+            {k: mk[k] for k in ("path", "start", "end", "rows", "bytes", "sha256", "sources", "tokens")}
+            for mk in markers
+        ],
+        "composition": _composition(manifest, items, tokens),
+    }
+    if layout.format == "mds":
+        outdir.write_json(
+            outdir.join(out_dir, INDEX),
+            {"version": 2, "shards": [mk["mds"] for mk in markers], "fastmix_data": index},
+        )
+    else:
+        outdir.write_json(outdir.join(out_dir, INDEX), index)
+    outdir.finish(out_dir)
+    return dict(index, complete=True)
+
+
+def _check_counts(manifest: Mapping[str, Any], markers: list[dict], items: dict, tokens: dict) -> None:
+    """Raise `ResampleError` (naming the source and shard) unless the shards wrote exactly the
+    manifest's takes: items per source and per input shard, and tokens per source when packing."""
     problems = []
     for s in manifest["sources"]:
         n = s["name"]
@@ -768,54 +807,25 @@ def _write_index(
                 )
     if problems:
         raise ResampleError("the resampled shards do not match the manifest: " + "; ".join(problems[:10]))
+
+
+def _composition(manifest: Mapping[str, Any], items: dict, tokens: dict) -> dict:
+    """The index's ``composition``: what was written per source against what the manifest asked."""
+    names = [s["name"] for s in manifest["sources"]]
     total_items = max(sum(items.values()), 1)
     total_tokens = max(sum(tokens.values()), 1)
-    want_tok = {s["name"]: s["take_tokens"] for s in manifest["sources"]}
-    composition = {
+    realised = manifest["weights"]["realised_tokens"]
+    return {
         "items": items,
         "tokens": tokens,
         "item_share": {n: items[n] / total_items for n in names},
         "token_share": {n: tokens[n] / total_tokens for n in names},
         "manifest_items": {s["name"]: s["take"] for s in manifest["sources"]},
-        "manifest_tokens": want_tok,
-        "manifest_token_share": dict(manifest["weights"]["realised_tokens"]),
-        "max_token_share_deviation": max(
-            abs(tokens[n] / total_tokens - manifest["weights"]["realised_tokens"][n]) for n in names
-        ),
+        "manifest_tokens": {s["name"]: s["take_tokens"] for s in manifest["sources"]},
+        "manifest_token_share": dict(realised),
+        "max_token_share_deviation": max(abs(tokens[n] / total_tokens - realised[n]) for n in names),
         "items_match_manifest": True,
     }
-    index = {
-        "format": INDEX_FORMAT,
-        "version": INDEX_VERSION,
-        "run": run["run"],
-        "manifest_fingerprint": manifest["fingerprint"],
-        "manifest": "manifest.json",
-        "output_format": layout.format,
-        "mode": manifest["mode"],
-        "columns": [
-            c
-            for c in ("position", "source", "text", "input_ids", "doc_start")
-            if c in ("position", "source") or run["columns"].get(c)
-        ],
-        "sources": names,
-        "items": layout.items,
-        "items_per_shard": layout.per_shard,
-        "bytes": sum(mk["bytes"] for mk in markers),
-        "shards": [
-            {k: mk[k] for k in ("path", "start", "end", "rows", "bytes", "sha256", "sources", "tokens")}
-            for mk in markers
-        ],
-        "composition": composition,
-    }
-    if layout.format == "mds":
-        outdir.write_json(
-            outdir.join(out_dir, INDEX),
-            {"version": 2, "shards": [mk["mds"] for mk in markers], "fastmix_data": index},
-        )
-    else:
-        outdir.write_json(outdir.join(out_dir, INDEX), index)
-    outdir.finish(out_dir)
-    return dict(index, complete=True)
 
 
 def read_index(out_dir: str | os.PathLike) -> dict:
