@@ -597,6 +597,8 @@ def validate_manifest(manifest: Any, *, root: str | None = None, verify: str = "
 
 
 def _check_contents(manifest: Mapping[str, Any], root: str | None, verify: str) -> dict:
+    """The manifest with its root made absolute, after checking its sources' names, every field, the
+    fingerprint against the contents, the derived counts and (``verify``) the shards on disk."""
     if not isinstance(manifest["root"], str):
         raise ManifestError("manifest field 'root' must be a string")
     if not manifest["sources"]:
@@ -608,24 +610,7 @@ def _check_contents(manifest: Mapping[str, Any], root: str | None, verify: str) 
     check_fields(manifest)  # every field's type and range, whatever the fingerprint says
     if not manifest["history"] or int(manifest["history"][0]["position"]) != 0:
         raise ManifestError("manifest history must start with an entry at position 0")
-    for i, h in enumerate(manifest["history"]):
-        if len(h["weights"]) != len(names):
-            raise ManifestError(f"history[{i}] has {len(h['weights'])} weights for sources {names}")
-        for key in ("requested",):
-            if isinstance(h.get(key), Mapping) and set(h[key]) != set(names):
-                extra = sorted(set(h[key]) - set(names))
-                raise ManifestError(
-                    f"history[{i}].{key} names unknown sources {extra} (sources: {names})"
-                    if extra
-                    else f"history[{i}].{key} lacks sources {sorted(set(names) - set(h[key]))}"
-                )
-    for key, value in manifest["weights"].items():
-        if isinstance(value, Mapping):
-            extra = sorted(set(value) - set(names))
-            if extra:
-                raise ManifestError(
-                    f"weights.{key} names unknown sources {extra}; the manifest's sources are {names}"
-                )
+    _check_names(manifest, names)
     out = dict(manifest)
     out["root"] = os.path.abspath(root if root is not None else manifest["root"])
     fp = plan_fingerprint(out)
@@ -635,11 +620,39 @@ def _check_contents(manifest: Mapping[str, Any], root: str | None, verify: str) 
             "by hand or truncated — regenerate it rather than editing it"
         )
     check_counts(out)  # the derived counts (take, epochs, shares), which the fingerprint leaves out
+    _check_shards(out, verify)
+    return out
+
+
+def _check_names(manifest: Mapping[str, Any], names: list[str]) -> None:
+    """Every history entry and weights table names exactly the manifest's sources ``names``."""
+    for i, h in enumerate(manifest["history"]):
+        if len(h["weights"]) != len(names):
+            raise ManifestError(f"history[{i}] has {len(h['weights'])} weights for sources {names}")
+        if isinstance(h.get("requested"), Mapping) and set(h["requested"]) != set(names):
+            extra = sorted(set(h["requested"]) - set(names))
+            raise ManifestError(
+                f"history[{i}].requested names unknown sources {extra} (sources: {names})"
+                if extra
+                else f"history[{i}].requested lacks sources {sorted(set(names) - set(h['requested']))}"
+            )
+    for key, value in manifest["weights"].items():
+        if isinstance(value, Mapping):
+            extra = sorted(set(value) - set(names))
+            if extra:
+                raise ManifestError(
+                    f"weights.{key} names unknown sources {extra}; the manifest's sources are {names}"
+                )
+
+
+def _check_shards(manifest: Mapping[str, Any], verify: str) -> None:
+    """Every shard path inside the root; with ``verify`` "size" or "sha256", each shard on disk as the
+    manifest records it (all problems listed in one error, the first ten shown)."""
     problems: list[str] = []
     resolved: dict[str, str] = {}  # each directory resolved once (join_inside)
-    for src in out["sources"]:
+    for src in manifest["sources"]:
         for sh in src["shards"]:
-            path = join_inside(out["root"], sh["path"], f"shard of source {src['name']!r}", resolved)
+            path = join_inside(manifest["root"], sh["path"], f"shard of source {src['name']!r}", resolved)
             if verify == "none":
                 continue
             try:
@@ -661,7 +674,6 @@ def _check_contents(manifest: Mapping[str, Any], root: str | None, verify: str) 
             f"{len(problems)} shard(s) changed since the manifest was made: {shown}. Restore them, or "
             "regenerate the manifest"
         )
-    return out
 
 
 def read_manifest(path: str | os.PathLike, verify: str = "size", *, root: str | None = None) -> dict:
