@@ -140,25 +140,10 @@ def stream_from_manifest(
             (edit the manifest instead), or a tokenizer other than the one the manifest was packed with.
     """
     from fastmix_data.stream.mixture import MixtureStream
-    from fastmix_data.stream.tokenize import as_tokenizer
 
     m = load_manifest(manifest, verify=verify, root=root)
-    bad = sorted(set(overrides) & set(PLAN_KEYS))
-    if bad:
-        raise ManifestError(
-            f"stream_from_manifest cannot override {bad}: they change the plan the manifest describes; "
-            "build a new manifest instead"
-        )
-    allow_unsafe = bool(overrides.pop("allow_unsafe", False))
-    mode = m["mode"]
-    seq_len = mode.get("seq_len") if mode["kind"] == "packing" else None
-    tok = as_tokenizer(overrides.get("tokenizer"), overrides.get("eos_id"))
-    if seq_len is not None and tok.fingerprint() != mode.get("tokenizer"):
-        raise ManifestError(
-            f"the manifest was packed with tokenizer {mode.get('tokenizer')!r} but this stream's is "
-            f"{tok.fingerprint()!r}; pass the same tokenizer= (and eos_id=)"
-        )
-    sources = manifest_sources(m, allow_unsafe=allow_unsafe)
+    seq_len = _check_overrides(m, overrides)
+    sources = manifest_sources(m, allow_unsafe=bool(overrides.pop("allow_unsafe", False)))
     history = m["history"]
     partitions, chunk, _ = layouts_of(m)
     if partitions > 1 and batch_size % chunk:
@@ -182,6 +167,41 @@ def stream_from_manifest(
         **({"eos_id": m["mode"]["ids_eos_id"]} if m["mode"].get("ids_eos_id") is not None and "eos_id" not in overrides else {}),
         **overrides,
     )
+    _replay_history(stream, m, [s.name for s in sources])
+    got = stream_fingerprint(stream, m["root"])
+    if got != plan_fingerprint(m):
+        raise ManifestError(
+            "the stream built from the manifest would not serve the manifest's plan (its items per shard "
+            "differ: was the tokenizer or a shard changed?); regenerate the manifest"
+        )
+    return stream
+
+
+def _check_overrides(m: Mapping[str, Any], overrides: Mapping[str, Any]) -> int | None:
+    """The manifest's packing length (None: samples), after refusing overrides that would change the
+    plan and a tokenizer other than the one the manifest was packed with."""
+    from fastmix_data.stream.tokenize import as_tokenizer
+
+    bad = sorted(set(overrides) & set(PLAN_KEYS))
+    if bad:
+        raise ManifestError(
+            f"stream_from_manifest cannot override {bad}: they change the plan the manifest describes; "
+            "build a new manifest instead"
+        )
+    mode = m["mode"]
+    seq_len = mode.get("seq_len") if mode["kind"] == "packing" else None
+    tok = as_tokenizer(overrides.get("tokenizer"), overrides.get("eos_id"))
+    if seq_len is not None and tok.fingerprint() != mode.get("tokenizer"):
+        raise ManifestError(
+            f"the manifest was packed with tokenizer {mode.get('tokenizer')!r} but this stream's is "
+            f"{tok.fingerprint()!r}; pass the same tokenizer= (and eos_id=)"
+        )
+    return seq_len
+
+
+def _replay_history(stream, m: Mapping[str, Any], names: list[str]) -> None:
+    """Install the manifest's whole weight history in ``stream`` (item weights as recorded, bit for bit),
+    so that every later change lands at the position the manifest records."""
     gbi = stream.global_batch_items
     now = time.time()
     state = stream.state_dict()
@@ -191,17 +211,10 @@ def stream_from_manifest(
             "batch": int(h["position"]) // gbi,
             "position": int(h["position"]),
             "weights": [float(w) for w in h["weights"]],
-            "requested": h.get("requested") or {s.name: float(w) for s, w in zip(sources, h["weights"])},
+            "requested": h.get("requested") or {n: float(w) for n, w in zip(names, h["weights"])},
             "units": h.get("units") or m["weight_units"],
             "time": now,
         }
-        for h in history
+        for h in m["history"]
     ]
     stream.load_state_dict(state)
-    got = stream_fingerprint(stream, m["root"])
-    if got != plan_fingerprint(m):
-        raise ManifestError(
-            "the stream built from the manifest would not serve the manifest's plan (its items per shard "
-            "differ: was the tokenizer or a shard changed?); regenerate the manifest"
-        )
-    return stream
