@@ -396,52 +396,61 @@ def _plan_domains(roots: CorpusRoots, stdlib_files: list[str]) -> dict[str, _Dom
         source=f"{len(tests)} files: {tests_source}",
     ) if tests else "no stdlib test/ package and no test_*.py files in the standard library"
 
-    def prose_items() -> list[_Item]:
-        topics = _pydoc_topics(stdlib)
-        items = [
-            _Item(key=f"pydoc_data.topics/{name}", load=(lambda t=text: split_document(t)))
-            for name, text in sorted(topics.items())
-        ]
-        rels = [r for r in stdlib_files if _is_prose_name(r) and not _is_test_path(r)]
-        items += _file_items(stdlib, "stdlib", rels, _load_textfile)
-        base = roots.base_prefix
-        if base.is_dir() and base.resolve() != stdlib.resolve():
-            with contextlib.suppress(OSError):
-                top = sorted(p.name for p in base.iterdir() if p.is_file() and _is_prose_name(p.name))
-                items += _file_items(base, "prefix", top, _load_textfile)
-            doc_dir = base / "share" / "doc" / stdlib.name  # e.g. /usr/share/doc/python3.11 (Debian)
-            if stdlib.name.startswith("python") and doc_dir.is_dir():
-                rels = [
-                    r for r in _walk(doc_dir)
-                    if _is_prose_name(r.removesuffix(".gz")) or r.removesuffix(".gz") == "copyright"
-                ]
-                items += _file_items(doc_dir, f"prefix/share/doc/{stdlib.name}", rels, _load_textfile)
-        return items
-
     plans["prose"] = _DomainPlan(
-        tiers=[prose_items],
+        tiers=[lambda: _prose_items(roots, stdlib_files)],
         source="pydoc_data.topics pages + LICENSE/README/*.txt/*.rst/*.md (stdlib, sys.base_prefix)",
     )
 
     markup = [r for r in stdlib_files if _is_markup_name(r)]
 
-    def site_markup_items() -> list[_Item]:
-        items: list[_Item] = []
-        for k, sp in enumerate(roots.site_packages):
-            rels = [
-                r for r in _walk(sp)
-                if _ext(r) in _MARKUP_EXTS or (r.endswith("/entry_points.txt") and ".dist-info/" in r)
-            ]
-            items += _file_items(sp, f"site-packages{k}", rels, _load_textfile, grouped=True,
-                                 max_bytes=SITE_MAX_BYTES_PER_FILE)
-        return items
-
     plans["markup"] = _DomainPlan(
-        tiers=[lambda: _file_items(stdlib, "stdlib", markup, _load_textfile, grouped=True), site_markup_items],
+        tiers=[
+            lambda: _file_items(stdlib, "stdlib", markup, _load_textfile, grouped=True),
+            lambda: _site_markup_items(roots),
+        ],
         source=f"{len(markup)} stdlib markup/config files, then those of "
         f"{len(roots.site_packages)} base site-packages folder(s)",
     )
     return plans
+
+
+def _prose_items(roots: CorpusRoots, stdlib_files: list[str]) -> list[_Item]:
+    """The prose domain's documents: pydoc topic pages, then prose files of the stdlib and of
+    sys.base_prefix (and its share/doc/pythonX.Y, where a distribution puts them)."""
+    stdlib = roots.stdlib
+    topics = _pydoc_topics(stdlib)
+    items = [
+        _Item(key=f"pydoc_data.topics/{name}", load=(lambda t=text: split_document(t)))
+        for name, text in sorted(topics.items())
+    ]
+    rels = [r for r in stdlib_files if _is_prose_name(r) and not _is_test_path(r)]
+    items += _file_items(stdlib, "stdlib", rels, _load_textfile)
+    base = roots.base_prefix
+    if base.is_dir() and base.resolve() != stdlib.resolve():
+        with contextlib.suppress(OSError):
+            top = sorted(p.name for p in base.iterdir() if p.is_file() and _is_prose_name(p.name))
+            items += _file_items(base, "prefix", top, _load_textfile)
+        doc_dir = base / "share" / "doc" / stdlib.name  # e.g. /usr/share/doc/python3.11 (Debian)
+        if stdlib.name.startswith("python") and doc_dir.is_dir():
+            rels = [
+                r for r in _walk(doc_dir)
+                if _is_prose_name(r.removesuffix(".gz")) or r.removesuffix(".gz") == "copyright"
+            ]
+            items += _file_items(doc_dir, f"prefix/share/doc/{stdlib.name}", rels, _load_textfile)
+    return items
+
+
+def _site_markup_items(roots: CorpusRoots) -> list[_Item]:
+    """The markup domain's second tier: markup/config files and entry points of the base site-packages."""
+    items: list[_Item] = []
+    for k, sp in enumerate(roots.site_packages):
+        rels = [
+            r for r in _walk(sp)
+            if _ext(r) in _MARKUP_EXTS or (r.endswith("/entry_points.txt") and ".dist-info/" in r)
+        ]
+        items += _file_items(sp, f"site-packages{k}", rels, _load_textfile, grouped=True,
+                             max_bytes=SITE_MAX_BYTES_PER_FILE)
+    return items
 
 
 # --------------------------------------------------------------------------------------------------
@@ -901,6 +910,37 @@ def largest_remainder_counts(proportions: Mapping[str, float], n: int) -> dict[s
     return counts
 
 
+def _draw_planted_rows(
+    corpus_dir: str | os.PathLike[str], split: str, counts: Mapping[str, int], seed: int, allow_repeats: bool
+) -> tuple[list[tuple[bytes, str, str]], dict[str, int]]:
+    """``counts[d]`` documents of each domain's ``split``, each as (order key, domain, text), drawn
+    without replacement in a seeded hash order and cycled again in a fresh order when the split is too
+    small (``allow_repeats``); and per domain the number of repeated rows."""
+    rows: list[tuple[bytes, str, str]] = []  # (order key, domain, text)
+    repeats: dict[str, int] = {}
+    for domain in sorted(counts):
+        need = counts[domain]
+        if need == 0:
+            continue
+        pool = read_split_texts(corpus_dir, split, domain)
+        if not pool:
+            raise WeightsError(f"domain {domain!r} has no documents in the {split} split of {corpus_dir}")
+        if need > len(pool) and not allow_repeats:
+            raise WeightsError(f"domain {domain!r} needs {need} documents but its {split} split has only "
+                               f"{len(pool)}; lower n_docs, or pass allow_repeats=True")
+        digests = [_text_digest(t) for t in pool]
+        taken = 0
+        rnd = 0
+        while taken < need:
+            order = sorted(range(len(pool)), key=lambda i, r=rnd: _h(seed, "planted", domain, r, i, digests[i]))
+            for i in order[: need - taken]:
+                rows.append((_h(seed, "planted-row", domain, taken), domain, pool[i]))
+                taken += 1
+            rnd += 1
+        repeats[domain] = max(0, need - len(pool))
+    return rows, repeats
+
+
 def build_planted_target(
     out_dir: str | os.PathLike[str],
     corpus_dir: str | os.PathLike[str],
@@ -936,28 +976,7 @@ def build_planted_target(
         d: float(Fraction(float(proportions[d])).limit_denominator(10**12) / total) for d in sorted(proportions)
     }
 
-    rows: list[tuple[bytes, str, str]] = []  # (order key, domain, text)
-    repeats: dict[str, int] = {}
-    for domain in sorted(counts):
-        need = counts[domain]
-        if need == 0:
-            continue
-        pool = read_split_texts(corpus_dir, split, domain)
-        if not pool:
-            raise WeightsError(f"domain {domain!r} has no documents in the {split} split of {corpus_dir}")
-        if need > len(pool) and not allow_repeats:
-            raise WeightsError(f"domain {domain!r} needs {need} documents but its {split} split has only "
-                               f"{len(pool)}; lower n_docs, or pass allow_repeats=True")
-        digests = [_text_digest(t) for t in pool]
-        taken = 0
-        rnd = 0
-        while taken < need:
-            order = sorted(range(len(pool)), key=lambda i, r=rnd: _h(seed, "planted", domain, r, i, digests[i]))
-            for i in order[: need - taken]:
-                rows.append((_h(seed, "planted-row", domain, taken), domain, pool[i]))
-                taken += 1
-            rnd += 1
-        repeats[domain] = max(0, need - len(pool))
+    rows, repeats = _draw_planted_rows(corpus_dir, split, counts, seed, allow_repeats)
     if any(repeats.values()):
         warnings.warn(
             f"planted target: {split} split too small, rows repeated per domain: "
