@@ -61,6 +61,7 @@ import _common  # noqa: E402
 
 WEIGHTS = {"code": 0.3, "docstrings": 0.1, "tests": 0.2, "prose": 0.15, "markup": 0.25}
 BATCH = 32
+PACK_BATCH, SEQ_LEN = 8, 2048  # packing mode: batches of 8 sequences of 2,048 tokens (+1 for the targets)
 STEADY = "fastmix steady"  # the long fastmix cells (--steady-n samples each)
 LIBRARIES = ("torch", "numpy", "pyarrow", "litdata", "torchdata", "fastmix_data")
 
@@ -157,7 +158,7 @@ def index_once(data: dict) -> None:
     indexing the shards (a fresh workdir otherwise charged it to the first fastmix cell)."""
     from fastmix_data import MixtureStream
 
-    for kind, kw in (("text", {}), ("tokens", {"seq_len": 2048})):
+    for kind, kw in (("text", {}), ("tokens", {"seq_len": SEQ_LEN})):
         MixtureStream(data[kind], WEIGHTS, batch_size=8, cache_dir=os.environ["BENCH_CACHE"], **kw).close()
 
 
@@ -250,7 +251,24 @@ def open_scan(data, seed, workers):
     return _loader(_Scan(files), workers)
 
 
-CONTENDERS = {"fastmix": open_fastmix, "litdata": open_litdata, "torchdata": open_torchdata, "scan": open_scan}
+def token_stream(data: dict, seed: int, narrow: bool = False):
+    """The packing-mode stream over the token shards (uint16 ids; ``narrow``: `narrow_tokens=True`)."""
+    from fastmix_data import MixtureStream
+
+    return MixtureStream(data["tokens"], WEIGHTS, batch_size=PACK_BATCH, seq_len=SEQ_LEN, seed=seed,
+                         narrow_tokens=narrow, cache_dir=os.environ["BENCH_CACHE"])  # fmt: skip
+
+
+def open_fastmix_tokens(data: dict, seed: int, workers: int, narrow: bool = False):
+    """Packed sequences served like ``fastmix``'s texts: (tokens tensor, source ids) per batch."""
+    stream = token_stream(data, seed, narrow)
+    it = iter(stream.loader(num_workers=workers, prefetch_factor=2) if workers else stream)
+    return ((b["tokens"], b["source"].numpy()) for b in it)
+
+
+CONTENDERS = {"fastmix": open_fastmix, "litdata": open_litdata, "torchdata": open_torchdata, "scan": open_scan,
+              "fastmix tokens": open_fastmix_tokens,
+              "fastmix tokens narrow": lambda data, seed, workers: open_fastmix_tokens(data, seed, workers, True)}
 
 
 # ============================================================================ measurement
@@ -349,10 +367,8 @@ def run_ranks(data: dict, n: int) -> list[dict]:
 def packing(data: dict, n_seq: int, repeats: int) -> list[dict]:
     """fastmix packing (seq_len 2048, uint16 ids) vs a pyarrow scan of the token column, in-process;
     interleaved, alternating which goes first."""
-    from fastmix_data import MixtureStream
-
     files = [f for fs in zip(*data["tokens"].values()) for f in fs]
-    width, batch = 2049, 8
+    width, batch = SEQ_LEN + 1, PACK_BATCH
 
     def scan():  # file after file, again from the first when n_seq is more than one pass
         served = 0
@@ -370,10 +386,8 @@ def packing(data: dict, n_seq: int, repeats: int) -> list[dict]:
                 return served
 
     def fastmix(narrow=False):
-        stream = MixtureStream(data["tokens"], WEIGHTS, batch_size=batch, seq_len=2048, seed=0, narrow_tokens=narrow,
-                               cache_dir=os.environ["BENCH_CACHE"])  # fmt: skip
         served = 0
-        for b in stream:
+        for b in token_stream(data, 0, narrow):
             served += len(b["tokens"])
             if served >= n_seq:
                 return served

@@ -1,10 +1,13 @@
 """Paired, interleaved A/B of the partition benchmark's steady-state cell between two checkouts.
 
-Each pair runs `partition_bench.measure` (the ``fastmix`` contender, ``--n`` samples, ``--workers``
+Each pair runs `partition_bench.measure` (``--mode text``: the ``fastmix`` contender, batches of 32
+texts; ``tokens``: packed sequences of 2,048 tokens from the token shards, batches of 8, int64 tensors;
+``tokens-narrow``: the same with ``narrow_tokens=True``; ``--n`` samples or sequences, ``--workers``
 workers) once with checkout A's ``fastmix_data`` first on the path and once with B's, in a fresh
 process each, the order A B / B A alternating, seed = pair index, every cell under ``flock LOCK``.
 Besides the benchmark's own figures, a cell records the page faults and user / system CPU of its live
-workers, read at the moment `measure` reads the CPU (before the workers exit). Prints per pair and
+workers, read at the moment `measure` reads the CPU (before the workers exit), and a digest of its
+first and last batch (cells with the same seed and mode serve the same batches at any worker count). Prints per pair and
 the paired medians B / A (total, workers, training process, samples/s); appends each cell's JSON to
 ``--jsonl``. Used for benchmarks/results/partitions-last.md::
 
@@ -15,6 +18,7 @@ the paired medians B / A (total, workers, training process, samples/s); appends 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import resource
@@ -25,6 +29,9 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _common  # noqa: E402
 import partition_bench as pb  # noqa: E402
+
+#: --mode -> partition_bench contender
+MODES = {"text": "fastmix", "tokens": "fastmix tokens", "tokens-narrow": "fastmix tokens narrow"}
 
 
 def _workers_state() -> dict:
@@ -43,6 +50,33 @@ def _workers_state() -> dict:
     return {"w_minflt": faults, "w_user": user / tick, "w_sys": system / tick, "m_minflt": own.ru_minflt}
 
 
+def digest(batch) -> str:
+    """Content digest of a served batch: a list of texts, or a tensor of token ids (as int64, so that
+    narrow and widened batches of the same ids agree)."""
+    if isinstance(batch, list):
+        data = "\0".join(batch).encode()
+    else:
+        data = batch.to(dtype=pb.torch.int64).numpy().tobytes()
+    return hashlib.blake2b(data, digest_size=8).hexdigest()
+
+
+def fingerprinted(open_fn, n: int, seen: dict):
+    """``open_fn`` whose first batch and the batch that reaches ``n`` items leave their `digest` in
+    ``seen`` (``first``, ``last``); two digests per cell, so the CPU measured is not the hashing's."""
+
+    def opened(data, seed, workers):
+        served = 0
+        for batch, sources in open_fn(data, seed, workers):
+            served += len(batch)
+            if served == len(batch):
+                seen["first"] = digest(batch)
+            if served >= n:
+                seen["last"] = digest(batch)
+            yield batch, sources
+
+    return opened
+
+
 def child(args) -> dict:
     """One cell, in this process: `partition_bench.measure`, plus the workers' state at its CPU reading."""
     seen: dict = {}
@@ -54,10 +88,13 @@ def child(args) -> dict:
 
     _common._process_tree_cpu = tree_cpu_and_workers  # measure reads the CPU through it
     data = pb.prepare(args.workdir, args.shard_mb, args.files)
-    out = pb.measure(pb.CONTENDERS["fastmix"], data, args.seed, args.workers_one, args.n)
+    out = pb.measure(fingerprinted(pb.CONTENDERS[MODES[args.mode]], args.n, seen), data, args.seed, args.workers_one,
+                     args.n)  # fmt: skip
+    if args.mode != "text":
+        out["tokens_s"] = out["samples_s"] * pb.SEQ_LEN  # training positions per sequence
     import fastmix_data
 
-    return {**out, **seen, "code": os.path.dirname(os.path.dirname(os.path.abspath(fastmix_data.__file__)))}
+    return {**out, **seen, "mode": args.mode, "code": os.path.dirname(os.path.dirname(os.path.abspath(fastmix_data.__file__)))}
 
 
 #: a cell without transparent huge pages: prctl(PR_SET_THP_DISABLE) before anything is imported (the
@@ -72,7 +109,7 @@ def run_cell(args, code: str, seed: int, workers: int, *, no_thp: bool = False) 
     env.setdefault("BENCH_CACHE", os.path.join(args.workdir, "index-cache"))
     child = [os.path.abspath(__file__), "--child", "--workdir", args.workdir, "--seed", str(seed),
              "--workers-one", str(workers), "--n", str(args.n), "--shard-mb", str(args.shard_mb),
-             "--files", str(args.files)]  # fmt: skip
+             "--files", str(args.files), "--mode", args.mode]  # fmt: skip
     if no_thp:
         child = ["-c", _NO_THP + f"import runpy, sys; sys.argv = {child!r}; runpy.run_path(sys.argv[0], run_name='__main__')"]
     cmd = ["flock", args.lock, sys.executable, *child]
@@ -93,7 +130,8 @@ def main(argv=None) -> int:
     p.add_argument("--b", help="checkout B")
     p.add_argument("--pairs", type=int, default=5)
     p.add_argument("--workers", default="2")
-    p.add_argument("--n", type=int, default=300_000)
+    p.add_argument("--mode", choices=MODES, default="text", help="text samples or packed token sequences")
+    p.add_argument("--n", type=int, default=300_000, help="samples (text) or sequences (tokens) per cell")
     p.add_argument("--workdir", default="/tmp/perf-bench")
     p.add_argument("--shard-mb", type=int, default=22)
     p.add_argument("--files", type=int, default=3)
