@@ -89,3 +89,19 @@ def test_points_cover_every_direction(fs):
     for i, j in itertools.permutations(P, 2):
         w = pts[f"+{j}-{i}"]
         assert w[j] - P[j] == pytest.approx(0.05) and P[i] - w[i] == pytest.approx(0.05)
+
+
+def test_report_states_each_point_and_the_verdict(fs, tmp_path):
+    pts = {"planted": P, **fs.ball_points(P)}
+    stage1 = {k: {**_reg(0.02, 0.004), "l1": fs.rq.l1(w, P), "weights": w, "wins": 1} for k, w in pts.items()}
+    fit = fs.quadratic_fit(list(pts.values()), [2.0 + 0.001 * i for i in range(13)], P, P)
+    corpus = {"planted_tokens": P, "cache_check": {"seed": 1, "loss": 1.96, "cached": True}, "stage1": stage1,
+              "selected": "planted", "confirmation": {**_reg(0.02, 0.003), "point": "planted", "pick": P, "wins": 0},
+              "verdict": fs.verdict(stage1, None), "quadratic_fit": fit, "rows": [{"cached": True}, {"cached": False}],
+              "settings": {"final_tokens": 1048576}}
+    meta = fs.rq.run_meta(0.0, "1 1 1", nice=15, threads=1, used=["stdlib-K3"])
+    fs.render({"meta": {"parts": [meta]}, "corpora": {"stdlib-K3": corpus}}, tmp_path)
+    md = (tmp_path / "feasibility.md").read_text()
+    assert corpus["verdict"] == fs.NOT_FEASIBLE and f"**Verdict: {fs.NOT_FEASIBLE}.**" in md
+    assert sum(line.startswith("| `") for line in md.splitlines()) == 13
+    assert "final runs trained here: 1 of 2" in md and "Model estimate (not a measurement)" in md
