@@ -167,7 +167,7 @@ def quadratic_fit(points: list[dict], losses: list[float], p: dict, pick: dict) 
     f = _design(lat) @ coef
     pv = np.array([p[n] for n in names])
     in_ball = np.abs(lat - pv).sum(axis=1) <= RADIUS + 1e-9
-    at = lambda w: float(_design(np.array([[w[n] for n in names]])) @ coef)  # noqa: E731
+    at = lambda w: float((_design(np.array([[w[n] for n in names]])) @ coef)[0])  # noqa: E731
     i_all, i_ball = int(np.argmin(f)), int(np.flatnonzero(in_ball)[np.argmin(f[in_ball])])
     named = lambda row: {n: float(x) for n, x in zip(names, row)}  # noqa: E731
     return {"n": len(y), "residual_std": float(np.sqrt(resid @ resid / dof)), "coef": coef.tolist(),
