@@ -61,13 +61,20 @@ def _fmt1(w: dict) -> str:
     return ", ".join(f"{k} {v:.1f}" for k, v in w.items())
 
 
-def decided(mean: float, se: float, limit: float) -> str:
-    """Whether the seeds decide ``mean <= limit``: the mean +- 2 standard errors lies on one side."""
+def verdict(mean: float, se: float, limit: float) -> str:
+    """Whether the seeds decide ``mean <= limit``: ``MET`` if mean + 2 SE <= limit, ``MISSED`` if
+    mean − 2 SE > limit, else ``undecided`` (the mean +- 2 standard errors spans the limit)."""
     if mean + 2 * se <= limit:
-        return "decided: mean + 2 SE below the target"
+        return "MET"
     if mean - 2 * se > limit:
-        return "decided: mean − 2 SE above the target"
-    return "not decided: mean ± 2 SE spans the target"
+        return "MISSED"
+    return "undecided"
+
+
+def decided(mean: float, se: float, limit: float) -> str:
+    """:func:`verdict` in words."""
+    return {"MET": "decided: mean + 2 SE below the target", "MISSED": "decided: mean − 2 SE above the target",
+            "undecided": "not decided: mean ± 2 SE spans the target"}[verdict(mean, se, limit)]
 
 
 def checks(summary: dict) -> list[str]:
