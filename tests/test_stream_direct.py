@@ -19,6 +19,7 @@ from procs import alive, descendants
 from shardgen import write_code_web_sources
 
 from fastmix_data import MixtureStream
+from fastmix_data.stream.direct_ring import DONE, DirectRings, DirectWriter
 from fastmix_data.stream.loader import direct_slots
 
 W = {"code": 0.6, "web": 0.4}
@@ -344,3 +345,43 @@ def test_an_iteration_left_open_at_exit_ends_quietly(data, tmp_path):
     while any(alive(p) for p in pids) and time.monotonic() < deadline:
         time.sleep(0.05)
     assert not any(alive(p) for p in pids)
+
+
+def _slot_batch(i: int) -> dict:
+    """Batch i of `test_the_record_carries_index_and_version_and_descriptors_are_reused_only_when_equal`:
+    two shapes; batches 5 and 6 (of the same shape) also carry the same values of their own."""
+    rows = 3 if i in (1, 3, 8) else 2
+    batch = {"_meta": np.arange(5 * rows, dtype=np.int64).reshape(5, rows) + i,
+             "tokens": (np.arange(rows * 6, dtype=np.uint16) + 1000 * i).reshape(rows, 6),
+             "batch_index": 10 + i, "weight_version": i // 3}  # fmt: skip
+    if i in (5, 6):
+        batch["note"] = [7, {"k": 7}]
+    return batch
+
+
+def test_the_record_carries_index_and_version_and_descriptors_are_reused_only_when_equal(tmp_path):
+    """A slot's descriptor leaves the batch index and weight version to the slot's record, and the
+    training process unpickles it only when its bytes differ from the previous slot's without values
+    of its own: batches whose shapes change, some with values of their own, come out as sent
+    (keys in the same order, values not shared between batches), and unsigned arrays as int64 when
+    asked to widen."""
+    rings = DirectRings(str(tmp_path / "rings"), "t", workers=1, slots=4)
+    ring = rings.rings[0]
+    writer = DirectWriter(ring.path, rings.fifo)
+    got = []
+    try:
+        for i in range(9):
+            assert writer.put(_slot_batch(i))
+            got.append(ring.take(widen=i % 4 == 1))
+        writer.finish(DONE)
+    finally:
+        rings.release()
+    for i, batch in enumerate(got):
+        want = _slot_batch(i)
+        assert list(batch) == ["batch_index", "weight_version", *(["note"] if i in (5, 6) else []), "_meta", "tokens"]
+        assert (batch["batch_index"], batch["weight_version"], batch.get("note")) == (10 + i, i // 3, want.get("note"))
+        assert batch["_meta"].dtype == np.int64 and np.array_equal(batch["_meta"], want["_meta"])
+        assert batch["tokens"].dtype == (np.int64 if i % 4 == 1 else np.uint16)
+        assert np.array_equal(batch["tokens"], want["tokens"]), i
+    got[5]["note"][1]["k"] = "changed"
+    assert got[6]["note"] == [7, {"k": 7}]

@@ -233,14 +233,15 @@ def encode(batch: dict) -> tuple[dict, tuple, list, int]:
     return out, tuple(layout), pieces, size
 
 
-def decode(out: dict, layout: tuple, mm: mmap.mmap, base: int) -> dict:
+def decode(out: dict, layout: tuple, mm: mmap.mmap, base: int, widen: bool = False) -> dict:
     """``out`` with the arrays and texts of the payload at ``base`` of ``mm`` (see `encode`) copied in
-    (arrays owned by the batch, texts as str)."""
+    (arrays owned by the batch, unsigned ones as int64 when ``widen``: token ids, widened in the
+    copy; texts as str)."""
     for kind, key, a, b, c in layout:
         if kind == "array":
-            out[key] = _array(mm, base + c, a, b)
+            out[key] = _array(mm, base + c, a, b, widen)
         elif kind == "arrays":
-            out[key] = tuple(_array(mm, base + at, dtype, shape) for dtype, shape, at in a)
+            out[key] = tuple(_array(mm, base + at, dtype, shape, widen) for dtype, shape, at in a)
         else:  # text: a = rows, b = offset of the lengths (bytes), c = offset of the UTF-8 bytes
             out[key] = _texts(mm, a, base + b, base + c)
     return out
@@ -267,8 +268,9 @@ def inline(batch: dict) -> dict:
     return out
 
 
-def _array(mm: mmap.mmap, at: int, dtype: str, shape: Any) -> np.ndarray:
-    return np.frombuffer(mm, dtype=dtype, count=math.prod(shape), offset=at).reshape(shape).copy()
+def _array(mm: mmap.mmap, at: int, dtype: str, shape: Any, widen: bool = False) -> np.ndarray:
+    view = np.frombuffer(mm, dtype=dtype, count=math.prod(shape), offset=at).reshape(shape)
+    return view.astype(np.int64) if widen and view.dtype.kind == "u" else view.copy()
 
 
 def _texts(mm: mmap.mmap, rows: int, at_lengths: int, at_text: int) -> list:

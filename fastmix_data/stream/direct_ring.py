@@ -21,8 +21,11 @@ for an acknowledgement (sleep-polling: it is ahead). Wire format (all int64 litt
   the pickled descriptor's length in bytes (> 0: in the slot), -1 (a spill file in the ring
   directory) or -2 (a spill file in the temp directory);
 * slot s of S at `data_at` (S) + s * slot bytes: batch j goes to slot j mod S, written only when
-  batch j - S has been acknowledged: the descriptor (values that are not arrays or texts, and the
-  layout of `batch_ring.encode`), padded to 64 bytes, then the payload;
+  batch j - S has been acknowledged: the descriptor (values that are not arrays or texts, except the
+  batch index and weight version, which only the record holds, and the layout of
+  `batch_ring.encode`), padded to 64 bytes, then the payload. The descriptor's bytes are the same
+  for every batch of a stream that has no such other values and the same shapes (the common case):
+  the training process unpickles them only when they differ from the previous slot's;
 * a batch that does not fit in a slot, or whose slot cannot be backed by memory (`posix_fallocate`
   fails: shared memory full), is pickled whole into a spill file ``<ring>.<j>.spill`` in the ring
   directory (or, if that fails too, in `batch_ring.temp_spill_directory`) that the training process
@@ -64,6 +67,7 @@ _INT = struct.Struct("<q")
 _STATE_WORDS = struct.Struct("<qq")  # written, state
 _RECORD = struct.Struct("<qqq")  # per slot: kind (descriptor bytes, or a spill), batch index, weight version
 RECORDS_AT = 64
+_IN_RECORD = ("batch_index", "weight_version")  # a batch's values that only its record carries
 RUNNING, DONE, FAILED = 0, 1, 2
 SPILL_RING, SPILL_TEMP = -1, -2
 WAKE_TIMEOUT_S = 0.05  # the reader's poll timeout: the backstop for a lost wake-up
@@ -107,6 +111,7 @@ class DirectWriter:
         self.reserved = [0] * self.slots  # bytes of each slot backed by allocated shared memory
         self.parent = os.getppid()
         self.sent = 0
+        self._descriptor: tuple = (None, b"")  # (layout, pickled descriptor) of the last batch without values
         try:
             self.wake_fd: int | None = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
         except OSError:  # no reader any more: the closed flag or the parent's end stops us
@@ -136,7 +141,7 @@ class DirectWriter:
             return False
         seq, slot = self.sent, self.sent % self.slots
         out, layout, pieces, size = encode(batch)
-        head = pickle.dumps((out, layout), protocol=pickle.HIGHEST_PROTOCOL)
+        head = self._descriptor_of(out, layout)
         base = self.data_at + slot * self.slot_bytes
         total = align(len(head)) + size
         if total <= self.slot_bytes and self._reserve(slot, base, total):
@@ -152,6 +157,16 @@ class DirectWriter:
         if _INT.unpack_from(self.mm, _WAITING)[0]:  # the reader sleeps on the FIFO (else: no system call)
             self._wake()
         return True
+
+    def _descriptor_of(self, out: dict, layout: tuple) -> bytes:
+        """The slot's pickled (values, layout), the values without those of the record (the last
+        batch's bytes again when it had no values and the same layout)."""
+        values = {k: v for k, v in out.items() if k not in _IN_RECORD}
+        if values or layout != self._descriptor[0]:
+            head = pickle.dumps((values, layout), protocol=pickle.HIGHEST_PROTOCOL)
+            self._descriptor = (None, b"") if values else (layout, head)
+            return head
+        return self._descriptor[1]
 
     def _reserve(self, slot: int, base: int, size: int) -> bool:
         """Back ``size`` bytes of the slot with memory: writing to an unbacked page of a full tmpfs
@@ -254,6 +269,7 @@ class _Ring:
         self.slots, self.slot_bytes, self.data_at, self.taken = slots, slot_bytes, data_at(slots), 0
         self.spilled = 0  # batches read from spill files
         self.unopened = False  # its worker could not open it (`check_opened`)
+        self._descriptor: tuple = (b"", None)  # (bytes, layout) of the last slot's descriptor without values
 
     def head(self) -> tuple[int, int] | None:
         """(batch index, weight version) of the next unread batch, or None."""
@@ -262,16 +278,18 @@ class _Ring:
         _, g, version = _RECORD.unpack_from(self.mm, RECORDS_AT + _RECORD.size * (self.taken % self.slots))
         return g, version
 
-    def take(self, keep: bool = True) -> dict | None:
-        """The next batch (copied out; None when not ``keep``), acknowledged."""
+    def take(self, keep: bool = True, widen: bool = False) -> dict | None:
+        """The next batch (copied out, unsigned arrays as int64 when ``widen``; None when not
+        ``keep``), acknowledged."""
         slot = self.taken % self.slots
-        kind = _RECORD.unpack_from(self.mm, RECORDS_AT + _RECORD.size * slot)[0]
+        kind, g, version = _RECORD.unpack_from(self.mm, RECORDS_AT + _RECORD.size * slot)
         out = None
         if kind > 0:
             if keep:
                 base = self.data_at + slot * self.slot_bytes
-                values, layout = pickle.loads(self.mm[base : base + kind])
-                out = decode(values, layout, self.mm, base + align(kind))
+                values, layout = self._values_and_layout(base, kind)
+                out = {"batch_index": g, "weight_version": version, **values}
+                out = decode(out, layout, self.mm, base + align(kind), widen)
         else:
             path = _spill_path(self.path, self.taken, kind)
             self.spilled += 1
@@ -282,6 +300,16 @@ class _Ring:
         self.taken += 1
         _INT.pack_into(self.mm, _ACKED, self.taken)
         return out
+
+    def _values_and_layout(self, base: int, kind: int) -> tuple[dict, tuple]:
+        """The descriptor of the slot at ``base`` (see `DirectWriter._descriptor_of`), unpickled
+        only when its bytes differ from the last one's without values."""
+        raw = self.mm[base : base + kind]
+        if raw == self._descriptor[0]:
+            return {}, self._descriptor[1]
+        values, layout = pickle.loads(raw)
+        self._descriptor = (b"", None) if values else (raw, layout)
+        return values, layout
 
     def state(self) -> int:
         return FAILED if self.unopened else _INT.unpack_from(self.mm, _STATE)[0]

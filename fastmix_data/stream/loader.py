@@ -169,20 +169,30 @@ class TrackedLoader:
                 expected += 1
 
     def _serve_direct(self, waiter: _Waiter, rings: direct_ring.DirectRings) -> Iterator[dict]:
-        """Batches read from the workers' rings, served in global order (see `_next_direct`)."""
+        """Batches read from the workers' rings, served in global order: each from the ring that
+        served the batch W before it, when that ring has it next (`_in_turn`: one record read), else
+        as `_next_direct` finds it (every ring and the workers' states looked at)."""
         if self.loader.persistent_workers:
             self._live = waiter
         waiter.start()
         expected, started = self.stream._next_batch, False
+        owners: list = [None] * len(rings.rings)  # owners[g % W]: the ring that served batch g - W
         try:
             while True:
-                seen = rings.progress()
-                packed, expected, started, end = self._next_direct(rings, waiter, expected, started)
-                if end:
-                    return
-                if packed is None and not waiter.finished:
-                    rings.wait(seen)
-                elif self.stream._admit(packed):
+                packed = self._in_turn(owners, expected) if started else None
+                if packed is None:
+                    seen = rings.progress()
+                    packed, expected, ring, end = self._next_direct(rings, waiter, expected, started)
+                    if end:
+                        return
+                    if packed is None:
+                        if not waiter.finished:
+                            rings.wait(seen)
+                        continue
+                    started = True
+                    if ring is not None:
+                        owners[expected % len(owners)] = ring
+                if self.stream._admit(packed):
                     yield self._served(packed)
                     expected += 1
         finally:
@@ -192,8 +202,19 @@ class TrackedLoader:
                 self.spilled += sum(ring.spilled for ring in rings.rings)
                 rings.release(unlink=not self.loader.persistent_workers)
 
+    def _in_turn(self, owners: list, expected: int) -> dict | None:
+        """Batch ``expected`` if the ring that served batch ``expected`` - W (each worker builds
+        every W-th batch) has it next, built under the history in force (one record read); else
+        None. A worker's failure is then seen when its ring has nothing next (`_next_direct`)."""
+        ring = owners[expected % len(owners)]
+        head = None if ring is None else ring.head()
+        if head is None or head[0] != expected or head[1] != self.stream._version_at(expected):
+            return None
+        return ring.take(widen=self._widen)
+
     def _next_direct(self, rings, waiter: _Waiter, expected: int, started: bool):
-        """(batch ``expected`` if it can be had now, else None; expected; started; the end).
+        """(batch ``expected`` if it can be had now, else None; expected; the ring it came from;
+        the end).
 
         Each ring's next batch is read when it is ``expected``; one already served or stale is
         skipped (its worker, told of the change, writes it again). A worker's valid batches come in
@@ -211,11 +232,12 @@ class TrackedLoader:
         if not started and expected not in heads and all(h is not None or e for h, e in zip(heads, ended)):
             expected = min((h for h in heads if h is not None), default=expected)
         if expected in heads:
-            return rings.rings[heads.index(expected)].take(), expected, True, False
+            ring = rings.rings[heads.index(expected)]
+            return ring.take(widen=self._widen), expected, ring, False
         if all(e or (h is not None and h > expected) for h, e in zip(heads, ended)):
             packed = self.stream._build_here(expected)
-            return packed, expected, started or packed is not None, packed is None and all(ended)
-        return None, expected, started, False
+            return packed, expected, None, packed is None and all(ended)
+        return None, expected, None, False
 
     def _head(self, ring, served_below: int | None) -> int | None:
         """The batch index next in ``ring`` after skipping batches below ``served_below`` and stale
@@ -228,9 +250,14 @@ class TrackedLoader:
             return g
         return None
 
+    @property
+    def _widen(self) -> bool:
+        """Whether token ids become int64 in the training process (else they stay uint16/uint32)."""
+        return not self.stream.narrow_tokens
+
     def _served(self, packed: dict) -> dict:
         """The user-facing batch of a packed one that `MixtureStream._admit` counted."""
-        return unpack(packed, widen=not self.stream.narrow_tokens)[0]
+        return unpack(packed, widen=self._widen)[0]
 
 
 MIN_SLOTS = 16  # a direct ring's slots: max(prefetch_factor + 2, this); 4 and 8 cost CPU and samples/s (partitions-direct.md)

@@ -182,8 +182,7 @@ class MixtureStream(torch.utils.data.IterableDataset):
         self._cursor: dict | None = None
         self._resume_cursor: dict | None = None
         self._observed: dict[int, float] = {}
-        self._tokens_observed = np.zeros(len(self.names), dtype=np.int64)
-        self._samples_observed = np.zeros(len(self.names), dtype=np.int64)
+        self._received = np.zeros((2, len(self.names)), dtype=np.int64)  # per source: samples, tokens
         self._weights_lock = threading.Lock()  # serialises set_weights calls and the serving of each batch
         self._known_version = 0  # the channel's history version that self.history is
         self._rebuilt = 0  # batches received stale (built under an older history) and built again
@@ -251,6 +250,9 @@ class MixtureStream(torch.utils.data.IterableDataset):
         """The version of the history entry in force at global batch g (the last one at or before
         it). Every entry is made once, after the entries before it, so two histories with the same
         entry in force at g agree on everything that batch g's content depends on."""
+        last = self.history[-1]
+        if last["batch"] <= g:  # (the common case: a batch after the last change)
+            return last["version"]
         return next(h["version"] for h in reversed(self.history) if h["batch"] <= g)
 
     def _admit(self, packed: dict) -> bool:
@@ -551,8 +553,7 @@ class MixtureStream(torch.utils.data.IterableDataset):
         self._next_batch = max(self._next_batch, g + 1)
         if version not in self._observed:
             self._observed[version] = time.time()
-        self._samples_observed += counts[0]
-        self._tokens_observed += counts[1]
+        self._received += counts
 
     def observe(self, batch: Mapping) -> None:
         """Record that the training loop received ``batch`` (done for you by `loader()` and with
@@ -677,8 +678,8 @@ class MixtureStream(torch.utils.data.IterableDataset):
                 "realised_token_share": tok_real[i] / max(tok_real.sum(), 1.0),
                 "samples": int(realised[i]),
                 "tokens_estimated": float(tok_real[i]),
-                "samples_received": int(self._samples_observed[i]),
-                "tokens_received": int(self._tokens_observed[i]),
+                "samples_received": int(self._received[0, i]),
+                "tokens_received": int(self._received[1, i]),
                 "epochs": float(realised[i] / max(int(self.plan.totals[i]), 1)),
                 "skipped_shards": [list(x) for x in getattr(self.sources[i], "skipped", [])],
             }
