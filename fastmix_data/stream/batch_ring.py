@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import atexit
 import itertools
-import math
 import mmap
 import os
 import shutil
@@ -192,7 +191,7 @@ class RingReader:
 
 def encode(batch: dict) -> tuple[dict, tuple, list, int]:
     """A batch's slot payload: (the values that are not arrays or texts, the layout of the payload,
-    its pieces (bytes-like, written back to back from the payload's start), its size in bytes).
+    its pieces ((offset, bytes-like) from the payload's start; `write_pieces`), its size in bytes).
 
     Each numpy array (or tuple of arrays) at a 64-byte aligned offset; a text column (a list of str,
     UTF-8 memoryviews and None) as an int64 array of the rows' byte lengths (-1: None) and the rows'
@@ -202,14 +201,11 @@ def encode(batch: dict) -> tuple[dict, tuple, list, int]:
     out = {}
     size = 0
 
-    def put(part) -> int:  # after the previous part, then pad to 64 bytes
+    def put(part) -> int:  # after the previous part, padded to 64 bytes (the padding is not written)
         nonlocal size
         at = size
-        pieces.append(part)
-        size += len(part)
-        if align(size) > size:
-            pieces.append(bytes(align(size) - size))
-            size = align(size)
+        pieces.append((at, part))
+        size = align(size + len(part))
         return at
 
     for key, value in batch.items():
@@ -248,11 +244,9 @@ def decode(out: dict, layout: tuple, mm: mmap.mmap, base: int, widen: bool = Fal
 
 
 def write_pieces(mm: mmap.mmap, at: int, pieces: list) -> None:
-    """The pieces of `encode` written back to back into ``mm`` from ``at``."""
-    for piece in pieces:
-        end = at + len(piece)
-        mm[at:end] = piece
-        at = end
+    """The pieces of `encode` written into ``mm``, the payload starting at ``at``."""
+    for offset, piece in pieces:
+        mm[at + offset : at + offset + len(piece)] = piece
 
 
 def _bytes_of(array: np.ndarray) -> memoryview:
@@ -269,7 +263,7 @@ def inline(batch: dict) -> dict:
 
 
 def _array(mm: mmap.mmap, at: int, dtype: str, shape: Any, widen: bool = False) -> np.ndarray:
-    view = np.frombuffer(mm, dtype=dtype, count=math.prod(shape), offset=at).reshape(shape)
+    view = np.ndarray(shape, dtype=dtype, buffer=mm, offset=at)
     return view.astype(np.int64) if widen and view.dtype.kind == "u" else view.copy()
 
 
