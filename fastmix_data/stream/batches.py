@@ -25,13 +25,14 @@ META_KEYS = ("source", "shard", "item", "epoch", "num_tokens")  # the rows of a 
 
 def build(
     items: Sequence[ItemSource], sl: PlanSlice, batch_indices: Sequence[int], size: int, seq_len: int | None,
-    dtype: np.dtype,
+    dtype: np.dtype, own: bool = True,
 ) -> list[dict]:  # fmt: skip
     """Packed batches of ``size`` consecutive items of ``sl``, one per batch index.
 
     Items are read grouped by (source, epoch, shard) over the whole block, so per-batch work is
     slicing. Each batch owns its arrays (copies of its slice of the block), so a batch that crosses
-    processes carries itself, not its block.
+    processes carries itself, not its block; unless not ``own``: then its token arrays are views of
+    the block's (for a batch that is copied into shared memory or pickled before it is used).
     """
     n = len(batch_indices) * size
     if n == 0:
@@ -61,7 +62,8 @@ def build(
         batch: dict[str, Any] = {"_meta": meta[:, lo:hi].copy(), "_counts": counts[j], "batch_index": g,
                                  "weight_version": version[j]}  # fmt: skip
         if seq_len is not None:
-            batch["tokens"], batch["doc_start"] = tokens[lo:hi].copy(), starts[lo:hi].copy()
+            batch["tokens"], batch["doc_start"] = (tokens[lo:hi].copy(), starts[lo:hi].copy()) if own else \
+                (tokens[lo:hi], starts[lo:hi])  # fmt: skip
         for key, col in columns.items():
             batch[key] = col[lo:hi]
         if ids is not None:

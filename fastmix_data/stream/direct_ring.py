@@ -37,7 +37,8 @@ for an acknowledgement (sleep-polling: it is ahead). Wire format (all int64 litt
   it was set) costs at most the timeout;
 * a worker whose ring is full sleeps (0.5 ms, doubling up to 5 ms) until half of the slots are free.
 
-A worker also returns when its parent process is gone (``os.getppid()`` changed). A worker that
+A worker also returns when its parent process is gone (``os.getppid()`` changed; looked at while it
+waits for a free slot: nobody takes from its ring then). A worker that
 cannot open its ring (it has no state word to set) leaves a marker file ``<ring>.unopened``; the
 training process looks for it after a wait that timed out, on rings with nothing written yet.
 """
@@ -123,9 +124,10 @@ class DirectWriter:
 
     def _wait_for_slot(self) -> bool:
         """Until slot ``sent`` mod S is free (True), or the ring was closed or the parent died
-        (False). A full ring is waited on until half of it is free: fewer wake-ups, as many batches."""
+        (False). A full ring is waited on until half of it is free: fewer wake-ups, as many batches.
+        The parent is looked for only then (a system call): a ring nobody takes from fills up."""
         if self.sent < _INT.unpack_from(self.mm, _ACKED)[0] + self.slots:
-            return not self.stopped()
+            return _INT.unpack_from(self.mm, _CLOSED)[0] == 0
         delay = _POLL_S[0]
         while not self.stopped():
             if self.sent <= _INT.unpack_from(self.mm, _ACKED)[0] + self.slots // 2:

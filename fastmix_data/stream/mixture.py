@@ -384,7 +384,7 @@ class MixtureStream(torch.utils.data.IterableDataset):
                 sl = self._plan_block(indices)
                 self._prefetch(sl, g + len(indices) * workers, block, workers)
                 whole = indices[: len(sl.position) // self.batch_size]
-                ahead.extend(self._materialise(sl, whole))
+                ahead.extend(self._materialise(sl, whole, own=not packed_out))
                 if not ahead:
                     return
             batch = ahead.popleft()
@@ -425,9 +425,10 @@ class MixtureStream(torch.utils.data.IterableDataset):
         starts = [b * self.global_batch_items + self.rank * self.batch_size for b in batch_indices]
         return self.plan.plan_ranges(starts, self.batch_size)
 
-    def _materialise(self, sl: PlanSlice, batch_indices: Sequence[int]) -> list[dict]:
-        """Packed batches (`stream.batches`) of ``batch_size`` consecutive items of ``sl``."""
-        return batch_format.build(self.items, sl, batch_indices, self.batch_size, self.seq_len, self.token_dtype)
+    def _materialise(self, sl: PlanSlice, batch_indices: Sequence[int], own: bool = True) -> list[dict]:
+        """Packed batches (`stream.batches`) of ``batch_size`` consecutive items of ``sl`` (``own``:
+        their token arrays are copies, not views of the block's; see `batches.build`)."""
+        return batch_format.build(self.items, sl, batch_indices, self.batch_size, self.seq_len, self.token_dtype, own)
 
     def _prefetch(self, sl: PlanSlice, first: int, size: int, workers: int) -> None:
         """Remote sources: fetch what block ``sl`` reads and, after it, what this process's coming
