@@ -62,6 +62,7 @@ import _common  # noqa: E402
 import export_rule as er  # noqa: E402
 import run_quality as rq  # noqa: E402
 from report import FASTMIX_REGRET, verdict  # noqa: E402
+from run_quality import grid_pick, judge_args  # noqa: E402
 
 #: the judge's undecided FastMix regret checks: experiment -> its targets
 CELLS = {"stdlib-K3": ("heldout", "planted"), "system-K3": ("planted",)}
@@ -71,27 +72,6 @@ NAME = "extension_seeds"
 
 
 # ============================================================================ the judge's record
-
-
-def judge_args(results: dict, exp: str) -> argparse.Namespace:
-    """The run settings (and ``--work`` cache folder) of the judge's run that produced ``exp``."""
-    parts = results["meta"].get("parts", [results["meta"]])
-    got = [m["args"] for m in parts if exp in m.get("used", m["args"]["experiments"])]
-    if not got:
-        raise ValueError(f"results.json: no run in meta provides experiment {exp!r}")
-    return argparse.Namespace(**{**vars(rq.build_parser().parse_args([])), **got[-1]})
-
-
-def grid_pick(results: dict, exp: str, target: str) -> dict[str, float]:
-    """The grid point with the best mean over the judge's seeds (the oracle's in-sample weights),
-    checked to be the held-out oracle's pick on every evaluation seed."""
-    o = results["summary"][exp]["targets"][target]["oracle"]
-    pick = o["in_sample"]["weights"]
-    other = {s: w for s, w in o["picks"].items() if w != pick}
-    if other:
-        raise ValueError(f"results.json {exp}/{target}: the grid's best mean over the judge's seeds is {pick}, but "
-                         f"the held-out oracle picked otherwise on seeds {other}: no single pick to fix")
-    return pick
 
 
 def _judge_row(results: dict, exp: str, target: str, method: str, seed: int, weights: dict | None = None) -> dict:

@@ -78,10 +78,11 @@ import torch
 HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE.parent.parent), str(HERE.parent), str(HERE)]
 import _common  # noqa: E402
+import report  # noqa: E402
 import run_quality as rq  # noqa: E402
 
 RADIUS = 0.1
-TARGET = 0.005
+TARGET = report.FASTMIX_REGRET  # the issue's regret target (nats)
 EVAL_SEEDS = tuple(range(1, 10))
 CONFIRM_SEEDS = tuple(range(10, 20))
 JUDGE = ("stdlib-K3", "system-K3")
@@ -126,13 +127,14 @@ def _upper(r: dict) -> float:
     return r["regret"][0] + 2 * r["regret_se"]
 
 
-def _lower(r: dict) -> float:
-    return r["regret"][0] - 2 * r["regret_se"]
+def _check(r: dict) -> str:
+    """`report.verdict` of a regret record: MET (mean + 2 SE <= TARGET), MISSED or undecided."""
+    return report.verdict(r["regret"][0], r["regret_se"], TARGET)
 
 
 def select(stage1: dict[str, dict]) -> str:
     """The point to confirm: the lowest mean + 2 SE among those within the target, else of all."""
-    passing = [n for n, r in stage1.items() if _upper(r) <= TARGET]
+    passing = [n for n, r in stage1.items() if _check(r) == "MET"]
     return min(passing or stage1, key=lambda n: _upper(stage1[n]))
 
 
@@ -140,9 +142,9 @@ def verdict(stage1: dict[str, dict], confirmation: dict | None) -> str:
     """The rule of the module docstring. ``stage1``: ``{point: run_quality._regret(...)}`` over the
     evaluation seeds; ``confirmation``: the selected point's regret over the confirmation seeds (None:
     not run)."""
-    if _upper(stage1[select(stage1)]) <= TARGET and confirmation is not None and _upper(confirmation) <= TARGET:
+    if _check(stage1[select(stage1)]) == "MET" and confirmation is not None and _check(confirmation) == "MET":
         return FEASIBLE
-    if all(_lower(r) > TARGET for r in stage1.values()):
+    if all(_check(r) == "MISSED" for r in stage1.values()):
         return NOT_FEASIBLE
     return UNDECIDED
 
@@ -181,20 +183,6 @@ def quadratic_fit(points: list[dict], losses: list[float], p: dict, pick: dict) 
 # ============================================================================ runs
 
 
-def judge_record(exp: str, results: dict) -> tuple[dict, list[dict], dict]:
-    """The judge's meta part, rows and summary of ``exp`` (results.json)."""
-    part = next(m for m in results["meta"]["parts"] if exp in m["used"])
-    return part, [r for r in results["runs"] if r["exp"] == exp], results["summary"][exp]
-
-
-def judge_args(exp: str, work: str, part: dict, threads: int) -> argparse.Namespace:
-    run = rq.build_parser().parse_args(["--work", work, "--experiments", exp, "--threads", str(threads)])
-    for k in RUN_KEYS:
-        setattr(run, k, part["args"][k])
-    run.seeds = part["args"]["seeds"]
-    return run
-
-
 def check_cache(work: Path, data: dict, rows: list[dict], run) -> dict:
     """The ``planted`` row's mixture at the first evaluation seed must be cached with the judge's loss."""
     s = EVAL_SEEDS[0]
@@ -222,8 +210,9 @@ def train_points(work: Path, data: dict, points: dict, seeds, run, exp: str) -> 
 
 
 def study(exp: str, work: str, results: dict, args) -> dict:
-    part, jrows, jsum = judge_record(exp, results)
-    run = judge_args(exp, work, part, args.threads)
+    jrows, jsum = [r for r in results["runs"] if r["exp"] == exp], results["summary"][exp]
+    run = rq.judge_args(results, exp)  # the judge's recorded settings, in this study's cache folder
+    run.work, run.experiments, run.threads = work, [exp], args.threads
     wpath = Path(work)
     data = rq.prepare(wpath, run)[exp]
     p = data["planted_tokens"]
@@ -239,7 +228,7 @@ def study(exp: str, work: str, results: dict, args) -> dict:
         stage1[name] = {**rq._regret(rs, orc["by_seed"]), "l1": rq.l1(points[name], p), "weights": points[name],
                         "wins": sum(r["final_loss"] < orc["by_seed"][r["seed"]] for r in rs)}
     best = select(stage1)
-    pick = jsum["targets"]["planted"]["oracle"]["in_sample"]["weights"]
+    pick = rq.grid_pick(results, exp, "planted")
     conf_rows = train_points(wpath, data, {best: points[best], "grid pick": pick}, args.confirm_seeds, run, exp)
     pick_by_seed = {r["seed"]: r["final_loss"] for r in conf_rows if r["point"] == "grid pick"}
     conf_best = [r for r in conf_rows if r["point"] == best]

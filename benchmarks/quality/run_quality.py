@@ -530,6 +530,30 @@ def merge(paths: list[str]) -> dict:
     return {"meta": {"parts": parts}, "summary": {e: summary[e] for e in order}, "runs": runs}
 
 
+# ============================================================================ the judge's record (later studies)
+
+
+def judge_args(results: dict, exp: str) -> argparse.Namespace:
+    """The run settings (and ``--work`` cache folder) of the judge's run that produced ``exp``."""
+    parts = results["meta"].get("parts", [results["meta"]])
+    got = [m["args"] for m in parts if exp in m.get("used", m["args"]["experiments"])]
+    if not got:
+        raise ValueError(f"results.json: no run in meta provides experiment {exp!r}")
+    return argparse.Namespace(**{**vars(build_parser().parse_args([])), **got[-1]})
+
+
+def grid_pick(results: dict, exp: str, target: str) -> dict[str, float]:
+    """The grid point with the best mean over the judge's seeds (the oracle's in-sample weights),
+    checked to be the held-out oracle's pick on every evaluation seed."""
+    o = results["summary"][exp]["targets"][target]["oracle"]
+    pick = o["in_sample"]["weights"]
+    other = {s: w for s, w in o["picks"].items() if w != pick}
+    if other:
+        raise ValueError(f"results.json {exp}/{target}: the grid's best mean over the judge's seeds is {pick}, but "
+                         f"the held-out oracle picked otherwise on seeds {other}: no single pick to fix")
+    return pick
+
+
 def run_meta(t0: float, load_start: str, **extra) -> dict:
     """What every quality script records about its run: date, machine, command, commit, wall time since
     ``t0`` (``time.perf_counter()``) and the load at start / now, plus ``extra``."""
