@@ -22,7 +22,6 @@ benchmarks/results/partitions-tokens.md (both modes).
 import argparse
 import json
 import os
-import statistics
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -46,7 +45,8 @@ def different_work(out: list[dict]) -> list[str]:
 
 
 def med(xs) -> str:
-    return f"{statistics.median(xs):.3f} ({min(xs):.3f}-{max(xs):.3f})"
+    """median (min-max), three decimals (`_common.Summary`)."""
+    return _common.Summary.of(xs).fmt(digits=3)
 
 
 def summary(out: list[dict], reps: int) -> list[str]:
