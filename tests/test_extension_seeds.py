@@ -85,3 +85,28 @@ def test_merge_refuses_a_seed_twice(xs, tmp_path: Path):
         (tmp_path / f"{name}.json").write_text(json.dumps(saved))
     with pytest.raises(ValueError, match="appears twice"):
         xs.merge([str(tmp_path / "a.json"), str(tmp_path / "b.json")])
+
+
+def test_stage_two_is_one_undecided_cell_on_fresh_seeds(xs):
+    s1, s2 = xs.STAGES[1], xs.STAGES[2]
+    assert (s1.cells, s1.seeds, s1.name) == (xs.CELLS, xs.EXTENSION_SEEDS, xs.NAME)
+    assert s2.cells == {"system-K3": ("planted",)} and s2.seeds == tuple(range(40, 70))
+    assert not set(s2.seeds) & (set(s1.seeds) | set(range(10))) and s2.name != s1.name
+    stage1 = json.loads((QUALITY / "extension_seeds.json").read_text())["summary"]
+    assert stage1["system-K3/planted"]["verdict"] == "undecided"  # why stage 2 exists
+    with pytest.raises(SystemExit, match="stage 2 runs seeds 40-69 only"):
+        xs.main(["--stage", "2", "--seeds", "39"])  # refused before anything runs
+    before = xs.earlier_units(s2)
+    assert {u["seed"] for u in before} == set(s1.seeds) and xs.earlier_units(s1) == []
+
+
+def test_stage_two_decides_on_its_own_seeds_and_pools_for_reference(xs):
+    results = json.loads((QUALITY / "results.json").read_text())
+    pick = xs.grid_pick(results, "system-K3", "planted")
+    units = [{"exp": "system-K3", "target": "planted", "seed": s, "weights": {"fastmix": pick, "pick": pick},
+              "losses": {"fastmix": 2.3 + 0.001 * (s % 3), "pick": 2.3, "planted": 2.31}, "l1": 0.1}
+             for s in xs.STAGES[2].seeds]
+    s = xs.summarise(units, results, xs.STAGES[2].cells, xs.earlier_units(xs.STAGES[2]))
+    d = s["system-K3/planted"]
+    assert list(s) == ["system-K3/planted"] and d["regret"]["n"] == 30 and d["verdict"] == "MET"
+    assert d["stages_pooled_regret"]["n"] == 60 and d["stages_pooled_regret"]["mean"] > d["regret"]["mean"]

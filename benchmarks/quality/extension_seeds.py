@@ -39,6 +39,13 @@ cells or rule after the figures are seen): over the extension seeds only, with L
 * **MISSED** if mean − 2 SE > LIMIT,
 * **undecided** otherwise (``report.verdict``).
 
+**Stage 2** (``--stage 2``; :data:`STAGES`; written and committed before any of its runs, after stage 1
+was seen): stage 1 left (system-K3, planted) undecided (+0.0118 +- 0.0036 on seeds 10-39, mean − 2 SE
+= +0.0046). Stage 2 runs that cell alone on 30 fresh seeds, 40-69, everything else as above, and
+decides it **on seeds 40-69 alone** by the same rule: a fresh sample, so the second look does not bias
+the test. The pooled 10-69 figure is reported for reference only. Its files are
+``extension_seeds_stage2.json/.md``. If stage 2 is undecided too, the cell stays undecided.
+
 ``--check-cache --seeds 1`` first: a judge seed through the same code must hit every cache (FastMix
 searches ``cached_only``; final runs cached) and reproduce results.json's losses, or the script stops
 -- a changed cache fingerprint would retrain everything. ``--merge`` joins the results of processes
@@ -53,6 +60,7 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
@@ -69,6 +77,20 @@ CELLS = {"stdlib-K3": ("heldout", "planted"), "system-K3": ("planted",)}
 EXTENSION_SEEDS = tuple(range(10, 40))
 LIMIT = FASTMIX_REGRET
 NAME = "extension_seeds"
+
+
+class Stage(NamedTuple):
+    """One pre-registered run of the study: its cells, its seeds, and the name of its files."""
+
+    cells: dict
+    seeds: tuple
+    name: str
+    title: str
+
+
+STAGES = {1: Stage(CELLS, EXTENSION_SEEDS, NAME, "the judge's three undecided FastMix regret checks"),
+          2: Stage({"system-K3": ("planted",)}, tuple(range(40, 70)), f"{NAME}_stage2",
+                   "stage 2, the check stage 1 left undecided (system-K3 planted), on 30 fresh seeds")}
 
 
 # ============================================================================ the judge's record
@@ -107,11 +129,12 @@ def fastmix_search(work: Path, exp: str, target: str, seed: int, data: dict, run
         return rq.run_search_cached(work, exp, "fastmix", target, seed, data, run), False
 
 
-def seed_units(exp: str, seed: int, data: dict, run, picks: dict, cached_only: bool = False) -> list[dict]:
+def seed_units(exp: str, seed: int, data: dict, run, picks: dict, cached_only: bool = False,
+               cells: dict = CELLS) -> list[dict]:
     """One seed of every cell of ``exp``: FastMix's search and final run, the pick's and (planted) the
     planted mixture's final runs, all with ``seed``."""
     work, units = Path(run.work), []
-    for t in CELLS[exp]:
+    for t in cells[exp]:
         s, hit = fastmix_search(work, exp, t, seed, data, run, cached_only)
         mix = {"fastmix": s["weights"], "pick": picks[exp, t]}
         if t == "planted":
@@ -155,8 +178,9 @@ def _mean_se(x: list[float]) -> dict:
     return {"n": len(x), "mean": ms[0], "se": ms[1] / np.sqrt(len(x)) if len(x) > 1 else float("nan")}
 
 
-def cell_summary(units: list[dict], judge: list[dict]) -> dict:
-    """The figures of one cell (module docstring); ``verdict`` over the extension seeds only."""
+def cell_summary(units: list[dict], judge: list[dict], earlier: list[dict] = ()) -> dict:
+    """The figures of one cell (module docstring); ``verdict`` over this stage's seeds only; with
+    ``earlier`` (the earlier stages' units of the cell), their pooled regret for reference."""
     reg = er.paired(units, "fastmix", "pick")
     d = {"seeds": sorted(u["seed"] for u in units), "regret": reg, "verdict": verdict(reg["mean"], reg["se"], LIMIT),
          "judge_regret": er.paired(judge, "fastmix", "pick"), "pooled_regret": er.paired(judge + units, "fastmix", "pick"),
@@ -164,6 +188,8 @@ def cell_summary(units: list[dict], judge: list[dict]) -> dict:
          "fastmix_weights": {k: float(np.mean([u["weights"]["fastmix"][k] for u in units]))
                              for k in units[0]["weights"]["fastmix"]},
          "pick": units[0]["weights"]["pick"]}
+    if earlier:
+        d["stages_pooled_regret"] = er.paired(list(earlier) + units, "fastmix", "pick")
     if "l1" in units[0]:
         d["l1_to_planted"] = _mean_se([u["l1"] for u in units])
         d["planted_regret"] = er.paired(units, "planted", "pick")
@@ -171,14 +197,21 @@ def cell_summary(units: list[dict], judge: list[dict]) -> dict:
     return d
 
 
-def summarise(units: list[dict], results: dict) -> dict:
+def summarise(units: list[dict], results: dict, cells: dict = CELLS, earlier: list[dict] = ()) -> dict:
     out = {}
-    for exp, targets in CELLS.items():
+    for exp, targets in cells.items():
         for t in targets:
             us = sorted((u for u in units if (u["exp"], u["target"]) == (exp, t)), key=lambda u: u["seed"])
             if us:
-                out[f"{exp}/{t}"] = cell_summary(us, judge_units(results, exp, t))
+                before = [u for u in earlier if (u["exp"], u["target"]) == (exp, t)]
+                out[f"{exp}/{t}"] = cell_summary(us, judge_units(results, exp, t), before)
     return out
+
+
+def earlier_units(stage: Stage) -> list[dict]:
+    """The committed results of the stages before ``stage`` (their units), read from this folder."""
+    names = [s.name for s in STAGES.values() if s.seeds[0] < stage.seeds[0]]
+    return [u for n in names for u in json.loads((HERE / f"{n}.json").read_text())["units"]]
 
 
 # ============================================================================ report
@@ -197,7 +230,7 @@ def _parts(meta: dict) -> list[str]:
     return lines
 
 
-def render(saved: dict, out: Path) -> None:
+def render(saved: dict, out: Path, stage: Stage = STAGES[1]) -> None:
     m, s, units = saved["meta"], saved["summary"], saved["units"]
     one = m.get("parts", [m])[0]
     rows, detail = [], []
@@ -216,7 +249,7 @@ def render(saved: dict, out: Path) -> None:
     per_seed = [[sd, *(next((f"{u['losses']['fastmix'] - u['losses']['pick']:+.4f}" for u in units
                              if f"{u['exp']}/{u['target']}" == c and u["seed"] == sd), "–") for c in s)] for sd in seeds]
     lines = [
-        "# Extension seeds: the judge's three undecided FastMix regret checks (generated by `extension_seeds.py`)", "",
+        f"# Extension seeds: {stage.title} (generated by `extension_seeds.py`)", "",
         f"- machine: {one['machine']}", *_parts(m),
         f"- searches run / from the cache: {sum(not u['search_cached'] for u in units)} / "
         f"{sum(u['search_cached'] for u in units)}; final runs trained / from the cache (a mixture shared by two "
@@ -227,12 +260,15 @@ def render(saved: dict, out: Path) -> None:
         f"caches {', '.join(f'`{w}`' for w in one['work'].values())}",
         f"- seeds: {seeds[0]}-{seeds[-1]} ({len(seeds)}), disjoint from the judge's 0-9; the grid's pick fixed from "
         "seeds 0-9 (results.json); regret = FastMix − pick, paired by seed", "",
-        f"**Rule** (committed with the script before any run): over the extension seeds only, MET if mean + 2 SE ≤ "
+        f"**Rule** (committed with the script before any run of the stage): over this stage's seeds only, MET if mean + 2 SE ≤ "
         f"{LIMIT}, MISSED if mean − 2 SE > {LIMIT}, else undecided.", "",
         "## FastMix's regret against the grid's pick", "",
         _common.markdown_table(["cell", "n", "regret ± SE (extension seeds)", "verdict", "FastMix better",
                                 "judge's seeds 1-9 (reference)", "pooled with 1-9 (reference)"], rows,
                                "lrrcrrr"), "",
+        *[f"- {cell}, pooled with the earlier stages (reference, not the decision): "
+          f"{_pm(d['stages_pooled_regret'])} (n {d['stages_pooled_regret']['n']})" for cell, d in s.items()
+          if "stages_pooled_regret" in d], "",
         "## Mixtures", "",
         _common.markdown_table(["cell", "grid's pick (seeds 0-9)", "mean final loss FastMix / pick",
                                 "FastMix weights (mean)", "FastMix L1 to planted ± SE", "planted mixture's regret ± SE"],
@@ -240,15 +276,15 @@ def render(saved: dict, out: Path) -> None:
         "## Regret per seed", "",
         _common.markdown_table(["seed", *s], per_seed, "r" * (1 + len(s))), "",
     ]
-    path = out / f"{NAME}.md"
+    path = out / f"{stage.name}.md"
     _common.write_atomic(str(path), "\n".join(lines) + _common.kept_analysis(str(path)))
 
 
-def write(out: Path, meta: dict, units: list[dict], results: dict) -> None:
-    saved = {"meta": meta, "summary": summarise(units, results), "units": units}
+def write(out: Path, meta: dict, units: list[dict], results: dict, stage: Stage = STAGES[1]) -> None:
+    saved = {"meta": meta, "summary": summarise(units, results, stage.cells, earlier_units(stage)), "units": units}
     out.mkdir(parents=True, exist_ok=True)
-    _common.write_atomic(str(out / f"{NAME}.json"), json.dumps(saved, indent=1))
-    render(saved, out)
+    _common.write_atomic(str(out / f"{stage.name}.json"), json.dumps(saved, indent=1))
+    render(saved, out, stage)
 
 
 def merge(paths: list[str]) -> tuple[dict, list[dict]]:
@@ -266,51 +302,57 @@ def merge(paths: list[str]) -> tuple[dict, list[dict]]:
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--seeds", type=int, nargs="+", default=list(EXTENSION_SEEDS), help="run in increasing order")
+    ap.add_argument("--stage", type=int, choices=sorted(STAGES), default=1, help="which pre-registered stage "
+                    "(module docstring): its cells, seeds and files")
+    ap.add_argument("--seeds", type=int, nargs="+", help="run in increasing order (default: the stage's seeds)")
     ap.add_argument("--results", default=str(HERE / "results.json"), help="the judge's results.json")
-    ap.add_argument("--out", default=str(HERE), help=f"where {NAME}.json/.md go")
+    ap.add_argument("--out", default=str(HERE), help="where the stage's .json/.md go")
     ap.add_argument("--check-cache", action="store_true", help="judge seeds only: every run must come from the "
                     "judge's caches and reproduce results.json's losses (nothing is written)")
-    ap.add_argument("--merge", nargs="+", metavar="JSON", help=f"one {NAME}.json/.md from these runs' results")
-    ap.add_argument("--from-results", action="store_true", help=f"re-render {NAME}.md from {NAME}.json")
+    ap.add_argument("--merge", nargs="+", metavar="JSON", help="one .json/.md of the stage from these runs' results")
+    ap.add_argument("--from-results", action="store_true", help="re-render the stage's .md from its .json")
     args = ap.parse_args(argv)
+    stage = STAGES[args.stage]
     out, results = Path(args.out), json.loads(Path(args.results).read_text())
     if args.from_results:
-        render(json.loads((out / f"{NAME}.json").read_text()), out)
+        render(json.loads((out / f"{stage.name}.json").read_text()), out, stage)
         return
     if args.merge:
-        write(out, *merge(args.merge), results)
+        write(out, *merge(args.merge), results, stage)
         return
-    runs = {exp: judge_args(results, exp) for exp in CELLS}
+    runs = {exp: judge_args(results, exp) for exp in stage.cells}
+    seeds = sorted(args.seeds or stage.seeds)
     judge_seeds = set().union(*(r.seeds for r in runs.values()))
-    overlap = sorted(set(args.seeds) & judge_seeds)
-    if args.check_cache != bool(overlap) or (args.check_cache and overlap != sorted(args.seeds)):
-        raise SystemExit(f"--seeds {args.seeds}: the judge's seeds {sorted(judge_seeds)} only with --check-cache, "
+    overlap = sorted(set(seeds) & judge_seeds)
+    if args.check_cache != bool(overlap) or (args.check_cache and overlap != seeds):
+        raise SystemExit(f"--seeds {seeds}: the judge's seeds {sorted(judge_seeds)} only with --check-cache, "
                          "and --check-cache only with them")
-    run_seeds(args, results, runs, sorted(args.seeds), out)
+    if not args.check_cache and not set(seeds) <= set(stage.seeds):
+        raise SystemExit(f"--seeds {seeds}: stage {args.stage} runs seeds {stage.seeds[0]}-{stage.seeds[-1]} only")
+    run_seeds(args, results, runs, seeds, out, stage)
 
 
-def run_seeds(args, results: dict, runs: dict, seeds: list[int], out: Path) -> None:
+def run_seeds(args, results: dict, runs: dict, seeds: list[int], out: Path, stage: Stage = STAGES[1]) -> None:
     """Every cell for each seed in increasing order; the results written after every seed."""
     import torch
 
     torch.set_num_threads(max(r.threads for r in runs.values()))
     t0, load0 = time.perf_counter(), rq._uptime()
-    picks = {(exp, t): grid_pick(results, exp, t) for exp in CELLS for t in CELLS[exp]}
+    picks = {(exp, t): grid_pick(results, exp, t) for exp, targets in stage.cells.items() for t in targets}
     data = {exp: rq.prepare_experiment(Path(r.work), exp, rq.experiment_spec(exp, r), r, rq.corpora(Path(r.work)))
             for exp, r in runs.items()}
     one = next(iter(runs.values()))
     units = []
     for seed in seeds:
         for exp, r in runs.items():
-            units += seed_units(exp, seed, data[exp], r, picks, cached_only=args.check_cache)
+            units += seed_units(exp, seed, data[exp], r, picks, cached_only=args.check_cache, cells=stage.cells)
         if args.check_cache:
             check_cache(results, [u for u in units if u["seed"] == seed])
             continue
         meta = rq.run_meta(t0, load0, nice=os.nice(0), threads=one.threads, seeds=seeds,
                            seeds_done=sorted({u["seed"] for u in units}), work={e: r.work for e, r in runs.items()},
                            **{k: getattr(one, k) for k in ("final_tokens", "batch_size", "seq_len", "proxy")})
-        write(out, meta, units, results)
+        write(out, meta, units, results, stage)
     rq.log(f"done in {(time.perf_counter() - t0) / 60:.1f} min" + ("" if args.check_cache else f"; wrote {out}"))
 
 
