@@ -1,7 +1,7 @@
 """Where the partition benchmark's cell spends its start-up: per process, CPU until its first batch.
 
 Not a timing benchmark (no lock needed; run it niced): CPU stamps (``time.process_time``, minor
-faults) and, with ``--cprofile DIR``, a cProfile of each process from its start to its first batch.
+faults) and, with ``--cprofile DIR``, a cProfile (CPU time) of each process from its start to its first batch.
 One cell of partition_bench (``--mode text``: batches of 32 texts; ``tokens``: packed sequences of
 2,048 tokens, batches of 8), ``--workers`` W (0: in-process), ``--n`` items, in this process, with
 whatever ``fastmix_data`` is first on the path (``PYTHONPATH=/work/main`` for main).
@@ -44,7 +44,8 @@ STATE: dict = {"consumed": 1 << 62, "profile_dir": None, "out_dir": None}
 
 
 def _stamp() -> dict:
-    return {"cpu": time.process_time(), "minflt": resource.getrusage(resource.RUSAGE_SELF).ru_minflt}
+    use = resource.getrusage(resource.RUSAGE_SELF)
+    return {"cpu": time.process_time(), "minflt": use.ru_minflt, "maxrss_mb": use.ru_maxrss / 1024}
 
 
 def _fresh() -> dict:
@@ -95,7 +96,7 @@ def install() -> None:
         STATE["worker"] = {"entry": _stamp(), "pid": os.getpid(), "before_fork": dict(counts)}
         counts.update(_fresh())  # this worker's own, from here
         if STATE["profile_dir"]:
-            STATE["profiler"] = cProfile.Profile()
+            STATE["profiler"] = cProfile.Profile(time.process_time)
             STATE["profiler"].enable()
         yield from it(self)
 
@@ -141,7 +142,7 @@ def run(args) -> dict:
     data = pb.prepare(args.workdir, 22, 3)
     stamps = {"start": _stamp()}
     if args.cprofile:
-        STATE["profiler"] = cProfile.Profile()
+        STATE["profiler"] = cProfile.Profile(time.process_time)
         STATE["profiler"].enable()
     kw = {"cache_dir": os.environ["BENCH_CACHE"]} if "BENCH_CACHE" in os.environ else {}
     if args.mode == "text":
