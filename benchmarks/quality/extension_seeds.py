@@ -266,9 +266,9 @@ def render(saved: dict, out: Path, stage: Stage = STAGES[1]) -> None:
         _common.markdown_table(["cell", "n", "regret ± SE (extension seeds)", "verdict", "FastMix better",
                                 "judge's seeds 1-9 (reference)", "pooled with 1-9 (reference)"], rows,
                                "lrrcrrr"), "",
-        *[f"- {cell}, pooled with the earlier stages (reference, not the decision): "
-          f"{_pm(d['stages_pooled_regret'])} (n {d['stages_pooled_regret']['n']})" for cell, d in s.items()
-          if "stages_pooled_regret" in d], "",
+        *[line for cell, d in s.items() if "stages_pooled_regret" in d
+          for line in (f"- {cell}, pooled with the earlier stages (reference, not the decision): "
+                       f"{_pm(d['stages_pooled_regret'])} (n {d['stages_pooled_regret']['n']})", "")],
         "## Mixtures", "",
         _common.markdown_table(["cell", "grid's pick (seeds 0-9)", "mean final loss FastMix / pick",
                                 "FastMix weights (mean)", "FastMix L1 to planted ± SE", "planted mixture's regret ± SE"],
