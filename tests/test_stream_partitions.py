@@ -175,3 +175,13 @@ def test_manifest_of_a_partitioned_stream_serves_the_same(data, tmp_path):
     assert [key(b) for b in again] == [key(b) for b in served]
     index = resample(m, tmp_path / "out", shard_items=100, progress=False)
     assert index["composition"]["items"] == {n: sum(v for (k, _), v in counts.items() if k == i) for i, n in enumerate(W)}
+
+
+def test_a_packed_piece_is_uncached_two_epochs_later(data):
+    stream = MixtureStream({"big": str(data / "big")}, {"big": 1.0}, batch_size=4, seq_len=63, seed=1, partitions=P)
+    big = stream.items[0]
+    packed = [big._packed(epoch, 0, 0) for epoch in range(4)]
+    assert not np.array_equal(packed[0][0], packed[1][0])  # each epoch its own order
+    assert sorted(k[1] for k in big._cache if k[0] == "packed") == [2, 3]
+    again = big._packed(0, 0, 0)  # packed again when asked for
+    assert np.array_equal(again[0], packed[0][0]) and np.array_equal(again[1], packed[0][1])

@@ -506,7 +506,14 @@ class ItemSource:
                 "indexed — reopen the source to re-index it"
             )
         self._remember(key, packed)
+        self._drop_superseded(epoch, shard, piece)
         return packed
+
+    def _drop_superseded(self, epoch: int, shard: int, piece: int) -> None:
+        """Uncache the packed piece's epochs before ``epoch`` - 1: served (epochs advance; the
+        partitions sharing a slice may be one apart), and their memory is reused for the next ones."""
+        for key in [k for k in self._cache if k[0] == "packed" and k[2:] == (shard, piece) and k[1] < epoch - 1]:
+            del self._cache[key]
 
     def sequences(self, epoch: int, shard: int, items: np.ndarray, out=None) -> tuple[np.ndarray, np.ndarray]:
         """Packed sequences ``items`` of ``shard`` in ``epoch``: (ids [n, L+1] in ``dtype``,
