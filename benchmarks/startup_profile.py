@@ -133,13 +133,14 @@ def _stop_profile(name: str) -> None:
         prof.dump_stats(os.path.join(STATE["profile_dir"], f"{name}.prof"))
 
 
-def run(args) -> dict:
-    """The cell, stamped; the workers' figures collected from ``out_dir``."""
+def run(args, data: dict | None = None) -> dict:
+    """The cell, stamped; the workers' figures collected from ``out_dir``. ``data``: partition_bench's
+    sources (``{"text": ..., "tokens": ...}``; default: its prepared benchmark corpus in ``--workdir``)."""
     from fastmix_data import MixtureStream
 
     batch = pb.BATCH if args.mode == "text" else pb.PACK_BATCH
     STATE["consumed"] = -(-args.n // batch)
-    data = pb.prepare(args.workdir, 22, 3)
+    data = data or pb.prepare(args.workdir, 22, 3)
     stamps = {"start": _stamp()}
     if args.cprofile:
         STATE["profiler"] = cProfile.Profile(time.process_time)
@@ -163,7 +164,9 @@ def run(args) -> dict:
     stamps["nth"] = _stamp()
     own = dict(STATE["counts"])  # the training process's own reads (in-process, or built here)
     del it, b
-    time.sleep(0.5)  # the workers write their figures at their end
+    deadline = time.monotonic() + 10  # the workers write their figures at their end
+    while len(os.listdir(STATE["out_dir"])) < args.workers and time.monotonic() < deadline:
+        time.sleep(0.05)
     workers = []
     for name in sorted(os.listdir(STATE["out_dir"])):
         with open(os.path.join(STATE["out_dir"], name)) as f:
@@ -173,7 +176,7 @@ def run(args) -> dict:
             "training": stamps, "training_counts": own, "worker_figures": workers}  # fmt: skip
 
 
-def main(argv=None) -> int:
+def main(argv=None, data: dict | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--mode", choices=("text", "tokens"), default="text")
     ap.add_argument("--workers", type=int, default=2)
@@ -194,7 +197,7 @@ def main(argv=None) -> int:
     if args.cprofile:
         os.makedirs(args.cprofile, exist_ok=True)
     install()
-    out = run(args)
+    out = run(args, data)
     with open(args.out, "w") as f:
         json.dump(out, f, indent=1)
     print(json.dumps(out))
