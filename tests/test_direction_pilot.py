@@ -17,7 +17,7 @@ def dp():
 def _unit(cell, seed, d_default, d_full, d_serve):
     w = {"a": 0.5, "b": 0.5}
     return {"exp": cell[0], "target": cell[1], "seed": seed, "pick": {"a": 0.4, "b": 0.6},
-            "weights": {n: w for n in ("defaults", *("full-hypergrad", "serve-own-export"))},
+            "weights": dict.fromkeys(("defaults", "full-hypergrad", "serve-own-export"), w),
             "l1_to_pick": {"defaults": d_default, "full-hypergrad": d_full, "serve-own-export": d_serve}}
 
 

@@ -62,7 +62,7 @@ VARIANTS = ("full-hypergrad", "serve-own-export")
 def cell_units(results: dict, exp: str, target: str, seeds: list[int]) -> list[dict]:
     run = judge_args(results, exp)
     work = Path(run.work)
-    data = rq.prepare_experiment(work, exp, rq.experiment_spec(exp, run), run, rq.corpora(work))
+    data = rq.prepare(work, run)[exp]  # the judge's sources and targets
     pick = grid_pick(results, exp, target)
     units = []
     for seed in seeds:

@@ -339,8 +339,7 @@ def run_seeds(args, results: dict, runs: dict, seeds: list[int], out: Path, stag
     torch.set_num_threads(max(r.threads for r in runs.values()))
     t0, load0 = time.perf_counter(), rq._uptime()
     picks = {(exp, t): grid_pick(results, exp, t) for exp, targets in stage.cells.items() for t in targets}
-    data = {exp: rq.prepare_experiment(Path(r.work), exp, rq.experiment_spec(exp, r), r, rq.corpora(Path(r.work)))
-            for exp, r in runs.items()}
+    data = {exp: rq.prepare(Path(r.work), r)[exp] for exp, r in runs.items()}
     one = next(iter(runs.values()))
     units = []
     for seed in seeds:

@@ -330,7 +330,7 @@ def _ms(x) -> list[float]:
 
 
 def l1(w: dict, p: dict) -> float:
-    return float(sum(abs(w.get(k, 0.0) - p.get(k, 0.0)) for k in set(w) | set(p)))
+    return float(sum(abs(w.get(k, 0.0) - p.get(k, 0.0)) for k in sorted(set(w) | set(p))))  # sorted: same sum every run
 
 
 def grid_losses(rows: list[dict], target: str, seeds: list[int]) -> dict[str, dict[int, float]]:
