@@ -46,6 +46,7 @@ import time  # noqa: E402
 import numpy as np  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _common  # noqa: E402
 import partition_bench as pb  # noqa: E402
 
 
@@ -224,8 +225,7 @@ def main(argv=None, data: dict | None = None) -> int:
     args = ap.parse_args(argv)
     os.environ.setdefault("BENCH_CACHE", os.path.join(args.workdir, "index-cache"))
     out = run(args, data)
-    with open(args.out, "w") as f:
-        json.dump(out, f, indent=1)
+    _common.write_atomic(args.out, json.dumps(out, indent=1))
     print(json.dumps(out))
     return 0
 
