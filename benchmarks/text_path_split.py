@@ -13,8 +13,9 @@ in any stage):
 * ``encode``: `batch_ring.encode` of a worker's batch; ``put``: `DirectWriter.put` (encode, slot
   write, record); ``take``: `_Ring.take` in the training process (descriptor, arrays copied, texts
   decoded to ``str``); ``unpack``: `batches.unpack` of the taken batch (as the in-process stream);
+* ``texts_to_str``: `batch_ring._texts` alone (the take's decode of the rows to ``str``);
 * ``join`` / ``join_write``: ``bytes.join`` of a batch's rows / and its write into a slot;
-  ``utf8_floor``: one ``bytes.decode`` of the batch's joined rows (what its ``str`` rows cost at least);
+  ``utf8_floor``: one ``bytes.decode`` of the batch's joined rows (the column decoded at once);
 * alternatives to ``join_write`` measured on the same rows: ``arrow_take`` (pyarrow ``take`` of the
   rows from their row groups' columns, then the data buffer written), ``np_concatenate`` (the rows
   as numpy views, ``np.concatenate(out=slot)``), ``pwritev`` (the rows written into the ring file by
@@ -84,6 +85,25 @@ def _put_take(writer, ring, batches: list[dict], reps: int) -> tuple[float, floa
         put, take = min(put, tp), min(take, tt)
     n = max(len(batches), 1)
     return 1e6 * put / n, 1e6 * take / n
+
+
+def _texts_to_str(batches: list[dict], reps: int) -> float:
+    """Microseconds per batch of `batch_ring._texts` alone (the take's decode of the rows to
+    ``str``), the batches' payloads written one after another into an anonymous map first."""
+    from fastmix_data.stream import batch_ring
+
+    encoded = [batch_ring.encode({"text": b["text"]}) for b in batches]
+    bases = np.cumsum([0] + [size for *_, size in encoded]).tolist()
+    mm = mmap.mmap(-1, max(bases[-1], 1))
+    cells = []
+    for (_, layout, pieces, _), base in zip(encoded, bases):
+        batch_ring.write_pieces(mm, base, pieces)
+        _, _, rows, at_lengths, at_text = layout[0]
+        cells.append((rows, base + at_lengths, base + at_text))
+    try:
+        return _best(lambda cell: batch_ring._texts(mm, *cell), cells, reps)
+    finally:
+        mm.close()
 
 
 def _check_same(writer, ring, views: list[dict], strs: list[dict]) -> None:
@@ -199,6 +219,7 @@ def run(args, data: dict | None = None) -> dict:
         os.posix_fallocate(fd, 0, direct_ring.SLOT_BYTES)
         mm = mmap.mmap(fd, direct_ring.SLOT_BYTES)
         out["join_write"] = _best(lambda t: mm.__setitem__(slice(0, sum(map(len, t))), b"".join(t)), texts, args.reps)
+        out["texts_to_str"] = _texts_to_str(views, args.reps)
         out["utf8_floor"] = _best(lambda d: d.decode("utf-8", "surrogatepass"), joined, args.reps)
         out["non_ascii_batches"] = sum(not d.isascii() for d in joined)
         out.update(_alternatives(stream, views, mm, fd, args.reps, stream.block_batches))

@@ -12,7 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 
 BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
-STAGES = ("plan", "build_str", "build_views", "encode", "put", "take", "unpack", "join", "join_write",
+STAGES = ("plan", "build_str", "build_views", "encode", "put", "take", "unpack", "texts_to_str", "join", "join_write",
           "utf8_floor", "arrow_take", "np_concatenate", "pwritev", "mm_write")  # fmt: skip
 
 
