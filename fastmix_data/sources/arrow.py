@@ -88,10 +88,10 @@ class Utf8Rows:
     def __getitem__(self, row: int) -> memoryview:
         return self.values[int(self.offsets[row]) : int(self.offsets[row + 1])]
 
-    def take(self, rows: list[int]) -> list[memoryview]:
-        """The UTF-8 bytes of ``rows``, in that order."""
-        starts, values = self.offsets[rows].tolist(), self.values
-        ends = self.offsets[[r + 1 for r in rows]].tolist()
+    def take(self, rows) -> list[memoryview]:
+        """The UTF-8 bytes of ``rows`` (indices: an int64 array or a list), in that order."""
+        rows = np.asarray(rows, dtype=np.int64)
+        values, starts, ends = self.values, self.offsets[rows].tolist(), self.offsets[rows + 1].tolist()
         return [values[a:b] for a, b in zip(starts, ends)]
 
 

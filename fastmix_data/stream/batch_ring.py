@@ -36,6 +36,7 @@ import os
 import shutil
 import struct
 import tempfile
+from array import array
 from typing import Any
 
 import numpy as np
@@ -215,18 +216,24 @@ def encode(batch: dict) -> tuple[dict, tuple, list, int]:
             entries = tuple((v.dtype.str, v.shape, put(_bytes_of(v))) for v in value)
             layout.append(("arrays", key, entries, None, None))
         elif isinstance(value, list) and (kinds := set(map(type, value))) <= _TEXT_KINDS:
-            if kinds == {memoryview}:  # Arrow rows (the common case): no per-row Python work
-                rows, sizes = value, list(map(len, value))
-            else:
-                rows = [v.encode("utf-8", "surrogatepass") if type(v) is str else v for v in value]
-                sizes = [-1 if v is None else len(v) for v in rows]
-                rows = [v for v in rows if v is not None]
-            at_lengths = put(_bytes_of(np.array(sizes, dtype=np.int64)))
-            at_text = put(b"".join(rows))  # one C-level gather, one write into the slot
-            layout.append(("text", key, len(sizes), at_lengths, at_text))
+            lengths, data = _text_parts(value, kinds)
+            at_lengths = put(lengths)
+            at_text = put(data)
+            layout.append(("text", key, len(value), at_lengths, at_text))
         else:
             out[key] = value
     return out, tuple(layout), pieces, size
+
+
+def _text_parts(rows: list, kinds: set) -> tuple[bytes, bytes]:
+    """A text column's two slot parts: the rows' UTF-8 byte lengths as int64 (-1: None) and the rows'
+    bytes back to back. Arrow rows (UTF-8 memoryviews, the common case) take two C-level passes (an
+    ``array`` of their lengths, one ``bytes.join``) and no per-row bytecode."""
+    if kinds == {memoryview}:
+        return array("q", map(len, rows)).tobytes(), b"".join(rows)
+    encoded = [v.encode("utf-8", "surrogatepass") if type(v) is str else v for v in rows]
+    lengths = array("q", [-1 if v is None else len(v) for v in encoded])
+    return lengths.tobytes(), b"".join([v for v in encoded if v is not None])
 
 
 def decode(out: dict, layout: tuple, mm: mmap.mmap, base: int, widen: bool = False) -> dict:
@@ -269,14 +276,14 @@ def _array(mm: mmap.mmap, at: int, dtype: str, shape: Any, widen: bool = False) 
 
 def _texts(mm: mmap.mmap, rows: int, at_lengths: int, at_text: int) -> list:
     """The text column of a slot as ``str`` (None for a missing value): each row decoded straight
-    from the map (no copy of the column's bytes first; the lengths summed as a list: numpy's
-    reductions cost more than the sums on 32 rows)."""
-    lengths = np.frombuffer(mm, dtype=np.int64, count=rows, offset=at_lengths).tolist()
-    missing = rows > 0 and min(lengths) < 0
-    ends = list(itertools.accumulate([max(n, 0) for n in lengths] if missing else lengths))
+    from the map (no copy of the column's bytes first); the lengths read as a list and summed into
+    the rows' ends in C (numpy's reductions cost more than the sums on 32 rows)."""
     with memoryview(mm) as whole:
-        starts = [0, *ends[:-1]]
-        out = [str(whole[at_text + i : at_text + j], "utf-8", "surrogatepass") for i, j in zip(starts, ends)]
+        lengths = whole[at_lengths : at_lengths + 8 * rows].cast("q").tolist()
+        missing = rows > 0 and min(lengths) < 0
+        sizes = [max(n, 0) for n in lengths] if missing else lengths
+        ends = list(itertools.accumulate(sizes, initial=at_text))
+        out = [str(whole[i:j], "utf-8", "surrogatepass") for i, j in zip(ends, ends[1:])]
     if missing:
         out = [None if n < 0 else t for n, t in zip(lengths, out)]
     return out

@@ -65,12 +65,12 @@ class _Unit:
     extra: dict = field(default_factory=dict)
 
 
-def _take(values, rows: list[int]) -> list:
-    """``[values[i] for i in rows]``, vectorised for `Utf8Rows`."""
+def _take(values, rows: np.ndarray) -> list:
+    """``[values[i] for i in rows]`` (``rows`` an int64 array), vectorised for `Utf8Rows`."""
     take = getattr(values, "take", None)
     if take is not None:
         return take(rows)
-    return pick(values, rows)
+    return pick(values, rows.tolist())
 
 
 def pick(values, rows: list[int]) -> list:
@@ -441,13 +441,13 @@ class ItemSource:
     def _gather_unit(self, unit: _Unit, items: np.ndarray) -> Gathered:
         local = items - unit.start
         data = unit.data
-        picks = local.tolist()
+        picks = local.tolist() if data.extra else []
         ids = None
         if data.ids is not None:
             ids = IdRows.of(data.ids).take(local)
             ids.values = narrow(ids.values, self.dtype, f"source {self.source.name!r}")
         return Gathered(
-            texts=None if data.texts is None else _take(data.texts, picks),
+            texts=None if data.texts is None else _take(data.texts, local),
             ids=ids,
             extra={k: [v[i] for i in picks] for k, v in data.extra.items()},
             tokens=unit.tokens[local],
