@@ -24,7 +24,8 @@ def test_variants_are_one_change_each_to_the_judges_config(dev, tmp_path: Path):
     got = {v: dev.overrides(spec, schedule, 256) for v, spec in dev.VARIANTS.items()}
     assert got == {"travel-x0.5": {"z_lr": 0.03125}, "travel-x2": {"z_lr": 0.125},
                    "residual-off": {"residual": False}, "warmup-0.2": {"warmup_steps": 51},
-                   "residual-0.5": {"residual_weight": 0.5}, "residual-0.25": {"residual_weight": 0.25}}
+                   "residual-0.5": {"residual_weight": 0.5}, "residual-0.25": {"residual_weight": 0.25},
+                   "adam-precond": {"precondition": True}}
     for ov in got.values():
         cfg = rq.method_config(args, "fastmix", 100, tmp_path, ov).to_dict()
         changed = {k for k in cfg["fastmix"] if cfg["fastmix"][k] != base.to_dict()["fastmix"][k]}

@@ -25,6 +25,13 @@ Protocol:
     is largest first, when the proxy is least trained and the gradients mostly say "learn the
     unigram statistics", which may bias the first, largest moves.
 
+  - ``adam-precond`` (issue 13): score the sources against ``P * G_ref`` instead of ``G_ref``
+    (``fastmix.precondition``), P = 1 / (sqrt(v_hat) + eps) the proxy AdamW's per-coordinate step
+    scale for the LM-head weight. The one-step hypergradient assumes an SGD step; the proxy takes an
+    Adam step, whose first-order effect on the target loss is -eta <G_ref, P * grad L_k>. The scale
+    differs a lot between the head's coordinates (frequent against rare tokens), so P changes the
+    signal's direction, not just its size. Same compute (one elementwise product per outer step).
+
   ``target_ema`` is not tried: Adam's first moment (beta1 0.9) already averages the scores over
   outer steps. None of the variants costs more compute than the defaults (residual-off costs less).
 * **Compared** by the paired difference of final losses, variant − defaults (same seed for search,
@@ -32,7 +39,9 @@ Protocol:
   on planted targets also the L1 distance to the planted token shares.
 * **Rule** (fixed before the runs, :func:`decide`): a variant replaces the defaults only if its
   pooled paired difference is below zero by more than 2 SE; of several, the one with the lowest
-  mean. Otherwise the defaults stay.
+  mean. Otherwise the defaults stay. For the variants in :data:`GUARDED` (``adam-precond``; fixed by
+  the lead before its runs) the rule adds a guard by target kind (:func:`kind_guard`): its pooled
+  paired difference on neither kind (held-out, planted) may be above zero by more than 2 SE.
 
 Everything is cached under ``--work`` (the judge's and the export study's caches: the defaults'
 searches and final runs are reused). ``--variants`` runs a subset (e.g. two processes in parallel,
@@ -64,8 +73,11 @@ VARIANTS = {
     "warmup-0.2": {"warmup_fraction": 0.2},
     "residual-0.5": {"residual_weight": 0.5},
     "residual-0.25": {"residual_weight": 0.25},
+    "adam-precond": {"precondition": True},
 }
 DEV_SEEDS = tuple(range(100, 106))
+#: variants whose rule adds the guard by target kind (:func:`kind_guard`)
+GUARDED = ("adam-precond",)
 
 
 def overrides(variant: dict, base_schedule: dict, steps: int) -> dict:
@@ -111,15 +123,30 @@ def paired_summary(units: list[dict], names: list[str], base: str = BASELINE) ->
 def summarise(units: list[dict], variants: list[str]) -> dict:
     flops = {v: float(np.mean([u["search_flops"][v] / u["search_flops"][BASELINE] for u in units]))
              for v in variants}
-    return {**paired_summary(units, variants), "flops_vs_defaults": flops, "chosen": decide(units, variants)}
+    return {**paired_summary(units, variants), "flops_vs_defaults": flops, "by_kind": by_kind(units, variants),
+            "kind_guard": {v: kind_guard(units, v) for v in variants},
+            "chosen": decide(units, variants, guarded=GUARDED)}
 
 
-def decide(units: list[dict], variants: list[str], base: str = BASELINE) -> str:
+def decide(units: list[dict], variants: list[str], base: str = BASELINE, guarded: tuple = ()) -> str:
     """The rule fixed before the runs (module docstring): a variant replaces ``base`` only if its pooled
-    paired difference is below zero by more than 2 SE; of several, the lowest mean."""
+    paired difference is below zero by more than 2 SE (and, for those in ``guarded``, it passes
+    :func:`kind_guard`); of several, the lowest mean."""
     pooled = {v: er.paired(units, v, base) for v in variants}
-    better = [v for v, p in pooled.items() if p["mean"] + 2 * p["se"] < 0]
+    better = [v for v, p in pooled.items() if p["mean"] + 2 * p["se"] < 0
+              and (v not in guarded or kind_guard(units, v, base))]
     return min(better, key=lambda v: pooled[v]["mean"]) if better else base
+
+
+def by_kind(units: list[dict], names: list[str], base: str = BASELINE) -> dict:
+    """Each of ``names`` against ``base``, pooled by target kind (``heldout``, ``planted``)."""
+    kinds = sorted({u["target"] for u in units})
+    return {k: {v: er.paired([u for u in units if u["target"] == k], v, base) for v in names} for k in kinds}
+
+
+def kind_guard(units: list[dict], variant: str, base: str = BASELINE) -> bool:
+    """True unless the variant's pooled paired difference on some target kind is above zero by more than 2 SE."""
+    return all(p[variant]["mean"] - 2 * p[variant]["se"] <= 0 for p in by_kind(units, [variant], base).values())
 
 
 # ============================================================================ report
@@ -129,6 +156,9 @@ def render(saved: dict, out: Path) -> None:
     m, s, units = saved["meta"], saved["summary"], saved["units"]
     variants = list(s["pooled"])
     rows = paired_rows(units, s, variants)
+    kinds = s.get("by_kind") or by_kind(units, variants)
+    rows[-1:-1] = [[f"pooled {k}", f"{np.mean([u['losses'][BASELINE] for u in units if u['target'] == k]):.4f}",
+                    *(er._pm(kinds[k][v]) for v in variants)] for k in kinds]
     rows.append(["search compute / defaults'", "1", *(f"{s['flops_vs_defaults'][v]:.2f}" for v in variants)])
     sched = [f"`{v}`: " + ", ".join(f"{k} {units[0]['schedule'][v][k]:.4g}" for k in ("warmup_steps", "outer_every",
                                                                                      "updates", "z_lr"))
@@ -142,7 +172,9 @@ def render(saved: dict, out: Path) -> None:
         "- resolved schedules (first pair): " + "; ".join(sched), "",
         "## Paired final loss against the defaults (variant − defaults, mean ± SE over seeds, (wins/n))", "",
         _common.markdown_table(["target", "defaults (mean loss)", *variants], rows, "l" + "r" * (1 + len(variants))),
-        "", f"**Rule applied (stated in the script before the runs): `{s['chosen']}`.**", "",
+        "", f"**Rule applied (stated in the script before the runs): `{s['chosen']}`.** Guard by target kind "
+        "(no kind above zero by more than 2 SE; part of the rule for " + ", ".join(f"`{v}`" for v in GUARDED)
+        + "): " + "; ".join(f"`{v}` {'passes' if kind_guard(units, v) else 'fails'}" for v in variants) + ".", "",
     ]
     path = out / "fastmix_dev.md"
     _common.write_atomic(str(path), "\n".join(lines) + _common.kept_analysis(str(path)))

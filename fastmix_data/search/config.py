@@ -273,6 +273,10 @@ class FastMixConfig(Section):
     residual_weight: float = opt(1.0, "with residual: the reference is G_T - residual_weight * G_train (1: the "
                                  "gradient-matching form; 0: the paper's G_T, G_train not computed)", "float",
                                  lo=0, hi=1)
+    precondition: bool = opt(False, "score sources against P * reference, P = 1 / (sqrt(v_hat) + eps) the proxy "
+                             "AdamW's per-coordinate step scale for the LM-head weight (its bias-corrected second "
+                             "moment and eps; 1 before its first step): the first-order effect of an Adam step, "
+                             "not an SGD step, on the target loss (hypergrad='head' only)", "bool")
     floor: float = opt(0.0, "alpha = (1 - floor) softmax(z) + floor / K", "float", lo=0, hi=0.999)
     kl_coef: float = opt(0.0, "weight of KL(alpha || prior) in the objective", "float", lo=0)
     prior: dict | None = opt(None, "prior mixture of the KL term", "weights", auto="uniform")
@@ -303,6 +307,9 @@ class FastMixConfig(Section):
         p = []
         if self.hypergrad == "full" and self.search_batch != "buffer":
             p.append(("hypergrad", "'full' needs search_batch='buffer' (it differentiates a fresh forward pass)"))
+        if self.precondition and self.hypergrad != "head":
+            p.append(("precondition", f"needs hypergrad='head' (the LM head's AdamW state), got "
+                      f"hypergrad={self.hypergrad!r}"))
         if self.score_last is not None and self.outer_every is not None and self.score_last > self.outer_every:
             p.append(("score_last", f"{self.score_last} cannot exceed outer_every={self.outer_every}"))
         return p

@@ -313,6 +313,20 @@ class ProxyStep:
             head_weight=self.model.head.weight, loss_fn=self.loss_fn, chunk_tokens=self._chunk(),
         )
 
+    def head_preconditioner(self) -> torch.Tensor | None:
+        """AdamW's per-coordinate step scale for the LM-head weight, ``P = 1 / (sqrt(v_hat) + eps)``
+        ``[V, d]`` in :attr:`grad_dtype` (``v_hat = exp_avg_sq / (1 - beta2**step)``, the bias-corrected
+        second moment; ``eps`` the optimiser's): the current gradient ``g`` moves the weight by
+        ``-lr * P * g`` (momentum aside). None while the optimiser has no state for it (P = 1).
+        Derived from the optimiser state alone: the same on every rank, and restored with it."""
+        W = self.model.head.weight
+        st = self.opt.state.get(W)
+        if not st or "exp_avg_sq" not in st:
+            return None
+        group = next(g for g in self.opt.param_groups if any(p is W for p in g["params"]))
+        v_hat = st["exp_avg_sq"] / (1.0 - group["betas"][1] ** float(st["step"]))
+        return (1.0 / (v_hat.sqrt() + group["eps"])).to(self.grad_dtype)
+
     def _chunk(self) -> int:
         return self.chunk_tokens or default_chunk_tokens(self.vocab_size)
 

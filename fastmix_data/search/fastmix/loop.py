@@ -301,10 +301,17 @@ class FastMixLoop:
     def _reference(self, train_grad: torch.Tensor | None):
         """The gradient scores are taken against: ``G_T`` (the target's), or with ``fastmix.residual``
         ``G_T - w G_train`` (minus the alpha-weighted training gradient times ``fastmix.residual_weight``:
-        see FastMixConfig.residual)."""
-        if train_grad is None:
-            return self.ema.value
-        return self.ema.value - self.fc.residual_weight * train_grad.to(self.ema.value.dtype)  # x 1.0: exact
+        see FastMixConfig.residual); with ``fastmix.precondition`` that times the proxy AdamW's step
+        scale ``P`` for the head weight (:meth:`~fastmix_data.search.proxy_step.ProxyStep.head_preconditioner`)."""
+        ref = self.ema.value
+        if train_grad is not None:
+            ref = ref - self.fc.residual_weight * train_grad.to(ref.dtype)  # x 1.0: exact
+        return self._preconditioned(ref)
+
+    def _preconditioned(self, ref):
+        """``P * ref`` with ``fastmix.precondition`` once the optimiser has a state for the head, else ``ref``."""
+        P = self.proxy.head_preconditioner() if self.fc.precondition else None
+        return ref if P is None else ref * P
 
     def budget_reached(self) -> str | None:
         """``"max_tokens"`` once the budget's micro-batches are trained (at an optimiser-step boundary)."""
@@ -387,7 +394,7 @@ class FastMixLoop:
         self.ema.load_state_dict(ck["ema"], self.device)
         ref = ck.get("reference")
         self.reference = ref.to(self.device) if ref is not None else (
-            self.ema.value if self.fc.hypergrad == "head" else None)
+            self._preconditioned(self.ema.value) if self.fc.hypergrad == "head" else None)
         for k, rows in enumerate(ck["buffers"]):
             self.buffers[k].extend(r.to(self.device) for r in rows)
         if self.targets is not None and ck["target"] is not None:
