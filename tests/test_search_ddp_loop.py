@@ -22,25 +22,25 @@ from fastmix_data.search.model import build_proxy, proxy_config
 B, STEPS = 4, 16  # per-rank rows; micro-batches of the global batch
 
 
-def _config(batch_size: int, ddp: bool) -> dict:
+def _config(batch_size: int, ddp: bool, precondition: bool = False) -> dict:
     cfg = tiny_config("fastmix", steps=STEPS)
     cfg["max_tokens"] = 2 * B * 32 * STEPS  # the global batch's tokens times the steps
     cfg["train"] = {**cfg["train"], "batch_size": batch_size, "ddp": ddp}
-    cfg["fastmix"] = {"warmup_steps": 4, "outer_every": 4}
+    cfg["fastmix"] = {"warmup_steps": 4, "outer_every": 4, "precondition": precondition}
     return cfg
 
 
-def _search(root, out_dir, batch_size: int, ddp: bool = False):
+def _search(root, out_dir, batch_size: int, ddp: bool = False, precondition: bool = False):
     model = build_proxy(proxy_config("tiny"), seed=0).double()
-    return run_method(_config(batch_size, ddp), sources=sources(root), target=str(root / "planted"), out_dir=out_dir,
-                      model=model)
+    return run_method(_config(batch_size, ddp, precondition), sources=sources(root), target=str(root / "planted"),
+                      out_dir=out_dir, model=model)
 
 
-def _rank_main(rank, world, init_file, root, out_dir):
+def _rank_main(rank, world, init_file, root, out_dir, precondition=False):
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
         torch.set_num_threads(1)
-        _search(root, out_dir, B, ddp=True)
+        _search(root, out_dir, B, ddp=True, precondition=precondition)
     finally:
         dist.destroy_process_group()
 
@@ -50,11 +50,13 @@ def corpus(tmp_path_factory):
     return write_tiny_corpus(tmp_path_factory.mktemp("ddp_corpus"), docs=40)
 
 
-def test_two_ranks_write_what_one_process_writes(corpus, tmp_path):
+@pytest.mark.parametrize("precondition", [False, True])
+def test_two_ranks_write_what_one_process_writes(corpus, tmp_path, precondition):
+    """Also with fastmix.precondition: every rank derives the same P from its (identical) AdamW state."""
     os.environ.pop("WORLD_SIZE", None)
-    mp.start_processes(_rank_main, args=(2, str(tmp_path / "init"), corpus, tmp_path / "ddp"), nprocs=2,
+    mp.start_processes(_rank_main, args=(2, str(tmp_path / "init"), corpus, tmp_path / "ddp", precondition), nprocs=2,
                        start_method="spawn")
-    one = _search(corpus, tmp_path / "one", 2 * B)
+    one = _search(corpus, tmp_path / "one", 2 * B, precondition=precondition)
     assert one.details["updates"] >= 2 and max(one.weights.values()) > 0.34  # the mixture moved
     read = lambda d, f: json.loads((d / f).read_text())  # noqa: E731
     w2, w1 = read(tmp_path / "ddp", "weights.json"), read(tmp_path / "one", "weights.json")

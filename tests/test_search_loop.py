@@ -146,9 +146,10 @@ def _strip(traj):
     return [{k: v for k, v in rec.items() if k != "wall_s"} for rec in traj]
 
 
-@pytest.mark.parametrize("stateful", [True, False])
-def test_checkpoint_resume_continues_identically(tmp_path, stateful):
-    c = cfg(40, target_ema=0.5).replace(**{"output.flush_every_s": 1e9})
+@pytest.mark.parametrize("stateful, precondition", [(True, False), (False, False), (True, True)])
+def test_checkpoint_resume_continues_identically(tmp_path, stateful, precondition):
+    """Also with fastmix.precondition: P is derived from the restored optimiser state, nothing of its own is saved."""
+    c = cfg(40, target_ema=0.5, precondition=precondition).replace(**{"output.flush_every_s": 1e9})
     full = search(_Crashing(stream(), stateful=stateful), target([0.5, 0.5, 0]), c, out_dir=tmp_path / "a")
     out = tmp_path / "b"
     # the stream also feeds the residual signal 2 held-out batches at the start and at every outer step
@@ -254,6 +255,57 @@ def test_residual_weight_outside_0_1_is_refused():
         cfg(30, residual_weight=1.5).validate()
     with pytest.raises(ValueError, match=r"fastmix.residual_weight .*must be >= 0, got -0.1"):
         cfg(30, residual_weight=-0.1).validate()
+
+
+def _adam_scale(trainer) -> torch.Tensor | None:
+    """AdamW's step scale ``1 / (sqrt(exp_avg_sq / (1 - beta2**step)) + eps)`` for the head weight, from
+    the optimiser's state as torch keeps it (None before the first step)."""
+    st = trainer.opt.state.get(trainer.model.head.weight)
+    if not st:
+        return None
+    return 1 / ((st["exp_avg_sq"] / (1 - trainer.cfg.betas[1] ** float(st["step"]))).sqrt() + 1e-8)
+
+
+def test_precondition_scores_against_adams_step_scale_times_the_reference(monkeypatch):
+    calls, real = [], loop_mod.FastMixLoop._reference
+
+    def spy(self, train_grad):
+        ref = real(self, train_grad)
+        calls.append((self.ema.value - train_grad, _adam_scale(self.trainer), ref.clone()))
+        return ref
+
+    monkeypatch.setattr(loop_mod.FastMixLoop, "_reference", spy)
+    on = search(stream(), target([0.6, 0.3, 0.1]), cfg(30, precondition=True))
+    assert len(calls) == 7 and calls[0][1] is None and torch.equal(calls[0][2], calls[0][0])  # before any step: P = 1
+    for plain, P, ref in calls[1:]:
+        torch.testing.assert_close(ref, P * plain, rtol=1e-6, atol=0)
+        assert torch.nn.functional.cosine_similarity(ref.flatten(), plain.flatten(), dim=0) < 0.99  # another direction
+    monkeypatch.undo()
+    assert on.weights != search(stream(), target([0.6, 0.3, 0.1]), cfg(30)).weights
+
+
+def test_precondition_off_never_reads_the_optimiser_state(monkeypatch):
+    """The default path does not consult P at all: the same search with the preconditioner made to fail."""
+    from fastmix_data.search.proxy_step import ProxyStep
+
+    before = search(stream(), target([0.6, 0.3, 0.1]), cfg(30))
+
+    def boom(self):
+        raise AssertionError("head_preconditioner called with fastmix.precondition off")
+
+    monkeypatch.setattr(ProxyStep, "head_preconditioner", boom)
+    after = search(stream(), target([0.6, 0.3, 0.1]), cfg(30))
+    assert after.weights == before.weights and after.candidates == before.candidates
+
+
+def test_precondition_needs_the_head_hypergradient_and_works_with_either_search_batch():
+    with pytest.raises(ValueError, match=r"fastmix.precondition \(--fastmix-precondition\): needs hypergrad='head' "
+                                         r".*got hypergrad='full'"):
+        cfg(30, precondition=True, hypergrad="full", search_batch="buffer").validate()
+    with pytest.raises(ValueError, match=r"fastmix.precondition .*got hypergrad='none'"):
+        cfg(30, precondition=True, hypergrad="none").validate()
+    buffered = search(stream(), target([0.6, 0.3, 0.1]), cfg(30, precondition=True, search_batch="buffer"))
+    assert buffered.weights != search(stream(), target([0.6, 0.3, 0.1]), cfg(30, search_batch="buffer")).weights
 
 
 def test_bad_inputs_get_clear_errors():

@@ -215,3 +215,50 @@ def test_token_mean_and_custom_reduce_micro_steps():
     for p, q in zip(c.parameters(), b.parameters()):
         torch.testing.assert_close(p.grad, q.grad, rtol=1e-11, atol=1e-14)
 
+
+
+def _trained(tied: bool, steps: int = 3, **kw) -> ProxyStep:
+    """A float64 proxy after ``steps`` AdamW steps (a real optimiser state)."""
+    ps = ProxyStep(_model(tied, double=True), K, **kw)
+    assert ps.head_preconditioner() is None  # no state yet: P = 1
+    for tokens, source in _batches(steps, seed=11):
+        ps.micro_step(tokens, source, LOSS_W.double())
+        ps.optimizer_step(1e-2)
+    return ps
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_head_preconditioner_is_adamws_step_scale(tied):
+    """With beta1 = 0, no weight decay and no clipping, an AdamW step moves the head weight by exactly
+    -lr * P * grad, P read from the optimiser's state after that step (bias correction, eps); P is not
+    a constant, so it changes the direction of what it multiplies."""
+    ps = _trained(tied, betas=(0.0, 0.95), weight_decay=0.0, grad_clip=None)
+    W = ps.model.head.weight
+    tokens, source = _batches(1, seed=12)[0]
+    ps.micro_step(tokens, source, LOSS_W.double())
+    g, before = W.grad.clone(), W.detach().clone()
+    ps.optimizer_step(1e-2)
+    P = ps.head_preconditioner()
+    assert P.dtype == F64 and P.shape == W.shape
+    torch.testing.assert_close(W.detach() - before, -1e-2 * P * g, rtol=1e-9, atol=1e-15)
+    assert float(P.max() / P.min()) > 10
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_preconditioned_scores_equal_autograd_inner_products(tied):
+    """Float64, P from a real AdamW state: a micro-step scored against ``P * G_ref`` gives per source k
+    ``<P * G_ref, grad_W L_k>``, grad_W L_k the explicit autograd gradient of source k's summed token
+    losses with respect to the head weight (a tied one's whole gradient)."""
+    ps = _trained(tied)
+    m, P = ps.model, ps.head_preconditioner()
+    G_ref = torch.randn(V, 32, generator=torch.Generator().manual_seed(13), dtype=F64)
+    tokens, source = _batches(1, seed=14)[0]
+    tl = F.cross_entropy(m(tokens[:, :-1]).reshape(-1, V), tokens[:, 1:].reshape(-1), reduction="none").view(B, L)
+    want = torch.stack([(P * G_ref * torch.autograd.grad(tl[source == k].sum(), m.head.weight, retain_graph=True)[0])
+                        .sum() for k in range(K)])
+    got = ps.micro_step(tokens, source, LOSS_W.double(), G=P * G_ref).scores.sums
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+    plain = torch.stack([(G_ref * torch.autograd.grad(tl[source == k].sum(), m.head.weight, retain_graph=True)[0])
+                         .sum() for k in range(K)])
+    cos = torch.nn.functional.cosine_similarity(want, plain, dim=0)
+    assert cos < 0.999  # the direction of the K scores changes, not only their scale
