@@ -49,3 +49,21 @@ def test_decide_keeps_the_defaults_unless_a_variant_is_better_beyond_noise(dev):
     both = units({"a": [-0.010, -0.012, -0.009, -0.011], "b": [-0.020, -0.021, -0.019, -0.020]})
     assert dev.decide(both, ["a", "b"]) == "b"
     assert dev.decide(both, ["a"]) == "a"
+
+
+def test_the_guarded_rule_also_refuses_a_variant_worse_on_one_target_kind(dev):
+    """adam-precond's rule: better pooled by more than 2 SE AND no target kind worse by more than 2 SE."""
+    def units(held: list[float], planted: list[float]) -> list[dict]:
+        return [{"target": t, "losses": {"defaults": 2.0, "adam-precond": 2.0 + d}}
+                for t, ds in (("heldout", held), ("planted", planted)) for d in ds]
+
+    better = units([-0.010, -0.012, -0.009, -0.011], [-0.001, 0.001, -0.002, 0.000])
+    assert dev.kind_guard(better, "adam-precond")
+    assert dev.decide(better, ["adam-precond"], guarded=dev.GUARDED) == "adam-precond"
+    lopsided = units([-0.060, -0.062, -0.059, -0.061] * 2, [0.004, 0.005, 0.006, 0.005] * 2)  # planted worse
+    pooled = dev.er.paired(lopsided, "adam-precond", "defaults")
+    assert pooled["mean"] + 2 * pooled["se"] < 0
+    assert not dev.kind_guard(lopsided, "adam-precond")
+    assert dev.decide(lopsided, ["adam-precond"]) == "adam-precond"  # the unguarded rule would take it
+    assert dev.decide(lopsided, ["adam-precond"], guarded=dev.GUARDED) == "defaults"
+    assert set(dev.by_kind(lopsided, ["adam-precond"])) == {"heldout", "planted"}
