@@ -14,7 +14,8 @@ per row group decoded, and the wall time from the first fork to the last child r
 ``N+sink`` adds one more forked process that only receives every decoded values buffer through a
 pipe and discards it (a busy consumer besides the decoders, as the training process is; the decoders
 then also write their values into the pipe, so ``N+sink`` compares with ``1+sink``); its CPU is
-reported apart.
+reported apart. ``--passes K``: each process decodes its share K times (a long run's repeated passes;
+the per-process start-up then weighs 1/K as much).
 
 Each cell is a fresh process under ``flock LOCK``; a repetition runs every cell once in a seeded random
 order (seed = repetition). Prints each cell, then per cell the median (min-max) of CPU per row group
@@ -25,6 +26,7 @@ page cache::
     python benchmarks/multiproc_floor.py --mode tokens --reps 5 --out /tmp/floor_tokens.json
     python benchmarks/multiproc_floor.py --mode text --reps 5 --out /tmp/floor_text.json
     python benchmarks/multiproc_floor.py --mode tokens --procs 1+sink,4+sink --reps 5
+    python benchmarks/multiproc_floor.py --mode tokens --passes 4 --reps 5
 """
 
 from __future__ import annotations
@@ -67,13 +69,14 @@ def share(units: list, n: int, k: int) -> list:
     return units[k * len(units) // n : (k + 1) * len(units) // n]
 
 
-def decode(units: list[tuple[str, int]], mode: str, sink: int | None = None) -> dict:
+def decode(units: list[tuple[str, int]], mode: str, sink: int | None = None, passes: int = 1) -> dict:
     """Decode ``units`` (one row group at a time, one column) and pass once over the values: the
     rows counted from the decoded arrays, the units decoded, and the sum of the values (tokens: the
     ids; text: every row's UTF-8 bytes). With ``sink`` (a pipe's write end), also write each row
-    group's values buffer into it (``sent``: the bytes written)."""
+    group's values buffer into it (``sent``: the bytes written). ``passes``: all of that, that many
+    times over (a process that serves its share several times, as a worker does in a long run)."""
     rows, total, sent, opened = 0, 0, 0, {}
-    for path, g in units:
+    for path, g in units * passes:
         pf = opened.get(path) or opened.setdefault(path, pq.ParquetFile(path))
         for chunk in pf.read_row_group(g, columns=[COLUMN[mode]], use_threads=False).column(0).chunks:
             values = _values(chunk, mode)
@@ -148,11 +151,12 @@ def _reap(kids: list[tuple[int, int]]) -> tuple[list[dict], dict, list[str]]:
     return results, used, failed
 
 
-def run_split(files: list[str], mode: str, n: int, sink: bool = False) -> dict:
+def run_split(files: list[str], mode: str, n: int, sink: bool = False, passes: int = 1) -> dict:
     """Decode every row group of ``files`` once, split over ``n`` forked children; the children's CPU
     (user, system), minor faults and results, and the wall time from the first fork to the last reap.
     ``sink``: one more child receives every decoded values buffer through a pipe and discards it (a
-    busy consumer besides the decoders; its CPU and faults apart, under ``sink``)."""
+    busy consumer besides the decoders; its CPU and faults apart, under ``sink``). ``passes``: each
+    child decodes its share that many times (``decoded``: row groups decoded in all)."""
     units = row_groups(files)
     t0 = time.perf_counter()
     sink_kid, sink_w = [], None
@@ -160,7 +164,7 @@ def run_split(files: list[str], mode: str, n: int, sink: bool = False) -> dict:
         sink_r, sink_w = os.pipe()
         sink_kid = [_fork(lambda: _drain(sink_r), close=(sink_w,))]
         os.close(sink_r)
-    kids = [_fork(lambda k=k: decode(share(units, n, k), mode, sink_w)) for k in range(n)]
+    kids = [_fork(lambda k=k: decode(share(units, n, k), mode, sink_w, passes)) for k in range(n)]
     if sink_w is not None:
         os.close(sink_w)
     results, used, failed = _reap(kids)
@@ -170,7 +174,16 @@ def run_split(files: list[str], mode: str, n: int, sink: bool = False) -> dict:
         raise RuntimeError(
             f"the N={n} {mode} cell failed: {', '.join(failed + sink_failed)}; see the children's stderr"
         )
-    out = {"n": n, "mode": mode, **used, "wall": wall, "n_units": len(units), "children": results}
+    out = {
+        "n": n,
+        "mode": mode,
+        **used,
+        "wall": wall,
+        "n_units": len(units),
+        "passes": passes,
+        "decoded": len(units) * passes,
+        "children": results,
+    }
     if sink:
         out["sink"] = {**sink_used, **drained[0]}
     return out
@@ -184,18 +197,18 @@ def parse_cell(spec: str) -> tuple[int, bool]:
     return int(n), bool(plus)
 
 
-def run_cell(workdir: str, mode: str, spec: str, lock: str) -> dict:
+def run_cell(workdir: str, mode: str, spec: str, lock: str, passes: int = 1) -> dict:
     """One cell in a fresh process under ``flock lock``: `run_split`'s figures (children's unit lists
     dropped, their rows, sums and bytes sent kept)."""
     cmd = ["flock", lock, sys.executable, os.path.abspath(__file__), "--cell", spec, "--mode", mode,
-           "--workdir", workdir]  # fmt: skip
+           "--workdir", workdir, "--passes", str(passes)]  # fmt: skip
     done = subprocess.run(cmd, capture_output=True, text=True, check=True, timeout=900)
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def _cell_main(args) -> int:
     n, sink = parse_cell(args.cell)
-    res = run_split(shard_files(args.workdir, args.mode), args.mode, n, sink)
+    res = run_split(shard_files(args.workdir, args.mode), args.mode, n, sink, args.passes)
     decoded = sorted(tuple(u) for c in res["children"] for u in c["units"])
     if len(decoded) != res["n_units"] or len(set(decoded)) != len(decoded):
         raise RuntimeError(
@@ -224,7 +237,7 @@ def summary(cells: list[dict], reps: int, specs: list[str]) -> list[str]:
     """Per cell: the decoders' CPU ms per row group (user, system), faults per row group, wall (and the
     sink's CPU); then the ratios of CPU and faults to 1 process's, paired per repetition."""
     by = {(c["cell"], c["rep"]): c for c in cells}
-    per = {key: 1000 * (c["user"] + c["sys"]) / c["n_units"] for key, c in by.items()}
+    per = {key: 1000 * (c["user"] + c["sys"]) / c["decoded"] for key, c in by.items()}
     lines = []
     for spec in specs:
         cs = [by[(spec, i)] for i in range(reps)]
@@ -234,9 +247,9 @@ def summary(cells: list[dict], reps: int, specs: list[str]) -> list[str]:
             else ""
         )
         lines.append(f"{spec}: cpu ms/row group {med([per[(spec, i)] for i in range(reps)])} (user "
-                     f"{med([1000 * c['user'] / c['n_units'] for c in cs])}, sys "
-                     f"{med([1000 * c['sys'] / c['n_units'] for c in cs])}), minflt/row group "
-                     f"{med([c['minflt'] / c['n_units'] for c in cs])}, wall s {med([c['wall'] for c in cs])}{sink}")  # fmt: skip
+                     f"{med([1000 * c['user'] / c['decoded'] for c in cs])}, sys "
+                     f"{med([1000 * c['sys'] / c['decoded'] for c in cs])}), minflt/row group "
+                     f"{med([c['minflt'] / c['decoded'] for c in cs])}, wall s {med([c['wall'] for c in cs])}{sink}")  # fmt: skip
     for spec in specs:
         base = _base(spec)
         if spec != base and base in specs:
@@ -261,6 +274,7 @@ def main(argv=None) -> int:
     ap.add_argument("--workdir", default="/tmp/perf-bench", help="partition_bench's shards")
     ap.add_argument("--lock", default="/tmp/quiet.lock")
     ap.add_argument("--out", default=None, help="write the cells and metadata here (JSON)")
+    ap.add_argument("--passes", type=int, default=1, help="each process decodes its share this many times")
     ap.add_argument("--cell", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.cell:
@@ -276,11 +290,11 @@ def main(argv=None) -> int:
     cells = []
     for rep in range(args.reps):
         for spec in random.Random(rep).sample(specs, len(specs)):
-            c = run_cell(args.workdir, args.mode, spec, args.lock)
+            c = run_cell(args.workdir, args.mode, spec, args.lock, args.passes)
             c.update(rep=rep, load=os.getloadavg())
             cells.append(c)
             print(f"rep {rep} {spec}: cpu {c['user'] + c['sys']:.3f} s (user {c['user']:.3f}, sys {c['sys']:.3f}), "
-                  f"minflt {c['minflt']}, wall {c['wall']:.3f} s, {c['n_units']} row groups, {c['rows']} rows, "
+                  f"minflt {c['minflt']}, wall {c['wall']:.3f} s, {c['decoded']} row groups decoded, {c['rows']} rows, "
                   f"load {c['load'][0]:.2f}", flush=True)  # fmt: skip
     meta.update(end=_common.today(), load_end=os.getloadavg())
     print("load at start", meta["load_start"], "at end", meta["load_end"])

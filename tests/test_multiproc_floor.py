@@ -96,6 +96,16 @@ def test_cells(floor):
             floor.parse_cell(bad)
 
 
+def test_passes_repeat_each_share(floor, workdir):
+    """``passes=2``: each process decodes its share twice; twice the rows, sums and row groups decoded."""
+    files = floor.shard_files(str(workdir), "tokens")
+    res = floor.run_split(files, "tokens", 2, passes=2)
+    rows, total = _expected(files, "tokens")
+    assert sum(c["rows"] for c in res["children"]) == 2 * rows
+    assert sum(c["sum"] for c in res["children"]) == 2 * total
+    assert res["decoded"] == 2 * res["n_units"]
+
+
 def test_shares_are_contiguous_and_cover(floor):
     units = list(range(10))
     for n in (1, 2, 3, 4, 7):
