@@ -1,0 +1,9 @@
+#!/bin/bash
+# partitions-floor.md's runs, in order; each cell takes /tmp/quiet.lock itself (never held across a run).
+# Run from the worktree root after the lead's CI: bash benchmarks/results/partitions-floor/run.sh
+set -euo pipefail
+D=benchmarks/results/partitions-floor
+PY=.venv/bin/python
+$PY benchmarks/multiproc_floor.py --mode tokens --procs 1,2,4,1+sink,4+sink --reps 5 --out $D/tokens.json 2>&1 | tee $D/tokens.log
+$PY benchmarks/multiproc_floor.py --mode text --procs 1,2,4,1+sink,4+sink --reps 5 --out $D/text.json 2>&1 | tee $D/text.log
+$PY benchmarks/multiproc_floor.py --mode tokens --procs 1,2,4 --passes 4 --reps 5 --out $D/tokens-passes4.json 2>&1 | tee $D/tokens-passes4.log
