@@ -7,3 +7,5 @@ PY=.venv/bin/python
 $PY benchmarks/multiproc_floor.py --mode tokens --procs 1,2,4,1+sink,4+sink --reps 5 --out $D/tokens.json 2>&1 | tee $D/tokens.log
 $PY benchmarks/multiproc_floor.py --mode text --procs 1,2,4,1+sink,4+sink --reps 5 --out $D/text.json 2>&1 | tee $D/text.log
 $PY benchmarks/multiproc_floor.py --mode tokens --procs 1,2,4 --passes 4 --reps 5 --out $D/tokens-passes4.json 2>&1 | tee $D/tokens-passes4.log
+# added after the three runs above (12:54 UTC), to split text's per-process start-up from its per-row-group floor as for tokens
+$PY benchmarks/multiproc_floor.py --mode text --procs 1,2,4 --passes 4 --reps 5 --out $D/text-passes4.json 2>&1 | tee $D/text-passes4.log
