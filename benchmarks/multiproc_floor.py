@@ -15,7 +15,8 @@ per row group decoded, and the wall time from the first fork to the last child r
 pipe and discards it (a busy consumer besides the decoders, as the training process is; the decoders
 then also write their values into the pipe, so ``N+sink`` compares with ``1+sink``); its CPU is
 reported apart. ``--passes K``: each process decodes its share K times (a long run's repeated passes;
-the per-process start-up then weighs 1/K as much).
+the per-process start-up then weighs 1/K as much). ``--fraction F``: the work is an evenly spread F of
+the row groups, the same ones at every N (a short run, where the start-up weighs more).
 
 Each cell is a fresh process under ``flock LOCK``; a repetition runs every cell once in a seeded random
 order (seed = repetition). Prints each cell, then per cell the median (min-max) of CPU per row group
@@ -27,6 +28,7 @@ page cache::
     python benchmarks/multiproc_floor.py --mode text --reps 5 --out /tmp/floor_text.json
     python benchmarks/multiproc_floor.py --mode tokens --procs 1+sink,4+sink --reps 5
     python benchmarks/multiproc_floor.py --mode tokens --passes 4 --reps 5
+    python benchmarks/multiproc_floor.py --mode text --fraction 0.4 --reps 5
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ import subprocess
 import sys
 import time
 import traceback
+from collections import Counter
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -69,14 +72,20 @@ def share(units: list, n: int, k: int) -> list:
     return units[k * len(units) // n : (k + 1) * len(units) // n]
 
 
-def decode(units: list[tuple[str, int]], mode: str, sink: int | None = None, passes: int = 1) -> dict:
+def spread(units: list, fraction: float) -> list:
+    """An evenly spread ``fraction`` of ``units`` (all of them at 1), in their order."""
+    if not 0 < fraction <= 1:
+        raise ValueError(f"--fraction must be in (0, 1], not {fraction}")
+    return [u for i, u in enumerate(units) if int((i + 1) * fraction) > int(i * fraction)]
+
+
+def decode(units: list[tuple[str, int]], mode: str, sink: int | None = None) -> dict:
     """Decode ``units`` (one row group at a time, one column) and pass once over the values: the
     rows counted from the decoded arrays, the units decoded, and the sum of the values (tokens: the
     ids; text: every row's UTF-8 bytes). With ``sink`` (a pipe's write end), also write each row
-    group's values buffer into it (``sent``: the bytes written). ``passes``: all of that, that many
-    times over (a process that serves its share several times, as a worker does in a long run)."""
+    group's values buffer into it (``sent``: the bytes written)."""
     rows, total, sent, opened = 0, 0, 0, {}
-    for path, g in units * passes:
+    for path, g in units:
         pf = opened.get(path) or opened.setdefault(path, pq.ParquetFile(path))
         for chunk in pf.read_row_group(g, columns=[COLUMN[mode]], use_threads=False).column(0).chunks:
             values = _values(chunk, mode)
@@ -151,20 +160,23 @@ def _reap(kids: list[tuple[int, int]]) -> tuple[list[dict], dict, list[str]]:
     return results, used, failed
 
 
-def run_split(files: list[str], mode: str, n: int, sink: bool = False, passes: int = 1) -> dict:
+def run_split(
+    files: list[str], mode: str, n: int, sink: bool = False, passes: int = 1, fraction: float = 1
+) -> dict:
     """Decode every row group of ``files`` once, split over ``n`` forked children; the children's CPU
     (user, system), minor faults and results, and the wall time from the first fork to the last reap.
     ``sink``: one more child receives every decoded values buffer through a pipe and discards it (a
     busy consumer besides the decoders; its CPU and faults apart, under ``sink``). ``passes``: each
-    child decodes its share that many times (``decoded``: row groups decoded in all)."""
-    units = row_groups(files)
+    child decodes its share that many times (``decoded``: row groups decoded in all); ``fraction``:
+    only `spread`'s evenly spread fraction of the row groups is the work (``n_units``)."""
+    units = spread(row_groups(files), fraction)
     t0 = time.perf_counter()
     sink_kid, sink_w = [], None
     if sink:
         sink_r, sink_w = os.pipe()
         sink_kid = [_fork(lambda: _drain(sink_r), close=(sink_w,))]
         os.close(sink_r)
-    kids = [_fork(lambda k=k: decode(share(units, n, k), mode, sink_w, passes)) for k in range(n)]
+    kids = [_fork(lambda k=k: decode(share(units, n, k) * passes, mode, sink_w)) for k in range(n)]
     if sink_w is not None:
         os.close(sink_w)
     results, used, failed = _reap(kids)
@@ -181,7 +193,8 @@ def run_split(files: list[str], mode: str, n: int, sink: bool = False, passes: i
         "wall": wall,
         "n_units": len(units),
         "passes": passes,
-        "decoded": len(units) * passes,
+        "fraction": fraction,
+        "decoded": sum(len(c["units"]) for c in results),
         "children": results,
     }
     if sink:
@@ -197,22 +210,22 @@ def parse_cell(spec: str) -> tuple[int, bool]:
     return int(n), bool(plus)
 
 
-def run_cell(workdir: str, mode: str, spec: str, lock: str, passes: int = 1) -> dict:
+def run_cell(workdir: str, mode: str, spec: str, lock: str, passes: int = 1, fraction: float = 1) -> dict:
     """One cell in a fresh process under ``flock lock``: `run_split`'s figures (children's unit lists
     dropped, their rows, sums and bytes sent kept)."""
     cmd = ["flock", lock, sys.executable, os.path.abspath(__file__), "--cell", spec, "--mode", mode,
-           "--workdir", workdir, "--passes", str(passes)]  # fmt: skip
+           "--workdir", workdir, "--passes", str(passes), "--fraction", str(fraction)]  # fmt: skip
     done = subprocess.run(cmd, capture_output=True, text=True, check=True, timeout=900)
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def _cell_main(args) -> int:
     n, sink = parse_cell(args.cell)
-    res = run_split(shard_files(args.workdir, args.mode), args.mode, n, sink, args.passes)
-    decoded = sorted(tuple(u) for c in res["children"] for u in c["units"])
-    if len(decoded) != res["n_units"] or len(set(decoded)) != len(decoded):
+    res = run_split(shard_files(args.workdir, args.mode), args.mode, n, sink, args.passes, args.fraction)
+    times = Counter(tuple(u) for c in res["children"] for u in c["units"])
+    if len(times) != res["n_units"] or set(times.values()) != {args.passes}:
         raise RuntimeError(
-            f"{len(decoded)} row groups decoded, {len(set(decoded))} distinct, of {res['n_units']}"
+            f"{len(times)} of {res['n_units']} row groups decoded, {set(times.values())} times each"
         )
     for key in ("rows", "sum", "sent"):
         res[key] = sum(c[key] for c in res["children"])
@@ -275,6 +288,9 @@ def main(argv=None) -> int:
     ap.add_argument("--lock", default="/tmp/quiet.lock")
     ap.add_argument("--out", default=None, help="write the cells and metadata here (JSON)")
     ap.add_argument("--passes", type=int, default=1, help="each process decodes its share this many times")
+    ap.add_argument(
+        "--fraction", type=float, default=1, help="decode an evenly spread fraction of the row groups"
+    )
     ap.add_argument("--cell", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.cell:
@@ -290,7 +306,7 @@ def main(argv=None) -> int:
     cells = []
     for rep in range(args.reps):
         for spec in random.Random(rep).sample(specs, len(specs)):
-            c = run_cell(args.workdir, args.mode, spec, args.lock, args.passes)
+            c = run_cell(args.workdir, args.mode, spec, args.lock, args.passes, args.fraction)
             c.update(rep=rep, load=os.getloadavg())
             cells.append(c)
             print(f"rep {rep} {spec}: cpu {c['user'] + c['sys']:.3f} s (user {c['user']:.3f}, sys {c['sys']:.3f}), "

@@ -103,7 +103,25 @@ def test_passes_repeat_each_share(floor, workdir):
     rows, total = _expected(files, "tokens")
     assert sum(c["rows"] for c in res["children"]) == 2 * rows
     assert sum(c["sum"] for c in res["children"]) == 2 * total
+    decoded = Counter(tuple(u) for c in res["children"] for u in c["units"])
+    assert set(decoded.values()) == {2} and len(decoded) == res["n_units"]
     assert res["decoded"] == 2 * res["n_units"]
+
+
+@pytest.mark.parametrize("n", [1, 3])
+def test_fraction_is_the_same_row_groups_at_every_n(floor, workdir, n):
+    """``fraction=0.4``: an evenly spread 2 of every 5 row groups, each decoded once, the same at any N."""
+    files = floor.shard_files(str(workdir), "text")
+    units = floor.row_groups(files)
+    res = floor.run_split(files, "text", n, fraction=0.4)
+    want = [u for i, u in enumerate(units) if i % 5 in (2, 4)]
+    assert sorted(tuple(u) for c in res["children"] for u in c["units"]) == sorted(want)
+    assert res["decoded"] == res["n_units"] == len(want) == round(0.4 * len(units))
+    assert sum(c["rows"] for c in res["children"]) == sum(
+        pq.ParquetFile(p).metadata.row_group(g).num_rows for p, g in want
+    )
+    with pytest.raises(ValueError, match="fraction"):
+        floor.spread(units, 0)
 
 
 def test_shares_are_contiguous_and_cover(floor):
