@@ -11,3 +11,9 @@ $PY benchmarks/multiproc_floor.py --mode tokens --procs 1,2,4 --passes 4 --reps 
 $PY benchmarks/multiproc_floor.py --mode text --procs 1,2,4 --passes 4 --reps 5 --out $D/text-passes4.json 2>&1 | tee $D/text-passes4.log
 # added 12:55 UTC: text at the real text cell's amount of decode (300,000 of 781,608 rows, ~0.4 of the row groups)
 $PY benchmarks/multiproc_floor.py --mode text --procs 1,2,4 --fraction 0.4 --reps 5 --out $D/text-fraction04.json 2>&1 | tee $D/text-fraction04.log
+# a second window (12:56 UTC), the same five runs, files *-r2
+$PY benchmarks/multiproc_floor.py --mode tokens --procs 1,2,4,1+sink,4+sink --reps 5 --out $D/tokens-r2.json 2>&1 | tee $D/tokens-r2.log
+$PY benchmarks/multiproc_floor.py --mode text --procs 1,2,4,1+sink,4+sink --reps 5 --out $D/text-r2.json 2>&1 | tee $D/text-r2.log
+$PY benchmarks/multiproc_floor.py --mode tokens --procs 1,2,4 --passes 4 --reps 5 --out $D/tokens-passes4-r2.json 2>&1 | tee $D/tokens-passes4-r2.log
+$PY benchmarks/multiproc_floor.py --mode text --procs 1,2,4 --passes 4 --reps 5 --out $D/text-passes4-r2.json 2>&1 | tee $D/text-passes4-r2.log
+$PY benchmarks/multiproc_floor.py --mode text --procs 1,2,4 --fraction 0.4 --reps 5 --out $D/text-fraction04-r2.json 2>&1 | tee $D/text-fraction04-r2.log
