@@ -17,6 +17,9 @@ then also write their values into the pipe, so ``N+sink`` compares with ``1+sink
 reported apart. ``--passes K``: each process decodes its share K times (a long run's repeated passes;
 the per-process start-up then weighs 1/K as much). ``--fraction F``: the work is an evenly spread F of
 the row groups, the same ones at every N (a short run, where the start-up weighs more).
+``--warm-parent``: the cell's parent decodes one row group (the last, not counted) before it forks, so
+the children inherit whatever pyarrow initialises on a process's first decode (a fresh process's
+first token row group costs ~200 ms, ~35 ms after a warm parent: partitions-floor/first_decode.log).
 
 Each cell is a fresh process under ``flock LOCK``; a repetition runs every cell once in a seeded random
 order (seed = repetition). Prints each cell, then per cell the median (min-max) of CPU per row group
@@ -29,6 +32,7 @@ page cache::
     python benchmarks/multiproc_floor.py --mode tokens --procs 1+sink,4+sink --reps 5
     python benchmarks/multiproc_floor.py --mode tokens --passes 4 --reps 5
     python benchmarks/multiproc_floor.py --mode text --fraction 0.4 --reps 5
+    python benchmarks/multiproc_floor.py --mode tokens --warm-parent --reps 5
 """
 
 from __future__ import annotations
@@ -161,15 +165,24 @@ def _reap(kids: list[tuple[int, int]]) -> tuple[list[dict], dict, list[str]]:
 
 
 def run_split(
-    files: list[str], mode: str, n: int, sink: bool = False, passes: int = 1, fraction: float = 1
+    files: list[str],
+    mode: str,
+    n: int,
+    sink: bool = False,
+    passes: int = 1,
+    fraction: float = 1,
+    warm_parent: bool = False,
 ) -> dict:
     """Decode every row group of ``files`` once, split over ``n`` forked children; the children's CPU
     (user, system), minor faults and results, and the wall time from the first fork to the last reap.
     ``sink``: one more child receives every decoded values buffer through a pipe and discards it (a
     busy consumer besides the decoders; its CPU and faults apart, under ``sink``). ``passes``: each
     child decodes its share that many times (``decoded``: row groups decoded in all); ``fraction``:
-    only `spread`'s evenly spread fraction of the row groups is the work (``n_units``)."""
+    only `spread`'s evenly spread fraction of the row groups is the work (``n_units``); ``warm_parent``:
+    this process decodes the last row group once (not counted) before it forks."""
     units = spread(row_groups(files), fraction)
+    if warm_parent:
+        decode(units[-1:], mode)
     t0 = time.perf_counter()
     sink_kid, sink_w = [], None
     if sink:
@@ -194,6 +207,7 @@ def run_split(
         "n_units": len(units),
         "passes": passes,
         "fraction": fraction,
+        "warm_parent": warm_parent,
         "decoded": sum(len(c["units"]) for c in results),
         "children": results,
     }
@@ -210,18 +224,23 @@ def parse_cell(spec: str) -> tuple[int, bool]:
     return int(n), bool(plus)
 
 
-def run_cell(workdir: str, mode: str, spec: str, lock: str, passes: int = 1, fraction: float = 1) -> dict:
+def run_cell(
+    workdir: str, mode: str, spec: str, lock: str, passes: int = 1, fraction: float = 1, warm: bool = False
+) -> dict:
     """One cell in a fresh process under ``flock lock``: `run_split`'s figures (children's unit lists
     dropped, their rows, sums and bytes sent kept)."""
     cmd = ["flock", lock, sys.executable, os.path.abspath(__file__), "--cell", spec, "--mode", mode,
            "--workdir", workdir, "--passes", str(passes), "--fraction", str(fraction)]  # fmt: skip
+    cmd += ["--warm-parent"] if warm else []
     done = subprocess.run(cmd, capture_output=True, text=True, check=True, timeout=900)
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def _cell_main(args) -> int:
     n, sink = parse_cell(args.cell)
-    res = run_split(shard_files(args.workdir, args.mode), args.mode, n, sink, args.passes, args.fraction)
+    res = run_split(
+        shard_files(args.workdir, args.mode), args.mode, n, sink, args.passes, args.fraction, args.warm_parent
+    )
     times = Counter(tuple(u) for c in res["children"] for u in c["units"])
     if len(times) != res["n_units"] or set(times.values()) != {args.passes}:
         raise RuntimeError(
@@ -291,6 +310,9 @@ def main(argv=None) -> int:
     ap.add_argument(
         "--fraction", type=float, default=1, help="decode an evenly spread fraction of the row groups"
     )
+    ap.add_argument(
+        "--warm-parent", action="store_true", help="the cell's parent decodes one row group first"
+    )
     ap.add_argument("--cell", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.cell:
@@ -306,7 +328,9 @@ def main(argv=None) -> int:
     cells = []
     for rep in range(args.reps):
         for spec in random.Random(rep).sample(specs, len(specs)):
-            c = run_cell(args.workdir, args.mode, spec, args.lock, args.passes, args.fraction)
+            c = run_cell(
+                args.workdir, args.mode, spec, args.lock, args.passes, args.fraction, args.warm_parent
+            )
             c.update(rep=rep, load=os.getloadavg())
             cells.append(c)
             print(f"rep {rep} {spec}: cpu {c['user'] + c['sys']:.3f} s (user {c['user']:.3f}, sys {c['sys']:.3f}), "

@@ -64,9 +64,10 @@ def _expected(files: list[str], mode: str) -> tuple[int, int]:
 @pytest.mark.parametrize("n", [1, 2, 3])
 @pytest.mark.parametrize("sink", [False, True])
 def test_every_row_group_once(floor, workdir, mode, n, sink):
+    """(With a sink and a warm parent alternately: the parent's own decode is not counted.)"""
     files = floor.shard_files(str(workdir), mode)
     assert len(files) == (5 if mode == "text" else 2)
-    res = floor.run_split(files, mode, n, sink)
+    res = floor.run_split(files, mode, n, sink, warm_parent=sink)
     assert len(res["children"]) == n
     decoded = Counter(tuple(u) for c in res["children"] for u in c["units"])
     every = {(f, g) for f in files for g in range(pq.ParquetFile(f).metadata.num_row_groups)}

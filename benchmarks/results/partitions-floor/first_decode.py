@@ -1,7 +1,8 @@
 """Diagnostic (not a timing study): CPU and minor faults of each row-group decode in a forked child,
 in order, to see what a fresh process pays on its first decodes. N children at once, each decoding
 its contiguous share of the token (or text) row groups twice; prints per child the CPU ms and faults
-of its first 3 decodes, and the sums over the first and the second pass of its share.
+of its first 3 decodes, and the sums over the first and the second pass of its share. A third
+argument ``warm``: the parent decodes the last row group once before it forks (an inherited arena).
 
     flock /tmp/quiet.lock .venv/bin/python benchmarks/results/partitions-floor/first_decode.py tokens 4
 """
@@ -30,6 +31,8 @@ def timed_decode(units, mode):
 def main():
     mode, n = sys.argv[1], int(sys.argv[2])
     units = mf.row_groups(mf.shard_files("/tmp/perf-bench", mode))
+    if sys.argv[3:] == ["warm"]:
+        mf.decode(units[-1:], mode)
     kids = [mf._fork(lambda k=k: timed_decode(mf.share(units, n, k) * 2, mode)) for k in range(n)]
     results, used, failed = mf._reap(kids)
     for k, r in enumerate(results):

@@ -17,3 +17,8 @@ $PY benchmarks/multiproc_floor.py --mode text --procs 1,2,4,1+sink,4+sink --reps
 $PY benchmarks/multiproc_floor.py --mode tokens --procs 1,2,4 --passes 4 --reps 5 --out $D/tokens-passes4-r2.json 2>&1 | tee $D/tokens-passes4-r2.log
 $PY benchmarks/multiproc_floor.py --mode text --procs 1,2,4 --passes 4 --reps 5 --out $D/text-passes4-r2.json 2>&1 | tee $D/text-passes4-r2.log
 $PY benchmarks/multiproc_floor.py --mode text --procs 1,2,4 --fraction 0.4 --reps 5 --out $D/text-fraction04-r2.json 2>&1 | tee $D/text-fraction04-r2.log
+# added 13:06 UTC after first_decode.log (a fresh process's first token decode ~200 ms, ~35 ms after a warm parent): the same
+# control with the cell's parent warmed (one row group decoded before it forks, not counted)
+$PY benchmarks/multiproc_floor.py --mode tokens --procs 1,2,4 --warm-parent --reps 5 --out $D/tokens-warm.json 2>&1 | tee $D/tokens-warm.log
+$PY benchmarks/multiproc_floor.py --mode text --procs 1,2,4 --warm-parent --reps 5 --out $D/text-warm.json 2>&1 | tee $D/text-warm.log
+$PY benchmarks/multiproc_floor.py --mode tokens --procs 1,2,4 --passes 4 --warm-parent --reps 5 --out $D/tokens-passes4-warm.json 2>&1 | tee $D/tokens-passes4-warm.log
