@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import importlib.metadata
+import json
 import os
 import platform
 import shlex
@@ -272,6 +273,22 @@ def write_atomic(path: str, text: str) -> None:
     from fastmix_data.io import write_text_atomic
 
     write_text_atomic(path, text)
+
+
+def close_run(meta: dict, cells: list[dict], out: str | None, lines: list[str], bad: list[str], what: str) -> int:
+    """End of a study run by cells: record the end time and load in ``meta``, print the loads, write
+    ``meta`` and the cells to ``out`` (JSON; skipped when None), print the summary ``lines``, then
+    ``what`` and the ``bad`` cells if any. Exit status: 1 when there are bad cells, else 0."""
+    meta.update(end=today(), load_end=os.getloadavg())
+    print("load at start", meta["load_start"], "at end", meta["load_end"])
+    if out:
+        with open(out, "w") as f:
+            json.dump({**meta, "cells": cells}, f, indent=1)
+    print("\n".join(lines))
+    if bad:
+        print(what, *bad, sep="\n")
+        return 1
+    return 0
 
 
 KEEP_MARKER = "<!-- Everything below this line is hand-written and kept when the benchmark rewrites the report. -->"

@@ -20,7 +20,6 @@ benchmarks/results/partitions-tokens.md (both modes).
 """
 
 import argparse
-import json
 import os
 import sys
 
@@ -85,16 +84,8 @@ def main(argv=None) -> int:
             out.append(r)
             print(f"rep {rep} {name:13s} cpu/1k {r['cpu_per_1k']:.4f} = {r['main_per_1k']:.4f} + {r['workers_per_1k']:.4f}  "
                   f"items/s {r['samples_s']:,.0f}  load {r['load']:.2f}  batches {r['first']}/{r['last']}", flush=True)  # fmt: skip
-    meta.update(end=_common.today(), load_end=os.getloadavg())
-    print("load at start", meta["load_start"], "at end", meta["load_end"])
-    with open(args.out, "w") as f:
-        json.dump({**meta, "cells": out}, f, indent=1)
-    print("\n".join(summary(out, args.reps)))
-    bad = different_work(out)
-    if bad:
-        print("cells of one repetition served different batches:", *bad, sep="\n")
-        return 1
-    return 0
+    return _common.close_run(meta, out, args.out, summary(out, args.reps), different_work(out),
+                             "cells of one repetition served different batches:")  # fmt: skip
 
 
 if __name__ == "__main__":

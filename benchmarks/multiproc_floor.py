@@ -336,17 +336,8 @@ def main(argv=None) -> int:
             print(f"rep {rep} {spec}: cpu {c['user'] + c['sys']:.3f} s (user {c['user']:.3f}, sys {c['sys']:.3f}), "
                   f"minflt {c['minflt']}, wall {c['wall']:.3f} s, {c['decoded']} row groups decoded, {c['rows']} rows, "
                   f"load {c['load'][0]:.2f}", flush=True)  # fmt: skip
-    meta.update(end=_common.today(), load_end=os.getloadavg())
-    print("load at start", meta["load_start"], "at end", meta["load_end"])
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump({**meta, "cells": cells}, f, indent=1)
-    print("\n".join(summary(cells, args.reps, specs)))
-    bad = different_work(cells)
-    if bad:
-        print("cells decoded different work:", *bad, sep="\n")
-        return 1
-    return 0
+    return _common.close_run(meta, cells, args.out, summary(cells, args.reps, specs), different_work(cells),
+                             "cells decoded different work:")  # fmt: skip
 
 
 if __name__ == "__main__":

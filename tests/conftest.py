@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+import importlib
+import sys
+from pathlib import Path
+
 import pytest
+
+BENCHMARKS = str(Path(__file__).resolve().parent.parent / "benchmarks")
 
 
 @pytest.fixture(autouse=True)
@@ -17,6 +23,17 @@ def _isolated_index_cache(tmp_path_factory, monkeypatch):
 def index_cache(_isolated_index_cache):
     """The index cache directory used by the current test."""
     return _isolated_index_cache
+
+
+@pytest.fixture(scope="module")
+def bench_import():
+    """``importlib.import_module`` with ``benchmarks/`` on ``sys.path`` (its scripts import each other
+    by name) until the test module's last test."""
+    sys.path.insert(0, BENCHMARKS)
+    try:
+        yield importlib.import_module
+    finally:
+        sys.path.remove(BENCHMARKS)
 
 
 @pytest.fixture(scope="session")

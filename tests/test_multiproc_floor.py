@@ -4,26 +4,17 @@ columns and their value sums equal the files' own."""
 
 from __future__ import annotations
 
-import importlib
-import sys
 from collections import Counter
-from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
-
 
 @pytest.fixture(scope="module")
-def floor():
-    sys.path.insert(0, str(BENCH))
-    try:
-        yield importlib.import_module("multiproc_floor")
-    finally:
-        sys.path.remove(str(BENCH))
+def floor(bench_import):
+    return bench_import("multiproc_floor")
 
 
 @pytest.fixture()
