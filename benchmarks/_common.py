@@ -282,8 +282,7 @@ def close_run(meta: dict, cells: list[dict], out: str | None, lines: list[str], 
     meta.update(end=today(), load_end=os.getloadavg())
     print("load at start", meta["load_start"], "at end", meta["load_end"])
     if out:
-        with open(out, "w") as f:
-            json.dump({**meta, "cells": cells}, f, indent=1)
+        write_atomic(out, json.dumps({**meta, "cells": cells}, indent=1))
     print("\n".join(lines))
     if bad:
         print(what, *bad, sep="\n")

@@ -4,24 +4,14 @@ token width, and a cell that served other batches is reported."""
 
 from __future__ import annotations
 
-import importlib
-import sys
-from pathlib import Path
-
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
-
 
 @pytest.fixture(scope="module")
-def bench():
-    sys.path.insert(0, str(BENCH))
-    try:
-        yield importlib.import_module("steady_ab"), importlib.import_module("inprocess_thp")
-    finally:
-        sys.path.remove(str(BENCH))
+def bench(bench_import):
+    return bench_import("steady_ab"), bench_import("inprocess_thp")
 
 
 @pytest.fixture()

@@ -3,10 +3,7 @@ the served items add up, and what the workers decoded covers what they served.""
 
 from __future__ import annotations
 
-import importlib
 import json
-import sys
-from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -14,22 +11,16 @@ import pytest
 
 from fastmix_data.stream import direct_ring, items, mixture
 
-BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
-
 
 @pytest.fixture()
-def sp(monkeypatch):
+def sp(monkeypatch, bench_import):
     # the script wraps these before the workers fork: restored after the test
     for owner, name in ((items.ItemSource, "_read"), (items.ItemSource, "_packed"),
                         (mixture.MixtureStream, "__iter__"), (direct_ring, "write_all")):
         monkeypatch.setattr(owner, name, getattr(owner, name))
-    sys.path.insert(0, str(BENCH))
-    try:
-        mod = importlib.import_module("startup_profile")
-        monkeypatch.setattr(mod, "STATE", {"consumed": 1 << 62, "profile_dir": None, "out_dir": None})
-        yield mod
-    finally:
-        sys.path.remove(str(BENCH))
+    mod = bench_import("startup_profile")
+    monkeypatch.setattr(mod, "STATE", {"consumed": 1 << 62, "profile_dir": None, "out_dir": None})
+    return mod
 
 
 @pytest.fixture()

@@ -3,26 +3,18 @@ timed over the batches asked for, and the worker's batches, through a slot, are 
 
 from __future__ import annotations
 
-import importlib
 import json
-import sys
-from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
 
-BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
 STAGES = ("plan", "build_str", "build_views", "encode", "put", "take", "unpack", "texts_to_str", "join", "join_write",
           "utf8_floor", "arrow_take", "np_concatenate", "pwritev", "mm_write")  # fmt: skip
 
 
 @pytest.fixture()
-def split():
-    sys.path.insert(0, str(BENCH))
-    try:
-        yield importlib.import_module("text_path_split")
-    finally:
-        sys.path.remove(str(BENCH))
+def split(bench_import):
+    return bench_import("text_path_split")
 
 
 @pytest.fixture()
