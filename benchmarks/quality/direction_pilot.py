@@ -34,6 +34,18 @@ planted targets also each export's L1 to the planted token shares; ``stdlib-K3 p
 moves away from the pick cannot lower the regret there, whatever its final loss elsewhere. The same
 rule, unchanged, for ``adam-precond`` (fixed before its runs); the L1 to the planted shares is
 reported, not part of the rule.
+
+**Final-run stage** (``--final``; issue 13, fixed by the lead before any of its runs): for the variants
+that earned it (:func:`summarise`'s rule on the committed units, not named by hand), on
+:data:`FINAL_CELLS` and the judge's evaluation seeds 1-9, at the judge's settings and caches: the
+variant's search (cached for seeds 1-5), one final run at its export per seed, and its regret against
+the grid's pick (final loss − the pick's final loss, same seed, as the judge computes it), paired with
+the defaults' regret on the same seeds (the judge's exports and final runs, read from its caches and
+checked against results.json, ``extension_seeds.check_cache``). This stage does NOT change any default
+(the development set's rule decided that, fastmix_dev.md). It reports, per cell, the variant's regret
+mean ± SE, the defaults' on the same seeds, the paired difference ± SE with wins, and the judge's
+classification of the variant's regret (``report.verdict``: MET / MISSED / undecided by mean ± 2 SE
+against 0.005). Nothing else is claimed.
 """
 
 from __future__ import annotations
@@ -50,13 +62,18 @@ import numpy as np
 HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE.parent.parent), str(HERE.parent), str(HERE)]
 import _common  # noqa: E402
+import export_rule as er  # noqa: E402
+import extension_seeds as es  # noqa: E402
 import run_quality as rq  # noqa: E402
+from report import FASTMIX_REGRET, verdict  # noqa: E402
 from run_quality import grid_pick, judge_args  # noqa: E402
 
 CELLS = (("stdlib-K3", "heldout"), ("system-K3", "planted"))  # the rule's cells
 L1_CELLS = (("stdlib-K3", "planted"),)  # reported for the L1 to the planted shares only, not the rule's
 L1_VARIANTS = ("adam-precond",)  # the variants searched in L1_CELLS (besides the defaults)
 SEEDS = (1, 2, 3, 4, 5)
+FINAL_CELLS = (("stdlib-K3", "heldout"), ("stdlib-K3", "planted"), ("system-K3", "planted"))
+FINAL_SEEDS = tuple(range(1, 10))  # the judge's evaluation seeds
 NAME = "direction_pilot"
 
 
@@ -130,6 +147,114 @@ def summarise(units: list[dict]) -> dict:
     return {"cells": out, "earns_final_runs": keep, "as_judged": [sum(u["as_judged"] for u in units), len(units)]}
 
 
+# ============================================================================ the final-run stage
+
+
+def final_units(results: dict, exp: str, target: str, seeds: list[int], variants: list[str],
+                work: str | None = None) -> list[dict]:
+    """Per seed: the defaults' (the judge's export) and the pick's final runs, from the judge's caches and
+    checked against results.json; each variant's search and a final run at its export (losses: ``target``'s)."""
+    run = judge_args(results, exp)
+    run.work = work or run.work
+    data, pick = rq.prepare(Path(run.work), run)[exp], grid_pick(results, exp, target)
+    units = []
+    for seed in seeds:
+        mix = {"fastmix": es._judge_row(results, exp, target, "fastmix", seed)["weights"], "pick": pick}
+        if target == "planted":
+            mix["planted"] = data["planted_tokens"]
+        finals = {n: rq.final_run(Path(run.work), data, w, seed, run) for n, w in mix.items()}
+        u = {"exp": exp, "target": target, "seed": seed, "weights": mix, "search_cached": True,  # the judge's export
+             "losses": {n: f["losses"][target] for n, f in finals.items()},
+             "final_cached": {n: f["cached"] for n, f in finals.items()}}
+        es.check_cache(results, [u])  # the defaults' and the pick's losses are results.json's
+        for v in variants:
+            s = rq.run_search_cached(Path(run.work), exp, "fastmix", target, seed, data, run,
+                                     overrides=variant_overrides(v, mix["fastmix"]), tag=f"-{v}")
+            f = rq.final_run(Path(run.work), data, s["weights"], seed, run)
+            u["weights"][v], u["losses"][v], u["final_cached"][v] = s["weights"], f["losses"][target], f["cached"]
+        units.append(u)
+        rq.log(f"final {exp}/{target} s{seed} regret defaults {u['losses']['fastmix'] - u['losses']['pick']:+.4f} "
+               + " ".join(f"{v} {u['losses'][v] - u['losses']['pick']:+.4f}" for v in variants))
+    return units
+
+
+def final_summary(units: list[dict], variants: list[str], seeds: tuple = FINAL_SEEDS) -> dict:
+    """Per cell and variant: its regret, the defaults' on the same seeds, the paired difference (wins: seeds
+    where the variant's final loss is lower) and the judge's classification of its regret. Every cell of
+    :data:`FINAL_CELLS` must have exactly ``seeds``."""
+    out = {}
+    for exp, target in FINAL_CELLS:
+        us = sorted((u for u in units if (u["exp"], u["target"]) == (exp, target)), key=lambda u: u["seed"])
+        if [u["seed"] for u in us] != sorted(seeds):
+            raise ValueError(f"{exp}/{target}: final runs for seeds {[u['seed'] for u in us]}, expected {sorted(seeds)}")
+        base = er.paired(us, "fastmix", "pick")
+        out[f"{exp}/{target}"] = {v: {"regret": (r := er.paired(us, v, "pick")), "defaults_regret": base,
+                                      "diff": er.paired(us, v, "fastmix"),
+                                      "verdict": verdict(r["mean"], r["se"], FASTMIX_REGRET),
+                                      "weights": {k: float(np.mean([u["weights"][v][k] for u in us]))
+                                                  for k in us[0]["weights"]["fastmix"]}} for v in variants}
+    return out
+
+
+def defaults_check(results: dict, units: list[dict]) -> list[int]:
+    """(equal, total): (cell, seed) pairs whose defaults' regret here equals the judge's (results.json:
+    FastMix's final loss − the held-out oracle's on that seed) to the last bit."""
+    judge = {(u["exp"], u["target"], u["seed"]): u["losses"]["fastmix"] - u["losses"]["pick"]
+             for exp, target in FINAL_CELLS for u in es.judge_units(results, exp, target)}
+    same = [judge[u["exp"], u["target"], u["seed"]] == u["losses"]["fastmix"] - u["losses"]["pick"] for u in units]
+    return [sum(same), len(same)]
+
+
+def _pm(p: dict) -> str:
+    return f"{p['mean']:+.4f} ± {p['se']:.4f}"
+
+
+def render_final(final: dict) -> list[str]:
+    m, rows = final["meta"], []
+    for cell, c in final["summary"].items():
+        for v, d in c.items():
+            rows.append([cell, v, ", ".join(f"{k} {x:.2f}" for k, x in d["weights"].items()), f"**{_pm(d['regret'])}**",
+                         _pm(d["defaults_regret"]), f"{_pm(d['diff'])}", f"{d['diff']['wins']}/{d['diff']['n']}",
+                         f"**{d['verdict']}**"])
+    same, total = final["defaults_equal_judge"]
+    return [
+        "## Final-run stage (generated by `direction_pilot.py --final`)", "",
+        f"- run: {m['date']}, commit {m['commit']}, `{m['command']}` (under `nice -n {m['nice']}`, torch threads 1); "
+        f"wall {m['wall_s'] / 60:.1f} min; load average at start / end {m['load_start']} / {m['load_end']}",
+        f"- variants (earned by the rule above, computed from the committed units): {', '.join(final['variants'])}; "
+        f"seeds {m['seeds']} (the judge's evaluation seeds); the judge's settings and caches",
+        f"- final runs trained / from the cache: {final['trained']} / {final['from_cache']}",
+        f"- the defaults' regret equals the judge's (results.json) on {same} of {total} (cell, seed) pairs", "",
+        "**Rule** (fixed before any run): this stage changes no default. Per cell: the variant's regret against the "
+        "grid's pick, the defaults' on the same seeds, the paired difference (variant − defaults; wins: seeds where "
+        f"the variant's final loss is lower), and the judge's classification of the variant's regret: MET if mean + "
+        f"2 SE ≤ {FASTMIX_REGRET}, MISSED if mean − 2 SE > {FASTMIX_REGRET}, else undecided. Nothing else is claimed.", "",
+        _common.markdown_table(["cell", "search", "export (mean)", "regret ± SE", "defaults' regret ± SE",
+                                "paired diff ± SE", "variant better", "classification"], rows, "llrrrrrc"), "",
+    ]
+
+
+def run_final(args, results: dict, works: dict, out: Path) -> None:
+    """The final-run stage; with fewer than all :data:`FINAL_SEEDS` (a part run side by side with
+    another) only the caches are written; with all of them, the report."""
+    seeds = sorted(args.seeds or FINAL_SEEDS)
+    saved = json.loads((out / f"{NAME}.json").read_text())
+    variants = summarise(saved["units"])["earns_final_runs"]
+    t0, load0 = time.perf_counter(), rq._uptime()
+    units = [u for exp, target in FINAL_CELLS
+             for u in final_units(results, exp, target, seeds, variants, works.get(exp))]
+    if seeds != sorted(FINAL_SEEDS):
+        rq.log(f"part run, seeds {seeds}: caches written, no report ({(time.perf_counter() - t0) / 60:.1f} min)")
+        return
+    cached = [c for u in units for n, c in u["final_cached"].items() if n in variants]
+    saved["final"] = {"meta": rq.run_meta(t0, load0, nice=os.nice(0), seeds=seeds), "variants": variants,
+                      "summary": final_summary(units, variants), "defaults_equal_judge": defaults_check(results, units),
+                      "trained": cached.count(False), "from_cache": cached.count(True), "units": units}
+    _common.write_atomic(str(out / f"{NAME}.json"), json.dumps(saved, indent=1))
+    render(saved, out)
+    rq.log(f"final stage done in {(time.perf_counter() - t0) / 60:.1f} min; wrote {out}")
+
+
 def _row(cell: str, c: dict, n: str) -> list[str]:
     planted = c[n].get("l1_to_planted")
     return [cell + ("" if c["rule"] else " (L1 to planted only)"), n,
@@ -157,6 +282,7 @@ def render(saved: dict, out: Path) -> None:
                                 "closer than the defaults", "L1 to the planted shares (mean ± SD)",
                                 "closer to planted than the defaults"], rows, "llrrrrr"), "",
         f"**Earns a final-run study: {', '.join(s['earns_final_runs']) or 'none'}.**", "",
+        *(render_final(saved["final"]) if "final" in saved else []),
     ]
     path = out / f"{NAME}.md"
     _common.write_atomic(str(path), "\n".join(lines) + _common.kept_analysis(str(path)))
@@ -164,11 +290,13 @@ def render(saved: dict, out: Path) -> None:
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--seeds", type=int, nargs="+", default=list(SEEDS))
+    ap.add_argument("--seeds", type=int, nargs="+", help=f"default: {SEEDS}; --final: {FINAL_SEEDS}")
     ap.add_argument("--results", default=str(HERE / "results.json"), help="the judge's results.json")
     ap.add_argument("--out", default=str(HERE), help=f"where {NAME}.json/.md go")
     ap.add_argument("--work", nargs="+", metavar="EXP=WORK", default=[],
                     help="run EXP's searches in WORK, a copy of the judge's cache folder (its caches are written)")
+    ap.add_argument("--final", action="store_true", help="the final-run stage (module docstring), for the variants "
+                    f"that earned it, in {NAME}.json (read and updated in --out)")
     args = ap.parse_args(argv)
     works = dict(spec.partition("=")[::2] for spec in args.work)
     if any(e not in {c[0] for c in CELLS + L1_CELLS} or not w for e, w in works.items()):
@@ -177,6 +305,10 @@ def main(argv=None) -> None:
 
     torch.set_num_threads(1)
     results = json.loads(Path(args.results).read_text())
+    if args.final:
+        run_final(args, results, works, Path(args.out))
+        return
+    args.seeds = args.seeds or list(SEEDS)
     t0, load0 = time.perf_counter(), rq._uptime()
     units = [u for exp, target in CELLS + L1_CELLS
              for u in cell_units(results, exp, target, sorted(args.seeds), works.get(exp))]
