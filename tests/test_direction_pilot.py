@@ -72,3 +72,33 @@ def test_the_variants_are_valid_search_configs(dp):
     assert dp.variant_overrides("adam-precond", export) == {"precondition": True}
     with pytest.raises(ValueError, match="unknown variant"):
         dp.variant_overrides("nope", export)
+
+
+def _final_unit(cell, seed, fastmix, option, pick=3.0):
+    w = {"a": 0.5, "b": 0.5}
+    return {"exp": cell[0], "target": cell[1], "seed": seed, "weights": {"fastmix": w, "pick": w, "opt": w},
+            "losses": {"fastmix": pick + fastmix, "pick": pick, "opt": pick + option}}
+
+
+def test_final_summary_pairs_the_option_with_the_defaults_and_classifies_its_regret(dp):
+    seeds = dp.FINAL_SEEDS
+    # regrets per cell: the option's and the defaults', per seed 1-9 (pick losses vary by seed)
+    option = {0: [0.001] * 9,  # mean 0.001, SE 0: MET
+              1: [0.02 + 0.001 * (s % 3) for s in seeds],  # mean 0.021, small SE: MISSED
+              2: [0.005 + (0.01 if s % 2 else -0.01) for s in seeds]}  # mean 0.0061, SE 0.0035: undecided
+    units = [_final_unit(cell, s, 0.01, option[i][j], pick=3.0 + 0.1 * s)
+             for i, cell in enumerate(dp.FINAL_CELLS) for j, s in enumerate(seeds)]
+    out = dp.final_summary(units, ["opt"])
+    cells = [out[f"{e}/{t}"]["opt"] for e, t in dp.FINAL_CELLS]
+    assert [c["verdict"] for c in cells] == ["MET", "MISSED", "undecided"]
+    assert cells[0]["regret"]["mean"] == pytest.approx(0.001) and cells[0]["defaults_regret"]["mean"] == pytest.approx(0.01)
+    assert cells[0]["diff"]["mean"] == pytest.approx(-0.009) and cells[0]["diff"]["wins"] == 9  # option − defaults
+    assert cells[1]["diff"]["mean"] == pytest.approx(0.011) and cells[1]["diff"]["wins"] == 0
+    assert cells[2]["regret"]["mean"] == pytest.approx(0.005 + 0.01 / 9)
+    assert cells[2]["regret"]["se"] == pytest.approx(0.0035136, rel=1e-4)  # SD 0.010541 / 3
+    assert cells[2]["diff"]["wins"] == 4 and cells[2]["regret"]["n"] == 9
+    with pytest.raises(ValueError, match=r"system-K3/planted: final runs for seeds \[1, 2, 3, 4, 5, 6, 7, 8\]"):
+        dp.final_summary([u for u in units if (u["exp"], u["target"], u["seed"]) != ("system-K3", "planted", 9)],
+                         ["opt"])
+    with pytest.raises(ValueError, match="stdlib-K3/heldout"):  # a seed twice is not nine seeds either
+        dp.final_summary(units + units[:1], ["opt"])
