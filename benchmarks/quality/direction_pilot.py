@@ -205,16 +205,12 @@ def defaults_check(results: dict, units: list[dict]) -> list[int]:
     return [sum(same), len(same)]
 
 
-def _pm(p: dict) -> str:
-    return f"{p['mean']:+.4f} ± {p['se']:.4f}"
-
-
 def render_final(final: dict) -> list[str]:
     m, rows = final["meta"], []
     for cell, c in final["summary"].items():
         for v, d in c.items():
-            rows.append([cell, v, ", ".join(f"{k} {x:.2f}" for k, x in d["weights"].items()), f"**{_pm(d['regret'])}**",
-                         _pm(d["defaults_regret"]), f"{_pm(d['diff'])}", f"{d['diff']['wins']}/{d['diff']['n']}",
+            rows.append([cell, v, ", ".join(f"{k} {x:.2f}" for k, x in d["weights"].items()), f"**{es._pm(d['regret'])}**",
+                         es._pm(d["defaults_regret"]), f"{es._pm(d['diff'])}", f"{d['diff']['wins']}/{d['diff']['n']}",
                          f"**{d['verdict']}**"])
     same, total = final["defaults_equal_judge"]
     return [
