@@ -268,6 +268,19 @@ def markdown_table(header: Sequence[str], rows: Iterable[Sequence[object]], alig
     return "\n".join(lines)
 
 
+PR_SET_THP_DISABLE = 41  # <linux/prctl.h>
+
+
+def disable_huge_pages() -> None:
+    """Transparent huge pages off for this process from now on (``prctl(PR_SET_THP_DISABLE)``), the
+    state fastmix_data's DataLoader workers run in (`fastmix_data.stream.worker_memory`, which also
+    honours its opt-out; a benchmark cell must not). This module imports nothing heavy, so a script
+    can call it before pyarrow is imported."""
+    import ctypes
+
+    ctypes.CDLL(None).prctl(PR_SET_THP_DISABLE, 1, 0, 0, 0)
+
+
 def write_atomic(path: str, text: str) -> None:
     """Write ``text`` to ``path`` atomically (:func:`fastmix_data.io.write_text_atomic`)."""
     from fastmix_data.io import write_text_atomic

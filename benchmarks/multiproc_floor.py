@@ -38,7 +38,6 @@ page cache::
 from __future__ import annotations
 
 import argparse
-import ctypes
 import json
 import os
 import random
@@ -56,7 +55,6 @@ import _common  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 COLUMN = {"tokens": "input_ids", "text": "text"}  # partition_bench's shards: one column each
-_PR_SET_THP_DISABLE = 41  # <linux/prctl.h>, as steady_ab's _NO_THP and fastmix_data's worker_memory
 
 
 def shard_files(workdir: str, mode: str) -> list[str]:
@@ -136,7 +134,7 @@ def _fork(work, close: tuple[int, ...] = ()) -> tuple[int, int]:
     try:
         for fd in (r, *close):
             os.close(fd)
-        ctypes.CDLL(None).prctl(_PR_SET_THP_DISABLE, 1, 0, 0, 0)
+        _common.disable_huge_pages()
         with os.fdopen(w, "w") as out:
             json.dump(work(), out)
         code = 0

@@ -163,11 +163,17 @@ def index_once(data: dict) -> None:
 
 
 # ============================================================================ contenders
-def open_fastmix(data: dict, seed: int, workers: int):
+def text_stream(data: dict, seed: int):
+    """The sample-mode stream over the text shards (batches of ``BATCH`` texts; its index in
+    ``BENCH_CACHE`` when set)."""
     from fastmix_data import MixtureStream
 
     kw = {"cache_dir": os.environ["BENCH_CACHE"]} if "BENCH_CACHE" in os.environ else {}
-    stream = MixtureStream(data["text"], WEIGHTS, batch_size=BATCH, seed=seed, **kw)
+    return MixtureStream(data["text"], WEIGHTS, batch_size=BATCH, seed=seed, **kw)
+
+
+def open_fastmix(data: dict, seed: int, workers: int):
+    stream = text_stream(data, seed)
     it = iter(stream.loader(num_workers=workers, prefetch_factor=2) if workers else stream)
     return ((b["text"], b["source"].numpy()) for b in it)
 

@@ -23,20 +23,21 @@ Prints one JSON object (also written to ``--out``)::
 
 from __future__ import annotations
 
-import ctypes
+import os
 import sys
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _common  # noqa: E402
+
 if "--no-thp" in sys.argv:  # before pyarrow is imported: the in-process cell without huge pages
-    ctypes.CDLL(None).prctl(41, 1, 0, 0, 0)
+    _common.disable_huge_pages()
 
 import argparse  # noqa: E402
 import cProfile  # noqa: E402
 import json  # noqa: E402
-import os  # noqa: E402
 import resource  # noqa: E402
 import time  # noqa: E402
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import partition_bench as pb  # noqa: E402
 
 COUNTS = ("read_cpu", "pack_cpu", "rows_decoded", "tokens_decoded", "groups_decoded", "pieces_packed")
@@ -53,12 +54,9 @@ def _fresh() -> dict:
 
 
 def _decoded_tokens(data) -> int:
-    from fastmix_data.sources.base import IdRows
     from fastmix_data.stream.items import row_tokens
 
-    if data.row_tokens is not None:
-        return int(data.row_tokens.sum())
-    return int(IdRows.of(data.ids).lengths().sum()) if data.ids is not None else int(row_tokens(data).sum())
+    return int((data.row_tokens if data.row_tokens is not None else row_tokens(data)).sum())
 
 
 def install() -> None:
@@ -122,8 +120,7 @@ def _first_and_counts(batches):
             yield batch
     finally:
         me["end"], me["counts"] = _stamp(), dict(counts)
-        with open(os.path.join(STATE["out_dir"], f"worker-{me['pid']}.json"), "w") as f:
-            json.dump(me, f)
+        _common.write_atomic(os.path.join(STATE["out_dir"], f"worker-{me['pid']}.json"), json.dumps(me))
 
 
 def _stop_profile(name: str) -> None:
@@ -133,11 +130,15 @@ def _stop_profile(name: str) -> None:
         prof.dump_stats(os.path.join(STATE["profile_dir"], f"{name}.prof"))
 
 
+def _worker_files() -> list[str]:
+    """The workers' figure files written so far (whole: each is renamed into place; not the
+    temporary files of one being written)."""
+    return sorted(n for n in os.listdir(STATE["out_dir"]) if n.startswith("worker-") and n.endswith(".json"))
+
+
 def run(args, data: dict | None = None) -> dict:
     """The cell, stamped; the workers' figures collected from ``out_dir``. ``data``: partition_bench's
     sources (``{"text": ..., "tokens": ...}``; default: its prepared benchmark corpus in ``--workdir``)."""
-    from fastmix_data import MixtureStream
-
     batch = pb.BATCH if args.mode == "text" else pb.PACK_BATCH
     STATE["consumed"] = -(-args.n // batch)
     data = data or pb.prepare(args.workdir, 22, 3)
@@ -145,11 +146,7 @@ def run(args, data: dict | None = None) -> dict:
     if args.cprofile:
         STATE["profiler"] = cProfile.Profile(time.process_time)
         STATE["profiler"].enable()
-    kw = {"cache_dir": os.environ["BENCH_CACHE"]} if "BENCH_CACHE" in os.environ else {}
-    if args.mode == "text":
-        stream = MixtureStream(data["text"], pb.WEIGHTS, batch_size=batch, seed=args.seed, **kw)
-    else:
-        stream = pb.token_stream(data, args.seed)
+    stream = pb.text_stream(data, args.seed) if args.mode == "text" else pb.token_stream(data, args.seed)
     stamps["opened"] = _stamp()
     it = iter(stream.loader(num_workers=args.workers, prefetch_factor=2) if args.workers else stream)
     stamps["iter"] = _stamp()
@@ -165,10 +162,10 @@ def run(args, data: dict | None = None) -> dict:
     own = dict(STATE["counts"])  # the training process's own reads (in-process, or built here)
     del it, b
     deadline = time.monotonic() + 10  # the workers write their figures at their end
-    while len(os.listdir(STATE["out_dir"])) < args.workers and time.monotonic() < deadline:
+    while len(_worker_files()) < args.workers and time.monotonic() < deadline:
         time.sleep(0.05)
     workers = []
-    for name in sorted(os.listdir(STATE["out_dir"])):
+    for name in _worker_files():
         with open(os.path.join(STATE["out_dir"], name)) as f:
             workers.append(json.load(f))
     return {"mode": args.mode, "workers": args.workers, "n": args.n, "seed": args.seed,

@@ -99,7 +99,7 @@ def child(args) -> dict:
 
 #: a cell without transparent huge pages: prctl(PR_SET_THP_DISABLE) before anything is imported (the
 #: library's worker_memory.disable_huge_pages would import fastmix_data, pyarrow and torch first)
-_NO_THP = "import ctypes; ctypes.CDLL(None).prctl(41, 1, 0, 0, 0); "
+_NO_THP = f"import ctypes; ctypes.CDLL(None).prctl({_common.PR_SET_THP_DISABLE}, 1, 0, 0, 0); "
 
 
 def run_cell(args, code: str, seed: int, workers: int, *, no_thp: bool = False) -> dict:

@@ -28,26 +28,25 @@ Prints one JSON object (also written to ``--out``)::
 
 from __future__ import annotations
 
-import ctypes
+import os
 import sys
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _common  # noqa: E402
+
 if "--no-thp" in sys.argv:  # as a DataLoader worker runs (before pyarrow is imported)
-    ctypes.CDLL(None).prctl(41, 1, 0, 0, 0)
+    _common.disable_huge_pages()
 
 import argparse  # noqa: E402
 import collections  # noqa: E402
 import json  # noqa: E402
 import math  # noqa: E402
 import mmap  # noqa: E402
-import os  # noqa: E402
 import shutil  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
 
 import numpy as np  # noqa: E402
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import _common  # noqa: E402
 import partition_bench as pb  # noqa: E402
 
 
@@ -180,13 +179,11 @@ def _alternatives(stream, batches: list[dict], mm, fd: int, reps: int, per_block
 
 
 def run(args, data: dict | None = None) -> dict:
-    from fastmix_data import MixtureStream
     from fastmix_data.stream import batch_ring, direct_ring
     from fastmix_data.stream.batches import unpack
 
     data = data or pb.prepare(args.workdir, 22, 3)
-    kw = {"cache_dir": os.environ["BENCH_CACHE"]} if "BENCH_CACHE" in os.environ else {}
-    stream = MixtureStream(data["text"], pb.WEIGHTS, batch_size=pb.BATCH, seed=args.seed, **kw)
+    stream = pb.text_stream(data, args.seed)
     for item_source in stream.items:  # the partitions worker 0 of W serves
         item_source.cursors = stream.mixture.partitions // math.gcd(args.workers, stream.mixture.partitions)
     blocks = _blocks(stream, args.workers, args.batches)
